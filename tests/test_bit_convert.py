@@ -17,7 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 import bit_convert as bc  # noqa: E402
 
 R50, R101 = (3, 4, 6, 3), (3, 4, 23, 3)
