@@ -31,7 +31,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from torchvision.transforms import v2
 
 SOURCES = ("digits", "cifar10", "ham10000", "folder", "dermamnist")
-DEFAULT_SIZE = {"digits": 16, "cifar10": 32, "dermamnist": 28, "ham10000": 224, "folder": 224}
+DEFAULT_SIZE = {"digits": 8, "cifar10": 32, "dermamnist": 28, "ham10000": 224, "folder": 224}
 PARTS = ("pretrain", "train", "val", "test")
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")  # alphabetical: DermaMNIST's label ids too
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -58,7 +58,8 @@ class Data:
 
 def load_digits():
     """scikit-learn's 1797 handwritten digits (8x8, 17 grey levels): real images that ship inside an installed
-    package, so that every script runs on a fresh machine with no download. The views upscale them."""
+    package, so that every script runs on a fresh machine with no download. Native 8 px by default; the views
+    upscale their random crops to --image-size."""
     from sklearn.datasets import load_digits as sklearn_digits
     digits = sklearn_digits()
     grey = np.round(digits.images * (255 / 16)).astype(np.uint8)
@@ -73,7 +74,11 @@ def load_cifar10(root, download=False):
         if not download:
             raise DataError(f"{base} not found: pass --download, or unpack cifar-10-python.tar.gz "
                             f"(https://www.cs.toronto.edu/~kriz/cifar.html) into {root}")
-        torchvision.datasets.CIFAR10(root, download=True)  # fetches and checks the archive's md5
+        try:
+            torchvision.datasets.CIFAR10(root, download=True)  # fetches and checks the archive's md5
+        except OSError as e:
+            raise DataError(f"cannot download CIFAR-10 into {root} ({e}); fetch cifar-10-python.tar.gz from "
+                            "https://www.cs.toronto.edu/~kriz/cifar.html and unpack it there") from None
     batches = [read_pickle(base / f"data_batch_{i}", ("data", "labels")) for i in range(1, 6)]
     batches.append(read_pickle(base / "test_batch", ("data", "labels")))
     images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
@@ -108,15 +113,9 @@ def load_ham10000(root, size, cache_dir, skip_bad=False):
         raise DataError(f"{root}: image {missing[0]} (listed in {source.name}) not found below it; {len(missing)} "
                         f"of {len(ids)} missing (--skip-bad-images skips them)")
     rows = [k for k, image_id in enumerate(ids) if image_id in found]
-    images, broken = decode_all([found[ids[k]] for k in rows], size, cache_dir, skip_bad)
-    ok = [j for j in range(len(rows)) if j not in broken]
-    bad = {**{image_id: "not found" for image_id in missing}, **{ids[rows[j]]: broken[j] for j in broken}}
-    rows = [rows[j] for j in ok]
-    data = Data("ham10000", images[ok] if broken else images,
-                np.array([HAM_CLASSES.index(dx[k]) for k in rows], dtype=np.int64), [ids[k] for k in rows],
-                HAM_CLASSES, [lesions[k] for k in rows] if lesions else None, bad=bad)
-    check_classes(data, source)
-    return data
+    return from_files("ham10000", [found[ids[k]] for k in rows], [ids[k] for k in rows],
+                      [HAM_CLASSES.index(dx[k]) for k in rows], HAM_CLASSES, [lesions[k] for k in rows] if lesions
+                      else None, size, cache_dir, skip_bad, source, missing)
 
 
 def read_ham_metadata(root):
@@ -154,7 +153,7 @@ def read_ham_metadata(root):
 
 def find(root, name):
     """root/name, or root/*/name as the ISIC archives unpack (ISIC2018_Task3_Training_GroundTruth/...csv)."""
-    return next(iter(sorted(root.glob(f"*/{name}"))), root / name) if not (root / name).exists() else root / name
+    return root / name if (root / name).exists() else min(root.glob(f"*/{name}"), default=root / name)
 
 
 def read_csv(path, required):
@@ -185,13 +184,8 @@ def load_folder(root, size, cache_dir, skip_bad=False):
     except FileNotFoundError as e:  # a class folder without images, or no class folders at all
         raise DataError(f"{root}: {e}") from None
     paths = [Path(p) for p, _ in samples]
-    images, broken = decode_all(paths, size, cache_dir, skip_bad)
-    ids = [p.relative_to(root).as_posix() for p in paths]
-    ok = [j for j in range(len(paths)) if j not in broken]
-    data = Data("folder", images[ok] if broken else images, np.array([samples[j][1] for j in ok], dtype=np.int64),
-                [ids[j] for j in ok], tuple(classes), bad={ids[j]: reason for j, reason in broken.items()})
-    check_classes(data, root)
-    return data
+    return from_files("folder", paths, [p.relative_to(root).as_posix() for p in paths], [k for _, k in samples],
+                      classes, None, size, cache_dir, skip_bad, root)
 
 
 def load_dermamnist(root):
@@ -212,6 +206,18 @@ def load_dermamnist(root):
     test = np.arange(len(labels)) >= len(labels) - len(parts[2][1])
     data = Data("dermamnist", images, labels, list(range(len(labels))), HAM_CLASSES, official_test=test)
     check_classes(data, files[0])
+    return data
+
+
+def from_files(name, paths, ids, labels, classes, groups, size, cache_dir, skip_bad, source, missing=()):
+    """The Data of image files, decoded through the cache; with skip_bad, the unreadable ones (and the `missing`
+    ids) are left out and listed in `bad`."""
+    images, broken = decode_all(paths, size, cache_dir, skip_bad)
+    keep = [j for j in range(len(paths)) if j not in broken]
+    data = Data(name, images[keep] if broken else images, np.array([labels[j] for j in keep], dtype=np.int64),
+                [ids[j] for j in keep], tuple(classes), [groups[j] for j in keep] if groups else None,
+                bad={**{i: "not found" for i in missing}, **{ids[j]: reason for j, reason in broken.items()}})
+    check_classes(data, source)
     return data
 
 
@@ -443,7 +449,8 @@ def add_data_args(parser):
     group.add_argument("--data", choices=SOURCES, default="digits", help="digits (default) needs no download")
     group.add_argument("--data-root", type=Path, help="where the data lies (not needed for digits)")
     group.add_argument("--download", action="store_true", help="fetch what is missing (CIFAR-10, BiT weights)")
-    group.add_argument("--image-size", type=int, help=f"pixels; default {DEFAULT_SIZE}")
+    group.add_argument("--image-size", type=int,
+                       help="pixels; default " + ", ".join(f"{s} for {d}" for d, s in DEFAULT_SIZE.items()))
     group.add_argument("--split-file", type=Path,
                        help="the split every script shares; default splits/DATA-BY-FRACTIONS-seedN.json")
     group.add_argument("--split", default="0.6,0.1,0.1,0.2",
@@ -453,6 +460,8 @@ def add_data_args(parser):
     group.add_argument("--split-by", choices=("lesion", "image"), default="lesion",
                        help="lesion: no lesion in two parts (default); image: the paper's image-level split")
     group.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable or missing images")
+    group.add_argument("--workers", type=int, default=min(16, os.cpu_count()),
+                       help="data loading processes (per GPU in pretrain.py)")
     group.add_argument("--cache-dir", type=Path, default=CACHE_DIR,
                        help=f"decoded images and features (default {CACHE_DIR})")
 

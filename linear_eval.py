@@ -84,7 +84,8 @@ def load_model(args, ckpt=None, init=None):
     cifar_stem = args.image_size <= 64 if args.cifar_stem is None else args.cifar_stem
     torch.manual_seed(args.seed)  # the scratch floor is one random network
     backbone = build_backbone(init, args.arch, args.norm, cifar_stem, download=args.download)
-    name = {"bit-s": "BiT-S", "bit-m": "BiT-M"}.get(init, init) + f" {args.norm}, as released"
+    name = {"bit-s": "BiT-S", "bit-m": "BiT-M"}.get(init, init) + (
+        f" {args.norm}, untrained" if init == "scratch" else f" {args.norm}, as released")
     identity = hashlib.sha256(repr((init, args.arch, args.norm, cifar_stem, args.seed)).encode()).hexdigest()
     return backbone, {"init": init}, name, identity
 
@@ -99,13 +100,13 @@ def resolve_split(args, data, ckpt=None, metas=()):
     if any(meta.get("split_digest", datasets.split_digest(split)) != datasets.split_digest(split) for meta in metas):
         raise datasets.DataError(f"split file {path} is not the split a backbone was pretrained with: its test images "
                                  "may have been seen in pretraining; use the split.json of the pretraining run")
-    for part in ("train", "val", "test"):
-        labels = data.labels[datasets.indices(data, split, part)]
-        if not len(labels):
-            raise datasets.DataError(f"split file {path}: part {part} is empty")
-        absent = [c for k, c in enumerate(data.classes) if part == "train" and not np.any(labels == k)]
-        if absent:
-            raise datasets.DataError(f"split file {path}: class {absent[0]} has no image in the train part")
+    empty = [part for part in ("train", "val", "test") if not split[part]]
+    if empty:
+        raise datasets.DataError(f"split file {path}: part {empty[0]} is empty")
+    train_labels = data.labels[datasets.indices(data, split, "train")]
+    absent = [c for k, c in enumerate(data.classes) if not np.any(train_labels == k)]
+    if absent:
+        raise datasets.DataError(f"split file {path}: class {absent[0]} has no image in the train part")
     return split, path
 
 
@@ -191,7 +192,6 @@ def parse_args(argv=None):
     run.add_argument("--out", type=Path, help="default: linear/ beside --ckpt, else runs/linear-INIT")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    run.add_argument("--workers", type=int, default=4)
     run.add_argument("--compare", nargs="+", type=Path, metavar="RESULTS", help="draw results.json files side by side")
     args = parser.parse_args(argv)
     if not args.compare and (args.ckpt is None) == (args.init is None):
@@ -235,7 +235,8 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     confusion = np.sum([t["confusion"] for t in trials], axis=0)
-    display = ConfusionMatrixDisplay(confusion / confusion.sum(1, keepdims=True).clip(min=1), display_labels=data.classes)
+    recall = confusion / confusion.sum(1, keepdims=True).clip(min=1)
+    display = ConfusionMatrixDisplay(recall, display_labels=data.classes)
     display.plot(values_format=".2f", cmap="Blues", colorbar=False, xticks_rotation=45)
     display.ax_.set_title(f"{name}\ntest, recall per true class, {args.trials} trial(s)", fontsize=9)
     display.figure_.tight_layout()

@@ -116,7 +116,8 @@ def covariance_spectrum(features):
     """Singular values, largest first, of the covariance of L2-normalised features (Jing et al. 2022, Fig. 3)."""
     z = F.normalize(features.double(), dim=1)
     z = z - z.mean(0)
-    return torch.linalg.svdvals(z) ** 2 / len(z)  # the covariance z'z/N has the squares of z's singular values
+    spectrum = torch.linalg.svdvals(z) ** 2 / len(z)  # the covariance z'z/N has the squares of z's singular values
+    return spectrum[:len(z) - 1]  # centring removes one dimension: N points span at most N - 1
 
 
 def effective_rank(spectrum):
@@ -180,8 +181,6 @@ def parse_args(argv=None):
     run.add_argument("--force", action="store_true", help="start afresh in an --out that holds another run")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    run.add_argument("--workers", type=int, default=min(16, os.cpu_count()),
-                     help="data loading processes per GPU")
     run.add_argument("--eval-every", type=int, default=10, help="epochs between kNN evaluations (also at the end)")
     run.add_argument("--save-at", default="", help="epochs at which to keep a backbone snapshot, e.g. 25,400")
     run.add_argument("--knn-k", type=int, default=200)
@@ -238,8 +237,8 @@ def write_metrics(out, history, dim):
     axes[1].set(title="kNN balanced accuracy (val)", xlabel="epoch")
     axes[2].plot([r["epoch"] for r in trained], [r["z_std"] for r in trained], label="std of z/|z|")
     axes[2].axhline(1 / math.sqrt(dim), color="gray", ls="--", label="1/sqrt(d): healthy")
-    axes[2].set(title="output std (0: collapse)", xlabel="epoch", ylim=(0, None))
-    axes[2].legend()
+    axes[2].set(title="output std (0: collapse)", xlabel="epoch", ylim=(0, 1.2 / math.sqrt(dim)))  # at most 1/sqrt(d)
+    axes[2].legend(loc="lower left")
     fig.tight_layout()
     fig.savefig(out / ".curves.tmp.png", dpi=90)
     plt.close(fig)

@@ -56,7 +56,6 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=Path("figures"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args(argv)
     if not args.ckpt and not args.init:
         parser.error("give at least one --ckpt FILE or --init bit-s|bit-m|scratch")
@@ -97,7 +96,8 @@ def main(argv=None):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for name, features, _ in embeddings:
             spectrum = covariance_spectrum(features)
-            ax.semilogy(spectrum.clamp(min=1e-12).numpy(), label=f"{name} (effective rank {effective_rank(spectrum):.1f})")
+            label = f"{name} (effective rank {effective_rank(spectrum):.1f})"
+            ax.semilogy(spectrum.clamp(min=1e-12).numpy(), label=label)
         ax.set(xlabel="singular value rank", ylabel="singular value",
                title=f"embedding covariance spectrum, {data.name} test\n(a tail falling to ~0: collapsed dimensions)")
         ax.legend(fontsize=7)

@@ -17,7 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,9 +28,9 @@ import torch
 import torchvision
 from PIL import Image
 
+import datasets
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import datasets  # noqa: E402
 
 SAMPLE = REPO / "tests" / "data" / "HAM10000_metadata_sample.csv"
 FULL = REPO.parent / "shared" / "data" / "HAM10000_metadata.csv"
@@ -151,7 +151,8 @@ def small(sample_rows):
     count = Counter(r["lesion_id"] for r in sample_rows)
     keep = set()
     for dx in HAM_ORDER:
-        lesions = sorted({r["lesion_id"] for r in sample_rows if r["dx"] == dx}, key=lambda l: (-count[l], l))
+        lesions = {r["lesion_id"] for r in sample_rows if r["dx"] == dx}
+        lesions = sorted(lesions, key=lambda lesion: (-count[lesion], lesion))
         keep |= set(lesions[:4])
     return [r for r in sample_rows if r["lesion_id"] in keep]
 
@@ -257,7 +258,8 @@ def test_folder_turns_every_mode_into_rgb_uint8(tmp_path):
     (root / "alpha").mkdir(parents=True)
     (root / "beta").mkdir()
     Image.fromarray(rgb()[..., 0]).save(root / "alpha" / "grey_L.png")
-    Image.fromarray(np.dstack([rgb(), rng.integers(0, 256, (30, 40), dtype=np.uint8)])).save(root / "alpha" / "rgba.png")
+    alpha = rng.integers(0, 256, (30, 40), dtype=np.uint8)
+    Image.fromarray(np.dstack([rgb(), alpha])).save(root / "alpha" / "rgba.png")
     Image.fromarray(rgb()).convert("P").save(root / "alpha" / "palette_P.png")
     depth = (np.arange(256).reshape(16, 16) * 8 + 1000).astype(np.uint16)  # 1000..3040: not 0..max, not 0..65535
     Image.fromarray(depth).save(root / "beta" / "depth16.png")
@@ -376,7 +378,7 @@ def test_split_class_proportions_follow_the_whole(real, by):
 def test_image_split_lets_lesions_cross_parts_which_the_lesion_split_forbids(real):
     images, lesions = parts_of(real.splits["image"], real.rows)
     assert sum(len(images[p]) for p in PARTS) == len(real.rows) == len(set().union(*images.values()))
-    crossing = {l for a in PARTS for b in PARTS if a < b for l in lesions[a] & lesions[b]}
+    crossing = {lesion for a in PARTS for b in PARTS if a < b for lesion in lesions[a] & lesions[b]}
     assert len(crossing) > (100 if real.kind == "full" else 10)
 
 

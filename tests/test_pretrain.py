@@ -251,9 +251,10 @@ def test_a_backbone_file_of_another_architecture_is_refused(tmp_path):
 @pytest.mark.slow
 def test_pretraining_on_digits_raises_knn_balanced_accuracy(tmp_path):
     """The demonstration of the README: a short run from scratch on the embedded digits."""
-    run = run_script("pretrain.py", "--data", "digits", "--epochs", "20", "--batch-size", "128", "--lr", "0.1",
-                     "--warmup-epochs", "2", "--eval-every", "5", "--workers", "2", "--device", "cpu",
-                     "--out", tmp_path / "run", "--split-file", tmp_path / "split.json", timeout=3600)
+    run = run_script("pretrain.py", "--data", "digits", "--epochs", "3", "--batch-size", "32", "--lr", "0.4",
+                     "--warmup-epochs", "1", "--eval-every", "1", "--workers", "2", "--device", "cpu",
+                     "--out", tmp_path / "run", "--split-file", tmp_path / "split.json", "--cache-dir", tmp_path,
+                     timeout=3600)
     assert run.returncode == 0, run.stderr
     rows = read_metrics(tmp_path / "run")
-    assert float(rows[-1]["knn_bacc"]) > float(rows[0]["knn_bacc"]) + 0.05
+    assert float(rows[-1]["knn_bacc"]) > float(rows[0]["knn_bacc"]) + 0.1
