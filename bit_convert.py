@@ -157,14 +157,12 @@ def read_npz(path):
     """All arrays of a .npz file, or WeightsError for anything that is not a readable, uncorrupted one."""
     try:
         npz = np.load(path, allow_pickle=False)
-        if not isinstance(npz, np.lib.npyio.NpzFile):
-            raise WeightsError(f"{path}: a single .npy array, not a BiT .npz archive")
-        with npz:
-            return {k: npz[k] for k in npz.files}
+        if isinstance(npz, np.lib.npyio.NpzFile):
+            with npz:  # reading each array checks its CRC: corrupt files fail here
+                return {k: npz[k] for k in npz.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        if isinstance(e, WeightsError):
-            raise
         raise WeightsError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    raise WeightsError(f"{path}: a single .npy array, not a BiT .npz archive")
 
 
 def npz_arch(arrays, path):

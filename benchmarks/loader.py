@@ -6,7 +6,7 @@
 Prints images per second (two 224-px views each) through a DataLoader with --workers processes, for
   decode each time: read_rgb (JPEG decode at reduced scale + resize) then the views, as a loader without a cache does;
   decoded cache:    the views alone, from the memory-mapped array that datasets.py builds once;
-and how long building the cache took.
+how long building the cache took, and the milliseconds one process spends on each stage of one image.
 """
 import argparse
 import sys
@@ -57,6 +57,13 @@ def images_per_second(dataset, workers, batch_size):
     return count / (time.perf_counter() - tic)
 
 
+def milliseconds(work, items):
+    tic = time.perf_counter()
+    for item in items:
+        work(item)
+    return 1000 * (time.perf_counter() - tic) / len(items)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, help="a folder of JPEGs (default: make stand-ins)")
@@ -80,11 +87,15 @@ def main():
             paths))), ("x",)), np.arange(len(paths)), datasets.simsiam_view(args.size), views=2)
         before = images_per_second(DecodeEachTime(paths, args.size), args.workers, args.batch_size)
         after = images_per_second(cached, args.workers, args.batch_size)
+        torch.set_num_threads(1)
+        decode = milliseconds(lambda path: datasets.read_rgb(path, args.size), paths[:64])
+        views = milliseconds(cached.__getitem__, range(64))
     print(f"{len(paths)} images of {source_size[0]}x{source_size[1]} -> two {args.size}-px "
           f"views, {args.workers} workers, batch {args.batch_size}, torch {torch.__version__}")
     print(f"decode each time: {before:8.1f} images/s")
     print(f"decoded cache:    {after:8.1f} images/s   ({after / before:.2f}x)")
     print(f"building the cache: {built:.1f} s ({len(paths) / built:.0f} images/s, all cores)")
+    print(f"one process, per image: decode + resize {decode:.1f} ms, two SimSiam views {views:.1f} ms")
 
 
 if __name__ == "__main__":
