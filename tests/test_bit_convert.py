@@ -359,6 +359,15 @@ def test_zero_init_last_switches_every_residual_branch_off(norm):
         assert torch.equal(model.blocks[0][1](x), x)
 
 
+def test_weight_standardisation_can_be_switched_off(r50):
+    model = bc.build_backbone(str(r50[0]), norm="bn", ws=False)
+    convs = [m for m in model.modules() if isinstance(m, bc.StdConv2d)]
+    assert len(convs) == 53 and not any(conv.standardize for conv in convs) and model.ws is False
+    x = torch.randn(1, 64, 5, 5)
+    with torch.no_grad():
+        assert torch.allclose(model.blocks[0][0].conv2(x), F.conv2d(x, model.blocks[0][0].conv2.weight, padding=1))
+
+
 def test_zero_init_holds_after_loading_bit_weights(r50):
     """BiT's GroupNorm gammas must not undo the zero-init: it is applied after the weights are loaded."""
     model = bc.build_backbone(str(r50[0]), norm="gn", zero_init=True)

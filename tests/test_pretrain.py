@@ -50,6 +50,20 @@ def test_loss_is_minus_one_when_predictions_match_the_other_view():
     assert pretrain.simsiam_loss(3 * z2, 0.5 * z1, z1, z2).item() == pytest.approx(-1.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("projector, linears, affine", [("paper", 2, True), ("simsiam", 3, False)])
+def test_projector_of_the_authors_and_of_simsiam(projector, linears, affine):
+    """The authors' code: Linear-BN-ReLU, Linear-BN (2048-2048-2048); SimSiam's builder.py: three Linear-BN, the
+    last BN without affine. Both: predictor 2048-512-2048, a bottleneck with BN-ReLU in the middle."""
+    model = pretrain.SimSiam(resnet_v2("r50x1", "bn", cifar_stem=True), projector)
+    layers = [m for m in model.projector if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in layers] == [(2048, 2048)] * linears
+    assert model.projector[-1].affine is affine and isinstance(model.projector[-1], torch.nn.BatchNorm1d)
+    predictor = [(m.in_features, m.out_features) for m in model.predictor if isinstance(m, torch.nn.Linear)]
+    assert predictor == [(2048, 512), (512, 2048)]
+    p1, p2, z1, z2 = model(torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8))
+    assert p1.shape == z2.shape == (4, 2048) and not z1.requires_grad
+
+
 def test_learning_rate_follows_warmup_then_cosine():
     args = Namespace(lr=0.03, batch_size=128, warmup_epochs=10, epochs=400, cosine_epochs=None)
     peak, steps = 0.03 * 128 / 256, 50
