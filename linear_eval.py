@@ -23,7 +23,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, balanced_accuracy_score, con
 
 import datasets
 from bit_convert import ARCHS, WeightsError, build_backbone, load_backbone, save_atomic, sha256
-from pretrain import embed, estimate_bn_statistics
+from pretrain import embed, estimate_bn_statistics, to_json
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -231,7 +231,7 @@ def main(argv=None):
                "split_file": str(split_file), "classes": list(data.classes), "trials": trials,
                "mean": {m: float(np.mean([t[m] for t in trials])) for m in metrics},
                "std": {m: float(np.std([t[m] for t in trials], ddof=1)) if len(trials) > 1 else 0.0 for m in metrics},
-               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+               "args": to_json(args)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     confusion = np.sum([t["confusion"] for t in trials], axis=0)

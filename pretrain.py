@@ -66,10 +66,15 @@ def simsiam_loss(p1, p2, z1, z2):
     return -(F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean()) / 2
 
 
+def peak_lr(args):
+    """--lr is per 256 images: the linear scaling rule (Goyal et al. 2017), as SimSiam and the paper (§4.1)."""
+    return args.lr * args.batch_size / 256
+
+
 def learning_rate(step, steps_per_epoch, args):
-    """lr = --lr x batch/256 (Goyal et al. 2017), linear warm-up over --warmup-epochs, then a cosine that reaches 0
-    at --cosine-epochs (default: the last epoch; the authors' code decayed over 800 epochs and stopped at 400)."""
-    peak, epoch = args.lr * args.batch_size / 256, (step + 1) / steps_per_epoch
+    """Linear warm-up to peak_lr over --warmup-epochs, then a cosine that reaches 0 at --cosine-epochs (default: the
+    last epoch; the authors' code decayed over 800 epochs and stopped at 400)."""
+    peak, epoch = peak_lr(args), (step + 1) / steps_per_epoch
     if epoch <= args.warmup_epochs:
         return peak * epoch / args.warmup_epochs
     progress = (epoch - args.warmup_epochs) / ((args.cosine_epochs or args.epochs) - args.warmup_epochs)
@@ -307,7 +312,7 @@ def main(argv=None):
     optimizer = torch.optim.SGD([
         {"params": [p for p in model.parameters() if id(p) not in predictor], "fixed_lr": False},
         {"params": list(model.predictor.parameters()), "fixed_lr": True}],
-        lr=args.lr * args.batch_size / 256, momentum=args.momentum, weight_decay=args.weight_decay)
+        lr=peak_lr(args), momentum=args.momentum, weight_decay=args.weight_decay)
     dtype = amp_dtype(device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     dim = model.projector[-1].num_features
@@ -357,7 +362,7 @@ def main(argv=None):
             shutil.copyfile(split_file, args.out / "split.json")
         log(datasets.summary(data, split, split_file))
         log(f"{args.init} {args.arch}/{args.norm}{' cifar-stem' if args.cifar_stem else ''}, {world} process(es) on "
-            f"{device}, batch {args.batch_size}, peak lr {args.lr * args.batch_size / 256:g}, {steps_per_epoch} steps "
+            f"{device}, batch {args.batch_size}, peak lr {peak_lr(args):g}, {steps_per_epoch} steps "
             f"per epoch, {dtype}")
         if not history:  # row 0: the network as initialised, the floor that training must rise above
             estimate_bn_statistics(raw_model.backbone, bank_images, device)
@@ -381,7 +386,7 @@ def main(argv=None):
             x1, x2, _ = next(batches)
             waited += time.perf_counter() - wait
             for group in optimizer.param_groups:
-                group["lr"] = args.lr * args.batch_size / 256 if group["fixed_lr"] else learning_rate(
+                group["lr"] = peak_lr(args) if group["fixed_lr"] else learning_rate(
                     (epoch - 1) * steps_per_epoch + step, steps_per_epoch, args)
             with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
                 p1, p2, z1, z2 = model(datasets.to_input(x1, device), datasets.to_input(x2, device))

@@ -561,6 +561,20 @@ def test_cli_with_force_writes_a_loadable_bn_backbone_with_its_source(overwrite_
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.pt"]  # no temporary file left beside it
 
 
+def test_cli_head_and_copied_norms(r50, tmp_path):
+    """--head loads BiT's classifier, --copy-norm puts GroupNorm's gamma/beta into the BatchNorms."""
+    run = cli(r50[0], "--norm", "bn", "--head", "--copy-norm", "-o", tmp_path / "out.pt", cache=tmp_path / "cache")
+    assert run.returncode == 0, run.stderr
+    ckpt = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert ckpt["head_size"] == 1000 and ckpt["copy_norm"] is True
+    model = bc.resnet_v2("r50x1", norm="bn", head_size=1000)
+    model.load_state_dict(ckpt["state_dict"])
+    assert torch.equal(model.head.weight, hwio_to_oihw(r50[1][HEAD_KERNEL]))
+    assert torch.equal(model.head.bias, torch.from_numpy(r50[1][HEAD_BIAS]))
+    gamma = r50[1]["resnet/block3/unit04/b/group_norm/gamma"]
+    assert torch.equal(model.blocks[2][3].norm2.weight, torch.from_numpy(gamma))
+
+
 def test_cli_bad_input_leaves_no_output(tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(np.random.default_rng(0).bytes(4096))

@@ -810,6 +810,16 @@ def test_cifar10_absent_without_download_says_download_and_names_the_path(tmp_pa
     assert str(tmp_path / "nothing" / "cifar-10-batches-py") in str(e.value)
 
 
+def test_cifar10_download_that_fails_names_the_source_and_the_root(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(datasets.DataError, match="cannot download CIFAR-10") as e:
+        datasets.load_cifar10(tmp_path / "nothing", download=True)
+    assert str(tmp_path / "nothing") in str(e.value) and "cs.toronto.edu" in str(e.value)
+
+
 # ------------------------------------------------------------------------------------------------------- 8. the CLI
 
 def run_cli(*args):

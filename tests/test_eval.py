@@ -163,6 +163,23 @@ def test_linear_eval_writes_results_and_confusion(evaluated, pretrained):
     assert "test balanced accuracy" in run.stdout
 
 
+def test_augment_embeds_new_views_every_epoch(pretrained, tmp_path, monkeypatch):
+    train_features = []
+    train = linear_eval.train_linear
+
+    def recording(train_part, val, n_classes, args, seed, augmented=None):
+        train_features.extend(augmented() for _ in range(2))
+        return train(train_part, val, n_classes, args, seed, augmented)
+
+    monkeypatch.setattr(linear_eval, "train_linear", recording)
+    linear_eval.main(eval_args(tmp_path, "--ckpt", pretrained / "run" / "backbone.pt", "--augment", "--epochs", "2",
+                               "--trials", "1", "--out", tmp_path / "augmented"))
+    first, second = train_features
+    assert first.shape == (len(json.loads((pretrained / "run" / "split.json").read_text())["train"]), 2048)
+    assert not torch.equal(first, second)  # random crops and flips: new features each call
+    assert json.loads((tmp_path / "augmented" / "results.json").read_text())["args"]["augment"] is True
+
+
 def test_compare_draws_the_figure(evaluated, tmp_path):
     out, _ = evaluated
     other = json.loads((out / "results.json").read_text())
