@@ -1,21 +1,22 @@
 """BiT ResNet-V2 and the loading of BiT's released .npz weights into it, with GroupNorm or BatchNorm.
 
-BiT (Kolesnikov et al., "Big Transfer", ECCV 2020) is a pre-activation ResNet (He et al. 2016) whose convolutions are
-weight-standardised (Qiao et al. 2019) and whose norms are GroupNorm(32). Lu, Jha & Huo (2021, §2.3) found that this
-network collapses inside SimSiam, and fixed it by replacing every GroupNorm with a BatchNorm while keeping BiT's
-kernels. `norm="gn"` builds BiT exactly as released; `norm="bn"` builds the paper's fix.
+BiT (Kolesnikov et al., "Big Transfer", ECCV 2020) is a pre-activation ResNet (He et al. 2016) whose
+convolutions are weight-standardised (Qiao et al. 2019) and whose norms are GroupNorm(32). Lu, Jha & Huo
+(2021, §2.3) found that this network collapses inside SimSiam, and fixed it by replacing every GroupNorm with
+a BatchNorm while keeping BiT's kernels. `norm="gn"` builds BiT exactly as released; `norm="bn"` builds the
+paper's fix.
 
     python bit_convert.py --download BiT-M-R50x1              # into $BIT_CACHE (~/.cache/bit-simsiam/weights)
     python bit_convert.py BiT-M-R50x1.npz --norm bn -o bit-m-r50x1-bn.pt
 
     model = resnet_v2("r50x1", norm="bn")
     load_npz(model, "BiT-M-R50x1.npz")
-    features = model(images)                                  # (N, 2048), images scaled to [-1, 1] as BiT expects
+    features = model(images)                  # (N, 2048), images scaled to [-1, 1] as BiT expects
 """
+
 import argparse
 import hashlib
 import os
-import sys
 import zipfile
 from collections import OrderedDict
 from functools import partial
@@ -26,23 +27,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import UserError, run, save_atomic
+
 ARCHS = {  # name: (units in each of the four blocks, width factor)
-    "r50x1": ((3, 4, 6, 3), 1), "r50x3": ((3, 4, 6, 3), 3),
-    "r101x1": ((3, 4, 23, 3), 1), "r101x3": ((3, 4, 23, 3), 3),
-    "r152x2": ((3, 8, 36, 3), 2), "r152x4": ((3, 8, 36, 3), 4),
+    "r50x1": ((3, 4, 6, 3), 1),
+    "r50x3": ((3, 4, 6, 3), 3),
+    "r101x1": ((3, 4, 23, 3), 1),
+    "r101x3": ((3, 4, 23, 3), 3),
+    "r152x2": ((3, 8, 36, 3), 2),
+    "r152x4": ((3, 8, 36, 3), 4),
 }
 BIT_NAMES = [f"BiT-{s}-R{a[1:]}" for s in "SM" for a in ARCHS]  # BiT-S: ImageNet-1k, BiT-M: ImageNet-21k
 BIT_URL = "https://storage.googleapis.com/bit_models/{}.npz"
 CACHE_DIR = Path(os.environ.get("BIT_CACHE", Path.home() / ".cache" / "bit-simsiam" / "weights"))
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A weights file that cannot go into the model asked for; the message names the file and the key."""
 
 
 class StdConv2d(nn.Conv2d):
-    """Conv2d with weight standardisation: each output channel's kernel is scaled to zero mean and unit (biased)
-    variance over (in, kh, kw) at every forward pass, eps 1e-10 as in BiT. The file stores the raw kernels."""
+    """Conv2d with weight standardisation: each output channel's kernel is scaled to zero mean and unit
+    (biased) variance over (in, kh, kw) at every forward pass, eps 1e-10 as in BiT. The file stores the raw
+    kernels."""
 
     def __init__(self, *args, standardize=True, **kwargs):
         super().__init__(*args, bias=False, **kwargs)
@@ -57,8 +64,9 @@ class StdConv2d(nn.Conv2d):
 
 
 class PreActBottleneck(nn.Module):
-    """One BiT unit: norm-ReLU-conv three times (1x1, 3x3 carrying the stride, 1x1). The projection shortcut takes the
-    pre-activated input, and nothing is normalised after the addition (He et al. 2016, "Identity Mappings", Fig. 4e)."""
+    """One BiT unit: norm-ReLU-conv three times (1x1, 3x3 carrying the stride, 1x1). The projection shortcut
+    takes the pre-activated input, and nothing is normalised after the addition (He et al. 2016, "Identity
+    Mappings", Fig. 4e)."""
 
     def __init__(self, cin, cmid, cout, stride, norm, conv):
         super().__init__()
@@ -80,23 +88,49 @@ class ResNetV2(nn.Module):
     def __init__(self, arch="r50x1", norm="bn", cifar_stem=False, head_size=0, ws=True):
         super().__init__()
         if arch not in ARCHS or norm not in ("bn", "gn"):
-            raise ValueError(f"arch must be one of {', '.join(ARCHS)} and norm bn or gn, got {arch!r}, {norm!r}")
-        self.arch, self.norm_kind, self.cifar_stem, self.head_size, self.ws = arch, norm, cifar_stem, head_size, ws
+            raise ValueError(
+                f"arch must be one of {', '.join(ARCHS)} and norm bn or gn, got {arch!r}, {norm!r}"
+            )
+        self.arch, self.norm_kind, self.cifar_stem, self.head_size, self.ws = (
+            arch,
+            norm,
+            cifar_stem,
+            head_size,
+            ws,
+        )
         units, width = ARCHS[arch]
         make_norm = partial(nn.GroupNorm, 32) if norm == "gn" else nn.BatchNorm2d
         conv = partial(StdConv2d, standardize=ws)
         root = 64 * width
         if cifar_stem:  # paper §4.2: 32-px images keep their resolution, a 3x3 stride-1 conv and no pooling
             self.stem = nn.Sequential(OrderedDict(conv=conv(3, root, 3, padding=1)))
-        else:  # BiT pads with zeros before the pool; MaxPool2d(padding=1) would pad with -inf, a different function
-            self.stem = nn.Sequential(OrderedDict(conv=conv(3, root, 7, stride=2, padding=3),
-                                                  pad=nn.ConstantPad2d(1, 0.0), pool=nn.MaxPool2d(3, stride=2)))
+        # BiT pads with zeros before the pool; MaxPool2d(padding=1) would pad with -inf, a different function
+        else:
+            self.stem = nn.Sequential(
+                OrderedDict(
+                    conv=conv(3, root, 7, stride=2, padding=3),
+                    pad=nn.ConstantPad2d(1, 0.0),
+                    pool=nn.MaxPool2d(3, stride=2),
+                )
+            )
         blocks, cin = [], root
         for b, (n, stride) in enumerate(zip(units, (1, 2, 2, 2))):
             cmid = root * 2**b
-            blocks.append(nn.Sequential(*[
-                PreActBottleneck(cin if u == 0 else 4 * cmid, cmid, 4 * cmid, stride if u == 0 else 1, make_norm, conv)
-                for u in range(n)]))
+            blocks.append(
+                nn.Sequential(
+                    *[
+                        PreActBottleneck(
+                            cin if u == 0 else 4 * cmid,
+                            cmid,
+                            4 * cmid,
+                            stride if u == 0 else 1,
+                            make_norm,
+                            conv,
+                        )
+                        for u in range(n)
+                    ]
+                )
+            )
             cin = 4 * cmid
         self.blocks = nn.Sequential(*blocks)
         self.norm = make_norm(cin)  # the body ends un-normalised (pre-activation): norm + ReLU before pooling
@@ -106,9 +140,12 @@ class ResNetV2(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
+    def feature_map(self, x):
+        """The body's output after its final norm and ReLU, before pooling: (N, num_features, H/32, W/32)."""
+        return F.relu(self.norm(self.blocks(self.stem(x))))
+
     def forward(self, x):
-        x = F.relu(self.norm(self.blocks(self.stem(x))))
-        x = x.mean((2, 3), keepdim=True)
+        x = self.feature_map(x).mean((2, 3), keepdim=True)
         if self.head is not None:
             x = self.head(x)
         return x.flatten(1)
@@ -120,8 +157,9 @@ def resnet_v2(name="r50x1", norm="bn", cifar_stem=False, head_size=0, ws=True):
 
 
 def zero_init_last(model):
-    """Zero the scale of the norm in front of each unit's last conv, so every residual branch starts switched off
-    (Goyal et al. 2017), as the authors' code did (REFERENCE §1). Done after loading weights, so it always holds."""
+    """Zero the scale of the norm in front of each unit's last conv, so every residual branch starts switched
+    off (Goyal et al. 2017), as the authors' code did (REFERENCE §1). Done after loading weights, so it always
+    holds."""
     for block in model.blocks:
         for unit in block:
             nn.init.zeros_(unit.norm3.weight)
@@ -136,8 +174,11 @@ def bit_keys(model, copy_norm, load_head):
     for b, block in enumerate(model.blocks, 1):
         for u, unit in enumerate(block, 1):
             prefix = f"resnet/block{b}/unit{u:02d}/"
-            for part, norm, conv in (("a", unit.norm1, unit.conv1), ("b", unit.norm2, unit.conv2),
-                                     ("c", unit.norm3, unit.conv3)):
+            for part, norm, conv in (
+                ("a", unit.norm1, unit.conv1),
+                ("b", unit.norm2, unit.conv2),
+                ("c", unit.norm3, unit.conv3),
+            ):
                 keys[prefix + part + "/standardized_conv2d/kernel"] = conv.weight
                 if copy_norm:
                     keys[prefix + part + "/group_norm/gamma"] = norm.weight
@@ -169,21 +210,28 @@ def npz_arch(arrays, path):
     """The BiT architecture an .npz holds, from its root kernel's width and the units in each block."""
     root = arrays.get("resnet/root_block/standardized_conv2d/kernel")
     if root is None or root.ndim != 4:
-        raise WeightsError(f"{path}: not a BiT .npz (no 4-d key resnet/root_block/standardized_conv2d/kernel)")
-    units = tuple(len({k.split("/")[2] for k in arrays if k.startswith(f"resnet/block{b}/")}) for b in range(1, 5))
+        raise WeightsError(
+            f"{path}: not a BiT .npz (no 4-d key resnet/root_block/standardized_conv2d/kernel)"
+        )
+    units = tuple(
+        len({k.split("/")[2] for k in arrays if k.startswith(f"resnet/block{b}/")}) for b in range(1, 5)
+    )
     for name, spec in ARCHS.items():
         if spec == (units, root.shape[3] // 64):
             return name
-    raise WeightsError(f"{path}: units per block {units} and root width {root.shape[3]} match no BiT architecture")
+    raise WeightsError(
+        f"{path}: units per block {units} and root width {root.shape[3]} match no BiT architecture"
+    )
 
 
 def load_npz(model, path, copy_norm=None, load_head=False):
     """Load BiT weights from `path` into `model` and return it.
 
-    Conv kernels go from HWIO to OIHW. GroupNorm's gamma/beta are copied by default only into a GroupNorm model: a
-    BatchNorm model keeps PyTorch's default init (paper §2.3) unless copy_norm=True. The .npz has no BatchNorm
-    statistics, so a BatchNorm model always starts with fresh ones. The head is loaded only if load_head=True.
-    Nothing is changed unless every key is present and every shape fits (a WeightsError says which does not).
+    Conv kernels go from HWIO to OIHW. GroupNorm's gamma/beta are copied by default only into a GroupNorm
+    model: a BatchNorm model keeps PyTorch's default init (paper §2.3) unless copy_norm=True. The .npz has no
+    BatchNorm statistics, so a BatchNorm model always starts with fresh ones. The head is loaded only if
+    load_head=True. Nothing is changed unless every key is present and every shape fits (a WeightsError says
+    which does not).
     """
     copy_norm = model.norm_kind == "gn" if copy_norm is None else copy_norm
     if load_head and model.head is None:
@@ -194,7 +242,9 @@ def load_npz(model, path, copy_norm=None, load_head=False):
     tensors = {}
     for key, param in wanted.items():
         if key not in arrays:
-            raise WeightsError(f"{path}: missing key {key} (the file holds a {file_arch}, the model is {model.arch})")
+            raise WeightsError(
+                f"{path}: missing key {key} (the file holds a {file_arch}, the model is {model.arch})"
+            )
         array = arrays[key]
         if array.ndim == 4:
             array = array.transpose(3, 2, 0, 1)  # HWIO -> OIHW
@@ -203,9 +253,13 @@ def load_npz(model, path, copy_norm=None, load_head=False):
             found = arrays[key].shape
             raise WeightsError(f"{path}: key {key} has shape {found}, {model.arch} expects {expected}")
         tensors[key] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    extra = sorted(k for k in arrays if k.startswith("resnet/block") and k not in bit_keys(model, True, False))
+    extra = sorted(
+        k for k in arrays if k.startswith("resnet/block") and k not in bit_keys(model, True, False)
+    )
     if extra:
-        raise WeightsError(f"{path}: key {extra[0]} has no place in a {model.arch} (the file holds a {file_arch})")
+        raise WeightsError(
+            f"{path}: key {extra[0]} has no place in a {model.arch} (the file holds a {file_arch})"
+        )
     with torch.no_grad():
         for key, param in wanted.items():
             param.copy_(tensors[key])
@@ -220,65 +274,78 @@ def sha256(path):
     return digest.hexdigest()
 
 
-def save_atomic(obj, path):
-    """torch.save that never leaves a half-written file at `path`: write beside it, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_backbone(model, path, **meta):
     """The model's state dict with what is needed to rebuild it (see load_backbone), written atomically."""
-    arch = dict(arch=model.arch, norm=model.norm_kind, cifar_stem=model.cifar_stem, head_size=model.head_size,
-                ws=model.ws)
+    arch = dict(
+        arch=model.arch,
+        norm=model.norm_kind,
+        cifar_stem=model.cifar_stem,
+        head_size=model.head_size,
+        ws=model.ws,
+    )
     save_atomic({**arch, **meta, "state_dict": model.state_dict()}, path)
 
 
-def load_backbone(path):
-    """(model, metadata) from a file written by save_backbone (bit_convert.py -o, pretrain.py's backbone.pt)."""
+def read_backbone_file(path):
+    """The dict that save_backbone wrote. weights_only: a .pt is a pickle, and one from elsewhere must not run
+    code; mmap: reading the metadata of a large file costs no more than its header."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise WeightsError(f"{path}: no such file") from None
     except Exception as e:  # a pickle from elsewhere can fail in many ways; all of them mean "not ours"
-        raise WeightsError(f"{path}: not a readable .pt file ({type(e).__name__}: {e})") from None
+        raise WeightsError(
+            f"{path}: not a readable .pt file ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        ) from None
     needed = ("arch", "norm", "cifar_stem", "head_size", "ws", "state_dict")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
-        raise WeightsError(f"{path}: not a backbone file from bit_convert.py or pretrain.py "
-                           f"(expected the keys {', '.join(needed)})")
+        raise WeightsError(
+            f"{path}: not a backbone file from bit_convert.py or pretrain.py "
+            f"(expected the keys {', '.join(needed)})"
+        )
+    return ckpt
+
+
+def load_backbone(path):
+    """(model, metadata) from a file written by save_backbone (bit_convert.py -o, pretrain.py's
+    backbone.pt)."""
+    ckpt = read_backbone_file(path)
     model = resnet_v2(ckpt["arch"], ckpt["norm"], ckpt["cifar_stem"], ckpt["head_size"], ckpt["ws"])
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        raise WeightsError(f"{path}: its state_dict does not fit a {ckpt['arch']}/{ckpt['norm']}: "
-                           f"{' '.join(str(e).split())}") from None
+        raise WeightsError(
+            f"{path}: its state_dict does not fit a {ckpt['arch']}/{ckpt['norm']}: {' '.join(str(e).split())}"
+        ) from None
     return model, {k: v for k, v in ckpt.items() if k != "state_dict"}
 
 
 def bit_file(name, download=False):
-    """The cached path of a released BiT model (e.g. BiT-M-R50x1), fetched from the BiT bucket if download=True."""
+    """The cached path of a released BiT model (e.g. BiT-M-R50x1), fetched from the BiT bucket if
+    download=True."""
     if name not in BIT_NAMES:
         raise WeightsError(f"unknown BiT model {name!r}; expected one of {', '.join(BIT_NAMES)}")
     path, url = CACHE_DIR / f"{name}.npz", BIT_URL.format(name)
     if path.exists():
         return path
     if not download:
-        raise WeightsError(f"{name} is not in the cache: pass --download, or fetch {url} and put it at {path}")
+        raise WeightsError(
+            f"{name} is not in the cache: pass --download, or fetch {url} and put it at {path}"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:  # torch.hub writes to a temporary file and renames it: an interrupted download leaves nothing at `path`
+    # torch.hub writes to a temporary file and renames it: an interrupted download leaves nothing at `path`
+    try:
         torch.hub.download_url_to_file(url, str(path), progress=True)
     except OSError as e:
-        raise WeightsError(f"cannot download {url} ({getattr(e, 'reason', e)}); "
-                           f"fetch it elsewhere and put it at {path}") from None
+        raise WeightsError(
+            f"cannot download {url} ({getattr(e, 'reason', e)}); fetch it elsewhere and put it at {path}"
+        ) from None
     return path
 
 
-def build_backbone(init="scratch", arch="r50x1", norm="bn", cifar_stem=False, ws=True, zero_init=False,
-                   download=False):
+def build_backbone(
+    init="scratch", arch="r50x1", norm="bn", cifar_stem=False, ws=True, zero_init=False, download=False
+):
     """The backbone that `--init scratch | bit-s | bit-m | FILE.npz | FILE.pt` names, for every script."""
     model = resnet_v2(arch, norm, cifar_stem, ws=ws)
     if init.endswith(".pt"):
@@ -292,24 +359,107 @@ def build_backbone(init="scratch", arch="r50x1", norm="bn", cifar_stem=False, ws
     elif init.endswith(".npz"):
         load_npz(model, init)
     elif init != "scratch":
-        raise WeightsError(f"--init {init!r}: expected scratch, bit-s, bit-m, a BiT .npz or a .pt backbone file")
+        raise WeightsError(
+            f"--init {init!r}: expected scratch, bit-s, bit-m, a BiT .npz or a .pt backbone file"
+        )
     return zero_init_last(model) if zero_init else model
 
 
+def add_backbone_args(parser, norm_default):
+    """--arch, --norm, --cifar-stem, --no-ws: the same flags, with the same meaning, in every script. A
+    checkpoint records its own; see resolve_backbone_args."""
+    group = parser.add_argument_group("backbone")
+    group.add_argument("--arch", choices=ARCHS, help="BiT size (default r50x1, or the checkpoint's)")
+    group.add_argument(
+        "--norm",
+        choices=("bn", "gn"),
+        help=f"default {norm_default} (or the checkpoint's). bn: the paper's fix; gn: BiT as released, "
+        "which collapses inside SimSiam (paper Fig. 1)",
+    )
+    group.add_argument(
+        "--cifar-stem",
+        action=argparse.BooleanOptionalAction,
+        help="3x3 stride-1 root conv, no max-pool (paper §4.2); default: on for images <= 64 px",
+    )
+    group.add_argument(
+        "--no-ws", dest="ws", action="store_false", help="plain convs instead of weight-standardised"
+    )
+
+
+def resolve_backbone_args(args, norm_default, default_size, recorded=None, source=None):
+    """Fill in --arch, --norm, --cifar-stem and --image-size: what the flag says, else what the checkpoint
+    `source` records (`recorded`: its metadata), else the script's default. A flag that contradicts the
+    checkpoint is an error for the network's shape; for the image size, a warning (evaluating at another
+    resolution can be deliberate)."""
+    recorded = recorded or {}
+    for flag in ("arch", "norm", "cifar_stem"):
+        given = getattr(args, flag)
+        if flag in recorded and given is not None and given != recorded[flag]:
+            raise WeightsError(
+                f"--{flag.replace('_', '-')} {given}: {source} holds a backbone with "
+                f"{flag} = {recorded[flag]}; leave the flag out to use it"
+            )
+    if args.image_size and recorded.get("image_size", args.image_size) != args.image_size:
+        print(
+            f"warning: --image-size {args.image_size}, but {source} was pretrained at "
+            f"{recorded['image_size']} px"
+        )
+    args.image_size = args.image_size or recorded.get("image_size") or default_size
+    args.arch = args.arch or recorded.get("arch", "r50x1")
+    args.norm = args.norm or recorded.get("norm", norm_default)
+    if args.cifar_stem is None:
+        args.cifar_stem = recorded.get("cifar_stem", args.image_size <= 64)
+
+
+def frozen_backbone(args, ckpt=None, init=None):
+    """(backbone, metadata, a name for figures, what identifies it for the feature cache) of a checkpoint, or
+    of the network that --init names, built with --arch --norm --cifar-stem, for evaluation."""
+    if ckpt:
+        backbone, meta = load_backbone(ckpt)
+        name = f"{ckpt.parent.name}/{ckpt.stem}" + (f", epoch {meta['epoch']}" if "epoch" in meta else "")
+        return backbone, meta, name, sha256(ckpt)
+    torch.manual_seed(args.seed)  # the scratch floor is one random network
+    backbone = build_backbone(init, args.arch, args.norm, args.cifar_stem, args.ws, download=args.download)
+    name = {"bit-s": "BiT-S", "bit-m": "BiT-M"}.get(init, init) + (
+        f" {args.norm}, untrained" if init == "scratch" else f" {args.norm}, as released"
+    )
+    identity = hashlib.sha256(
+        repr((init, args.arch, args.norm, args.cifar_stem, args.ws, args.seed)).encode()
+    )
+    return backbone, {"init": init}, name, identity.hexdigest()
+
+
 def main():
-    parser = argparse.ArgumentParser(description="Convert BiT .npz weights into a PyTorch state dict for resnet_v2.",
-                                     epilog=f"Cache: {CACHE_DIR} (set BIT_CACHE to move it).")
-    parser.add_argument("npz", nargs="?", help="a BiT .npz file, or a BiT name (BiT-M-R50x1) found in the cache")
+    parser = argparse.ArgumentParser(
+        description="Convert BiT .npz weights into a PyTorch state dict for resnet_v2.",
+        epilog=f"Cache: {CACHE_DIR} (set BIT_CACHE to move it).",
+    )
+    parser.add_argument(
+        "npz", nargs="?", help="a BiT .npz file, or a BiT name (BiT-M-R50x1) found in the cache"
+    )
     parser.add_argument("-o", "--output", help="the .pt file to write")
-    parser.add_argument("--download", metavar="NAME", help="fetch NAME (e.g. BiT-M-R50x1) from the BiT bucket")
-    parser.add_argument("--norm", choices=("bn", "gn"), default="bn",
-                        help="bn: every GroupNorm becomes BatchNorm (the paper's fix); gn: BiT as released")
-    parser.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 root conv, no pooling (paper §4.2)")
+    parser.add_argument(
+        "--download", metavar="NAME", help="fetch NAME (e.g. BiT-M-R50x1) from the BiT bucket"
+    )
+    parser.add_argument(
+        "--norm",
+        choices=("bn", "gn"),
+        default="bn",
+        help="bn: every GroupNorm becomes BatchNorm (the paper's fix); gn: BiT as released",
+    )
+    parser.add_argument(
+        "--cifar-stem", action="store_true", help="3x3 stride-1 root conv, no pooling (paper §4.2)"
+    )
     parser.add_argument("--head", action="store_true", help="also load the classification head")
     init = parser.add_mutually_exclusive_group()
-    init.add_argument("--copy-norm", action="store_true", help="bn: copy BiT's GroupNorm gamma/beta into BatchNorm")
-    init.add_argument("--zero-init-last", action="store_true",
-                      help="zero the norm before each unit's last conv, as the authors' code did")
+    init.add_argument(
+        "--copy-norm", action="store_true", help="bn: copy BiT's GroupNorm gamma/beta into BatchNorm"
+    )
+    init.add_argument(
+        "--zero-init-last",
+        action="store_true",
+        help="zero the norm before each unit's last conv, as the authors' code did",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
     args = parser.parse_args()
     output = Path(args.output) if args.output else None
@@ -335,14 +485,19 @@ def main():
     load_npz(model, path, copy_norm=True if args.copy_norm else None, load_head=args.head)
     if args.zero_init_last:
         zero_init_last(model)
-    save_backbone(model, output, source=path.name, sha256=sha256(path), copy_norm=args.copy_norm,
-                  zero_init_last=args.zero_init_last)
-    print(f"{path.name} ({arch}) -> {output}: norm {args.norm}, {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters")
+    save_backbone(
+        model,
+        output,
+        source=path.name,
+        sha256=sha256(path),
+        copy_norm=args.copy_norm,
+        zero_init_last=args.zero_init_last,
+    )
+    print(
+        f"{path.name} ({arch}) -> {output}: norm {args.norm}, {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters"
+    )
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except WeightsError as e:
-        sys.exit(f"bit_convert.py: error: {e}")
+    run(main)

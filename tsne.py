@@ -3,12 +3,13 @@
     python tsne.py --ckpt runs/ham-bit-m/backbone_ep25.pt runs/ham-bit-m/backbone.pt --init bit-s bit-m \\
                    --data ham10000 --data-root PATH --out figures --spectrum
 
-One row per model: "Binary" colours the most frequent class against all others (nv vs non-nv on HAM10000, as the
-paper); "Sub-classes" runs t-SNE on the other classes alone (the six non-nv lesion types). --spectrum adds
-spectrum.png: the singular values of each model's embedding covariance on a log scale, with the effective rank.
+One row per model: "Binary" colours the most frequent class against all others (nv vs non-nv on HAM10000, as
+the paper); "Sub-classes" runs t-SNE on the other classes alone (the six non-nv lesion types). --spectrum adds
+spectrum.png: the eigenvalues of each model's embedding covariance on a log scale (Jing et al. 2022), with
+RankMe.
 """
+
 import argparse
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -17,9 +18,8 @@ import torch
 from sklearn.manifold import TSNE
 
 import datasets
-from bit_convert import ARCHS, WeightsError
-from linear_eval import estimate_statistics_if_untrained, load_model, part_features, resolve_split
-from pretrain import covariance_spectrum, effective_rank
+from bit_convert import add_backbone_args, frozen_backbone, read_backbone_file, resolve_backbone_args
+from common import UserError, covariance_spectrum, rankme, run, write_atomic
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -35,7 +35,9 @@ def scatter(ax, points, labels, names, title):
     colours = plt.get_cmap("tab10")
     for k, name in enumerate(names):
         chosen = labels == k
-        ax.scatter(points[chosen, 0], points[chosen, 1], s=6, color=colours(k), label=f"{name} ({chosen.sum()})")
+        ax.scatter(
+            points[chosen, 0], points[chosen, 1], s=6, color=colours(k), label=f"{name} ({chosen.sum()})"
+        )
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -43,22 +45,34 @@ def scatter(ax, points, labels, names, title):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     datasets.add_data_args(parser)
+    add_backbone_args(parser, norm_default="gn")
     models = parser.add_argument_group("models: any number of --ckpt files and --init networks")
     models.add_argument("--ckpt", type=Path, nargs="*", default=[], help="backbone files from pretrain.py")
-    models.add_argument("--init", nargs="*", default=[], choices=("bit-s", "bit-m", "scratch"),
-                        help="networks as released (with --norm, default gn)")
-    models.add_argument("--arch", choices=ARCHS, default="r50x1")
-    models.add_argument("--norm", choices=("gn", "bn"), default="gn")
-    models.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, help="with --init; default: <= 64 px")
+    models.add_argument(
+        "--init",
+        nargs="*",
+        default=[],
+        choices=("bit-s", "bit-m", "scratch"),
+        help="networks as released (with the backbone flags)",
+    )
     parser.add_argument("--spectrum", action="store_true", help="also draw spectrum.png")
     parser.add_argument("--out", type=Path, default=Path("figures"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if not args.ckpt and not args.init:
-        parser.error("give at least one --ckpt FILE or --init bit-s|bit-m|scratch")
+        raise UserError("give at least one --ckpt FILE or --init bit-s|bit-m|scratch")
+    sizes = {read_backbone_file(c).get("image_size") for c in args.ckpt} - {None}
+    if len(sizes) > 1 and not args.image_size:
+        raise UserError(f"the --ckpt files were pretrained at {sorted(sizes)} px: give one --image-size")
+    recorded = {"image_size": sizes.pop()} if sizes else None  # the --init networks take the backbone flags
+    resolve_backbone_args(
+        args, "gn", datasets.DEFAULT_SIZE[args.data], recorded, args.ckpt[0] if args.ckpt else None
+    )
     return args
 
 
@@ -66,13 +80,17 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     data = datasets.load_data(args)
-    models = [load_model(args, ckpt=c) for c in args.ckpt] + [load_model(args, init=i) for i in args.init]
-    split, _ = resolve_split(args, data, args.ckpt[0] if args.ckpt else None, [m[1] for m in models])
+    models = [frozen_backbone(args, ckpt=c) for c in args.ckpt] + [
+        frozen_backbone(args, init=i) for i in args.init
+    ]
+    split, _ = datasets.pretraining_split(
+        args, data, args.ckpt[0] if args.ckpt else None, [m[1] for m in models]
+    )
     embeddings = []
     for backbone, meta, name, identity in models:
         backbone.to(device)
-        estimate_statistics_if_untrained(backbone, meta, data, split, args, device)
-        features, labels = part_features(backbone, identity, data, split, "test", args, device)
+        datasets.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
+        features, labels = datasets.part_features(backbone, identity, data, split, "test", args, device)
         embeddings.append((name, features, labels.numpy()))
         backbone.cpu()
 
@@ -81,33 +99,41 @@ def main(argv=None):
     fig, axes = plt.subplots(len(embeddings), 2, figsize=(10, 4.6 * len(embeddings)), squeeze=False)
     for row, (name, features, labels) in zip(axes, embeddings):
         binary = (labels != majority).astype(int)
-        scatter(row[0], tsne_2d(features, args.seed), binary,
-                [data.classes[majority], f"not {data.classes[majority]}"], f"{name}\nBinary")
+        scatter(
+            row[0],
+            tsne_2d(features, args.seed),
+            binary,
+            [data.classes[majority], f"not {data.classes[majority]}"],
+            f"{name}\nBinary",
+        )
         rest = binary == 1
         sub_labels = np.searchsorted(others, labels[rest])
-        scatter(row[1], tsne_2d(features[rest], args.seed), sub_labels, [data.classes[k] for k in others],
-                f"{name}\nSub-classes")
+        scatter(
+            row[1],
+            tsne_2d(features[rest], args.seed),
+            sub_labels,
+            [data.classes[k] for k in others],
+            f"{name}\nSub-classes",
+        )
     fig.suptitle(f"t-SNE of {data.name} test embeddings", fontsize=11)
     fig.tight_layout()
     args.out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out / "tsne.png", dpi=100)
+    write_atomic(args.out / "tsne.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     print(f"wrote {args.out / 'tsne.png'}")
     if args.spectrum:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for name, features, _ in embeddings:
-            spectrum = covariance_spectrum(features)
-            label = f"{name} (effective rank {effective_rank(spectrum):.1f})"
-            ax.semilogy(spectrum.clamp(min=1e-12).numpy(), label=label)
-        ax.set(xlabel="singular value rank", ylabel="singular value",
-               title=f"embedding covariance spectrum, {data.name} test\n(a tail falling to ~0: collapsed dimensions)")
+            label = f"{name} (RankMe {rankme(features):.1f})"
+            ax.semilogy(covariance_spectrum(features).clamp(min=1e-12).numpy(), label=label)
+        title = (
+            f"embedding covariance spectrum, {data.name} test\n(a tail falling to ~0: collapsed dimensions)"
+        )
+        ax.set(xlabel="rank", ylabel="eigenvalue", title=title)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(args.out / "spectrum.png", dpi=100)
+        write_atomic(args.out / "spectrum.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         print(f"wrote {args.out / 'spectrum.png'}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (datasets.DataError, WeightsError) as e:
-        sys.exit(f"tsne.py: error: {e}")
+    run(main)

@@ -1,13 +1,15 @@
-"""How fast the pretraining loader delivers SimSiam's two views: JPEGs decoded every epoch vs the decode-once cache.
+"""How fast the pretraining loader delivers SimSiam's two views: JPEGs decoded every epoch vs the decode-once
+cache.
 
-    python benchmarks/loader.py                                  # 600x450 stand-in JPEGs, made in a temporary dir
+    python benchmarks/loader.py                  # 600x450 stand-in JPEGs, made in a temporary dir
     python benchmarks/loader.py --data-root PATH_TO_HAM10000     # the real images
 
-Prints images per second (two 224-px views each) through a DataLoader with --workers processes, for
-  decode each time: read_rgb (JPEG decode at reduced scale + resize) then the views, as a loader without a cache does;
-  decoded cache:    the views alone, from the memory-mapped array that datasets.py builds once;
-how long building the cache took, and the milliseconds one process spends on each stage of one image.
+Prints images per second (two 224-px views each) through a DataLoader with --workers processes, for decode
+each time: read_rgb (JPEG decode at reduced scale + resize) then the views, as a loader without a cache does;
+decoded cache:    the views alone, from the memory-mapped array that datasets.py builds once; how long
+building the cache took, and the milliseconds one process spends on each stage of one image.
 """
+
 import argparse
 import sys
 import tempfile
@@ -35,7 +37,8 @@ class DecodeEachTime(torch.utils.data.Dataset):
 
 
 def stand_in_jpegs(folder, n):
-    """Smooth 600x450 images with a little noise: they compress and decode like photographs, unlike pure noise."""
+    """Smooth 600x450 images with a little noise: they compress and decode like photographs, unlike pure
+    noise."""
     y, x = np.mgrid[0:450, 0:600]
     rng = np.random.default_rng(0)
     paths = []
@@ -49,7 +52,9 @@ def stand_in_jpegs(folder, n):
 
 
 def images_per_second(dataset, workers, batch_size):
-    loader = torch.utils.data.DataLoader(dataset, batch_size, shuffle=True, num_workers=workers, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size, shuffle=True, num_workers=workers, drop_last=True
+    )
     next(iter(loader))  # workers started, files in the page cache
     tic, count = time.perf_counter(), 0
     for batch in loader:
@@ -65,7 +70,9 @@ def milliseconds(work, items):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-root", type=Path, help="a folder of JPEGs (default: make stand-ins)")
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--size", type=int, default=224)
@@ -75,7 +82,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.data_root:
-            paths = sorted(args.data_root.rglob("*.jpg"))[:args.images]
+            paths = sorted(args.data_root.rglob("*.jpg"))[: args.images]
         else:
             (tmp / "images").mkdir()
             paths = stand_in_jpegs(tmp / "images", args.images)
@@ -83,15 +90,21 @@ def main():
         tic = time.perf_counter()
         images, _ = datasets.decode_all(paths, args.size, tmp / "cache", skip_bad=False)
         built = time.perf_counter() - tic
-        cached = datasets.ImageSet(datasets.Data("bench", images, np.zeros(len(paths), np.int64), list(range(len(
-            paths))), ("x",)), np.arange(len(paths)), datasets.simsiam_view(args.size), views=2)
+        cached = datasets.ImageSet(
+            datasets.Data("bench", images, np.zeros(len(paths), np.int64), list(range(len(paths))), ("x",)),
+            np.arange(len(paths)),
+            datasets.simsiam_view(args.size),
+            views=2,
+        )
         before = images_per_second(DecodeEachTime(paths, args.size), args.workers, args.batch_size)
         after = images_per_second(cached, args.workers, args.batch_size)
         torch.set_num_threads(1)
         decode = milliseconds(lambda path: datasets.read_rgb(path, args.size), paths[:64])
         views = milliseconds(cached.__getitem__, range(64))
-    print(f"{len(paths)} images of {source_size[0]}x{source_size[1]} -> two {args.size}-px "
-          f"views, {args.workers} workers, batch {args.batch_size}, torch {torch.__version__}")
+    print(
+        f"{len(paths)} images of {source_size[0]}x{source_size[1]} -> two {args.size}-px "
+        f"views, {args.workers} workers, batch {args.batch_size}, torch {torch.__version__}"
+    )
     print(f"decode each time: {before:8.1f} images/s")
     print(f"decoded cache:    {after:8.1f} images/s   ({after / before:.2f}x)")
     print(f"building the cache: {built:.1f} s ({len(paths) / built:.0f} images/s, all cores)")

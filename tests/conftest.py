@@ -1,4 +1,6 @@
-"""Shared helpers: the scripts as subprocesses, and the smallest pretraining run that still exercises everything."""
+"""Shared helpers: the scripts as subprocesses, and the smallest pretraining run that still exercises
+everything."""
+
 import os
 import signal
 import subprocess
@@ -11,22 +13,54 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_args(tmp, epochs=2, out="run"):
-    """digits at 8 px, 180 pretrain images in batches of 30 (6 steps an epoch), kNN every epoch, on the CPU."""
-    return ["--data", "digits", "--image-size", "8", "--split", "0.1,0.05,0.05,0.8", "--split-file",
-            str(tmp / "split.json"), "--cache-dir", str(tmp / "cache"), "--batch-size", "30", "--epochs", str(epochs),
-            "--warmup-epochs", "1", "--workers", "0", "--eval-every", "1", "--device", "cpu", "--out", str(tmp / out)]
+    """digits at 8 px, 180 pretrain images in batches of 30 (6 steps an epoch), kNN every epoch, on the
+    CPU."""
+    return [
+        "--data",
+        "digits",
+        "--image-size",
+        "8",
+        "--split",
+        "0.1,0.05,0.05,0.8",
+        "--split-file",
+        str(tmp / "split.json"),
+        "--cache-dir",
+        str(tmp / "cache"),
+        "--batch-size",
+        "30",
+        "--epochs",
+        str(epochs),
+        "--warmup-epochs",
+        "1",
+        "--workers",
+        "0",
+        "--eval-every",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp / out),
+    ]
 
 
 def run_script(script, *args, timeout=300, env=None, **popen):
     """Run a project script in a fresh interpreter; returns the CompletedProcess (text output)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout, **popen)
+    return subprocess.run(
+        [sys.executable, script, *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
+    )
 
 
 @pytest.fixture(autouse=True)
 def restore_signal_handlers():
-    """pretrain.main() installs SIGINT/SIGTERM handlers; a test that calls it in-process must not keep them."""
+    """pretrain.main() installs SIGINT/SIGTERM handlers; a test that calls it in-process must not keep
+    them."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     yield
     for s, handler in saved.items():

@@ -1,8 +1,10 @@
 """Tests of bit_convert.py against BiT's .npz layout and formulas as REFERENCE.md §2 states them.
 
-The synthetic .npz files are built from the REFERENCE key table (never from bit_convert.bit_keys), and the model is
-mapped to those keys by this file's own walk, so the loader is checked against an independent description.
+The synthetic .npz files are built from the REFERENCE key table (never from bit_convert.bit_keys), and the
+model is mapped to those keys by this file's own walk, so the loader is checked against an independent
+description.
 """
+
 import hashlib
 import os
 import re
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 import bit_convert as bc  # noqa: E402
+import common  # noqa: E402
 
 R50, R101 = (3, 4, 6, 3), (3, 4, 23, 3)
 ROOT_KEY = "resnet/root_block/standardized_conv2d/kernel"
@@ -25,7 +28,8 @@ HEAD_KERNEL, HEAD_BIAS = "resnet/head/conv2d/kernel", "resnet/head/conv2d/bias"
 R50X1_BACKBONE_PARAMS = 23_500_352
 
 
-# ---------------------------------------------------------------- the BiT layout, written from the REFERENCE table
+# ----------------------------------------------------------- the BiT layout, written from the REFERENCE table
+
 
 def bit_layout(units=R50, width=1, head=1000):
     """[(key, HWIO shape)] of a released BiT .npz."""
@@ -38,17 +42,26 @@ def bit_layout(units=R50, width=1, head=1000):
         for u in range(1, n + 1):
             p = f"resnet/block{b}/unit{u:02d}/"
             c = cin if u == 1 else cout
-            layout += [(p + "a/group_norm/gamma", (c,)), (p + "a/group_norm/beta", (c,)),
-                       (p + "a/standardized_conv2d/kernel", (1, 1, c, cmid)),
-                       (p + "b/group_norm/gamma", (cmid,)), (p + "b/group_norm/beta", (cmid,)),
-                       (p + "b/standardized_conv2d/kernel", (3, 3, cmid, cmid)),
-                       (p + "c/group_norm/gamma", (cmid,)), (p + "c/group_norm/beta", (cmid,)),
-                       (p + "c/standardized_conv2d/kernel", (1, 1, cmid, cout))]
+            layout += [
+                (p + "a/group_norm/gamma", (c,)),
+                (p + "a/group_norm/beta", (c,)),
+                (p + "a/standardized_conv2d/kernel", (1, 1, c, cmid)),
+                (p + "b/group_norm/gamma", (cmid,)),
+                (p + "b/group_norm/beta", (cmid,)),
+                (p + "b/standardized_conv2d/kernel", (3, 3, cmid, cmid)),
+                (p + "c/group_norm/gamma", (cmid,)),
+                (p + "c/group_norm/beta", (cmid,)),
+                (p + "c/standardized_conv2d/kernel", (1, 1, cmid, cout)),
+            ]
             if u == 1:
                 layout.append((p + "a/proj/standardized_conv2d/kernel", (1, 1, cin, cout)))
         cin = cout
-    return layout + [("resnet/group_norm/gamma", (cin,)), ("resnet/group_norm/beta", (cin,)),
-                     (HEAD_KERNEL, (1, 1, cin, head)), (HEAD_BIAS, (head,))]
+    return layout + [
+        ("resnet/group_norm/gamma", (cin,)),
+        ("resnet/group_norm/beta", (cin,)),
+        (HEAD_KERNEL, (1, 1, cin, head)),
+        (HEAD_BIAS, (head,)),
+    ]
 
 
 def random_bit_arrays(units=R50, width=1, head=1000, seed=0):
@@ -62,7 +75,8 @@ def zero_bit_arrays(units=R50, width=1, head=1000):
 
 
 def write_npz(path, arrays, drop=(), **replace):
-    """Save `arrays` as an uncompressed .npz (as BiT's are), less the keys in `drop`, with the arrays of `replace`."""
+    """Save `arrays` as an uncompressed .npz (as BiT's are), less the keys in `drop`, with the arrays of
+    `replace`."""
     out = {k: v for k, v in arrays.items() if k not in drop}
     out.update(replace)
     np.savez(path, **out)
@@ -70,13 +84,15 @@ def write_npz(path, arrays, drop=(), **replace):
 
 
 def model_tensors(model):
-    """{BiT key: model tensor}, by walking the model: stem.conv, blocks[b][u].norm1-3/conv1-3/proj, norm, head."""
+    """{BiT key: model tensor}, by walking the model: stem.conv, blocks[b][u].norm1-3/conv1-3/proj, norm,
+    head."""
     t = {ROOT_KEY: model.stem.conv.weight}
     for b, block in enumerate(model.blocks, 1):
         for u, unit in enumerate(block, 1):
             p = f"resnet/block{b}/unit{u:02d}/"
-            for part, norm, conv in zip("abc", (unit.norm1, unit.norm2, unit.norm3),
-                                        (unit.conv1, unit.conv2, unit.conv3)):
+            for part, norm, conv in zip(
+                "abc", (unit.norm1, unit.norm2, unit.norm3), (unit.conv1, unit.conv2, unit.conv3)
+            ):
                 t[p + part + "/group_norm/gamma"], t[p + part + "/group_norm/beta"] = norm.weight, norm.bias
                 t[p + part + "/standardized_conv2d/kernel"] = conv.weight
             if unit.proj is not None:
@@ -88,7 +104,11 @@ def model_tensors(model):
 
 
 def hwio_to_oihw(a):
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(3, 2, 0, 1))) if a.ndim == 4 else torch.from_numpy(a)
+    return (
+        torch.from_numpy(np.ascontiguousarray(a.transpose(3, 2, 0, 1)))
+        if a.ndim == 4
+        else torch.from_numpy(a)
+    )
 
 
 def export_npz(model, path):
@@ -111,7 +131,8 @@ def assert_unchanged(model, before):
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
-# ---------------------------------------------------------------- independent references
+# ------------------------------------------------------------------------------------- independent references
+
 
 def np_standardize(w):
     """BiT's weight standardisation in float64 NumPy: per output channel, biased variance, eps 1e-10."""
@@ -134,7 +155,7 @@ def np_zero_pad_max_pool(x):
     out = np.empty((n, c, oh, ow), x.dtype)
     for i in range(oh):
         for j in range(ow):
-            out[:, :, i, j] = p[:, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(2, 3))
+            out[:, :, i, j] = p[:, :, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].max(axis=(2, 3))
     return out
 
 
@@ -148,11 +169,13 @@ def ref_unit(unit, x, stride):
     return out + shortcut
 
 
-# ---------------------------------------------------------------- fixtures
+# --------------------------------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Small CPU convolutions run steadier on one thread, above all while other processes share the two cores."""
+    """Small CPU convolutions run steadier on one thread, above all while other processes share the two
+    cores."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -189,7 +212,8 @@ def randomize_(model, seed=0):
     return model
 
 
-# ---------------------------------------------------------------- 1, 2: the layout and the copy
+# ------------------------------------------------------------------------------ 1, 2: the layout and the copy
+
 
 def test_synthetic_r50x1_file_has_153_keys(r50):
     assert len(r50[1]) == 153
@@ -226,7 +250,9 @@ def test_gn_model_gets_gamma_and_beta(loaded, r50):
 def test_bn_model_keeps_pytorch_default_init(loaded):
     bns = [m for m in loaded["bn"].modules() if isinstance(m, nn.BatchNorm2d)]
     for bn in bns:
-        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(
+            bn.bias, torch.zeros_like(bn.bias)
+        )
         assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
         assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
 
@@ -240,7 +266,8 @@ def test_bn_model_with_copy_norm_gets_gamma_and_beta_but_fresh_statistics(r50):
         assert not bn.running_mean.any() and torch.equal(bn.running_var, torch.ones_like(bn.running_var))
 
 
-# ---------------------------------------------------------------- 3: weight standardisation
+# ---------------------------------------------------------------------------------- 3: weight standardisation
+
 
 def test_std_conv_matches_numpy_weight_standardisation_with_stride_and_padding():
     torch.manual_seed(0)
@@ -260,19 +287,23 @@ def test_std_conv_without_standardize_is_a_plain_conv():
 
 
 def test_std_conv_is_not_the_std_plus_1e_5_variant():
-    """With kernels of std 1e-4, (w - mean) / (std + 1e-5) scales by ~0.91; BiT's sqrt(var + 1e-10) by ~0.995."""
+    """With kernels of std 1e-4, (w - mean) / (std + 1e-5) scales by ~0.91; BiT's sqrt(var + 1e-10) by
+    ~0.995."""
     torch.manual_seed(0)
     conv = bc.StdConv2d(8, 4, 3, padding=1)
     nn.init.normal_(conv.weight, std=1e-4)
     x = torch.randn(2, 8, 6, 6)
     w = conv.weight.detach()
-    other = F.conv2d(x, (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5), padding=1)
+    other = F.conv2d(
+        x, (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5), padding=1
+    )
     out = conv(x)
     torch.testing.assert_close(out, ref_conv(x, conv, padding=1), rtol=1e-4, atol=1e-4)
     assert ((out - other).norm() / out.norm()).item() > 0.05
 
 
-# ---------------------------------------------------------------- 4: the root
+# ------------------------------------------------------------------------------------------------ 4: the root
+
 
 def test_root_pool_is_zero_pad_then_3x3_stride2_max_pool():
     model = bc.resnet_v2("r50x1", norm="gn")
@@ -298,10 +329,13 @@ def test_stem_is_7x7_stride2_std_conv_then_the_zero_padded_pool():
         out = model.stem(x)
         conv = ref_conv(x, model.stem.conv, stride=2, padding=3)
     assert out.shape == (1, 64, 8, 8)
-    torch.testing.assert_close(out, torch.from_numpy(np_zero_pad_max_pool(conv.numpy())), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        out, torch.from_numpy(np_zero_pad_max_pool(conv.numpy())), rtol=1e-5, atol=1e-4
+    )
 
 
-# ---------------------------------------------------------------- 5: forward
+# ------------------------------------------------------------------------------------------------- 5: forward
+
 
 @pytest.mark.parametrize("u, stride", [(0, 2), (1, 1)])
 def test_unit_forward_follows_the_reference_recipe(loaded, u, stride):
@@ -332,21 +366,25 @@ def test_features_are_norm_relu_mean_pool_of_the_body_and_zero_head_gives_zero_l
     assert fresh_logits.shape == (2, 7) and not fresh_logits.any()
 
 
-# ---------------------------------------------------------------- 6: round trip through the BiT layout
+# ----------------------------------------------------------------------- 6: round trip through the BiT layout
+
 
 def test_gn_model_exported_to_bit_layout_reloads_identically(tmp_path):
     torch.manual_seed(0)
     model = randomize_(bc.resnet_v2("r50x1", norm="gn", head_size=10)).eval()
     arrays = export_npz(model, tmp_path / "rt.npz")
     assert [(k, a.shape) for k, a in arrays.items()] == bit_layout(head=10)
-    fresh = bc.load_npz(bc.resnet_v2("r50x1", norm="gn", head_size=10), tmp_path / "rt.npz", load_head=True).eval()
+    fresh = bc.load_npz(
+        bc.resnet_v2("r50x1", norm="gn", head_size=10), tmp_path / "rt.npz", load_head=True
+    ).eval()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh.state_dict().items())
 
 
-# ---------------------------------------------------------------- 7: zero-init of the last norm
+# ------------------------------------------------------------------------------ 7: zero-init of the last norm
+
 
 @pytest.mark.parametrize("norm", ["gn", "bn"])
 def test_zero_init_last_switches_every_residual_branch_off(norm):
@@ -365,7 +403,9 @@ def test_weight_standardisation_can_be_switched_off(r50):
     assert len(convs) == 53 and not any(conv.standardize for conv in convs) and model.ws is False
     x = torch.randn(1, 64, 5, 5)
     with torch.no_grad():
-        assert torch.allclose(model.blocks[0][0].conv2(x), F.conv2d(x, model.blocks[0][0].conv2.weight, padding=1))
+        assert torch.allclose(
+            model.blocks[0][0].conv2(x), F.conv2d(x, model.blocks[0][0].conv2.weight, padding=1)
+        )
 
 
 def test_zero_init_holds_after_loading_bit_weights(r50):
@@ -375,7 +415,8 @@ def test_zero_init_holds_after_loading_bit_weights(r50):
     assert all(unit.norm2.weight.any() for block in model.blocks for unit in block)
 
 
-# ---------------------------------------------------------------- 8: errors
+# -------------------------------------------------------------------------------------------------- 8: errors
+
 
 def load_error(path, model=None, **kwargs):
     model = model if model is not None else bc.resnet_v2("r50x1", norm="gn")
@@ -394,7 +435,7 @@ def test_random_bytes_are_not_an_npz(tmp_path):
 def test_truncated_npz(r50, tmp_path):
     blob = r50[0].read_bytes()
     path = tmp_path / "cut.npz"
-    path.write_bytes(blob[:len(blob) // 2])
+    path.write_bytes(blob[: len(blob) // 2])
     load_error(path)
 
 
@@ -403,7 +444,9 @@ def test_corrupted_array_fails_the_crc_check(r50, tmp_path):
     blob, data = bytearray(r50[0].read_bytes()), r50[1][key].tobytes()
     start = blob.find(data[:64])
     assert start > 0
-    blob[start + len(data) // 2:start + len(data) // 2 + 4] = bytes(255 - c for c in data[len(data) // 2:][:4])
+    blob[start + len(data) // 2 : start + len(data) // 2 + 4] = bytes(
+        255 - c for c in data[len(data) // 2 :][:4]
+    )
     path = tmp_path / "corrupt.npz"
     path.write_bytes(bytes(blob))
     message = load_error(path)
@@ -418,7 +461,8 @@ def test_npy_array_file_is_a_weights_error(tmp_path):
 
 
 def test_missing_key_is_named_and_nothing_is_loaded(r50, tmp_path):
-    key = "resnet/group_norm/beta"  # the last key a gn load needs: every other tensor was ready before the failure
+    # the last key a gn load needs: every other tensor was ready before the failure
+    key = "resnet/group_norm/beta"
     path = write_npz(tmp_path / "missing.npz", r50[1], drop=(key,))
     model = bc.resnet_v2("r50x1", norm="gn")
     before = snapshot(model)
@@ -445,17 +489,24 @@ def test_r50x3_root_kernel_into_r50x1_reports_both_shapes(r50, tmp_path):
 
 
 def test_head_of_another_size_reports_both_shapes(r50, tmp_path):
-    path = write_npz(tmp_path / "head10.npz", r50[1], **{HEAD_KERNEL: np.ones((1, 1, 2048, 10), np.float32),
-                                                         HEAD_BIAS: np.ones(10, np.float32)})
+    path = write_npz(
+        tmp_path / "head10.npz",
+        r50[1],
+        **{HEAD_KERNEL: np.ones((1, 1, 2048, 10), np.float32), HEAD_BIAS: np.ones(10, np.float32)},
+    )
     model = bc.resnet_v2("r50x1", norm="gn", head_size=7)
     message = load_error(path, model, load_head=True)
     assert HEAD_KERNEL in message and "(1, 1, 2048, 7)" in message and "(1, 1, 2048, 10)" in message
 
 
 def test_head_bias_mismatch_is_caught_and_nothing_is_loaded(r50, tmp_path):
-    """The bias is the last tensor checked: a loader that copied as it went would have changed everything else."""
-    path = write_npz(tmp_path / "bias.npz", r50[1], **{HEAD_KERNEL: np.ones((1, 1, 2048, 7), np.float32),
-                                                       HEAD_BIAS: np.ones(10, np.float32)})
+    """The bias is the last tensor checked: a loader that copied as it went would have changed everything
+    else."""
+    path = write_npz(
+        tmp_path / "bias.npz",
+        r50[1],
+        **{HEAD_KERNEL: np.ones((1, 1, 2048, 7), np.float32), HEAD_BIAS: np.ones(10, np.float32)},
+    )
     model = bc.resnet_v2("r50x1", norm="gn", head_size=7)
     before = snapshot(model)
     message = load_error(path, model, load_head=True)
@@ -463,13 +514,16 @@ def test_head_bias_mismatch_is_caught_and_nothing_is_loaded(r50, tmp_path):
     assert_unchanged(model, before)
 
 
-# ---------------------------------------------------------------- 9: backbone files and build_backbone
+# ----------------------------------------------------------------------- 9: backbone files and build_backbone
+
 
 def test_save_and_load_backbone_round_trip(tmp_path):
     model = randomize_(bc.resnet_v2("r50x1", norm="bn", head_size=3), seed=1)
     bc.save_backbone(model, tmp_path / "b.pt", source="x.npz", epoch=7)
     loaded, meta = bc.load_backbone(tmp_path / "b.pt")
-    assert meta == dict(arch="r50x1", norm="bn", cifar_stem=False, head_size=3, ws=True, source="x.npz", epoch=7)
+    assert meta == dict(
+        arch="r50x1", norm="bn", cifar_stem=False, head_size=3, ws=True, source="x.npz", epoch=7
+    )
     assert loaded.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
     assert [p.name for p in tmp_path.iterdir()] == ["b.pt"]
@@ -482,9 +536,9 @@ def test_save_atomic_leaves_the_old_file_and_no_temporary_when_the_write_fails(t
 
     out = tmp_path / "out.pt"
     out.write_bytes(b"an earlier result")
-    monkeypatch.setattr(bc.torch, "save", half_write_then_fail)
+    monkeypatch.setattr(common.torch, "save", half_write_then_fail)
     with pytest.raises(OSError):
-        bc.save_atomic({"a": 1}, out)
+        common.save_atomic({"a": 1}, out)
     assert [p.name for p in tmp_path.iterdir()] == ["out.pt"] and out.read_bytes() == b"an earlier result"
 
 
@@ -496,8 +550,14 @@ def test_load_backbone_rejects_a_foreign_pt_and_garbage(tmp_path):
             bc.load_backbone(tmp_path / name)
 
 
-@pytest.mark.parametrize("asked", [dict(arch="r50x1", norm="gn"), dict(arch="r101x1", norm="bn"),
-                                   dict(arch="r50x1", norm="bn", cifar_stem=True)])
+@pytest.mark.parametrize(
+    "asked",
+    [
+        dict(arch="r50x1", norm="gn"),
+        dict(arch="r101x1", norm="bn"),
+        dict(arch="r50x1", norm="bn", cifar_stem=True),
+    ],
+)
 def test_build_backbone_refuses_a_pt_of_another_kind(saved_bn_pt, asked):
     with pytest.raises(bc.WeightsError, match=re.escape(str(saved_bn_pt))):
         bc.build_backbone(str(saved_bn_pt), **asked)
@@ -521,17 +581,25 @@ def test_build_backbone_bit_s_loads_the_cached_file(r50, tmp_path, monkeypatch):
             assert torch.equal(t, hwio_to_oihw(r50[1][key])), key
 
 
-# ---------------------------------------------------------------- 10: the command line
+# --------------------------------------------------------------------------------------- 10: the command line
+
 
 def cli(*args, cache):
     env = dict(os.environ, BIT_CACHE=str(cache))
-    return subprocess.run([sys.executable, "bit_convert.py", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "bit_convert.py", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
 def overwrite_runs(r50, tmp_path_factory):
-    """With out.pt already there, the CLI run without --force, then with it: (out, refused, bytes after it, forced)."""
+    """With out.pt already there, the CLI run without --force, then with it: (out, refused, bytes after it,
+    forced)."""
     folder = tmp_path_factory.mktemp("cli")
     out = folder / "out.pt"
     out.write_bytes(b"an earlier result")
@@ -563,7 +631,9 @@ def test_cli_with_force_writes_a_loadable_bn_backbone_with_its_source(overwrite_
 
 def test_cli_head_and_copied_norms(r50, tmp_path):
     """--head loads BiT's classifier, --copy-norm puts GroupNorm's gamma/beta into the BatchNorms."""
-    run = cli(r50[0], "--norm", "bn", "--head", "--copy-norm", "-o", tmp_path / "out.pt", cache=tmp_path / "cache")
+    run = cli(
+        r50[0], "--norm", "bn", "--head", "--copy-norm", "-o", tmp_path / "out.pt", cache=tmp_path / "cache"
+    )
     assert run.returncode == 0, run.stderr
     ckpt = torch.load(tmp_path / "out.pt", weights_only=True)
     assert ckpt["head_size"] == 1000 and ckpt["copy_norm"] is True

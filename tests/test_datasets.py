@@ -1,12 +1,13 @@
 """Tests of datasets.py against the data formats of REFERENCE.md §4.
 
-Every stand-in is written here, into tmp_path, in the real format: a HAM10000 tree (the real CSV header, CRLF, real
-image ids from tests/data/HAM10000_metadata_sample.csv, small JPEGs in HAM10000_images_part_1/2), the ISIC 2018 Task 3
-layout, CIFAR-10's pickle batches, a DermaMNIST .npz and an image folder with odd PIL modes. Expected values come from
-this file's own reading of those files (the csv module, numpy, PIL, scikit-learn), never from datasets.py itself.
-The split tests run on the real 10015-row metadata where ../shared/data has it (skipped otherwise) and always on the
-committed 415-row sample.
+Every stand-in is written here, into tmp_path, in the real format: a HAM10000 tree (the real CSV header, CRLF,
+real image ids from tests/data/HAM10000_metadata_sample.csv, small JPEGs in HAM10000_images_part_1/2), the
+ISIC 2018 Task 3 layout, CIFAR-10's pickle batches, a DermaMNIST .npz and an image folder with odd PIL modes.
+Expected values come from this file's own reading of those files (the csv module, numpy, PIL, scikit-learn),
+never from datasets.py itself. The split tests run on the real 10015-row metadata where ../shared/data has it
+(skipped otherwise) and always on the committed 415-row sample.
 """
+
 import argparse
 import csv
 import dataclasses
@@ -28,21 +29,40 @@ import torch
 import torchvision
 from PIL import Image
 
+import common
 import datasets
 
 REPO = Path(__file__).resolve().parents[1]
 
 SAMPLE = REPO / "tests" / "data" / "HAM10000_metadata_sample.csv"
 FULL = REPO.parent / "shared" / "data" / "HAM10000_metadata.csv"
-HAM_ORDER = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")  # REFERENCE §4: alphabetical, DermaMNIST's label ids
+HAM_ORDER = (
+    "akiec",
+    "bcc",
+    "bkl",
+    "df",
+    "mel",
+    "nv",
+    "vasc",
+)  # REFERENCE §4: alphabetical, DermaMNIST's label ids
 HEADER = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
-ISIC_COLUMNS = ["image", "DF", "VASC", "MEL", "AKIEC", "NV", "BKL", "BCC"]  # shuffled: columns must be read by name
+ISIC_COLUMNS = [
+    "image",
+    "DF",
+    "VASC",
+    "MEL",
+    "AKIEC",
+    "NV",
+    "BKL",
+    "BCC",
+]  # shuffled: columns must be read by name
 PARTS = ("pretrain", "train", "val", "test")
 SPLIT = "0.6,0.1,0.1,0.2"
 SIZE = 16
 
 
-# ------------------------------------------------------------------------------------------------- stand-in writers
+# ------------------------------------------------------------------------------------------- stand-in writers
+
 
 def read_rows(path):
     with open(path, newline="") as f:
@@ -90,17 +110,21 @@ def write_ham(root, rows, layout="parts", age_float=False, dataset_column=False,
 
 
 def write_isic(root, rows, groupings, columns=ISIC_COLUMNS):
-    """ISIC2018_Task3_Training_GroundTruth.csv (one-hot floats, columns in `columns` order), optionally the lesion
-    groupings, and the images in ISIC2018_Task3_Training_Input/."""
+    """ISIC2018_Task3_Training_GroundTruth.csv (one-hot floats, columns in `columns` order), optionally the
+    lesion groupings, and the images in ISIC2018_Task3_Training_Input/."""
     root.mkdir(parents=True, exist_ok=True)
     lines = [",".join(columns)]
     for r in rows:
-        lines.append(",".join([r["image_id"]] + ["1.0" if c == r["dx"].upper() else "0.0" for c in columns[1:]]))
+        lines.append(
+            ",".join([r["image_id"]] + ["1.0" if c == r["dx"].upper() else "0.0" for c in columns[1:]])
+        )
     write_crlf(root / "ISIC2018_Task3_Training_GroundTruth.csv", lines)
     if groupings:
-        write_crlf(root / "ISIC2018_Task3_Training_LesionGroupings.csv",
-                   ["image,lesion_id,diagnosis_confirm_type"]
-                   + [f"{r['image_id']},{r['lesion_id']},{r['dx_type']}" for r in rows])
+        write_crlf(
+            root / "ISIC2018_Task3_Training_LesionGroupings.csv",
+            ["image,lesion_id,diagnosis_confirm_type"]
+            + [f"{r['image_id']},{r['lesion_id']},{r['dx_type']}" for r in rows],
+        )
     write_images(root, rows, "isic")
     return root
 
@@ -118,8 +142,16 @@ def write_cifar(root, n=20, omit=()):
         labels += batch_labels
         if name not in omit:
             with open(base / name, "wb") as f:
-                pickle.dump({"batch_label": name, "labels": batch_labels, "data": data,
-                             "filenames": [f"img_{j}.png" for j in range(n)]}, f, protocol=2)
+                pickle.dump(
+                    {
+                        "batch_label": name,
+                        "labels": batch_labels,
+                        "data": data,
+                        "filenames": [f"img_{j}.png" for j in range(n)],
+                    },
+                    f,
+                    protocol=2,
+                )
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     with open(base / "batches.meta", "wb") as f:
         pickle.dump({"num_cases_per_batch": n, "label_names": names, "num_vis": 3072}, f, protocol=2)
@@ -131,14 +163,23 @@ def write_dermamnist(path, sizes=(42, 14, 21)):
     rng = np.random.default_rng(1)
     parts = {}
     for part, n in zip(("train", "val", "test"), sizes):
-        parts[part] = (rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8),
-                       rng.permutation(np.arange(n) % 7).astype(np.uint8).reshape(n, 1))
-    np.savez(path, **{f"{p}_{k}": a for p, (images, labels) in parts.items()
-                      for k, a in (("images", images), ("labels", labels))})
+        parts[part] = (
+            rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8),
+            rng.permutation(np.arange(n) % 7).astype(np.uint8).reshape(n, 1),
+        )
+    np.savez(
+        path,
+        **{
+            f"{p}_{k}": a
+            for p, (images, labels) in parts.items()
+            for k, a in (("images", images), ("labels", labels))
+        },
+    )
     return parts
 
 
-# --------------------------------------------------------------------------------------------------------- fixtures
+# --------------------------------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def sample_rows():
@@ -175,10 +216,12 @@ def assert_ham(data, rows, size=SIZE):
         assert np.abs(data.images[k].reshape(-1, 3).mean(0) - colour(k)).max() < 6, rows[k]["image_id"]
 
 
-# ---------------------------------------------------------------------------------------------- 1. every source
+# -------------------------------------------------------------------------------------------- 1. every source
+
 
 def test_digits_are_sklearn_digits_as_rgb():
     from sklearn.datasets import load_digits
+
     ref = load_digits()
     data = datasets.load_digits()
     assert data.images.dtype == np.uint8 and data.images.shape == (1797, 8, 8, 3)
@@ -190,8 +233,13 @@ def test_digits_are_sklearn_digits_as_rgb():
 
 @pytest.mark.parametrize("variant", ["parts", "age_float", "dataset_column", "flat"])
 def test_ham10000_loads_every_metadata_variant(tmp_path, small, variant):
-    root = write_ham(tmp_path / "ham", small, layout="flat" if variant == "flat" else "parts",
-                     age_float=variant == "age_float", dataset_column=variant == "dataset_column")
+    root = write_ham(
+        tmp_path / "ham",
+        small,
+        layout="flat" if variant == "flat" else "parts",
+        age_float=variant == "age_float",
+        dataset_column=variant == "dataset_column",
+    )
     raw = (root / "HAM10000_metadata.csv").read_bytes()
     assert raw.count(b"\r\n") == len(small) + 1
     assert (variant != "age_float") or b".0," in raw
@@ -229,13 +277,16 @@ def test_isic2018_archives_as_unpacked_load_from_their_common_parent(tmp_path, s
     root = write_isic(tmp_path / "isic", small, False)
     (root / "ISIC2018_Task3_Training_GroundTruth").mkdir()
     (root / "ISIC2018_Task3_Training_GroundTruth.csv").rename(
-        root / "ISIC2018_Task3_Training_GroundTruth" / "ISIC2018_Task3_Training_GroundTruth.csv")
+        root / "ISIC2018_Task3_Training_GroundTruth" / "ISIC2018_Task3_Training_GroundTruth.csv"
+    )
     assert_ham(datasets.load_ham10000(root, SIZE, tmp_path / "cache"), small)
 
 
 def test_cifar10_reads_the_pickles_channel_major_without_torchvision_md5(tmp_path):
     rows, labels, names = write_cifar(tmp_path)
-    with pytest.raises(RuntimeError):  # the stand-in fails torchvision's md5 check: the loader must not use it
+    with pytest.raises(
+        RuntimeError
+    ):  # the stand-in fails torchvision's md5 check: the loader must not use it
         torchvision.datasets.CIFAR10(tmp_path, train=True, download=False)
     data = datasets.load_cifar10(tmp_path)
     assert data.images.dtype == np.uint8 and data.images.shape == (120, 32, 32, 3)
@@ -261,7 +312,9 @@ def test_folder_turns_every_mode_into_rgb_uint8(tmp_path):
     alpha = rng.integers(0, 256, (30, 40), dtype=np.uint8)
     Image.fromarray(np.dstack([rgb(), alpha])).save(root / "alpha" / "rgba.png")
     Image.fromarray(rgb()).convert("P").save(root / "alpha" / "palette_P.png")
-    depth = (np.arange(256).reshape(16, 16) * 8 + 1000).astype(np.uint16)  # 1000..3040: not 0..max, not 0..65535
+    depth = (np.arange(256).reshape(16, 16) * 8 + 1000).astype(
+        np.uint16
+    )  # 1000..3040: not 0..max, not 0..65535
     Image.fromarray(depth).save(root / "beta" / "depth16.png")
     Image.fromarray(rgb()[..., :2].copy(), "LA").save(root / "beta" / "grey_alpha_LA.png")
     Image.fromarray(rgb()).convert("CMYK").save(root / "beta" / "cmyk.jpg")
@@ -289,18 +342,25 @@ def test_dermamnist_file_or_directory_keeps_the_official_test_part(tmp_path):
     parts = write_dermamnist(tmp_path / "dermamnist.npz")
     for root in (tmp_path / "dermamnist.npz", tmp_path):
         data = datasets.load_dermamnist(root)
-        np.testing.assert_array_equal(data.images, np.concatenate([parts[p][0] for p in ("train", "val", "test")]))
-        assert data.labels.tolist() == np.concatenate([parts[p][1][:, 0] for p in ("train", "val", "test")]).tolist()
+        np.testing.assert_array_equal(
+            data.images, np.concatenate([parts[p][0] for p in ("train", "val", "test")])
+        )
+        assert (
+            data.labels.tolist()
+            == np.concatenate([parts[p][1][:, 0] for p in ("train", "val", "test")]).tolist()
+        )
         assert data.images.dtype == np.uint8 and data.labels.max() < len(data.classes)
         assert tuple(data.classes) == HAM_ORDER and data.ids == list(range(77))
         assert data.official_test.tolist() == [False] * 56 + [True] * 21
 
 
-# ----------------------------------------------------------------------------------- 2. splits on the real metadata
+# ----------------------------------------------------------------------------- 2. splits on the real metadata
+
 
 @pytest.fixture(scope="module", params=["full", "sample"])
 def real(request, tmp_path_factory):
-    """The real metadata (full file, or the committed sample) as a Data with 1x1 dummy images, and its two splits."""
+    """The real metadata (full file, or the committed sample) as a Data with 1x1 dummy images, and its two
+    splits."""
     if request.param == "full":
         if not FULL.exists():
             pytest.skip(f"{FULL} absent (a fresh clone has only the committed sample)")
@@ -309,11 +369,19 @@ def real(request, tmp_path_factory):
     else:
         root = tmp_path_factory.mktemp("sample")
         shutil.copy(SAMPLE, root / "HAM10000_metadata.csv")
-        tol = SimpleNamespace(size=0.02, prop=0.06, min_class=50)  # 415 images: a 10-fold cut moves a few images
+        tol = SimpleNamespace(
+            size=0.02, prop=0.06, min_class=50
+        )  # 415 images: a 10-fold cut moves a few images
     rows = read_rows(root / "HAM10000_metadata.csv")
     ids, dx, lesions, _ = datasets.read_ham_metadata(root)
-    data = datasets.Data("ham10000", np.zeros((len(ids), 1, 1, 3), np.uint8),
-                         np.array([HAM_ORDER.index(d) for d in dx], dtype=np.int64), ids, HAM_ORDER, lesions)
+    data = datasets.Data(
+        "ham10000",
+        np.zeros((len(ids), 1, 1, 3), np.uint8),
+        np.array([HAM_ORDER.index(d) for d in dx], dtype=np.int64),
+        ids,
+        HAM_ORDER,
+        lesions,
+    )
     fractions = datasets.parse_fractions(SPLIT)
     splits = {by: datasets.make_split(data, fractions, 0, by) for by in ("lesion", "image")}
     return SimpleNamespace(kind=request.param, root=root, rows=rows, data=data, splits=splits, tol=tol)
@@ -326,7 +394,15 @@ def test_read_ham_metadata_matches_the_raw_csv(real):
     assert dx == [r["dx"] for r in real.rows] and lesions == [r["lesion_id"] for r in real.rows]
     if real.kind == "full":  # REFERENCE §4
         assert len(ids) == 10015 and len(set(lesions)) == 7470
-        assert Counter(dx) == {"nv": 6705, "mel": 1113, "bkl": 1099, "bcc": 514, "akiec": 327, "vasc": 142, "df": 115}
+        assert Counter(dx) == {
+            "nv": 6705,
+            "mel": 1113,
+            "bkl": 1099,
+            "bcc": 514,
+            "akiec": 327,
+            "vasc": 142,
+            "df": 115,
+        }
     else:
         assert len(ids) == 415 and len(set(lesions)) == 300 and set(dx) == set(HAM_ORDER)
         assert max(Counter(lesions).values()) >= 2
@@ -351,7 +427,9 @@ def test_lesion_split_is_disjoint_by_image_and_by_lesion_and_covers_everything(r
         for b in PARTS:
             if a < b:
                 assert not images[a] & images[b], (a, b)
-                assert not lesions[a] & lesions[b], f"lesions {sorted(lesions[a] & lesions[b])[:3]} in {a} and {b}"
+                assert not lesions[a] & lesions[b], (
+                    f"lesions {sorted(lesions[a] & lesions[b])[:3]} in {a} and {b}"
+                )
     assert split["val"] and split["test"] and split["val"] != split["test"]
 
 
@@ -382,15 +460,22 @@ def test_image_split_lets_lesions_cross_parts_which_the_lesion_split_forbids(rea
     assert len(crossing) > (100 if real.kind == "full" else 10)
 
 
-# -------------------------------------------------------------------------------------------------- 3. load_split
+# ---------------------------------------------------------------------------------------------- 3. load_split
+
 
 @pytest.fixture(scope="module")
 def sample_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample_meta")
     shutil.copy(SAMPLE, root / "HAM10000_metadata.csv")
     ids, dx, lesions, _ = datasets.read_ham_metadata(root)
-    return datasets.Data("ham10000", np.zeros((len(ids), 1, 1, 3), np.uint8),
-                         np.array([HAM_ORDER.index(d) for d in dx], dtype=np.int64), ids, HAM_ORDER, lesions)
+    return datasets.Data(
+        "ham10000",
+        np.zeros((len(ids), 1, 1, 3), np.uint8),
+        np.array([HAM_ORDER.index(d) for d in dx], dtype=np.int64),
+        ids,
+        HAM_ORDER,
+        lesions,
+    )
 
 
 def test_split_depends_on_the_seed_and_only_on_it(sample_data):
@@ -435,8 +520,13 @@ def test_load_split_refuses_a_file_made_from_other_data(tmp_path, sample_data, c
     datasets.load_split(sample_data, path, SPLIT, 0)
     if change == "subset":
         keep = slice(0, len(sample_data.ids) - 1)
-        other = dataclasses.replace(sample_data, images=sample_data.images[keep], labels=sample_data.labels[keep],
-                                    ids=sample_data.ids[keep], groups=sample_data.groups[keep])
+        other = dataclasses.replace(
+            sample_data,
+            images=sample_data.images[keep],
+            labels=sample_data.labels[keep],
+            ids=sample_data.ids[keep],
+            groups=sample_data.groups[keep],
+        )
     elif change == "label":
         labels = sample_data.labels.copy()
         labels[0] = (labels[0] + 1) % 7
@@ -473,11 +563,18 @@ def test_default_split_file_names_data_grouping_fractions_and_seed():
 
 
 def test_parse_fractions_reads_four_exact_fractions():
-    assert datasets.parse_fractions(SPLIT) == [Fraction(3, 5), Fraction(1, 10), Fraction(1, 10), Fraction(1, 5)]
+    assert datasets.parse_fractions(SPLIT) == [
+        Fraction(3, 5),
+        Fraction(1, 10),
+        Fraction(1, 10),
+        Fraction(1, 5),
+    ]
 
 
-@pytest.mark.parametrize("text", ["0.6,0.1,0.1,0.1", "0.6,0.2,0.2", "0.5,0.1,0.1,0.1,0.2", "0.6,0,0.2,0.2",
-                                  "a,b,c,d", "0.6,0.1,0.1,0.2,"])
+@pytest.mark.parametrize(
+    "text",
+    ["0.6,0.1,0.1,0.1", "0.6,0.2,0.2", "0.5,0.1,0.1,0.1,0.2", "0.6,0,0.2,0.2", "a,b,c,d", "0.6,0.1,0.1,0.2,"],
+)
 def test_parse_fractions_refuses_bad_fractions_naming_the_flag(text):
     with pytest.raises(datasets.DataError, match=re.escape(f"--split {text}")):
         datasets.parse_fractions(text)
@@ -487,11 +584,14 @@ def test_fractions_come_in_steps_of_a_hundredth_and_each_such_makes_a_split():
     with pytest.raises(datasets.DataError, match="steps of 0.01"):
         datasets.parse_fractions("0.0016666667,0.0011111111,0.5,0.4972222222")  # would need 1800 folds
     digits = datasets.load_digits()
-    split = datasets.make_split(digits, datasets.parse_fractions("0.33,0.07,0.19,0.41"), 0, "image")  # 100 folds
+    split = datasets.make_split(
+        digits, datasets.parse_fractions("0.33,0.07,0.19,0.41"), 0, "image"
+    )  # 100 folds
     assert [round(len(split[p]) / len(digits.ids), 2) for p in PARTS] == [0.33, 0.07, 0.19, 0.41]
 
 
-# --------------------------------------------------------------------------------------- 4. official test sets
+# -------------------------------------------------------------------------------------- 4. official test sets
+
 
 def check_official_test(data, split):
     official = [i for i, t in zip(data.ids, data.official_test) if t]
@@ -519,12 +619,18 @@ def test_dermamnist_keeps_its_official_test_part(tmp_path):
     assert json.loads((tmp_path / "split.json").read_text())["test"] == list(range(160, 195))
 
 
-# ---------------------------------------------------------------------------------------------------- 5. views
+# --------------------------------------------------------------------------------------------------- 5. views
+
 
 def noise_data(n=4, side=40):
     rng = np.random.default_rng(3)
-    return datasets.Data("folder", rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8),
-                         np.arange(n, dtype=np.int64) % 2, [f"x{i}" for i in range(n)], ("a", "b"))
+    return datasets.Data(
+        "folder",
+        rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8),
+        np.arange(n, dtype=np.int64) % 2,
+        [f"x{i}" for i in range(n)],
+        ("a", "b"),
+    )
 
 
 @pytest.mark.parametrize("size", [24, 64])
@@ -538,7 +644,7 @@ def test_simsiam_view_gives_a_square_pil_image(size):
 def test_imageset_gives_two_different_uint8_views_and_the_label():
     torch.manual_seed(0)
     data = noise_data()
-    item = datasets.ImageSet(data, np.array([3, 1]), datasets.simsiam_view(32), views=2)[0]
+    item = datasets.ImageSet(data, np.array([3, 1]), [datasets.simsiam_view(32)] * 2)[0]
     assert len(item) == 3 and item[2] == int(data.labels[3])
     for view in item[:2]:
         assert view.dtype == torch.uint8 and view.shape == (3, 32, 32)
@@ -546,7 +652,7 @@ def test_imageset_gives_two_different_uint8_views_and_the_label():
 
 
 def test_seeded_key_repeats_its_views_and_leaves_the_global_rng_alone():
-    images = datasets.ImageSet(noise_data(), np.arange(4), datasets.simsiam_view(32), views=2)
+    images = datasets.ImageSet(noise_data(), np.arange(4), [datasets.simsiam_view(32)] * 2)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     first, second = images[(5, 2)], images[(5, 2)]
@@ -572,7 +678,10 @@ def test_random_gaussian_blur_smooths():
     torch.manual_seed(0)
     img = Image.fromarray(noise_data().images[0])
     out = np.asarray(datasets.RandomGaussianBlur((1.0, 2.0))(img), dtype=float)
-    assert np.abs(np.diff(out, axis=1)).mean() < 0.5 * np.abs(np.diff(np.asarray(img, dtype=float), axis=1)).mean()
+    assert (
+        np.abs(np.diff(out, axis=1)).mean()
+        < 0.5 * np.abs(np.diff(np.asarray(img, dtype=float), axis=1)).mean()
+    )
 
 
 def test_eval_view_is_resize_then_center_crop():
@@ -596,7 +705,7 @@ def test_eval_images_stacks_the_eval_view_as_uint8():
 
 def test_to_input_maps_0_255_onto_minus_1_plus_1():
     x = torch.tensor([[0, 127, 128, 255]], dtype=torch.uint8)
-    y = datasets.to_input(x, torch.device("cpu"))
+    y = common.to_input(x, torch.device("cpu"))
     assert y.dtype == torch.float32
     assert y[0, 0].item() == -1.0 and y[0, 3].item() == 1.0
     np.testing.assert_allclose(y.numpy(), x.numpy() / 127.5 - 1, atol=1e-6)
@@ -605,6 +714,7 @@ def test_to_input_maps_0_255_onto_minus_1_plus_1():
 
 
 # --------------------------------------------------------------------------------------- 6. decode-once cache
+
 
 def cache_files(cache_dir):
     return sorted(p.name for p in (cache_dir / "images").iterdir())
@@ -647,9 +757,9 @@ def test_a_changed_image_file_makes_a_new_cache_entry(tmp_path, small, monkeypat
 
 
 def test_cached_jpeg_decode_is_close_to_a_full_pil_decode(tmp_path):
-    """read_rgb lets libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale (img.draft) before the resize, so pixels
-    differ slightly from a full decode + resize: compared within a tolerance here (the exact comparison, on PNGs and
-    small JPEGs, is in test_folder_turns_every_mode_into_rgb_uint8)."""
+    """read_rgb lets libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale (img.draft) before the resize, so
+    pixels differ slightly from a full decode + resize: compared within a tolerance here (the exact
+    comparison, on PNGs and small JPEGs, is in test_folder_turns_every_mode_into_rgb_uint8)."""
     y, x = np.mgrid[0:120, 0:160]
     smooth = np.dstack([128 + 100 * np.sin(x / 25), 128 + 100 * np.cos(y / 20), (x + y) * 255 / 280])
     root = tmp_path / "folder"
@@ -673,7 +783,8 @@ def test_skipped_image_stays_skipped_when_the_root_is_spelled_differently(tmp_pa
     assert absolute.ids == relative.ids
 
 
-# --------------------------------------------------------------------------------------------------------- 7. errors
+# -------------------------------------------------------------------------------------------------- 7. errors
+
 
 @pytest.mark.parametrize("loader", ["ham10000", "folder", "dermamnist", "load_data"])
 def test_missing_root_is_named(tmp_path, loader):
@@ -686,8 +797,14 @@ def test_missing_root_is_named(tmp_path, loader):
         elif loader == "dermamnist":
             datasets.load_dermamnist(root)
         else:
-            args = argparse.Namespace(data="ham10000", data_root=root, image_size=None, cache_dir=tmp_path,
-                                      skip_bad_images=False, download=False)
+            args = argparse.Namespace(
+                data="ham10000",
+                data_root=root,
+                image_size=None,
+                cache_dir=tmp_path,
+                skip_bad_images=False,
+                download=False,
+            )
             datasets.load_data(args)
     assert "--data-root" in str(e.value)
 
@@ -697,12 +814,17 @@ def test_missing_metadata_names_both_accepted_files(tmp_path):
     with pytest.raises(datasets.DataError) as e:
         datasets.load_ham10000(tmp_path, SIZE, tmp_path / "cache")
     assert str(tmp_path) in str(e.value)
-    assert "HAM10000_metadata.csv" in str(e.value) and "ISIC2018_Task3_Training_GroundTruth.csv" in str(e.value)
+    assert "HAM10000_metadata.csv" in str(e.value) and "ISIC2018_Task3_Training_GroundTruth.csv" in str(
+        e.value
+    )
 
 
 def test_missing_metadata_columns_are_listed(tmp_path, small):
-    root = write_ham(tmp_path / "ham", small[:7], header=["lesion_id", "image", "diagnosis", "dx_type", "age", "sex",
-                                                           "localization"])
+    root = write_ham(
+        tmp_path / "ham",
+        small[:7],
+        header=["lesion_id", "image", "diagnosis", "dx_type", "age", "sex", "localization"],
+    )
     with pytest.raises(datasets.DataError, match=r"HAM10000_metadata\.csv.*missing column") as e:
         datasets.load_ham10000(root, SIZE, tmp_path / "cache")
     assert "image_id" in str(e.value) and "dx" in str(e.value).split("found")[0]
@@ -741,7 +863,7 @@ def truncated_jpeg(path):
     rng = np.random.default_rng(5)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
     whole = path.read_bytes()
-    path.write_bytes(whole[:len(whole) // 2])
+    path.write_bytes(whole[: len(whole) // 2])
 
 
 @pytest.mark.parametrize("damage", ["random_bytes", "truncated"])
@@ -820,17 +942,33 @@ def test_cifar10_download_that_fails_names_the_source_and_the_root(tmp_path, mon
     assert str(tmp_path / "nothing") in str(e.value) and "cs.toronto.edu" in str(e.value)
 
 
-# ------------------------------------------------------------------------------------------------------- 8. the CLI
+# ------------------------------------------------------------------------------------------------- 8. the CLI
+
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "datasets.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "datasets.py", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_writes_the_split_and_prints_counts_per_part(tmp_path, small, ham_root):
     split_file = tmp_path / "split.json"
-    done = run_cli("--data", "ham10000", "--data-root", ham_root, "--split-file", split_file,
-                   "--cache-dir", tmp_path / "cache", "--image-size", SIZE)
+    done = run_cli(
+        "--data",
+        "ham10000",
+        "--data-root",
+        ham_root,
+        "--split-file",
+        split_file,
+        "--cache-dir",
+        tmp_path / "cache",
+        "--image-size",
+        SIZE,
+    )
     assert done.returncode == 0, done.stderr
     split = json.loads(split_file.read_text())
     dx_of = {r["image_id"]: r["dx"] for r in small}
@@ -846,8 +984,16 @@ def test_cli_writes_the_split_and_prints_counts_per_part(tmp_path, small, ham_ro
 
 
 def test_cli_missing_root_is_one_error_line(tmp_path):
-    done = run_cli("--data", "ham10000", "--data-root", tmp_path / "absent", "--split-file", tmp_path / "s.json",
-                   "--cache-dir", tmp_path / "cache")
+    done = run_cli(
+        "--data",
+        "ham10000",
+        "--data-root",
+        tmp_path / "absent",
+        "--split-file",
+        tmp_path / "s.json",
+        "--cache-dir",
+        tmp_path / "cache",
+    )
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("datasets.py: error:"), done.stderr

@@ -1,26 +1,39 @@
-"""linear_eval.py and tsne.py: the focal loss, the metrics, model selection on val alone, the feature cache, the
-figures, and the errors."""
+"""linear_eval.py and tsne.py: the focal loss, the metrics, model selection on val alone, the feature cache,
+the figures, and the errors."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
+import common
 import datasets
 import linear_eval
-from bit_convert import resnet_v2, save_backbone
+from bit_convert import frozen_backbone, resnet_v2, save_backbone
+from common import estimate_bn_statistics
 from conftest import run_script
-from pretrain import estimate_bn_statistics
 
 
 def eval_args(tmp, *extra):
-    return ["--data", "digits", "--image-size", "8", "--cache-dir", str(tmp / "cache"), "--workers", "0",
-            "--device", "cpu", *map(str, extra)]
+    return [
+        "--data",
+        "digits",
+        "--image-size",
+        "8",
+        "--cache-dir",
+        str(tmp / "cache"),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        *map(str, extra),
+    ]
 
 
 def trained_looking_backbone(seed):
-    """A random BN backbone with real BatchNorm statistics, as a trained one has (fresh ones are mean 0, var 1)."""
+    """A random BN backbone with real BatchNorm statistics, as a trained one has (fresh ones are mean 0, var
+    1)."""
     torch.manual_seed(seed)
     backbone = resnet_v2("r50x1", "bn", cifar_stem=True)
     images = datasets.eval_images(datasets.load_digits(), np.arange(256), 8)
@@ -30,44 +43,22 @@ def trained_looking_backbone(seed):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """A backbone file as pretrain.py leaves it: DIR/backbone.pt beside DIR/split.json, the split digest inside."""
+    """A backbone file as pretrain.py leaves it: DIR/backbone.pt beside DIR/split.json, the split digest
+    inside."""
     tmp = tmp_path_factory.mktemp("pretrained")
     (tmp / "run").mkdir()
     data = datasets.load_digits()
     split = datasets.load_split(data, tmp / "run" / "split.json")
-    save_backbone(trained_looking_backbone(0), tmp / "run" / "backbone.pt", epoch=3,
-                  split_digest=datasets.split_digest(split))
+    save_backbone(
+        trained_looking_backbone(0),
+        tmp / "run" / "backbone.pt",
+        epoch=3,
+        split_digest=datasets.split_digest(split),
+    )
     return tmp
 
 
 # ------------------------------------------------------------------------------------------------- the pieces
-
-def test_focal_loss_against_its_formula_and_cross_entropy_at_gamma_zero():
-    g = torch.Generator().manual_seed(0)
-    logits, target = torch.randn(50, 7, generator=g), torch.randint(0, 7, (50,), generator=g)
-    p = np.exp(logits.numpy()) / np.exp(logits.numpy()).sum(1, keepdims=True)
-    pt = p[np.arange(50), target.numpy()]
-    for gamma in (0.0, 1.0, 4.0):
-        expected = np.mean(-(1 - pt) ** gamma * np.log(pt))
-        assert linear_eval.focal_loss(logits, target, gamma).item() == pytest.approx(expected, rel=1e-5)
-    assert torch.allclose(linear_eval.focal_loss(logits, target, 0.0), F.cross_entropy(logits, target))
-
-
-def test_scores_against_counting_by_hand():
-    rng = np.random.default_rng(0)
-    truth, predicted = rng.integers(0, 4, 200), rng.integers(0, 4, 200)
-    predicted[truth == 3] = 3  # one class always right
-    s = linear_eval.scores(truth, predicted, 5)  # class 4 never occurs
-    recall = [np.mean(predicted[truth == k] == k) for k in range(4)]
-    assert s["balanced_accuracy"] == pytest.approx(np.mean(recall))
-    f1 = []
-    for k in range(5):
-        tp, fp, fn = np.sum((predicted == k) & (truth == k)), np.sum((predicted == k) & (truth != k)), np.sum(
-            (predicted != k) & (truth == k))
-        f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    assert s["macro_f1"] == pytest.approx(np.mean(f1))
-    assert s["per_class_recall"][:4] == pytest.approx(recall) and s["per_class_recall"][3] == 1.0
-    assert s["confusion"] == [[int(np.sum((truth == a) & (predicted == b))) for b in range(5)] for a in range(5)]
 
 
 def synthetic_features(seed, n=120, d=16, classes=4, noise=2.0):
@@ -78,8 +69,8 @@ def synthetic_features(seed, n=120, d=16, classes=4, noise=2.0):
 
 
 def test_model_selection_uses_val_alone(tmp_path, monkeypatch, pretrained):
-    """Run the whole evaluation twice, the second time with the test labels scrambled: if test took any part in
-    choosing the epoch, the choice would move."""
+    """Run the whole evaluation twice, the second time with the test labels scrambled: if test took any part
+    in choosing the epoch, the choice would move."""
     parts = {"train": synthetic_features(0), "val": synthetic_features(1), "test": synthetic_features(2)}
     chosen = []
     for scramble in (False, True):
@@ -87,11 +78,23 @@ def test_model_selection_uses_val_alone(tmp_path, monkeypatch, pretrained):
         if scramble:
             x, y = parts["test"]
             features["test"] = (x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(5))])
-        monkeypatch.setattr(linear_eval, "part_features",
-                            lambda b, i, d, s, part, a, dev, features=features: features[part])
+        monkeypatch.setattr(
+            datasets, "part_features", lambda b, i, d, s, part, a, dev, features=features: features[part]
+        )
         out = tmp_path / f"scrambled-{scramble}"
-        linear_eval.main(eval_args(tmp_path, "--ckpt", pretrained / "run" / "backbone.pt", "--epochs", "30",
-                                   "--trials", "2", "--out", out))
+        linear_eval.main(
+            eval_args(
+                tmp_path,
+                "--ckpt",
+                pretrained / "run" / "backbone.pt",
+                "--epochs",
+                "30",
+                "--trials",
+                "2",
+                "--out",
+                out,
+            )
+        )
         trials = json.loads((out / "results.json").read_text())["trials"]
         chosen.append([(t["best_epoch"], t["val_balanced_accuracy"]) for t in trials])
     assert chosen[0] == chosen[1]
@@ -102,10 +105,13 @@ def test_train_linear_returns_the_first_epoch_with_the_best_val_score(monkeypatc
     args = linear_eval.parse_args(["--init", "scratch", "--epochs", "25", "--batch-size", "32"])
     train, val = synthetic_features(0), synthetic_features(1, noise=4.0)
     seen, score = [], linear_eval.balanced_accuracy_score
-    monkeypatch.setattr(linear_eval, "balanced_accuracy_score",
-                        lambda *a: seen.append((a[0], score(*a))) or seen[-1][1])
+    monkeypatch.setattr(
+        linear_eval, "balanced_accuracy_score", lambda *a: seen.append((a[0], score(*a))) or seen[-1][1]
+    )
     classify, epoch = linear_eval.train_linear(train, val, 4, args, seed=0)
-    assert len(seen) == 25 and all(np.array_equal(truth, val[1].numpy()) for truth, _ in seen)  # val, every epoch
+    assert len(seen) == 25 and all(
+        np.array_equal(truth, val[1].numpy()) for truth, _ in seen
+    )  # val, every epoch
     assert epoch == int(np.argmax([s for _, s in seen])) + 1
     with torch.no_grad():
         assert score(val[1].numpy(), classify(val[0]).argmax(1).numpy()) == max(s for _, s in seen)
@@ -118,12 +124,12 @@ def test_features_are_cached_and_recomputed_when_the_checkpoint_changes(tmp_path
     ckpt.write_bytes((pretrained / "run" / "backbone.pt").read_bytes())
     split = datasets.load_split(data, pretrained / "run" / "split.json")
     calls = []
-    embed = linear_eval.embed
-    monkeypatch.setattr(linear_eval, "embed", lambda *a, **k: calls.append(1) or embed(*a, **k))
+    embed = datasets.embed
+    monkeypatch.setattr(datasets, "embed", lambda *a, **k: calls.append(1) or embed(*a, **k))
 
     def features():
-        backbone, _, _, identity = linear_eval.load_model(args, ckpt=ckpt)
-        return linear_eval.part_features(backbone, identity, data, split, "val", args, torch.device("cpu"))
+        backbone, _, _, identity = frozen_backbone(args, ckpt=ckpt)
+        return datasets.part_features(backbone, identity, data, split, "val", args, torch.device("cpu"))
 
     first, again = features(), features()
     assert len(calls) == 1 and torch.isfinite(first[0]).all() and torch.equal(first[0], again[0])
@@ -135,11 +141,14 @@ def test_features_are_cached_and_recomputed_when_the_checkpoint_changes(tmp_path
 
 # ------------------------------------------------------------------------------------------------- whole runs
 
+
 @pytest.fixture(scope="module")
 def evaluated(pretrained):
     out = pretrained / "run" / "linear"
-    run = run_script("linear_eval.py", *eval_args(pretrained, "--ckpt", pretrained / "run" / "backbone.pt",
-                                                  "--epochs", "20"))
+    run = run_script(
+        "linear_eval.py",
+        *eval_args(pretrained, "--ckpt", pretrained / "run" / "backbone.pt", "--epochs", "20"),
+    )
     assert run.returncode == 0, run.stderr
     return out, run
 
@@ -153,8 +162,11 @@ def test_linear_eval_writes_results_and_confusion(evaluated, pretrained):
         assert results["mean"][metric] == pytest.approx(np.mean(values))
         assert results["std"][metric] == pytest.approx(np.std(values, ddof=1))
     trial = results["trials"][0]
-    test_labels = datasets.load_digits().labels[datasets.indices(
-        datasets.load_digits(), json.loads((pretrained / "run" / "split.json").read_text()), "test")]
+    test_labels = datasets.load_digits().labels[
+        datasets.indices(
+            datasets.load_digits(), json.loads((pretrained / "run" / "split.json").read_text()), "test"
+        )
+    ]
     assert np.sum(trial["confusion"]) == len(test_labels)
     assert np.sum(trial["confusion"], axis=1).tolist() == np.bincount(test_labels, minlength=10).tolist()
     assert trial["balanced_accuracy"] > 0.2  # random features of a random network still beat chance (0.1)
@@ -167,13 +179,25 @@ def test_augment_embeds_new_views_every_epoch(pretrained, tmp_path, monkeypatch)
     train_features = []
     train = linear_eval.train_linear
 
-    def recording(train_part, val, n_classes, args, seed, augmented=None):
+    def recording(train_part, val, n_classes, args, seed, augmented=None, select=True):
         train_features.extend(augmented() for _ in range(2))
-        return train(train_part, val, n_classes, args, seed, augmented)
+        return train(train_part, val, n_classes, args, seed, augmented, select)
 
     monkeypatch.setattr(linear_eval, "train_linear", recording)
-    linear_eval.main(eval_args(tmp_path, "--ckpt", pretrained / "run" / "backbone.pt", "--augment", "--epochs", "2",
-                               "--trials", "1", "--out", tmp_path / "augmented"))
+    linear_eval.main(
+        eval_args(
+            tmp_path,
+            "--ckpt",
+            pretrained / "run" / "backbone.pt",
+            "--augment",
+            "--epochs",
+            "2",
+            "--trials",
+            "1",
+            "--out",
+            tmp_path / "augmented",
+        )
+    )
     first, second = train_features
     assert first.shape == (len(json.loads((pretrained / "run" / "split.json").read_text())["train"]), 2048)
     assert not torch.equal(first, second)  # random crops and flips: new features each call
@@ -185,22 +209,42 @@ def test_compare_draws_the_figure(evaluated, tmp_path):
     other = json.loads((out / "results.json").read_text())
     other["model"] = "another model"
     (tmp_path / "other.json").write_text(json.dumps(other))
-    run = run_script("linear_eval.py", "--compare", out / "results.json", tmp_path / "other.json",
-                     "--out", tmp_path / "figures")
+    run = run_script(
+        "linear_eval.py",
+        "--compare",
+        out / "results.json",
+        tmp_path / "other.json",
+        "--out",
+        tmp_path / "figures",
+    )
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "figures" / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert "another model" in run.stdout
 
 
 def test_tsne_and_spectrum_figures(pretrained, tmp_path):
-    run = run_script("tsne.py", *eval_args(pretrained, "--ckpt", pretrained / "run" / "backbone.pt",
-                                           "--init", "scratch", "--norm", "bn", "--spectrum", "--out", tmp_path))
+    run = run_script(
+        "tsne.py",
+        *eval_args(
+            pretrained,
+            "--ckpt",
+            pretrained / "run" / "backbone.pt",
+            "--init",
+            "scratch",
+            "--norm",
+            "bn",
+            "--spectrum",
+            "--out",
+            tmp_path,
+        ),
+    )
     assert run.returncode == 0, run.stderr
     for figure in ("tsne.png", "spectrum.png"):
         assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
 
 
-# ------------------------------------------------------------------------------------------------------ errors
+# ----------------------------------------------------------------------------------------------------- errors
+
 
 def one_line_error(run, *fragments):
     assert run.returncode != 0
@@ -211,20 +255,29 @@ def one_line_error(run, *fragments):
 
 def test_a_file_that_is_not_a_backbone_is_refused(tmp_path):
     torch.save({"model": {}}, tmp_path / "last.pt")
-    one_line_error(run_script("linear_eval.py", *eval_args(tmp_path, "--ckpt", tmp_path / "last.pt")),
-                   "last.pt", "not a backbone file")
+    one_line_error(
+        run_script("linear_eval.py", *eval_args(tmp_path, "--ckpt", tmp_path / "last.pt")),
+        "last.pt",
+        "not a backbone file",
+    )
 
 
 def test_a_missing_or_foreign_split_is_refused(tmp_path, pretrained):
     alone = tmp_path / "alone"
     alone.mkdir()
     (alone / "backbone.pt").write_bytes((pretrained / "run" / "backbone.pt").read_bytes())
-    one_line_error(run_script("linear_eval.py", *eval_args(tmp_path, "--ckpt", alone / "backbone.pt")),
-                   "split.json not found")
+    one_line_error(
+        run_script("linear_eval.py", *eval_args(tmp_path, "--ckpt", alone / "backbone.pt")),
+        "split.json not found",
+    )
     datasets.load_split(datasets.load_digits(), tmp_path / "other.json", seed=1)
-    one_line_error(run_script("linear_eval.py", *eval_args(tmp_path, "--ckpt", alone / "backbone.pt",
-                                                           "--split-file", tmp_path / "other.json")),
-                   "is not the split a backbone was pretrained with")
+    one_line_error(
+        run_script(
+            "linear_eval.py",
+            *eval_args(tmp_path, "--ckpt", alone / "backbone.pt", "--split-file", tmp_path / "other.json"),
+        ),
+        "is not the split a backbone was pretrained with",
+    )
 
 
 def test_a_class_absent_from_train_is_refused(tmp_path):
@@ -234,5 +287,69 @@ def test_a_class_absent_from_train_is_refused(tmp_path):
     split["train"] = [i for i in split["train"] if i not in nines]
     split["pretrain"] += nines
     (tmp_path / "split.json").write_text(json.dumps(split))
-    one_line_error(run_script("linear_eval.py", *eval_args(tmp_path, "--init", "scratch", "--split-file",
-                                                           tmp_path / "split.json")), "class 9")
+    one_line_error(
+        run_script(
+            "linear_eval.py",
+            *eval_args(tmp_path, "--init", "scratch", "--split-file", tmp_path / "split.json"),
+        ),
+        "class 9",
+    )
+
+
+# ----------------------------------------------------------------------------- fixes of issue 12, pinned here
+
+
+def test_a_feature_dead_on_train_does_not_wreck_the_probe():
+    """A ReLU unit that is 0 on every train image (std 0) but not on test: dividing by std + 1e-6 multiplied
+    it by a million and the test predictions became one class. StandardScaler's rule gives it the scale 1."""
+    args = linear_eval.parse_args(["--init", "scratch", "--epochs", "20", "--batch-size", "32"])
+    (x, y), val, (test_x, test_y) = synthetic_features(0), synthetic_features(1), synthetic_features(2)
+
+    def dead(features, value):  # a last feature that is `value` on every image
+        return torch.cat([features, torch.full((len(features), 1), value)], 1)
+
+    classify, _ = linear_eval.train_linear((dead(x, 0.0), y), (dead(val[0], 0.0), val[1]), 4, args, seed=0)
+    with torch.no_grad():
+        accuracy = (classify(dead(test_x, 0.0)).argmax(1) == test_y).float().mean().item()
+        awake = (classify(dead(test_x, 3.0)).argmax(1) == test_y).float().mean().item()
+    assert accuracy > 0.6 and awake == pytest.approx(accuracy, abs=0.05)
+    mean, scale = linear_eval.standardiser(dead(x, 0.0))
+    assert scale[-1] == 1.0 and torch.allclose(scale[:-1], x.std(0, correction=0), rtol=1e-5)
+
+
+def test_the_official_cifar10_protocol_pretrains_on_all_training_images_and_queries_the_test_set(tmp_path):
+    from test_datasets import write_cifar
+
+    write_cifar(tmp_path, n=20)
+    data = datasets.load_cifar10(tmp_path)
+    split = datasets.load_split(data, tmp_path / "split.json", "official")
+    train = [data.ids[i] for i in np.flatnonzero(~data.official_test)]
+    test = [data.ids[i] for i in np.flatnonzero(data.official_test)]
+    assert split["pretrain"] == split["train"] == train and split["val"] == split["test"] == test
+    assert not datasets.selects_on_val(split)
+    assert datasets.load_split(data, tmp_path / "split.json") == split  # read back as written
+    edited = {**split, "pretrain": train + test}
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    with pytest.raises(datasets.DataError, match="edited.json: not the official split"):
+        datasets.load_split(data, tmp_path / "edited.json")
+    with pytest.raises(datasets.DataError, match="--split official: digits has no official test set"):
+        datasets.load_split(datasets.load_digits(), tmp_path / "digits.json", "official")
+    args = linear_eval.parse_args(["--init", "scratch", "--epochs", "7"])
+    train_features, val_features = synthetic_features(0), synthetic_features(1)
+    assert (
+        linear_eval.train_linear(train_features, val_features, 4, args, 0, select=False)[1] == 7
+    )  # the last
+
+
+def test_evaluation_takes_the_image_size_the_backbone_was_pretrained_at(tmp_path, pretrained, capsys):
+    ckpt = tmp_path / "run" / "backbone.pt"
+    ckpt.parent.mkdir()
+    save_backbone(resnet_v2("r50x1", "bn", cifar_stem=True), ckpt, epoch=1, image_size=12)
+    assert linear_eval.parse_args(["--ckpt", str(ckpt)]).image_size == 12  # digits' own default is 8
+    import tsne
+
+    assert tsne.parse_args(["--ckpt", str(ckpt), "--init", "scratch"]).image_size == 12
+    assert linear_eval.parse_args(["--ckpt", str(ckpt), "--image-size", "16"]).image_size == 16
+    assert "warning: --image-size 16, but" in capsys.readouterr().out
+    with pytest.raises(common.UserError, match="--norm gn: .*backbone.pt holds a backbone with norm = bn"):
+        linear_eval.parse_args(["--ckpt", str(ckpt), "--norm", "gn"])

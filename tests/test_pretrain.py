@@ -1,5 +1,6 @@
-"""pretrain.py: the SimSiam loss, the schedule, the kNN monitor, and whole runs on the CPU (outputs, exact resume,
-two processes over gloo, the NaN stop, a collapse, bad arguments)."""
+"""pretrain.py: the schedule, the sampler, and whole runs on the CPU (outputs, the numbers of the code before
+it was reshaped, exact resume, two processes over gloo, the NaN stop, a collapse, bad arguments)."""
+
 import csv
 import json
 import os
@@ -7,18 +8,20 @@ import signal
 import subprocess
 import sys
 import time
+from argparse import Namespace
 
 import numpy as np
 import pytest
 import torch
-from argparse import Namespace
 
+import common
 import datasets
+import methods
 import pretrain
 from bit_convert import load_backbone, resnet_v2, save_backbone
 from conftest import REPO, run_script, tiny_args
 
-TIMING = ("img_per_s", "data_wait", "epoch_s")
+TIMING = ("img_per_s", "data_wait", "epoch_s", "eta_s")
 
 
 def read_metrics(out):
@@ -30,44 +33,16 @@ def without_timing(rows):
     return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
 
 
-# ------------------------------------------------------------------------------------------- the method's pieces
-
-def test_loss_is_symmetric_negative_cosine_with_stop_gradient():
-    g = torch.Generator().manual_seed(0)
-    p1, p2, z1, z2 = (torch.randn(8, 16, generator=g, requires_grad=True) for _ in range(4))
-    loss = pretrain.simsiam_loss(p1, p2, z1, z2)
-    cos = lambda a, b: (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))  # noqa: E731
-    expected = -(cos(p1, z2).mean() + cos(p2, z1).mean()) / 2
-    assert torch.allclose(loss, expected)
-    assert torch.equal(loss, pretrain.simsiam_loss(p2, p1, z2, z1))  # swapping the views changes nothing
-    loss.backward()
-    assert z1.grad is None and z2.grad is None  # stop-gradient: nothing flows into z
-    assert p1.grad is not None and p2.grad is not None
-
-
-def test_loss_is_minus_one_when_predictions_match_the_other_view():
-    z1, z2 = torch.randn(4, 32), torch.randn(4, 32)
-    assert pretrain.simsiam_loss(3 * z2, 0.5 * z1, z1, z2).item() == pytest.approx(-1.0, abs=1e-6)
-
-
-@pytest.mark.parametrize("projector, linears, affine", [("paper", 2, True), ("simsiam", 3, False)])
-def test_projector_of_the_authors_and_of_simsiam(projector, linears, affine):
-    """The authors' code: Linear-BN-ReLU, Linear-BN (2048-2048-2048); SimSiam's builder.py: three Linear-BN, the
-    last BN without affine. Both: predictor 2048-512-2048, a bottleneck with BN-ReLU in the middle."""
-    model = pretrain.SimSiam(resnet_v2("r50x1", "bn", cifar_stem=True), projector)
-    layers = [m for m in model.projector if isinstance(m, torch.nn.Linear)]
-    assert [(m.in_features, m.out_features) for m in layers] == [(2048, 2048)] * linears
-    assert model.projector[-1].affine is affine and isinstance(model.projector[-1], torch.nn.BatchNorm1d)
-    predictor = [(m.in_features, m.out_features) for m in model.predictor if isinstance(m, torch.nn.Linear)]
-    assert predictor == [(2048, 512), (512, 2048)]
-    p1, p2, z1, z2 = model(torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8))
-    assert p1.shape == z2.shape == (4, 2048) and not z1.requires_grad
+# ----------------------------------------------------------------------------------------------- the schedule
 
 
 def test_learning_rate_follows_warmup_then_cosine():
     args = Namespace(lr=0.03, batch_size=128, warmup_epochs=10, epochs=400, cosine_epochs=None)
     peak, steps = 0.03 * 128 / 256, 50
-    lr = lambda epoch: pretrain.learning_rate(round(epoch * steps) - 1, steps, args)  # noqa: E731 (lr after `epoch`)
+
+    def lr(epoch):  # the lr of the last step of `epoch`
+        return pretrain.learning_rate(round(epoch * steps) - 1, steps, args)
+
     assert lr(1) == pytest.approx(peak / 10)
     assert lr(10) == pytest.approx(peak)
     assert lr(205) == pytest.approx(peak * 0.5 * (1 + np.cos(np.pi * 195 / 390)))
@@ -76,52 +51,25 @@ def test_learning_rate_follows_warmup_then_cosine():
     assert lr(400) == pytest.approx(peak * 0.5 * (1 + np.cos(np.pi * 390 / 790)))
 
 
-def test_knn_matches_a_brute_force_vote():
-    rng = np.random.default_rng(0)
-    bank, queries = rng.normal(size=(300, 12)), rng.normal(size=(40, 12))
-    bank_labels = rng.integers(0, 5, 300)
-    for k, t in ((200, 0.1), (7, 0.5), (1000, 0.07)):
-        predicted = pretrain.knn_predict(torch.tensor(queries), torch.tensor(bank), torch.tensor(bank_labels), 5, k, t)
-        expected = []
-        for q in queries:
-            sims = [q @ b / np.linalg.norm(q) / np.linalg.norm(b) for b in bank]
-            votes = np.zeros(5)
-            for j in np.argsort(sims)[::-1][:k]:
-                votes[bank_labels[j]] += np.exp(sims[j] / t)
-            expected.append(votes.argmax())
-        assert predicted.tolist() == expected
-
-
-def test_effective_rank_and_spectrum_against_numpy():
-    rng = np.random.default_rng(0)
-    features = rng.normal(size=(500, 6)) * np.array([5, 4, 3, 2, 1, 0.5])
-    z = features / np.linalg.norm(features, axis=1, keepdims=True)
-    eigenvalues = np.sort(np.linalg.eigvalsh(np.cov(z.T, bias=True)))[::-1]
-    spectrum = pretrain.covariance_spectrum(torch.tensor(features))
-    assert np.allclose(spectrum.numpy(), eigenvalues)
-    p = eigenvalues / eigenvalues.sum()
-    assert pretrain.effective_rank(spectrum) == pytest.approx(np.exp(-(p * np.log(p)).sum()))
-    collapsed = torch.tensor(rng.normal(size=(500, 1)) * np.ones((1, 6)))  # one direction (and its opposite)
-    assert pretrain.effective_rank(pretrain.covariance_spectrum(collapsed)) == pytest.approx(1.0, abs=1e-6)
-
-
 def test_seeded_sampler_splits_the_data_between_processes_and_resumes_mid_epoch():
     data = list(range(103))
-    samplers = [pretrain.SeededSampler(data, 2, rank, shuffle=True, seed=7, drop_last=True) for rank in (0, 1)]
+    samplers = [
+        datasets.SeededSampler(data, 2, rank, shuffle=True, seed=7, drop_last=True) for rank in (0, 1)
+    ]
     for s in samplers:
         s.set_epoch(3)
     keys = [list(s) for s in samplers]
     indices = [[i for _, i in k] for k in keys]
     assert len(indices[0]) == len(indices[1]) == 51 and not set(indices[0]) & set(indices[1])
     assert len({seed for k in keys for seed, _ in k}) == 102  # every image its own augmentation seed
-    samplers[0].start = 20
+    samplers[0].set_epoch(3, start=20)
     assert list(samplers[0]) == keys[0][20:]
     samplers[0].set_epoch(4)
-    samplers[0].start = 0
     assert list(samplers[0]) != keys[0]  # a new epoch, a new order and new seeds
 
 
-# ---------------------------------------------------------------------------------------------- whole runs
+# ------------------------------------------------------------------------------------------------- whole runs
+
 
 @pytest.fixture(scope="module")
 def complete_run(tmp_path_factory):
@@ -134,10 +82,20 @@ def complete_run(tmp_path_factory):
 def test_a_run_writes_every_output(complete_run):
     tmp, out = complete_run
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["args.json", "backbone.pt", "backbone_ep1.pt", "curves.png", "last.pt", "metrics.csv", "split.json"])
+        [
+            ".lock",
+            "args.json",
+            "backbone.pt",
+            "backbone_ep1.pt",
+            "curves.png",
+            "last.pt",
+            "metrics.csv",
+            "split.json",
+        ]
+    )
     rows = read_metrics(out)
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
-    assert set(rows[0]) == {"epoch", "loss", "lr", "z_std", "knn_acc", "knn_bacc", "eff_rank", *TIMING}
+    assert set(rows[0]) == {"epoch", "loss", "lr", "z_std", "knn_acc", "knn_bacc", "rankme", *TIMING}
     assert all(rows[e][k] != "" for e in (1, 2) for k in rows[0])
     assert rows[0]["loss"] == "" and rows[0]["knn_bacc"] != ""  # epoch 0: the untrained network, evaluated
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -148,20 +106,28 @@ def test_a_run_writes_every_output(complete_run):
     resnet_v2("r50x1", "bn", cifar_stem=True).load_state_dict(torch.load(out / "backbone.pt")["state_dict"])
     assert load_backbone(out / "backbone_ep1.pt")[1]["epoch"] == 1
     state = torch.load(out / "last.pt", weights_only=True)
-    assert {"model", "optimizer", "scaler", "epoch", "step", "history", "rng", "args"} <= set(state)
-    assert (state["epoch"], state["step"]) == (3, 0)
+    assert {"model", "optimizer", "scaler", "progress", "rng", "args"} <= set(state)
+    assert (state["progress"]["epoch"], state["progress"]["step"]) == (3, 0)
 
 
 def test_the_same_seed_gives_the_same_run_and_a_stop_by_signal_resumes_exactly(complete_run, tmp_path):
-    """SIGTERM during the second epoch, then --resume: the final weights and metrics are those of the run that was
-    never interrupted. The interrupted run also loads with two worker processes: the augmentations depend on the
-    seed, epoch and image alone."""
+    """SIGTERM during the second epoch, then --resume: the final weights and metrics are those of the run that
+    was never interrupted. The interrupted run also loads with two worker processes: the augmentations depend
+    on the seed, epoch and image alone."""
     args = tiny_args(tmp_path)
     args[args.index("--split-file") + 1] = str(complete_run[0] / "split.json")
     args[args.index("--workers") + 1] = "2"
-    env = {"OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same threads as the in-process run: same sums
-    process = subprocess.Popen([sys.executable, "pretrain.py", *args], cwd=REPO, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **env})
+    env = {
+        "OMP_NUM_THREADS": str(torch.get_num_threads())
+    }  # the same threads as the in-process run: same sums
+    process = subprocess.Popen(
+        [sys.executable, "pretrain.py", *args],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **env},
+    )
     last, deadline = tmp_path / "run" / "last.pt", time.time() + 240
     while not last.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -181,9 +147,22 @@ def test_the_same_seed_gives_the_same_run_and_a_stop_by_signal_resumes_exactly(c
 
 
 def test_two_processes_over_gloo(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "pretrain.py", *tiny_args(tmp_path, epochs=1)], cwd=REPO, capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "pretrain.py",
+            *tiny_args(tmp_path, epochs=1),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("SyncBatchNorm runs on GPUs only") == 1  # said once, by process 0
     assert "2 process(es)" in run.stdout and "6 steps per epoch" in run.stdout  # --batch-size 30 is global
@@ -191,64 +170,108 @@ def test_two_processes_over_gloo(tmp_path):
     assert load_backbone(tmp_path / "run" / "backbone.pt")[1]["epoch"] == 1
 
 
+def test_the_reshaped_code_gives_the_numbers_of_the_code_before_it(tmp_path):
+    """Issue 8 moved the code around without changing what it computes: the same seed gives the metrics.csv
+    that pretrain.py wrote before (tests/data/pinned_metrics.csv, from commit bc87b32)."""
+    run = run_script("pretrain.py", *tiny_args(tmp_path), "--seed", "3")
+    assert run.returncode == 0, run.stderr
+    with open(REPO / "tests" / "data" / "pinned_metrics.csv", newline="") as f:
+        pinned = list(csv.DictReader(f))
+    got = read_metrics(tmp_path / "run")
+    assert len(got) == len(pinned)
+    for row, expected in zip(got, pinned):
+        for column, value in expected.items():
+            assert (row[column] == "") == (value == "")
+            assert value == "" or float(row[column]) == pytest.approx(float(value), rel=1e-6, abs=1e-9), (
+                column
+            )
+
+
+def test_bn_statistics_are_estimated_before_the_model_is_distributed(tmp_path, monkeypatch):
+    """Under torchrun on GPUs the model gets SyncBatchNorm, whose train-mode forward all-gathers: estimating
+    the initial statistics on process 0 alone after that would hang the others. Here the conversion happens on
+    the CPU (SyncBatchNorm falls back to a plain BatchNorm without a process group), and the estimate must
+    come first."""
+    events = []
+    estimate = common.estimate_bn_statistics
+    monkeypatch.setattr(
+        pretrain, "estimate_bn_statistics", lambda *a, **k: events.append("estimate") or estimate(*a, **k)
+    )
+
+    def distribute(method, device, world):
+        events.append("distribute")
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+
+    monkeypatch.setattr(pretrain, "distribute", distribute)
+    pretrain.main(tiny_args(tmp_path, epochs=1))
+    assert events == ["estimate", "distribute"]
+    backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(resnet_v2("r50x1", "bn", cifar_stem=True))
+    with pytest.raises(ValueError, match="before convert_sync_batchnorm"):
+        common.estimate_bn_statistics(
+            backbone, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.device("cpu")
+        )
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    loss, steps = pretrain.simsiam_loss, []
+    loss, steps = methods.simsiam_loss, []
 
-    def poisoned(*views):  # NaN from the second epoch's first step (6 steps an epoch)
+    def poisoned(*outputs):  # NaN from the second epoch's first step (6 steps an epoch)
         steps.append(1)
-        return loss(*views) * (float("nan") if len(steps) > 6 else 1.0)
+        return loss(*outputs) * (float("nan") if len(steps) > 6 else 1.0)
 
-    monkeypatch.setattr(pretrain, "simsiam_loss", poisoned)
-    with pytest.raises(SystemExit) as stop:
+    monkeypatch.setattr(methods, "simsiam_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="the loss became nan in epoch 2"):
         pretrain.main(tiny_args(tmp_path, epochs=2))
-    assert "the loss became nan in epoch 2" in str(stop.value)
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert (state["epoch"], state["step"]) == (2, 0)  # the end of epoch 1, the last good one
+    assert (state["progress"]["epoch"], state["progress"]["step"]) == (
+        2,
+        0,
+    )  # the end of epoch 1, the last good
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (tmp_path / "run" / "backbone.pt").exists()
 
 
 def test_a_collapsed_representation_is_flagged(tmp_path, monkeypatch, capsys):
-    def collapsed(self, x1, x2):  # every image maps to one point: the failure the paper's Fig. 1 shows
-        z = self.projector(self.backbone(x1)) * 0 + 1
-        p = self.predictor(z)
-        return p, p, z.detach(), z.detach()
+    def collapsed(self, views):  # every image maps to one point: the failure the paper's Fig. 1 shows
+        z = self.projector(self.backbone(views[0])) * 0 + 1
+        return methods.simsiam_loss(self.predictor(z), self.predictor(z), z, z), z
 
-    monkeypatch.setattr(pretrain.SimSiam, "forward", collapsed)
+    monkeypatch.setattr(methods.SimSiam, "forward", collapsed)
     pretrain.main(tiny_args(tmp_path, epochs=1))
     assert "the representation has collapsed" in capsys.readouterr().out
     assert float(read_metrics(tmp_path / "run")[1]["z_std"]) == 0.0
 
 
-# -------------------------------------------------------------------------------------------------------- errors
+# ----------------------------------------------------------------------------------------------------- errors
+
 
 def test_an_existing_run_is_never_overwritten(complete_run):
     tmp, out = complete_run
     before = (out / "last.pt").stat().st_mtime_ns
-    with pytest.raises(datasets.DataError, match="holds another run.*--resume.*--force"):
+    with pytest.raises(common.UserError, match="holds another run.*--resume.*--force"):
         pretrain.main(tiny_args(tmp))
     assert (out / "last.pt").stat().st_mtime_ns == before
 
 
-def test_resume_refuses_changed_arguments_and_a_missing_checkpoint(complete_run, tmp_path, capsys):
-    with pytest.raises(SystemExit):
+def test_resume_refuses_changed_arguments(complete_run, tmp_path):
+    with pytest.raises(common.UserError, match="--resume: --lr 0.5 differs from the run"):
         pretrain.main(["--out", str(complete_run[1]), "--resume", "--lr", "0.5"])
-    assert "--resume: --lr 0.5 differs from the run" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        pretrain.main(tiny_args(tmp_path) + ["--resume"])
-    assert "holds no run to resume" in capsys.readouterr().err
-    (tmp_path / "run").mkdir()
-    saved = json.loads((complete_run[1] / "args.json").read_text())
-    (tmp_path / "run" / "args.json").write_text(json.dumps({**saved, "split_file": str(tmp_path / "split.json")}))
-    with pytest.raises(datasets.DataError, match="last.pt not found"):  # a run that died before its first epoch
+    with pytest.raises(
+        common.UserError, match="--resume: --epochs 3 differs.*with an explicit --cosine-epochs"
+    ):
+        pretrain.main(["--out", str(complete_run[1]), "--resume", "--epochs", "3"])
+    with pytest.raises(common.UserError, match="holds no run to resume"):
         pretrain.main(tiny_args(tmp_path) + ["--resume"])
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--batch-size", "500"], "--batch-size 500"),
-    (["--init", "imagenet"], "--init 'imagenet'"),
-    (["--split", "0.6,0.1,0.1,0.1"], "adding up to 1"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batch-size", "500"], "--batch-size 500"),
+        (["--init", "imagenet"], "--init 'imagenet'"),
+        (["--split", "0.6,0.1,0.1,0.1"], "adding up to 1"),
+    ],
+)
 def test_bad_arguments_fail_with_one_line(tmp_path, extra, message):
     run = run_script("pretrain.py", *tiny_args(tmp_path), *extra)
     assert run.returncode != 0
@@ -258,17 +281,41 @@ def test_bad_arguments_fail_with_one_line(tmp_path, extra, message):
 
 def test_a_backbone_file_of_another_architecture_is_refused(tmp_path):
     save_backbone(resnet_v2("r50x1", "gn", cifar_stem=True), tmp_path / "gn.pt")
-    run = run_script("pretrain.py", *tiny_args(tmp_path), "--init", tmp_path / "gn.pt")
-    assert run.returncode != 0 and "gn.pt holds" in run.stderr and run.stderr.strip().count("\n") == 0
+    with pytest.raises(common.UserError, match=r"--norm bn: .*gn\.pt holds a backbone with norm = gn"):
+        pretrain.parse_args(tiny_args(tmp_path) + ["--init", str(tmp_path / "gn.pt"), "--norm", "bn"])
+    args = pretrain.parse_args(tiny_args(tmp_path) + ["--init", str(tmp_path / "gn.pt")])
+    assert (args.arch, args.norm, args.cifar_stem) == ("r50x1", "gn", True)  # the file's, when no flag says
 
 
 @pytest.mark.slow
 def test_pretraining_on_digits_raises_knn_balanced_accuracy(tmp_path):
     """The demonstration of the README: a short run from scratch on the embedded digits."""
-    run = run_script("pretrain.py", "--data", "digits", "--epochs", "3", "--batch-size", "32", "--lr", "0.4",
-                     "--warmup-epochs", "1", "--eval-every", "1", "--workers", "2", "--device", "cpu",
-                     "--out", tmp_path / "run", "--split-file", tmp_path / "split.json", "--cache-dir", tmp_path,
-                     timeout=3600)
+    run = run_script(
+        "pretrain.py",
+        "--data",
+        "digits",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.4",
+        "--warmup-epochs",
+        "1",
+        "--eval-every",
+        "1",
+        "--workers",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "run",
+        "--split-file",
+        tmp_path / "split.json",
+        "--cache-dir",
+        tmp_path,
+        timeout=3600,
+    )
     assert run.returncode == 0, run.stderr
     rows = read_metrics(tmp_path / "run")
     assert float(rows[-1]["knn_bacc"]) > float(rows[0]["knn_bacc"]) + 0.1
