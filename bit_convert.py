@@ -399,12 +399,13 @@ def resolve_backbone_args(args, norm_default, default_size, recorded=None, sourc
                 f"--{flag.replace('_', '-')} {given}: {source} holds a backbone with "
                 f"{flag} = {recorded[flag]}; leave the flag out to use it"
             )
-    if args.image_size and recorded.get("image_size", args.image_size) != args.image_size:
+    if args.image_size is not None and recorded.get("image_size", args.image_size) != args.image_size:
         print(
             f"warning: --image-size {args.image_size}, but {source} was pretrained at "
             f"{recorded['image_size']} px"
         )
-    args.image_size = args.image_size or recorded.get("image_size") or default_size
+    if args.image_size is None:
+        args.image_size = recorded.get("image_size", default_size)
     args.arch = args.arch or recorded.get("arch", "r50x1")
     args.norm = args.norm or recorded.get("norm", norm_default)
     if args.cifar_stem is None:

@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import warnings
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -120,6 +121,12 @@ def read_pickle(path, keys):
         raise DataError(f"{path}: not a CIFAR-10 batch ({type(e).__name__}: {e})") from None
     if not isinstance(batch, dict) or any(k not in batch for k in keys):
         raise DataError(f"{path}: expected a CIFAR-10 pickle with the keys {', '.join(keys)}")
+    shape, dtype = np.shape(batch.get("data")), np.asarray(batch.get("data")).dtype
+    if "data" in keys and (shape != (len(batch["labels"]), 3072) or dtype != np.uint8):
+        raise DataError(
+            f"{path}: expected 'data' as {len(batch['labels'])} uint8 rows of 3072 bytes (one per "
+            f"label), found {dtype} {shape}"
+        )
     return batch
 
 
@@ -164,6 +171,8 @@ def read_ham_metadata(root):
                     f"{metadata}: line {line}: unknown dx {row['dx']!r}; "
                     f"expected one of {', '.join(HAM_CLASSES)}"
                 )
+            if not (row["lesion_id"] or "").strip():  # else every such image would share one lesion ""
+                raise DataError(f"{metadata}: line {line}: image {row['image_id']} has no lesion_id")
         return (
             [r["image_id"] for r in rows],
             [r["dx"] for r in rows],
@@ -187,6 +196,9 @@ def read_ham_metadata(root):
         lesions = None
         if groupings.exists():
             lesion_of = {r["image"]: r["lesion_id"] for r in read_csv(groupings, ("image", "lesion_id"))}
+            unknown = [image for image, lesion in lesion_of.items() if not (lesion or "").strip()]
+            if unknown:
+                raise DataError(f"{groupings}: image {unknown[0]} has no lesion_id")
             lesions = [lesion_of.get(r["image"], r["image"]) for r in rows]
         return [r["image"] for r in rows], dx, lesions, isic
     if not root.is_dir():
@@ -203,17 +215,21 @@ def find(root, name):
 
 def read_csv(path, required):
     """The rows of a CSV file whose first required column names each image once."""
-    with open(
-        path, newline="", encoding="utf-8-sig"
-    ) as f:  # newline="": CRLF files; utf-8-sig: a leading BOM
-        reader = csv.DictReader(f)
-        missing = [c for c in required if c not in (reader.fieldnames or ())]
-        if missing:
+    # newline="": CRLF files; utf-8-sig: a leading BOM
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        try:
+            reader = csv.DictReader(f)
+            fields = reader.fieldnames or ()
+            rows = list(reader)
+        except (UnicodeDecodeError, csv.Error) as e:  # UTF-16 from a spreadsheet, a binary file, NUL bytes
             raise DataError(
-                f"{path}: missing column(s) {', '.join(missing)}; "
-                f"found {', '.join(reader.fieldnames or ['none'])}"
-            )
-        rows = list(reader)
+                f"{path}: not a UTF-8 CSV file ({type(e).__name__}); save it as CSV UTF-8"
+            ) from None
+    missing = [c for c in required if c not in fields]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(fields) or 'none'}"
+        )
     seen = set()
     for line, row in enumerate(rows, 2):
         if row[required[0]] in seen:
@@ -259,7 +275,7 @@ def load_dermamnist(root):
     try:
         with np.load(files[0]) as npz:
             parts = [(npz[f"{p}_images"], npz[f"{p}_labels"].reshape(-1)) for p in ("train", "val", "test")]
-    except (KeyError, OSError, ValueError) as e:
+    except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # BadZipFile: a truncated file
         raise DataError(
             f"{files[0]}: not a MedMNIST .npz with train/val/test _images and _labels ({e})"
         ) from None
@@ -323,40 +339,52 @@ def decode_all(paths, size, cache_dir, skip_bad):
     stamp = "\n".join(f"{p.resolve()} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in paths)
     key = hashlib.sha256(f"{size}\n{stamp}".encode()).hexdigest()[:20]
     cache, index = cache_dir / "images" / f"{size}px-{key}.npy", cache_dir / "images" / f"{size}px-{key}.json"
-    if not (index.exists() and cache.exists()):  # the index is written last: it means the array is complete
-        cache.parent.mkdir(parents=True, exist_ok=True)
+    shape = (len(paths), size, size, 3)
+    entry = cached(cache, index, shape)
+    if entry is None:  # absent, or damaged since it was written
         broken = {}
 
         def decode_into(tmp):
-            images = np.lib.format.open_memmap(
-                tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3)
-            )
+            images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
 
             def decode(j):
                 try:
                     images[j] = read_rgb(paths[j], size)
-                except (
-                    OSError,
-                    SyntaxError,
-                    ValueError,
-                ) as e:  # what PIL raises for truncated or corrupt files
+                except Exception as e:  # PIL: OSError, SyntaxError, ValueError, DecompressionBombError
                     return j, f"{type(e).__name__}: {e}"
 
             with ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL decodes with the GIL released
                 broken.update(b for b in pool.map(decode, range(len(paths))) if b)
             images.flush()
 
-        write_atomic(cache, decode_into)
-        record = json.dumps({"size": size, "count": len(paths), "bad": broken}, indent=1)
-        write_atomic(index, lambda tmp: tmp.write_text(record))
-    broken = {int(j): reason for j, reason in json.loads(index.read_text())["bad"].items()}
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(cache, decode_into)
+            record = json.dumps({"size": size, "count": len(paths), "bad": broken}, indent=1)
+            write_atomic(index, lambda tmp: tmp.write_text(record))  # last: the array is complete
+        except OSError as e:
+            raise DataError(f"--cache-dir {cache_dir}: cannot write the decoded images there ({e})") from None
+        entry = cached(cache, index, shape)
+    images, broken = entry
     if broken and not skip_bad:
         j, reason = next(iter(broken.items()))
         raise DataError(
             f"{paths[j]}: unreadable image ({reason}); {len(broken)} such file(s), "
-            f"--skip-bad-images skips them"
+            "--skip-bad-images skips them"
         )
-    return np.load(cache, mmap_mode="r"), broken
+    return images, broken
+
+
+def cached(cache, index, shape):
+    """(images, {position: reason}) of a complete cache entry, or None where it is absent or damaged (a .npy
+    truncated or replaced after it was written, an unreadable index): such an entry is built again, never
+    read."""
+    try:
+        broken = {int(j): reason for j, reason in json.loads(index.read_text())["bad"].items()}
+        images = np.load(cache, mmap_mode="r")  # numpy refuses a file shorter than its header says
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return (images, broken) if images.shape == shape and images.dtype == np.uint8 else None
 
 
 # ------------------------------------------------------------------------------------------------------ split
@@ -454,7 +482,8 @@ def split_digest(split):
 def default_split_file(args):
     parsed = parse_fractions(args.split)
     fractions = OFFICIAL if parsed == OFFICIAL else "-".join(str(round(float(f) * 100)) for f in parsed)
-    return Path("splits") / f"{args.data}-{args.split_by}-{fractions}-seed{args.split_seed}.json"
+    by = args.split_by if args.data == "ham10000" else "image"  # only HAM10000 has lesions to group by
+    return Path("splits") / f"{args.data}-{by}-{fractions}-seed{args.split_seed}.json"
 
 
 def load_split(data, path, fractions="0.6,0.1,0.1,0.2", seed=0, by="lesion"):
@@ -468,19 +497,23 @@ def load_split(data, path, fractions="0.6,0.1,0.1,0.2", seed=0, by="lesion"):
             "data": data.name,
             "fingerprint": fingerprint(data),
             "seed": seed,
-            "split_by": by,
+            "split_by": by if data.groups is not None else "image",
             "fractions": shares,
             **make_split(data, parsed, seed, by),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda tmp: tmp.write_text(json.dumps(split, indent=1) + "\n"))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, lambda tmp: tmp.write_text(json.dumps(split, indent=1) + "\n"))
+        except OSError as e:
+            raise DataError(f"split file {path}: cannot write it ({e.strerror})") from None
         return split
     try:
         split = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"split file {path}: not readable JSON ({e})") from None
-    if not isinstance(split, dict) or any(not isinstance(split.get(p), list) for p in PARTS):
-        raise DataError(f"split file {path}: expected the lists {', '.join(PARTS)}")
+    absent = [p for p in PARTS if not isinstance(split, dict) or not isinstance(split.get(p), list)]
+    if absent:
+        raise DataError(f"split file {path}: no list {absent[0]!r}; expected the lists {', '.join(PARTS)}")
     if split.get("fingerprint") != fingerprint(data):
         raise DataError(
             f"split file {path} was made from other data than this {data.name} (the ids, labels or "
@@ -490,15 +523,17 @@ def load_split(data, path, fractions="0.6,0.1,0.1,0.2", seed=0, by="lesion"):
         if split != {**split, **official_split(data)}:
             raise DataError(f"split file {path}: not the official split of {data.name} (hand-edited?)")
         return split
-    known, seen = set(data.ids), set()
+    known, seen = set(data.ids), {}
     for part in PARTS:
-        ids = set(split[part])
-        if len(ids) != len(split[part]) or not ids <= known or ids & seen:
-            raise DataError(
-                f"split file {path}: part {part} lists an image twice, an image the data does not have, "
-                "or one of another part"
-            )
-        seen |= ids
+        for image_id in split[part]:
+            if not isinstance(image_id, (str, int)) or image_id not in known:
+                raise DataError(
+                    f"split file {path}: part {part} lists image {image_id!r}, which the data lacks"
+                )
+            if image_id in seen:
+                where = "twice" if seen[image_id] == part else f"in another part too ({seen[image_id]})"
+                raise DataError(f"split file {path}: part {part} lists image {image_id!r} {where}")
+            seen[image_id] = part
     return split
 
 
@@ -705,6 +740,10 @@ def add_data_args(parser):
 
 def load_data(args):
     """The `Data` that --data, --data-root and --image-size name (the image size: files are decoded at it)."""
+    for flag, least in (("image_size", 1), ("workers", 0), ("split_seed", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < least:
+            raise DataError(f"--{flag.replace('_', '-')} {value}: must be at least {least}")
     if args.data == "digits":
         return load_digits()
     if args.data_root is None:

@@ -164,11 +164,15 @@ def parse_args(argv=None):
     for flag in ("epochs", "trials", "batch_size", "lr"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
+    if min(args.gamma, args.weight_decay) < 0:
+        raise UserError(f"--gamma {args.gamma:g}, --weight-decay {args.weight_decay:g}: must not be negative")
     recorded = read_backbone_file(args.ckpt) if args.ckpt else None
     resolve_backbone_args(args, "gn", datasets.DEFAULT_SIZE[args.data], recorded, args.ckpt)
     args.out = args.out or (
         args.ckpt.parent / "linear" if args.ckpt else Path("runs") / f"linear-{args.init}"
     )
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out}: a file, not a directory")
     return args
 
 

@@ -199,11 +199,14 @@ def save_checkpoint(args, run, method, optimizer, scaler):
         "rng": torch.get_rng_state(),
         "args": to_json(args),
     }
-    save_atomic(state, args.out / "last.pt")
+    try:
+        save_atomic(state, args.out / "last.pt")
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as either
+        raise UserError(f"cannot write {args.out / 'last.pt'} ({e}); the previous one is kept") from None
 
 
 def load_checkpoint(args, run, method, optimizer, scaler):
-    state = runs.load_checkpoint(args, MAY_CHANGE | {"epochs"})
+    state = runs.load_checkpoint(args, MAY_CHANGE | ({"epochs"} if args.cosine_epochs else set()))
     if state["progress"]["epoch"] - 1 > args.epochs:
         raise UserError(
             f"--epochs {args.epochs}: the run in {args.out} trained {state['progress']['epoch'] - 1}"
@@ -286,7 +289,15 @@ def parse_args(argv=None):
         return args
     recorded = read_backbone_file(args.init) if args.init.endswith(".pt") else None  # its arch, norm, stem
     resolve_backbone_args(args, "bn", datasets.DEFAULT_SIZE[args.data], recorded, args.init)
-    for flag in ("epochs", "batch_size", "eval_every", "lr", "image_size", "knn_k", "knn_t"):
+    for flag in (
+        "epochs",
+        "batch_size",
+        "eval_every",
+        "lr",
+        "image_size",
+        "knn_k",
+        "knn_t",
+    ):  # before any file
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
     if min(args.workers, args.weight_decay, args.momentum, args.warmup_epochs) < 0:
@@ -406,6 +417,8 @@ def main(argv=None):
     run = Progress(device)
     if args.resume and (args.out / "last.pt").exists():
         load_checkpoint(args, run, method, optimizer, scaler)
+    if args.resume and rank == 0:
+        runs.write_args(args)
     if rank == 0:
         announce(args, data, split, split_file, world, device, steps_per_epoch, run)
         if not run.history:  # row 0: the network as initialised, the floor that training must rise above

@@ -45,9 +45,15 @@ def claim_output(args):
             f"--out {args.out} holds another run: pass --resume to continue it, --force to replace it, "
             "or another --out"
         )
+    if not args.resume:  # at once: a run killed while it starts can be resumed
+        write_args(args)
+    return lock
+
+
+def write_args(args):
+    """DIR/args.json, what --resume restores. A resumed run writes it once its last.pt has proved good."""
     text = json.dumps(to_json(args), indent=1) + "\n"
     write_atomic(args.out / "args.json", lambda tmp: tmp.write_text(text))
-    return lock
 
 
 def restored_args(parser, argv, out, not_restored):
