@@ -34,6 +34,7 @@ import pytest
 import torch
 from PIL import Image
 from test_datasets import SAMPLE, read_rows, write_cifar, write_dermamnist, write_ham, write_isic
+from test_eval import eval_args
 
 import datasets
 import linear_eval
@@ -99,22 +100,6 @@ def ham_args(root, tmp, *extra):
     return data_args(
         "--data", "ham10000", "--data-root", root, "--image-size", SIZE, "--cache-dir", tmp / "cache", *extra
     )
-
-
-def eval_args(tmp, *extra):
-    return [
-        "--data",
-        "digits",
-        "--image-size",
-        "8",
-        "--cache-dir",
-        str(tmp / "cache"),
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        *map(str, extra),
-    ]
 
 
 @pytest.fixture(scope="module")
