@@ -221,7 +221,7 @@ def load_checkpoint(args, run, method, optimizer, scaler):
 # -------------------------------------------------------------------------------------------------- arguments
 
 
-def parse_args(argv=None):
+def make_parser():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -280,6 +280,13 @@ def parse_args(argv=None):
     )
     run_group.add_argument("--knn-k", type=int, default=200)
     run_group.add_argument("--knn-t", type=float, default=0.1)
+    return parser
+
+
+def parse_args(argv=None):
+    """The arguments, with every default resolved here: the backbone flags (from an --init .pt where given),
+    --out, a warm-up that fits the run; on --resume, the run's own, checked against the command line."""
+    parser = make_parser()
     args = parser.parse_args(argv)
     args.out = args.out or Path("runs") / f"{args.data}-{Path(args.init).stem}-{args.norm or 'bn'}"
     if args.resume:  # the run's own arguments, but for those the command line may change
