@@ -333,7 +333,7 @@ def parse_args(argv=None):
     add_backbone_args(parser, norm_default="gn")
     model = parser.add_argument_group("model: --ckpt, --init for a network as released, or --combine")
     model.add_argument("--ckpt", type=Path, help="backbone.pt or a backbone_epN.pt snapshot from pretrain.py")
-    model.add_argument("--init", choices=("bit-s", "bit-m", "scratch"), help="instead of --ckpt")
+    model.add_argument("--init", help="bit-s, bit-m or scratch, instead of --ckpt")
     model.add_argument(
         "--combine",
         nargs="+",
@@ -401,6 +401,8 @@ def parse_args(argv=None):
 
 def check_args(args):
     args.tune = [tune_strategy(text) for text in args.tune]
+    if args.init not in (None, "bit-s", "bit-m", "scratch"):  # not argparse's choices: --resume reads None
+        raise UserError(f"--init {args.init}: expected bit-s, bit-m or scratch")
     if sum(x is not None for x in (args.ckpt, args.init, args.combine)) != 1:
         raise UserError("give one of --ckpt FILE, --init bit-s|bit-m|scratch, --combine FILE FILE ...")
     if args.combine is not None and len(args.combine) < 2:
