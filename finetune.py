@@ -1,0 +1,524 @@
+"""Fine-tuning strategies (Khan & Fang 2023, "Revisiting Fine-Tuning Strategies for Self-supervised Medical
+Imaging Analysis", arXiv 2307.10915; REFERENCE §8): end-to-end, one quarter of the network at a time, the
+shallower network of the first three quarters, and several backbones combined under one head.
+
+    python finetune.py --ckpt runs/ham-bit-m/backbone.pt --data ham10000 --data-root PATH --tune q2
+    python finetune.py --ckpt ... --tune all | q1 | q2 | q3 | q4 | 0-75 | q1,q2      # one strategy per run
+    python finetune.py --init bit-m --data ham10000 --data-root PATH --tune all       # a baseline as released
+    python finetune.py --combine A/backbone.pt B/backbone.pt --tune q2 0-75 ...       # one head over both
+    python finetune.py --out DIR --resume                                            # after a crash or Ctrl-C
+    python linear_eval.py --compare runs/*/finetune-*/results.json runs/*/linear/results.json --out figures
+
+As linear_eval.py: the same data and split file (refused unless the backbone was pretrained with it), focal
+loss, the epoch chosen on `val` by balanced accuracy, `test` scored once with it, --trials seeds, and a
+results.json with the same keys, which `linear_eval.py --compare` draws beside the linear ones. DIR receives
+args.json, metrics.csv (a row per trial and epoch), last.pt (everything to resume) and results.json.
+"""
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
+
+import datasets
+import runs
+from bit_convert import add_backbone_args, frozen_backbone, read_backbone_file, resolve_backbone_args
+from common import (
+    UserError,
+    amp_dtype,
+    autocast,
+    focal_loss,
+    run,
+    save_atomic,
+    scores,
+    to_input,
+    to_json,
+    write_atomic,
+)
+
+# On --resume the run's own args.json is used, but for these, which come from the machine and the command line
+NOT_RESTORED = {"resume", "force", "device", "workers", "out"}
+MAY_CHANGE = NOT_RESTORED | {"download", "data_root", "cache_dir"}  # any other difference is an error
+DEFAULT_LR = {"sgd": 0.01, "adam": 1e-4}
+
+
+# ------------------------------------------------------------------------------------ quarters and strategies
+
+
+def quarter_bounds(units_per_block):
+    """Where each quarter of the network starts and ends, in units counted through all four blocks: four
+    groups by depth (REFERENCE §8), the first (units mod 4) of them one unit longer. R50's 16 units give
+    (0, 4, 8, 12, 16); R101's 33 give 9, 8, 8, 8; R152's 50 give 13, 13, 12, 12."""
+    n = sum(units_per_block)
+    sizes = [n // 4 + (q < n % 4) for q in range(4)]
+    return tuple(int(b) for b in np.cumsum([0] + sizes))
+
+
+def quarters(backbone):
+    """The units of each quarter, in order. The stem goes with q1 and the final norm with q4 (see Body)."""
+    units = [unit for block in backbone.blocks for unit in block]
+    bounds = quarter_bounds([len(block) for block in backbone.blocks])
+    return [units[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def tune_strategy(text):
+    """--tune: 'all' (end-to-end), '0-75' (the shallower network, all of it trained), or quarters joined by
+    commas ('q2', 'q1,q2'). Returned in a canonical spelling, so that equal strategies have equal names."""
+    if text in ("all", "0-75"):
+        return text
+    parts = text.split(",")
+    if not all(p in ("q1", "q2", "q3", "q4") for p in parts):
+        raise UserError(
+            f"--tune {text}: expected all, 0-75, or quarters q1 to q4 joined by commas (q2, q1,q2)"
+        )
+    return ",".join(sorted(set(parts)))
+
+
+class Body(nn.Module):
+    """The part of one backbone that the head sees, with only the chosen parameters trainable.
+
+    Quarter q (surgical fine-tuning, Lee et al. ICLR 2023): every parameter but those of quarter q's units
+    (plus the stem for q1, the final norm for q4) is frozen, and the frozen BatchNorm layers stay in eval
+    mode, so that their statistics do not move either. '0-75': the last quarter is removed and all that
+    remains trains. A pre-activation unit's output is not normalised (He et al. 2016, Fig. 4e): at the 75 %
+    point the features go through the first removed unit's own input norm and ReLU, the pretrained norm of
+    that width that the full network applies there, instead of the final norm, whose width is block 4's."""
+
+    def __init__(self, backbone, strategy):
+        super().__init__()
+        groups, shallow = quarters(backbone), strategy == "0-75"
+        self.stem = backbone.stem
+        self.units = nn.Sequential(*[unit for group in groups[: 3 if shallow else 4] for unit in group])
+        self.norm = groups[3][0].norm1 if shallow else backbone.norm
+        self.width = self.norm.weight.numel()
+        tuned = {"all": "q1,q2,q3,q4", "0-75": "q1,q2,q3"}.get(strategy, strategy).split(",")
+        self.requires_grad_(shallow)
+        for q in (int(name[1]) - 1 for name in tuned):
+            nn.ModuleList(groups[q]).requires_grad_(True)
+            extra = {0: self.stem, 3: self.norm}.get(q)
+            if extra is not None:
+                extra.requires_grad_(True)
+        self.frozen_norms = [
+            m
+            for m in self.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.weight.requires_grad
+        ]
+
+    def train(self, mode=True):
+        super().train(mode)
+        for norm in self.frozen_norms:
+            norm.train(False)
+        return self
+
+    def forward(self, x):
+        return F.relu(self.norm(self.units(self.stem(x)))).mean((2, 3))
+
+
+class FineTuned(nn.Module):
+    """One or several Bodies, their pooled features concatenated, and one new linear head over all of them,
+    initialised as linear_eval.py's classifier (normal, std 0.01; a zero head, as BiT's own fine-tuning uses,
+    would give the backbone no gradient at the first step)."""
+
+    def __init__(self, bodies, n_classes, seed):
+        super().__init__()
+        self.bodies = nn.ModuleList(bodies)
+        self.head = nn.Linear(sum(body.width for body in bodies), n_classes)
+        nn.init.normal_(self.head.weight, std=0.01, generator=torch.Generator().manual_seed(seed))
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x):
+        return self.head(torch.cat([body(x) for body in self.bodies], 1))
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+def train_subset(data, split, fraction, seed):
+    """--train-fraction: a stratified subset of the `train` part (scikit-learn's train_test_split), drawn from
+    the trial's seed alone, so that every strategy at that seed trains on the same images."""
+    index = datasets.indices(data, split, "train")
+    if fraction == 1:
+        return index
+    try:
+        kept, _ = train_test_split(index, train_size=fraction, stratify=data.labels[index], random_state=seed)
+    except ValueError:
+        raise UserError(
+            f"--train-fraction {fraction}: too few of the {len(index)} train images to keep one of each "
+            f"of the {len(data.classes)} classes"
+        ) from None
+    return np.sort(kept)
+
+
+def train_view(size):
+    """The usual augmentation of supervised training: a random resized crop and a horizontal flip."""
+    return datasets.v2.Compose([datasets.v2.RandomResizedCrop(size), datasets.v2.RandomHorizontalFlip()])
+
+
+def train_loader(data, index, seed, args, device):
+    """Batches of augmented train images in the order and with the views that the trial's seed and the epoch
+    fix (SeededSampler): a resumed run sees the batches it would have seen."""
+    images = datasets.ImageSet(data, index, [train_view(args.image_size)])
+    if len(images) < args.batch_size:
+        raise UserError(
+            f"--batch-size {args.batch_size}: more than the {len(images)} train images fine-tuned on"
+        )
+    sampler = datasets.SeededSampler(images, 1, 0, shuffle=True, seed=seed)
+    loader = torch.utils.data.DataLoader(
+        images,
+        args.batch_size,
+        sampler=sampler,
+        num_workers=args.workers,
+        drop_last=True,  # a batch of one would break BatchNorm in train mode
+        pin_memory=device.type == "cuda",
+        worker_init_fn=runs.ignore_signals,
+    )
+    return loader, sampler, len(images) // args.batch_size
+
+
+@torch.no_grad()
+def predict(model, images, device, batch_size=256):
+    model.eval()
+    with autocast(device):
+        logits = [
+            model(to_input(images[i : i + batch_size], device)) for i in range(0, len(images), batch_size)
+        ]
+    return torch.cat(logits).argmax(1).cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------------- training
+
+
+def build_model(backbones, args, n_classes, seed, device):
+    """Fresh copies of the loaded backbones, each cut and frozen as its --tune says, under one new head."""
+    strategies = args.tune * len(backbones) if len(args.tune) == 1 else args.tune
+    bodies = [Body(copy.deepcopy(backbone), s) for backbone, s in zip(backbones, strategies)]
+    model = FineTuned(bodies, n_classes, seed).to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def make_optimizer(model, args):
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "adam":
+        return torch.optim.Adam(trained, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(trained, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def learning_rate(done, total, args):
+    """A cosine from --lr to 0 over the trial's steps (Loshchilov & Hutter 2017), no warm-up."""
+    return args.lr * 0.5 * (1 + math.cos(math.pi * done / total))
+
+
+def train_step(model, images, labels, optimizer, scaler, args, device):
+    """One step of focal loss (Lin et al. 2017, gamma --gamma, paper §4.4) on a batch of uint8 images."""
+    with autocast(device):
+        logits = model(to_input(images, device))
+    loss = focal_loss(logits, labels.to(device), args.gamma)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+class Progress:
+    """Where the run stands, saved in last.pt: the trial (its seed), the next epoch and step, this epoch's
+    loss sum, the best val score so far with its epoch and weights, the finished trials and the metrics
+    rows."""
+
+    def __init__(self, seed):
+        self.seed, self.trials, self.history = seed, [], []
+        self.new_trial(seed)
+
+    def new_trial(self, seed):
+        self.seed, self.epoch, self.step, self.loss_sum = seed, 1, 0, 0.0
+        self.best_score, self.best_epoch, self.best_val, self.best_state = -1.0, 0, None, None
+
+    def state_dict(self):
+        return dict(vars(self))
+
+    def load_state_dict(self, state):
+        vars(self).update(state)
+
+
+def save_checkpoint(args, progress, model, optimizer, scaler):
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "progress": progress.state_dict(),
+        "args": to_json(args),
+    }
+    save_atomic(state, args.out / "last.pt")
+
+
+def train_trial(model, data, split, parts, args, progress, stop, device, resumed=None):
+    """Fine-tune for --epochs, choosing the epoch by balanced accuracy on `val` (the last epoch where `val` is
+    the test set, under an official protocol), then score `test` once with it. Returns the trial's record, or
+    None when a signal stopped the run (last.pt then holds everything to continue)."""
+    (val_images, val_labels), (test_images, test_labels) = parts
+    index = train_subset(data, split, args.train_fraction, progress.seed)
+    loader, sampler, steps = train_loader(data, index, progress.seed, args, device)
+    optimizer = make_optimizer(model, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scaler.load_state_dict(resumed["scaler"])
+    for epoch in range(progress.epoch, args.epochs + 1):
+        model.train()
+        sampler.set_epoch(epoch, start=progress.step * args.batch_size)
+        batches, tic = iter(loader), time.perf_counter()
+        for _ in tqdm(range(progress.step, steps), desc=f"trial {progress.seed}, epoch {epoch}", leave=False):
+            images, labels = next(batches)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate((epoch - 1) * steps + progress.step, args.epochs * steps, args)
+            progress.loss_sum += train_step(model, images, labels, optimizer, scaler, args, device).item()
+            progress.step += 1
+            if not math.isfinite(progress.loss_sum):
+                raise FloatingPointError(f"the loss became {progress.loss_sum} in epoch {epoch}; stopped")
+            if stop.requested(progress.step, steps):
+                save_checkpoint(args, progress, model, optimizer, scaler)
+                print(
+                    f"stopped by signal in epoch {epoch}, step {progress.step}; saved; continue with --resume"
+                )
+                return None
+        val_score = float(balanced_accuracy_score(val_labels, predict(model, val_images, device)))
+        end_epoch(progress, epoch, val_score, steps, time.perf_counter() - tic, model, args, split)
+        save_checkpoint(args, progress, model, optimizer, scaler)
+        runs.write_csv(args.out / "metrics.csv", progress.history)
+    model.load_state_dict(progress.best_state)
+    return {
+        "seed": progress.seed,
+        "best_epoch": progress.best_epoch,
+        "val_balanced_accuracy": progress.best_val,
+        "train_images": len(index),
+        **scores(test_labels, predict(model, test_images, device), len(data.classes)),
+    }
+
+
+def end_epoch(progress, epoch, val_score, steps, seconds, model, args, split):
+    """The epoch's metrics row; the model's weights kept if its val score is the best so far (the first epoch
+    of the best score), or always where val may not select."""
+    score = val_score if datasets.selects_on_val(split) else epoch
+    if score > progress.best_score:
+        progress.best_score, progress.best_epoch, progress.best_val = score, epoch, val_score
+        progress.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    row = {"trial": progress.seed, "epoch": epoch, "loss": progress.loss_sum / steps}
+    row |= {"lr": learning_rate(epoch * steps, args.epochs * steps, args), "val_bacc": val_score}
+    progress.history.append(row | {"epoch_s": seconds})
+    print(
+        f"trial {progress.seed}, epoch {epoch}: loss {row['loss']:.4f}, val balanced accuracy {val_score:.4f}"
+    )
+    progress.epoch, progress.step, progress.loss_sum = epoch + 1, 0, 0.0
+
+
+# -------------------------------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    datasets.add_data_args(parser)
+    add_backbone_args(parser, norm_default="gn")
+    model = parser.add_argument_group("model: --ckpt, --init for a network as released, or --combine")
+    model.add_argument("--ckpt", type=Path, help="backbone.pt or a backbone_epN.pt snapshot from pretrain.py")
+    model.add_argument("--init", help="bit-s, bit-m or scratch, instead of --ckpt")
+    model.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="BACKBONE",
+        help="two backbone files or more, pretrained with one split: each fine-tuned with its --tune, "
+        "their pooled features concatenated under one head, all trained together",
+    )
+    model.add_argument(
+        "--tune",
+        nargs="+",
+        default=["all"],
+        help="all (end-to-end, default); q1, q2, q3, q4 (that quarter of the units by depth and the head "
+        "train, the rest is frozen, its BatchNorm in eval mode; q1 holds the stem, q4 the final norm); "
+        "quarters joined by commas (q1,q2); 0-75 (the last quarter removed, all the rest trains). With "
+        "--combine: one strategy for every file, or one per file",
+    )
+    tuning = parser.add_argument_group("fine-tuning")
+    tuning.add_argument(
+        "--train-fraction",
+        type=float,
+        default=1.0,
+        help="fine-tune on a stratified fraction of the train part, the same images for every strategy "
+        "at one seed (default 1: all)",
+    )
+    tuning.add_argument("--epochs", type=int, default=40)
+    tuning.add_argument("--batch-size", type=int, default=64)
+    tuning.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    tuning.add_argument(
+        "--lr", type=float, help="peak of the cosine; default 0.01 for sgd (momentum 0.9), 1e-4 for adam"
+    )
+    tuning.add_argument("--momentum", type=float, default=0.9)
+    tuning.add_argument("--weight-decay", type=float, default=0.0)
+    tuning.add_argument(
+        "--gamma", type=float, default=4.0, help="focal loss gamma (paper §4.4); 0: cross-entropy"
+    )
+    tuning.add_argument("--trials", type=int, default=3, help="seeds --seed, --seed+1, ...")
+    run_group = parser.add_argument_group("run (figures: linear_eval.py --compare .../results.json ...)")
+    run_group.add_argument(
+        "--out", type=Path, help="default: finetune-TUNE/ beside --ckpt, else runs/finetune-INIT-TUNE"
+    )
+    run_group.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    run_group.add_argument(
+        "--force", action="store_true", help="start afresh in an --out that holds another run"
+    )
+    run_group.add_argument("--seed", type=int, default=0)
+    run_group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.resume:  # the run's own arguments, but for those the command line may change
+        if args.out is None:
+            raise UserError("--resume needs --out DIR, the directory of the run to continue")
+        args, saved = runs.restored_args(parser, argv, args.out, NOT_RESTORED)
+        runs.refuse_changes(args, saved, MAY_CHANGE)
+        return args
+    check_args(args)
+    resolve_backbones(args)
+    args.lr = args.lr or DEFAULT_LR[args.optimizer]
+    strategy = "_".join(t.replace(",", "+") for t in args.tune)
+    strategy += f"-f{args.train_fraction:g}" if args.train_fraction < 1 else ""
+    if args.ckpt:
+        args.out = args.out or args.ckpt.parent / f"finetune-{strategy}"
+    else:
+        args.out = args.out or Path("runs") / f"finetune-{args.init or 'combine'}-{strategy}"
+    return args
+
+
+def check_args(args):
+    args.tune = [tune_strategy(text) for text in args.tune]
+    if args.init not in (None, "bit-s", "bit-m", "scratch"):  # not argparse's choices: --resume reads None
+        raise UserError(f"--init {args.init}: expected bit-s, bit-m or scratch")
+    if sum(x is not None for x in (args.ckpt, args.init, args.combine)) != 1:
+        raise UserError("give one of --ckpt FILE, --init bit-s|bit-m|scratch, --combine FILE FILE ...")
+    if args.combine is not None and len(args.combine) < 2:
+        raise UserError(f"--combine {args.combine[0]}: give two backbone files or more (one: --ckpt)")
+    if len(args.tune) > 1 and len(args.tune) != len(args.combine or [None]):
+        raise UserError(
+            f"--tune {' '.join(args.tune)}: give one strategy, or one for each --combine file "
+            f"({len(args.combine or [None])})"
+        )
+    if not 0 < args.train_fraction <= 1:
+        raise UserError(f"--train-fraction {args.train_fraction:g}: must be above 0 and at most 1")
+    for flag in ("epochs", "trials", "batch_size", "lr", "image_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
+    if min(args.workers, args.weight_decay, args.momentum) < 0:
+        raise UserError("--workers, --weight-decay and --momentum must not be negative")
+
+
+def resolve_backbones(args):
+    """--arch, --norm, --cifar-stem and --image-size from the flags, else from the (first) checkpoint; a flag
+    that contradicts any of the checkpoints is refused (e.g. --norm bn for a GroupNorm file)."""
+    files = [args.ckpt] if args.ckpt else [Path(f) for f in args.combine or []]
+    records = [read_backbone_file(path) for path in files]
+    given = argparse.Namespace(**vars(args))
+    default_size = datasets.DEFAULT_SIZE[args.data]
+    resolve_backbone_args(
+        args, "gn", default_size, records[0] if files else None, files[0] if files else None
+    )
+    for path, record in zip(files[1:], records[1:]):  # each file keeps its own network; the image size is one
+        resolve_backbone_args(
+            argparse.Namespace(**{**vars(given), "image_size": args.image_size}), "gn", 0, record, path
+        )
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    data = datasets.load_data(args)
+    files = [args.ckpt] if args.ckpt else [Path(f) for f in args.combine or []]
+    loaded = [frozen_backbone(args, path) for path in files] or [frozen_backbone(args, init=args.init)]
+    metas = [meta for _, meta, _, _ in loaded]
+    split, split_file = datasets.pretraining_split(args, data, files[0] if files else None, metas)
+    lock = runs.claim_output(args)  # noqa: F841 (held until the process ends)
+    backbones = [backbone.to(device) for backbone, _, _, _ in loaded]
+    for backbone, meta in zip(backbones, metas):
+        datasets.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
+    parts = []
+    for part in ("val", "test"):
+        index = datasets.indices(data, split, part)
+        parts.append((datasets.eval_images(data, index, args.image_size, args.workers), data.labels[index]))
+    progress, resumed = Progress(args.seed), None
+    if args.resume and (args.out / "last.pt").exists():
+        resumed = runs.load_checkpoint(args, MAY_CHANGE)
+        progress.load_state_dict(resumed["progress"])
+    print(datasets.summary(data, split, split_file))
+    stop = runs.StopSignal()
+    while progress.seed < args.seed + args.trials:
+        model = build_model(backbones, args, len(data.classes), progress.seed, device)
+        if progress.seed == args.seed and not resumed:
+            announce(model, args, device)
+        trial = train_trial(model, data, split, parts, args, progress, stop, device, resumed)
+        if trial is None:
+            return 128 + stop.signum
+        progress.trials.append(trial)
+        progress.new_trial(progress.seed + 1)
+        resumed = None
+        print(
+            f"trial {trial['seed']}: epoch {trial['best_epoch']} chosen on val; test balanced accuracy "
+            f"{trial['balanced_accuracy']:.4f}, macro F1 {trial['macro_f1']:.4f}"
+        )
+    names = [name for _, _, name, _ in loaded]
+    write_results(args, " + ".join(names), data, split_file, progress.trials)
+    return 0
+
+
+def announce(model, args, device):
+    stem, precision = " cifar-stem" if args.cifar_stem else "", str(amp_dtype(device)).removeprefix("torch.")
+    for body, strategy in zip(
+        model.bodies, args.tune * len(model.bodies) if len(args.tune) == 1 else args.tune
+    ):
+        trained = sum(p.numel() for p in body.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in body.parameters())
+        print(f"--tune {strategy}: {trained:,} of the {total:,} parameters train, {body.width} features")
+    print(
+        f"{args.arch}/{args.norm}{stem} on {device}, {args.optimizer} lr {args.lr:g}, "
+        f"batch {args.batch_size}, {args.epochs} epochs, {args.trials} trial(s), {precision}"
+    )
+
+
+def write_results(args, name, data, split_file, trials):
+    """results.json with linear_eval.py's keys, so that its --compare draws both kinds side by side."""
+    fraction = f", {args.train_fraction:g} of train" if args.train_fraction < 1 else ""
+    metrics = ("balanced_accuracy", "macro_f1", "accuracy")
+    results = {
+        "model": f"{name}, fine-tuned {' / '.join(args.tune)}{fraction}",
+        "checkpoint": str(args.ckpt or args.init or " ".join(args.combine)),
+        "data": data.name,
+        "split_file": str(split_file),
+        "classes": list(data.classes),
+        "trials": trials,
+        "mean": {m: float(np.mean([t[m] for t in trials])) for m in metrics},
+        "std": {
+            m: float(np.std([t[m] for t in trials], ddof=1)) if len(trials) > 1 else 0.0 for m in metrics
+        },
+        "args": to_json(args),
+    }
+    write_atomic(args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1) + "\n"))
+    print(
+        f"{results['model']}: test balanced accuracy {results['mean']['balanced_accuracy']:.4f} ± "
+        f"{results['std']['balanced_accuracy']:.4f}, macro F1 {results['mean']['macro_f1']:.4f} ± "
+        f"{results['std']['macro_f1']:.4f} over {len(trials)} trial(s); wrote {args.out}/results.json"
+    )
+
+
+if __name__ == "__main__":
+    run(main)
