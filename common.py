@@ -5,6 +5,7 @@ backbone, BatchNorm statistics for a network that never trained, and the measure
 embedding spectrum and RankMe, focal loss, and the classification scores.
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -151,6 +152,22 @@ def normalised_std(z):
     the channels; about 1/sqrt(d) when the outputs spread over the sphere, 0 when they have collapsed to one
     point."""
     return F.normalize(z.float(), dim=1).std(0).mean()
+
+
+def write_results(out, results, trials):
+    """OUT/results.json, the file `linear_eval.py --compare` draws: `results` (model, checkpoint, data, ...),
+    the trials, and the mean and sample std of their test scores. Returns the line that summarises it."""
+    metrics = ("balanced_accuracy", "macro_f1", "accuracy")
+    mean = {m: float(np.mean([t[m] for t in trials])) for m in metrics}
+    std = {m: float(np.std([t[m] for t in trials], ddof=1)) if len(trials) > 1 else 0.0 for m in metrics}
+    text = json.dumps({**results, "trials": trials, "mean": mean, "std": std}, indent=1) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "results.json", lambda tmp: tmp.write_text(text))
+    return (
+        f"{results['model']}: test balanced accuracy {mean['balanced_accuracy']:.4f} ± "
+        f"{std['balanced_accuracy']:.4f}, macro F1 {mean['macro_f1']:.4f} ± {std['macro_f1']:.4f} over "
+        f"{len(trials)} trial(s); wrote {out / 'results.json'}"
+    )
 
 
 def focal_loss(logits, target, gamma=4.0):

@@ -17,7 +17,6 @@ args.json, metrics.csv (a row per trial and epoch), last.pt (everything to resum
 
 import argparse
 import copy
-import json
 import math
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from common import (
     scores,
     to_input,
     to_json,
-    write_atomic,
+    write_results,
 )
 
 # On --resume the run's own args.json is used, but for these, which come from the machine and the command line
@@ -333,7 +332,7 @@ def parse_args(argv=None):
     add_backbone_args(parser, norm_default="gn")
     model = parser.add_argument_group("model: --ckpt, --init for a network as released, or --combine")
     model.add_argument("--ckpt", type=Path, help="backbone.pt or a backbone_epN.pt snapshot from pretrain.py")
-    model.add_argument("--init", help="bit-s, bit-m or scratch, instead of --ckpt")
+    model.add_argument("--init", choices=("bit-s", "bit-m", "scratch"), help="instead of --ckpt")
     model.add_argument(
         "--combine",
         nargs="+",
@@ -401,8 +400,6 @@ def parse_args(argv=None):
 
 def check_args(args):
     args.tune = [tune_strategy(text) for text in args.tune]
-    if args.init not in (None, "bit-s", "bit-m", "scratch"):  # not argparse's choices: --resume reads None
-        raise UserError(f"--init {args.init}: expected bit-s, bit-m or scratch")
     if sum(x is not None for x in (args.ckpt, args.init, args.combine)) != 1:
         raise UserError("give one of --ckpt FILE, --init bit-s|bit-m|scratch, --combine FILE FILE ...")
     if args.combine is not None and len(args.combine) < 2:
@@ -477,7 +474,7 @@ def main(argv=None):
             f"{trial['balanced_accuracy']:.4f}, macro F1 {trial['macro_f1']:.4f}"
         )
     names = [name for _, _, name, _ in loaded]
-    write_results(args, " + ".join(names), data, split_file, progress.trials)
+    save_results(args, " + ".join(names), data, split_file, progress.trials)
     return 0
 
 
@@ -495,29 +492,18 @@ def announce(model, args, device):
     )
 
 
-def write_results(args, name, data, split_file, trials):
+def save_results(args, name, data, split_file, trials):
     """results.json with linear_eval.py's keys, so that its --compare draws both kinds side by side."""
     fraction = f", {args.train_fraction:g} of train" if args.train_fraction < 1 else ""
-    metrics = ("balanced_accuracy", "macro_f1", "accuracy")
     results = {
         "model": f"{name}, fine-tuned {' / '.join(args.tune)}{fraction}",
         "checkpoint": str(args.ckpt or args.init or " ".join(args.combine)),
         "data": data.name,
         "split_file": str(split_file),
         "classes": list(data.classes),
-        "trials": trials,
-        "mean": {m: float(np.mean([t[m] for t in trials])) for m in metrics},
-        "std": {
-            m: float(np.std([t[m] for t in trials], ddof=1)) if len(trials) > 1 else 0.0 for m in metrics
-        },
         "args": to_json(args),
     }
-    write_atomic(args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1) + "\n"))
-    print(
-        f"{results['model']}: test balanced accuracy {results['mean']['balanced_accuracy']:.4f} ± "
-        f"{results['std']['balanced_accuracy']:.4f}, macro F1 {results['mean']['macro_f1']:.4f} ± "
-        f"{results['std']['macro_f1']:.4f} over {len(trials)} trial(s); wrote {args.out}/results.json"
-    )
+    print(write_results(args.out, results, trials))
 
 
 if __name__ == "__main__":

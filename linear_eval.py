@@ -23,7 +23,7 @@ from sklearn.preprocessing import StandardScaler
 
 import datasets
 from bit_convert import add_backbone_args, frozen_backbone, read_backbone_file, resolve_backbone_args
-from common import UserError, embed, focal_loss, run, scores, to_json, write_atomic
+from common import UserError, embed, focal_loss, run, scores, to_json, write_atomic, write_results
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -109,7 +109,7 @@ def compare(paths, out):
     ax.set(
         ylim=(0, 1),
         ylabel="test score",
-        title=f"linear evaluation, {results[0]['data']} (mean ± std over trials)",
+        title=f"test scores, {results[0]['data']} (mean ± std over trials)",
     )
     ax.legend()
     fig.tight_layout()
@@ -211,22 +211,15 @@ def main(argv=None):
             f"trial {seed}: epoch {epoch} chosen on val; test balanced accuracy "
             f"{trials[-1]['balanced_accuracy']:.4f}, macro F1 {trials[-1]['macro_f1']:.4f}"
         )
-    metrics = ("balanced_accuracy", "macro_f1", "accuracy")
     results = {
         "model": name,
         "checkpoint": str(args.ckpt or args.init),
         "data": data.name,
         "split_file": str(split_file),
         "classes": list(data.classes),
-        "trials": trials,
-        "mean": {m: float(np.mean([t[m] for t in trials])) for m in metrics},
-        "std": {
-            m: float(np.std([t[m] for t in trials], ddof=1)) if len(trials) > 1 else 0.0 for m in metrics
-        },
         "args": to_json(args),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1) + "\n"))
+    summary = write_results(args.out, results, trials)
     confusion = np.sum([t["confusion"] for t in trials], axis=0)
     recall = confusion / confusion.sum(1, keepdims=True).clip(min=1)
     display = ConfusionMatrixDisplay(recall, display_labels=data.classes)
@@ -234,11 +227,7 @@ def main(argv=None):
     display.ax_.set_title(f"{name}\ntest, recall per true class, {args.trials} trial(s)", fontsize=9)
     display.figure_.tight_layout()
     write_atomic(args.out / "confusion.png", lambda tmp: display.figure_.savefig(tmp, dpi=110, format="png"))
-    print(
-        f"{name}: test balanced accuracy {results['mean']['balanced_accuracy']:.4f} ± "
-        f"{results['std']['balanced_accuracy']:.4f}, macro F1 {results['mean']['macro_f1']:.4f} ± "
-        f"{results['std']['macro_f1']:.4f} over {args.trials} trial(s); wrote {args.out}/results.json"
-    )
+    print(summary)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ def restored_args(parser, argv, out, not_restored):
     if not isinstance(saved, dict):
         raise UserError(f"--resume: {out / 'args.json'} is not a dict of arguments")
     for action in parser._actions:  # argparse checks the command line, not defaults: check the saved values
-        if action.choices and action.dest in saved and saved[action.dest] not in action.choices:
+        value = saved.get(action.dest)
+        if action.choices and value is not None and value not in action.choices:
             raise UserError(
                 f"--resume: {out / 'args.json'}: {action.dest} = {saved[action.dest]!r} is not one of "
                 f"{', '.join(map(str, action.choices))}"
