@@ -121,51 +121,43 @@ def test_shrink_outside_zero_one_is_a_one_line_error(factor):
 # -------------------------------------------------------------------------------- filter selection (Ciga)
 
 
+NORM_AFTER = {"conv1": "norm2", "conv2": "norm3"}  # REFERENCE §2: the unit's norm-ReLU-conv order
+NORM_TENSORS = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}  # and a fresh BN's
+
+
 def test_select_filters_keeps_the_responding_filters_and_reinitialises_the_rest():
     torch.manual_seed(0)
     model = randomize_norms(bc.resnet_v2("r50x1", norm="bn"))
-    silent = {"blocks.0.0.conv1": torch.arange(0, 64, 2), "blocks.2.3.conv2": torch.arange(128)}
-    units = {"blocks.0.0.conv1": model.blocks[0][0], "blocks.2.3.conv2": model.blocks[2][3]}
     with torch.no_grad():  # a zero kernel standardises to zero: its filter's output, hence its score, is 0
-        model.blocks[0][0].conv1.weight[silent["blocks.0.0.conv1"]] = 0
-        model.blocks[2][3].conv2.weight[silent["blocks.2.3.conv2"]] = 0
+        model.blocks[0][0].conv1.weight[0::2] = 0
+        model.blocks[2][3].conv2.weight[:128] = 0
     before = copy.deepcopy(model)
     images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8)
     kept = bc.select_filters(model, images, 0.5, torch.device("cpu"), torch.Generator().manual_seed(1))
 
     assert torch.equal(kept["blocks.0.0.conv1"], torch.arange(1, 64, 2))
     assert torch.equal(kept["blocks.2.3.conv2"], torch.arange(128, 256))
-    assert len(kept) == 2 * 16 and all(
-        len(k) == round(0.5 * len(model.get_submodule(n).weight)) for n, k in kept.items()
-    )
-    assert model.training  # the mode is restored
+    assert len(kept) == 2 * 16 and model.training  # conv1 and conv2 of 16 units; the mode restored
+    touched = set()
     for name, keep in kept.items():
         conv, old_conv = model.get_submodule(name), before.get_submodule(name)
-        unit, norm_name = name.rsplit(".", 1)[0], {"conv1": "norm2", "conv2": "norm3"}[name[-5:]]
-        norm, old_norm = (
-            model.get_submodule(f"{unit}.{norm_name}"),
-            before.get_submodule(f"{unit}.{norm_name}"),
-        )
+        norm_name = f"{name.rsplit('.', 1)[0]}.{NORM_AFTER[name[-5:]]}"
+        norm, old_norm = model.get_submodule(norm_name), before.get_submodule(norm_name)
+        assert len(keep) == conv.out_channels // 2
         dropped = torch.tensor(sorted(set(range(conv.out_channels)) - set(keep.tolist())))
         bound = 1 / math.sqrt(conv.weight[0].numel())  # PyTorch's Conv2d init: U(-1/sqrt(fan_in), ...)
         assert torch.equal(conv.weight[keep], old_conv.weight[keep])
-        assert conv.weight[dropped].abs().max() <= bound and not torch.equal(
-            conv.weight[dropped], old_conv.weight[dropped]
-        )
-        assert conv.weight[dropped].std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
-        for attr, fresh in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+        fresh = conv.weight[dropped]
+        assert fresh.abs().max() <= bound and not torch.equal(fresh, old_conv.weight[dropped])
+        assert fresh.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+        for attr, value in NORM_TENSORS.items():
             assert torch.equal(getattr(norm, attr)[keep], getattr(old_norm, attr)[keep]), (name, attr)
-            assert torch.all(getattr(norm, attr)[dropped] == fresh), (name, attr)
-    touched = {f"{n}.weight" for n in kept} | {
-        f"{n.rsplit('.', 1)[0]}.{ {'conv1': 'norm2', 'conv2': 'norm3'}[n[-5:]] }.{a}"
-        for n in kept
-        for a in ("weight", "bias", "running_mean", "running_var")
-    }
+            assert torch.all(getattr(norm, attr)[dropped] == value), (name, attr)
+        touched |= {f"{name}.weight"} | {f"{norm_name}.{attr}" for attr in NORM_TENSORS}
     old_state = before.state_dict()
     for key, value in model.state_dict().items():
-        if key not in touched:
-            assert torch.equal(value, old_state[key]), key  # stem, conv3, projections, norm1, final norm
-    del units
+        if key not in touched:  # stem, conv3, projections, norm1, the final norm, every BN statistic
+            assert torch.equal(value, old_state[key]), key
 
 
 @pytest.mark.parametrize("fraction", [0, -0.1, 1.2])
