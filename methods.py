@@ -103,14 +103,14 @@ class IterNorm(nn.Module):
     over all N*H*W positions, one group of all C channels (as Hassanpour et al.'s code, REFERENCE §7), then a
     learnable per-channel affine. Sigma = cov + eps I is divided by its trace, so that Newton's iterations
     P_(k+1) = 1.5 P_k - 0.5 P_k^3 Sigma_N from P_0 = I converge (every eigenvalue of Sigma_N is in (0, 1]);
-    Sigma^(-1/2) ~ P_T / sqrt(tr Sigma). With T = 5 the whitening is partial along the smallest eigenvalues,
-    a trade-off Huang et al. chose: only matrix products, whose gradient stays stable where an
+    Sigma^(-1/2) ~ P_T / sqrt(tr Sigma). With T = 5 the whitening is partial along the smallest eigenvalues, a
+    trade-off Huang et al. chose: only matrix products, whose gradient stays stable where an
     eigendecomposition's does not, and no exact whitening of a small batch. Keep T small: this (uncoupled)
-    Newton iteration amplifies rounding errors; in float32 it diverged within 10 iterations on a 6 x 6
-    covariance of condition number 430, within 20 at condition number 6 (measured). Eval mode uses running
-    averages of the mean and of the whitening matrix (momentum 0.1; None: a cumulative average, as
-    BatchNorm's, for estimating them over a dataset). Computed in float32 under autocast; over the local
-    batch under DDP (nothing is gathered)."""
+    Newton iteration amplifies rounding errors; in float32, on a 6 x 6 covariance of condition number 6, its
+    error fell to 1e-5 after 10 iterations, rose to 0.08 after 20 and was NaN after 40; at condition number
+    430 it blew up within 10 (measured). Eval mode uses running averages of the mean and of the whitening
+    matrix (momentum 0.1; None: a cumulative average, as BatchNorm's, for estimating them over a dataset).
+    Computed in float32 under autocast; over the local batch under DDP (nothing is gathered)."""
 
     def __init__(self, num_features, iterations=5, eps=1e-5, momentum=0.1):
         super().__init__()
