@@ -16,6 +16,7 @@ paper's fix.
 
 import argparse
 import hashlib
+import math
 import os
 import zipfile
 from collections import OrderedDict
@@ -27,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, run, save_atomic
+from common import UserError, autocast, run, save_atomic, to_input
 
 ARCHS = {  # name: (units in each of the four blocks, width factor)
     "r50x1": ((3, 4, 6, 3), 1),
@@ -363,6 +364,107 @@ def build_backbone(
             f"--init {init!r}: expected scratch, bit-s, bit-m, a BiT .npz or a .pt backbone file"
         )
     return zero_init_last(model) if zero_init else model
+
+
+# ------------------------------------------------ before a second pretraining: reconstructions of Ciga et al.
+
+
+def shrink(model, factor, noise_std=0.0, generator=None):
+    """Ciga, Xu & Martel (2021)'s "weight scaling", as reconstructed (their definition is not public,
+    REFERENCE §7): Ash & Adams's "shrink and perturb" (NeurIPS 2020), theta <- factor * theta + noise,
+    noise ~ N(0, noise_std^2), on every parameter of the backbone: conv kernels and norm gamma/beta alike.
+    Buffers (BatchNorm statistics) are left as they are. Returns the model.
+
+    What it does to BiT. (1) The kernels: a weight-standardised conv divides its kernel's scale out, so
+    scaling them leaves the forward pass unchanged, while the gradient of a scale-invariant function scales as
+    1/factor and the relative step of SGD on it as 1/factor^2: the pretrained filters become easier to move,
+    the first effect Ash & Adams describe, here exact and without touching the function. (2) The norms: each
+    norm's output becomes factor times what it was (gamma and beta both scaled, and ReLU commutes with a
+    positive factor), so every residual branch (through norm3 and conv3) and every projection shortcut
+    (through norm1) is multiplied by factor: the network moves toward identity shortcuts, i.e. toward the
+    zero-init-last start (Goyal et al. 2017), which is the "shrink toward a fresh start" of Ash & Adams.
+    norm2's factor is removed again by norm3, and the final norm's only scales the features (cosines and kNN
+    do not see it). With --no-ws the kernels of conv3 and of the projections scale the branches too. Noise on
+    a standardised kernel acts relative to each filter's own spread, which differs between layers: keep
+    noise_std small. BatchNorm running statistics no longer match the scaled inputs: estimate them again
+    (common.estimate_bn_statistics) before anything runs in eval mode.
+    """
+    if not 0 < factor <= 1:
+        raise UserError(f"--shrink {factor}: expected a factor in (0, 1] (1 leaves the weights as they are)")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(factor)
+            if noise_std:
+                param.add_(noise_std * torch.randn(param.shape, generator=generator).to(param))
+    return model
+
+
+def bottleneck_convs(model):
+    """{name: (conv, the norm that normalises its output alone)}: conv1 -> norm2 and conv2 -> norm3 of every
+    unit. conv3, the projections and the stem write into the residual stream, where a channel is the sum of
+    many convs' outputs: no single filter owns it, so they are not selected."""
+    return {
+        f"blocks.{b}.{u}.{name}": (getattr(unit, name), norm)
+        for b, block in enumerate(model.blocks)
+        for u, unit in enumerate(block)
+        for name, norm in (("conv1", unit.norm2), ("conv2", unit.norm3))
+    }
+
+
+@torch.no_grad()
+def filter_scores(model, images, device, batch_size=256):
+    """{conv name: mean |output| of each filter} over uint8 `images` (N, 3, H, W), with the batch statistics
+    of these images (train mode), the BatchNorm running statistics kept as they were. Measured before the
+    norm: after a BatchNorm in train mode every channel has mean 0 and variance 1 over the batch, so its mean
+    |activation| is the same for every filter and selects nothing; a standardised kernel has unit spread, so
+    the output's magnitude is the filter's response to these images."""
+    convs, sums, counts = bottleneck_convs(model), {}, {}
+
+    def hook(name):
+        def accumulate(conv, inputs, out):
+            sums[name] = sums.get(name, 0) + out.float().abs().sum((0, 2, 3))
+            counts[name] = counts.get(name, 0) + out.numel() // out.shape[1]
+
+        return accumulate
+
+    handles = [conv.register_forward_hook(hook(name)) for name, (conv, _) in convs.items()]
+    statistics, was_training = {k: v.clone() for k, v in model.named_buffers()}, model.training
+    model.train()
+    try:
+        with autocast(device):
+            for i in range(0, len(images), batch_size):
+                model(to_input(images[i : i + batch_size], device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.load_state_dict(statistics, strict=False)
+        model.train(was_training)
+    return {name: sums[name] / counts[name] for name in convs}
+
+
+def select_filters(model, images, fraction, device, generator=None):
+    """Ciga, Xu & Martel (2021)'s "filter selection", as reconstructed (their definition is not public,
+    REFERENCE §7): score every filter of conv1 and conv2 in each unit on target-domain images (filter_scores),
+    keep the top `fraction` of each conv (rounded, at least one filter), and re-initialise the rest as a fresh
+    resnet_v2 would: the dropped filters' kernel rows drawn as PyTorch draws a Conv2d's kernel
+    (kaiming_uniform_, a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))), their norm's gamma 1 and beta 0 and,
+    for BatchNorm, running mean 0 and variance 1. The next conv's weights that read a dropped channel are
+    kept. Returns {conv name: the kept filters' indices}, for the log."""
+    if not 0 < fraction <= 1:
+        raise UserError(f"--select-filters {fraction}: expected a fraction in (0, 1] of the filters to keep")
+    scores, kept = filter_scores(model, images, device), {}
+    with torch.no_grad():
+        for name, (conv, norm) in bottleneck_convs(model).items():
+            n_keep = max(1, round(fraction * conv.out_channels))
+            order = scores[name].argsort(descending=True).cpu()
+            kept[name], dropped = order[:n_keep].sort().values, order[n_keep:]
+            fresh = torch.empty(conv.weight.shape)
+            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+            conv.weight[dropped] = fresh[dropped].to(conv.weight)
+            norm.weight[dropped], norm.bias[dropped] = 1.0, 0.0
+            if getattr(norm, "running_mean", None) is not None:
+                norm.running_mean[dropped], norm.running_var[dropped] = 0.0, 1.0
+    return kept
 
 
 def add_backbone_args(parser, norm_default):

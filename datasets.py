@@ -663,6 +663,36 @@ def eval_images(data, index, size, workers=0):
     return torch.cat([images for images, _ in loader])
 
 
+class LocatedCrop:
+    """A random resized crop and a horizontal flip that say where the view came from, for losses that match
+    regions between views (methods.matched_regions). The crop is torchvision's RandomResizedCrop (its own
+    parameter sampling, so the same distribution); `then` (e.g. the colour steps) runs on the result. Returns
+    (image, box, flipped): box the crop as (x0, y0, x1, y1) in the source image's normalised coordinates, a
+    float32 tensor, and flipped whether the view was mirrored. Flipping before the colour steps rather than
+    after, as simsiam_view does, draws the same views: colour, grey and blur do not see left from right."""
+
+    def __init__(self, size, scale=(0.2, 1.0), then=None):
+        self.crop, self.size, self.then = v2.RandomResizedCrop(size, scale=scale), size, then
+
+    def __call__(self, image):
+        width, height = image.size
+        p = self.crop.make_params([image])
+        top, left, h, w = p["top"], p["left"], p["height"], p["width"]
+        view = v2.functional.resized_crop(image, top, left, h, w, [self.size] * 2)
+        box = torch.tensor([left / width, top / height, (left + w) / width, (top + h) / height])
+        flipped = bool(torch.rand(1) < 0.5)
+        if flipped:
+            view = v2.functional.horizontal_flip(view)
+        return (self.then(view) if self.then else view), box, flipped
+
+
+def located_view(size):
+    """A MoCo v2 view (Chen et al. 2020, "Improved Baselines"; the same recipe as SimSiam's, REFERENCE §3)
+    that records its crop and flip: LocatedCrop, then simsiam_view's own colour, grey and blur steps (the
+    steps between its crop and its flip), so that the two recipes cannot drift apart."""
+    return LocatedCrop(size, then=v2.Compose(simsiam_view(size).transforms[1:-1]))
+
+
 # ----------------------------------------------------------------------------- embedded parts, for evaluation
 
 

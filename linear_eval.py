@@ -107,9 +107,7 @@ def compare(paths, out):
         )
     ax.set_xticks(x, [r["model"] for r in results], rotation=20, ha="right", fontsize=8)
     ax.set(
-        ylim=(0, 1),
-        ylabel="test score",
-        title=f"test scores, {results[0]['data']} (mean ± std over trials)",
+        ylim=(0, 1), ylabel="test score", title=f"test scores, {results[0]['data']} (mean ± std over trials)"
     )
     ax.legend()
     fig.tight_layout()

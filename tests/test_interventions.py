@@ -1,0 +1,412 @@
+"""The four interventions of issue 9, functions of the weights and of the views: Ciga et al.'s weight scaling
+and filter selection (reconstructions, REFERENCE §7), Hassanpour et al.'s whitening (IterNorm) and local
+loss.
+Expectations come from formulas, NumPy or hand-made geometry, never from the code's own output."""
+
+import copy
+import math
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import bit_convert as bc
+import datasets
+import methods
+from common import UserError
+
+
+def randomize_norms(model, seed=0):
+    """Pretrained-looking norms: gamma and beta (and BN statistics) away from their defaults."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def one_line_user_error(call, *words):
+    with pytest.raises(UserError) as e:
+        call()
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words)
+
+
+# ------------------------------------------------------------------------------------------- shrink (Ciga)
+
+
+def small_net(norm):
+    """Three BiT units (one with a projection and a stride) and a final norm: a ResNetV2 in miniature."""
+    torch.manual_seed(0)
+    make_norm = partial(nn.GroupNorm, 4) if norm == "gn" else nn.BatchNorm2d
+    units = [(16, 8, 32, 1), (32, 8, 32, 1), (32, 16, 64, 2)]
+    net = nn.Sequential(*[bc.PreActBottleneck(*u, make_norm, bc.StdConv2d) for u in units], make_norm(64))
+    return randomize_norms(net)
+
+
+def test_shrink_multiplies_every_parameter_and_keeps_every_buffer():
+    model = small_net("bn")
+    before = copy.deepcopy(model)
+    bc.shrink(model, 0.4)
+    for (name, new), old in zip(model.named_parameters(), before.parameters()):
+        np.testing.assert_allclose(new.detach().numpy(), 0.4 * old.detach().numpy(), rtol=1e-6, err_msg=name)
+    for (name, new), old in zip(model.named_buffers(), before.buffers()):
+        assert torch.equal(new, old), name
+
+
+def test_shrink_perturbs_with_gaussian_noise_of_the_given_std():
+    model = small_net("bn")
+    before = copy.deepcopy(model)
+    bc.shrink(model, 0.5, noise_std=0.01, generator=torch.Generator().manual_seed(0))
+    noise = torch.cat(
+        [(new - 0.5 * old).flatten() for new, old in zip(model.parameters(), before.parameters())]
+    )
+    assert len(noise) > 8000  # the std's estimate is then within 2.4 % of the truth (3 standard errors)
+    assert abs(noise.mean().item()) < 4e-4 and noise.std().item() == pytest.approx(0.01, rel=0.024)
+
+
+def test_shrinking_the_kernels_of_a_ws_network_changes_nothing_but_the_norms_do():
+    """A weight-standardised conv divides its kernel's scale out: the shrunk network computes what the
+    network with only its norms' gamma/beta scaled computes, and that differs from the original."""
+    net, x = small_net("gn"), torch.randn(2, 16, 8, 8)
+    shrunk, norms_only = bc.shrink(copy.deepcopy(net), 0.3), copy.deepcopy(net)
+    with torch.no_grad():
+        for m in norms_only.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.weight.mul_(0.3), m.bias.mul_(0.3)
+        expected, original, out = norms_only(x), net(x), shrunk(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert (out - original).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("cin, cout, stride", [(16, 16, 1), (16, 32, 2)])
+def test_shrink_scales_each_residual_branch_and_each_projection(cin, cout, stride):
+    """A unit without projection: x + f * branch(x); with one (shortcut and branch read norm1): f * out."""
+    torch.manual_seed(0)
+    unit = bc.PreActBottleneck(cin, 8, cout, stride, partial(nn.GroupNorm, 4), bc.StdConv2d)
+    randomize_norms(unit)
+    x = torch.randn(3, cin, 6, 6)
+    with torch.no_grad():
+        old = unit(x)
+        new = bc.shrink(unit, 0.25)(x)
+    expected = 0.25 * old if unit.proj is not None else x + 0.25 * (old - x)
+    torch.testing.assert_close(new, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_shrinking_a_standardised_kernel_divides_its_gradient_by_the_factor():
+    """The effective step: the gradient of a scale-invariant function scales as 1/factor, so SGD moves the
+    shrunk kernel 1/factor^2 further relative to its size."""
+    torch.manual_seed(0)
+    conv, x, r = bc.StdConv2d(4, 6, 3, padding=1), torch.randn(2, 4, 5, 5), torch.randn(2, 6, 5, 5)
+    (conv(x) * r).sum().backward()
+    before = conv.weight.grad.clone()
+    conv.weight.grad = None
+    bc.shrink(conv, 0.5)
+    (conv(x) * r).sum().backward()
+    torch.testing.assert_close(conv.weight.grad, before / 0.5, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("factor", [0, -0.5, 1.5])
+def test_shrink_outside_zero_one_is_a_one_line_error(factor):
+    one_line_user_error(lambda: bc.shrink(nn.Linear(2, 2), factor), "--shrink", "(0, 1]")
+
+
+# -------------------------------------------------------------------------------- filter selection (Ciga)
+
+
+NORM_AFTER = {"conv1": "norm2", "conv2": "norm3"}  # REFERENCE §2: the unit's norm-ReLU-conv order
+NORM_TENSORS = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}  # and a fresh BN's
+
+
+def test_select_filters_keeps_the_responding_filters_and_reinitialises_the_rest():
+    torch.manual_seed(0)
+    model = randomize_norms(bc.resnet_v2("r50x1", norm="bn"))
+    with torch.no_grad():  # a zero kernel standardises to zero: its filter's output, hence its score, is 0
+        model.blocks[0][0].conv1.weight[0::2] = 0
+        model.blocks[2][3].conv2.weight[:128] = 0
+    before = copy.deepcopy(model)
+    images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8)
+    kept = bc.select_filters(model, images, 0.5, torch.device("cpu"), torch.Generator().manual_seed(1))
+
+    assert torch.equal(kept["blocks.0.0.conv1"], torch.arange(1, 64, 2))
+    assert torch.equal(kept["blocks.2.3.conv2"], torch.arange(128, 256))
+    assert len(kept) == 2 * 16 and model.training  # conv1 and conv2 of 16 units; the mode restored
+    touched = set()
+    for name, keep in kept.items():
+        conv, old_conv = model.get_submodule(name), before.get_submodule(name)
+        norm_name = f"{name.rsplit('.', 1)[0]}.{NORM_AFTER[name[-5:]]}"
+        norm, old_norm = model.get_submodule(norm_name), before.get_submodule(norm_name)
+        assert len(keep) == conv.out_channels // 2
+        dropped = torch.tensor(sorted(set(range(conv.out_channels)) - set(keep.tolist())))
+        bound = 1 / math.sqrt(conv.weight[0].numel())  # PyTorch's Conv2d init: U(-1/sqrt(fan_in), ...)
+        assert torch.equal(conv.weight[keep], old_conv.weight[keep])
+        fresh = conv.weight[dropped]
+        assert fresh.abs().max() <= bound and not torch.equal(fresh, old_conv.weight[dropped])
+        assert fresh.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+        for attr, value in NORM_TENSORS.items():
+            assert torch.equal(getattr(norm, attr)[keep], getattr(old_norm, attr)[keep]), (name, attr)
+            assert torch.all(getattr(norm, attr)[dropped] == value), (name, attr)
+        touched |= {f"{name}.weight"} | {f"{norm_name}.{attr}" for attr in NORM_TENSORS}
+    old_state = before.state_dict()
+    for key, value in model.state_dict().items():
+        if key not in touched:  # stem, conv3, projections, norm1, the final norm, every BN statistic
+            assert torch.equal(value, old_state[key]), key
+
+
+@pytest.mark.parametrize("fraction", [0, -0.1, 1.2])
+def test_select_filters_outside_zero_one_is_a_one_line_error(fraction):
+    call = lambda: bc.select_filters(None, None, fraction, torch.device("cpu"))  # noqa: E731
+    one_line_user_error(call, "--select-filters", "(0, 1]")
+
+
+# ------------------------------------------------------------------------------- IterNorm (Hassanpour, Huang)
+
+
+def correlated_batch(seed=0, n=16, c=6, hw=4):
+    """Channels mixed by a random rotation with variances 1 to 4: correlated, and well conditioned."""
+    g = torch.Generator().manual_seed(seed)
+    rotation = torch.linalg.qr(torch.randn(c, c, generator=g))[0]
+    mixing = rotation * torch.linspace(1, 2, c)
+    z = torch.randn(n, c, hw, hw, generator=g)
+    return torch.einsum("dc,nchw->ndhw", mixing, z) + torch.randn(1, c, 1, 1, generator=g) * 3
+
+
+def positions(x):
+    """(N*H*W, C) float64 NumPy: one row per position."""
+    return x.detach().double().numpy().transpose(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def numpy_zca(rows, eps=1e-5):
+    """(mean, Sigma^(-1/2)) by an eigendecomposition, Sigma = the biased covariance + eps I."""
+    mean = rows.mean(0)
+    sigma = np.cov(rows - mean, rowvar=False, bias=True) + eps * np.eye(rows.shape[1])
+    values, vectors = np.linalg.eigh(sigma)
+    return mean, vectors @ np.diag(values**-0.5) @ vectors.T
+
+
+def test_iternorm_whitens_a_batch_closer_with_every_iteration_and_converges_to_zca():
+    x = correlated_batch()
+    errors = []
+    for t in (1, 2, 3, 5, 10):
+        out = positions(methods.IterNorm(6, iterations=t).train()(x))
+        errors.append(np.abs(np.cov(out, rowvar=False, bias=True) - np.eye(6)).max())
+    assert all(a > b for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-3
+    assert errors[3] < 0.1  # T = 5, the default: nearly there on a well-conditioned batch
+    mean, inv_sqrt = numpy_zca(positions(x))
+    np.testing.assert_allclose(out, (positions(x) - mean) @ inv_sqrt.T, atol=2e-3)
+
+
+def test_iternorm_affine_is_per_channel():
+    x, norm = correlated_batch(), methods.IterNorm(6)
+    plain = norm(x).detach()
+    with torch.no_grad():
+        norm.weight.copy_(torch.arange(1.0, 7.0)), norm.bias.copy_(torch.arange(6.0) - 3)
+    expected = plain * torch.arange(1.0, 7.0)[:, None, None] + (torch.arange(6.0) - 3)[:, None, None]
+    torch.testing.assert_close(norm(x), expected)
+
+
+def test_iternorm_eval_mode_uses_the_running_statistics():
+    x, y = correlated_batch(0), correlated_batch(1)
+    norm = methods.IterNorm(6, iterations=10).train()
+    norm(x)
+    mean, inv_sqrt = numpy_zca(positions(x))
+    running_mean, running_whitening = 0.1 * mean, 0.9 * np.eye(6) + 0.1 * inv_sqrt  # momentum 0.1 from (0, I)
+    np.testing.assert_allclose(norm.running_mean.double().numpy(), running_mean, atol=1e-5)
+    np.testing.assert_allclose(norm.running_whitening.double().numpy(), running_whitening, atol=1e-4)
+    out = positions(norm.eval()(y))
+    np.testing.assert_allclose(out, (positions(y) - running_mean) @ running_whitening.T, rtol=1e-4, atol=1e-4)
+    assert np.abs(out - positions(norm.train()(y))).max() > 0.1  # train mode would use y's own statistics
+
+
+def test_iternorm_momentum_none_is_a_cumulative_average_and_reset_starts_afresh():
+    norm = methods.IterNorm(6, momentum=None)
+    batches = [correlated_batch(s) for s in range(3)]
+    for x in batches:
+        norm(x)
+    expected = np.mean([positions(x).mean(0) for x in batches], axis=0)
+    np.testing.assert_allclose(norm.running_mean.double().numpy(), expected, atol=1e-5)
+    norm.reset_running_stats()
+    assert torch.equal(norm.running_whitening, torch.eye(6)) and not norm.running_mean.any()
+
+
+def test_gradients_flow_through_iternorm_into_input_and_affine():
+    x = correlated_batch().requires_grad_()
+    norm = methods.IterNorm(6)
+    (norm(x) * torch.randn(x.shape)).sum().backward()
+    for grad in (x.grad, norm.weight.grad, norm.bias.grad):
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_whiten_replaces_the_final_norm_and_refuses_groupnorm():
+    backbone = bc.resnet_v2("r50x1", norm="bn")
+    blocks = backbone.blocks
+    methods.whiten(backbone)
+    assert isinstance(backbone.norm, methods.IterNorm) and backbone.norm.num_features == 2048
+    assert backbone.blocks is blocks and not any(isinstance(m, methods.IterNorm) for m in blocks.modules())
+    one_line_user_error(lambda: methods.whiten(bc.resnet_v2("r50x1", norm="gn")), "--whiten", "--norm bn")
+
+
+# ------------------------------------------------------------------------- local loss (Hassanpour): geometry
+
+
+def ramp_image(width=256, height=192):
+    """R = the column, G = the row: every pixel says where it is."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    return Image.fromarray(np.stack([cols, rows, np.zeros_like(cols)], -1).astype(np.uint8))
+
+
+def test_located_crop_returns_the_box_and_flip_that_made_the_view():
+    source, size = ramp_image(), 64
+    crop, flips = datasets.LocatedCrop(size), set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        view, box, flipped = crop(source)
+        flips.add(flipped)
+        x0, y0, x1, y1 = box.tolist()
+        pixels = np.asarray(view).astype(float)
+        c = np.arange(2, size - 2)  # away from the borders, where resampling filters are cut off
+        u = x0 + (c + 0.5) / size * (x1 - x0)  # normalised source x of each view column
+        u = u[::-1] if flipped else u
+        v = y0 + (c + 0.5) / size * (y1 - y0)
+        np.testing.assert_allclose(pixels[size // 2, c, 0], u * 256 - 0.5, atol=1.0)
+        np.testing.assert_allclose(pixels[c, size // 2, 1], v * 192 - 0.5, atol=1.0)
+    assert flips == {True, False}
+
+
+def test_located_view_adds_simsiam_colour_steps_after_the_crop():
+    def names(transforms):
+        return [type(getattr(t, "transforms", [t])[0]).__name__ for t in transforms]
+
+    assert names(datasets.located_view(64).then.transforms) == [
+        "ColorJitter",
+        "RandomGrayscale",
+        "RandomGaussianBlur",
+    ]
+    assert names(datasets.located_view(32).then.transforms) == ["ColorJitter", "RandomGrayscale"]  # no blur
+    view, box, flipped = datasets.located_view(64)(ramp_image())
+    assert view.size == (64, 64) and box.shape == (4,) and isinstance(flipped, bool)
+
+
+def test_matched_regions_of_hand_made_crops_with_and_without_flips():
+    """Crops (0, 0, 0.6, 0.8) and (0.2, 0.4, 1, 1) overlap in (0.2, 0.4, 0.6, 0.8); a 2 x 2 grid of it, row by
+    row, seen in each view (x / 0.6, y / 0.8 and (x - 0.2) / 0.8, (y - 0.4) / 0.6), mirrored where flipped.
+    A fourth pair does not overlap."""
+    box1 = torch.tensor([[0, 0, 0.6, 0.8]] * 3 + [[0, 0, 0.3, 0.3]], dtype=torch.float64)
+    box2 = torch.tensor([[0.2, 0.4, 1, 1]] * 3 + [[0.5, 0.5, 1, 1]], dtype=torch.float64)
+    flip1, flip2 = torch.tensor([False, True, False, False]), torch.tensor([False, False, True, False])
+    regions1, regions2, overlaps = methods.matched_regions(box1, flip1, box2, flip2, grid=2)
+    third, quarter = 1 / 3, 1 / 4
+    view1 = [
+        [third, 0.5, 2 * third, 0.75],
+        [2 * third, 0.5, 1, 0.75],
+        [third, 0.75, 2 * third, 1],
+        [2 * third, 0.75, 1, 1],
+    ]
+    view1_flipped = [
+        [third, 0.5, 2 * third, 0.75],
+        [0, 0.5, third, 0.75],
+        [third, 0.75, 2 * third, 1],
+        [0, 0.75, third, 1],
+    ]
+    view2 = [
+        [0, 0, quarter, third],
+        [quarter, 0, 0.5, third],
+        [0, third, quarter, 2 * third],
+        [quarter, third, 0.5, 2 * third],
+    ]
+    view2_flipped = [
+        [0.75, 0, 1, third],
+        [0.5, 0, 0.75, third],
+        [0.75, third, 1, 2 * third],
+        [0.5, third, 0.75, 2 * third],
+    ]
+    for n, (expected1, expected2) in enumerate(
+        [(view1, view2), (view1_flipped, view2), (view1, view2_flipped)]
+    ):
+        np.testing.assert_allclose(regions1[n].numpy(), expected1, atol=1e-12)
+        np.testing.assert_allclose(regions2[n].numpy(), expected2, atol=1e-12)
+    assert overlaps.tolist() == [True, True, True, False]
+
+
+def test_matched_regions_of_real_views_show_the_same_source_pixels():
+    """Two LocatedCrop views of the ramp image: each matched region's mean R and G (the source column and row)
+    is the same in both views, and is the region's centre in the source."""
+    source, size = ramp_image(), 64
+    checked = 0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        (view1, box1, flip1), (view2, box2, flip2) = (
+            datasets.LocatedCrop(size)(source),
+            datasets.LocatedCrop(size)(source),
+        )
+        r1, r2, overlaps = methods.matched_regions(
+            box1[None], torch.tensor([flip1]), box2[None], torch.tensor([flip2]), 3
+        )
+        if (
+            not overlaps[0]
+            or (torch.minimum(box1[2:], box2[2:]) - torch.maximum(box1[:2], box2[:2])).min() < 0.15
+        ):
+            continue
+        means = []
+        for view, regions in ((view1, r1), (view2, r2)):
+            pixels = torch.from_numpy(np.asarray(view).astype(np.float32)).permute(2, 0, 1)[None, :2]
+            boxes = regions[0] * size
+            means.append(methods.roi_align(pixels, [boxes], output_size=1, aligned=True).flatten(1).numpy())
+        lo, hi = torch.maximum(box1[:2], box2[:2]), torch.minimum(box1[2:], box2[2:])
+        cells = (torch.arange(3) + 0.5) / 3
+        centres_x = (lo[0] + cells * (hi[0] - lo[0])).repeat(3).numpy() * 256 - 0.5
+        centres_y = (lo[1] + cells * (hi[1] - lo[1])).repeat_interleave(3).numpy() * 192 - 0.5
+        np.testing.assert_allclose(means[0], means[1], atol=2.0)
+        np.testing.assert_allclose(means[0], np.stack([centres_x, centres_y], 1), atol=2.0)
+        checked += 1
+    assert checked >= 2
+
+
+# ----------------------------------------------------------------------------- local loss (Hassanpour): loss
+
+
+def test_local_infonce_against_a_brute_force_loop():
+    """Regions on the cell edges of an 8 x 8 map: roi_align's average is then the mean of the cells inside."""
+    g = torch.Generator().manual_seed(0)
+    map1, map2 = (
+        torch.randn(3, 5, 8, 8, generator=g, requires_grad=True),
+        torch.randn(3, 5, 8, 8, generator=g),
+    )
+    corners = torch.randint(0, 7, (2, 3, 4, 2), generator=g)
+    sizes = torch.randint(1, 3, (2, 3, 4, 2), generator=g)
+    regions = torch.cat([corners, corners + sizes], -1).float() / 8  # (view, image, region, x0 y0 x1 y1)
+    overlaps = torch.tensor([True, False, True])
+    loss = methods.local_infonce(map1, map2, regions[0], regions[1], overlaps, temperature=0.2)
+
+    def pooled(feature_map, box):
+        x0, y0, x1, y1 = (box * 8).round().long().tolist()
+        v = feature_map[:, y0:y1, x0:x1].mean((1, 2))
+        return v / v.norm()
+
+    terms = []
+    for n in (0, 2):
+        f1 = [pooled(map1[n], regions[0, n, r]) for r in range(4)]
+        f2 = [pooled(map2[n], regions[1, n, r]) for r in range(4)]
+        for queries, keys in ((f1, f2), (f2, f1)):
+            for r in range(4):
+                logits = torch.stack([queries[r] @ k / 0.2 for k in keys])
+                terms.append(-(logits[r] - torch.logsumexp(logits, 0)))
+    torch.testing.assert_close(loss, torch.stack(terms).mean(), rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert map1.grad[[0, 2]].abs().sum() > 0 and not map1.grad[1].any()  # image 1's crops do not overlap
+
+
+def test_local_infonce_without_any_overlap_is_zero_and_still_differentiable():
+    map1 = torch.randn(2, 4, 4, 4, requires_grad=True)
+    loss = methods.local_infonce(
+        map1, torch.randn(2, 4, 4, 4), torch.rand(2, 4, 4), torch.rand(2, 4, 4), torch.tensor([False, False])
+    )
+    loss.backward()
+    assert loss.item() == 0 and map1.grad is not None
