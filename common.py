@@ -98,7 +98,7 @@ def estimate_bn_statistics(backbone, images, device, batch_size=256):
     in eval mode: replace them by their average over `images`, taken in train mode. Training itself never
     reads them. Plain BatchNorm only: a SyncBatchNorm would all-gather, a collective that one process must not
     start alone."""
-    norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in backbone.modules() if hasattr(m, "reset_running_stats")]  # BatchNorm, IterNorm
     if any(isinstance(m, nn.SyncBatchNorm) for m in norms):
         raise ValueError("estimate_bn_statistics before convert_sync_batchnorm, not after")
     momenta, was_training = [m.momentum for m in norms], backbone.training

@@ -19,8 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from common import UserError
-
 
 class Method(nn.Module):
     """The defaults of the interface above."""
@@ -95,82 +93,7 @@ def simsiam_loss(p1, p2, z1, z2):
 METHODS = {"simsiam": SimSiam}
 
 
-# -------------------------------------------------- Hassanpour et al. 2024: feature decorrelation, local loss
-
-
-class IterNorm(nn.Module):
-    """Iterative Normalization (Huang et al., CVPR 2019, Algorithm 1): ZCA whitening of a (N, C, H, W) input
-    over all N*H*W positions, one group of all C channels (as Hassanpour et al.'s code, REFERENCE §7), then a
-    learnable per-channel affine. Sigma = cov + eps I is divided by its trace, so that Newton's iterations
-    P_(k+1) = 1.5 P_k - 0.5 P_k^3 Sigma_N from P_0 = I converge (every eigenvalue of Sigma_N is in (0, 1]);
-    Sigma^(-1/2) ~ P_T / sqrt(tr Sigma). With T = 5 the whitening is partial along the smallest eigenvalues, a
-    trade-off Huang et al. chose: only matrix products, whose gradient stays stable where an
-    eigendecomposition's does not, and no exact whitening of a small batch. Keep T small: this (uncoupled)
-    Newton iteration amplifies rounding errors; in float32, on a 6 x 6 covariance of condition number 6, its
-    error fell to 1e-5 after 10 iterations, rose to 0.08 after 20 and was NaN after 40; at condition number
-    430 it blew up within 10 (measured). Eval mode uses running averages of the mean and of the whitening
-    matrix (momentum 0.1; None: a cumulative average, as BatchNorm's, for estimating them over a dataset).
-    Computed in float32 under autocast; over the local batch under DDP (nothing is gathered)."""
-
-    def __init__(self, num_features, iterations=5, eps=1e-5, momentum=0.1):
-        super().__init__()
-        self.num_features, self.iterations, self.eps, self.momentum = num_features, iterations, eps, momentum
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_whitening", torch.eye(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0))
-
-    def reset_running_stats(self):
-        self.running_mean.zero_()
-        self.running_whitening.copy_(torch.eye(self.num_features))
-        self.num_batches_tracked.zero_()
-
-    def forward(self, x):
-        n, c, h, w = x.shape
-        with torch.autocast(x.device.type, enabled=False):
-            columns = x.float().transpose(0, 1).reshape(c, -1)  # (C, N*H*W): one column per position
-            if self.training:
-                mean = columns.mean(1, keepdim=True)
-                centred = columns - mean
-                eye = torch.eye(c, device=x.device)
-                sigma = centred @ centred.T / centred.shape[1] + self.eps * eye
-                whitening = inverse_sqrt_newton(sigma, self.iterations)
-                self.update_running_stats(mean, whitening)
-            else:
-                centred = columns - self.running_mean[:, None]
-                whitening = self.running_whitening
-            out = (whitening @ centred).reshape(c, n, h, w).transpose(0, 1)
-        return (out * self.weight[:, None, None] + self.bias[:, None, None]).to(x.dtype)
-
-    @torch.no_grad()
-    def update_running_stats(self, mean, whitening):
-        self.num_batches_tracked += 1
-        momentum = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
-        self.running_mean.lerp_(mean[:, 0], momentum)
-        self.running_whitening.lerp_(whitening, momentum)
-
-
-def inverse_sqrt_newton(sigma, iterations):
-    """Sigma^(-1/2) by Newton's iterations on the trace-normalised Sigma (Huang et al. 2019, Algorithm 1)."""
-    trace = sigma.diagonal().sum()
-    sigma_n, p = sigma / trace, torch.eye(len(sigma), device=sigma.device, dtype=sigma.dtype)
-    for _ in range(iterations):
-        p = 1.5 * p - 0.5 * torch.linalg.matrix_power(p, 3) @ sigma_n
-    return p / trace.sqrt()
-
-
-def whiten(backbone, iterations=5):
-    """Hassanpour et al.'s feature decorrelation: the backbone's final norm, before the ReLU and the pooling,
-    becomes an IterNorm of its width. In their post-activation ResNet it is the last norm of the last
-    bottleneck; in BiT's pre-activation one nothing is normalised after the last addition, and the final norm
-    takes that place. A GroupNorm backbone is refused: --norm gn means BiT as released, whose features depend
-    on each image alone, in train and eval mode alike; a whitening layer brings batch statistics and running
-    averages into it, which is the BatchNorm network's way (--norm bn: the kind Hassanpour et al. whiten)."""
-    if backbone.norm_kind == "gn":
-        raise UserError("--whiten: needs a BatchNorm backbone (--norm bn); --norm gn is BiT as released")
-    backbone.norm = IterNorm(backbone.num_features, iterations).to(backbone.norm.weight.device)
-    return backbone
+# ------------------------------------------------------------- Hassanpour et al. 2024: local feature learning
 
 
 def matched_regions(box1, flip1, box2, flip2, grid):

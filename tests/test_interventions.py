@@ -195,7 +195,7 @@ def test_iternorm_whitens_a_batch_closer_with_every_iteration_and_converges_to_z
     x = correlated_batch()
     errors = []
     for t in (1, 2, 3, 5, 10):
-        out = positions(methods.IterNorm(6, iterations=t).train()(x))
+        out = positions(bc.IterNorm(6, iterations=t).train()(x))
         errors.append(np.abs(np.cov(out, rowvar=False, bias=True) - np.eye(6)).max())
     assert all(a > b for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-3
     assert errors[3] < 0.1  # T = 5, the default: nearly there on a well-conditioned batch
@@ -204,7 +204,7 @@ def test_iternorm_whitens_a_batch_closer_with_every_iteration_and_converges_to_z
 
 
 def test_iternorm_affine_is_per_channel():
-    x, norm = correlated_batch(), methods.IterNorm(6)
+    x, norm = correlated_batch(), bc.IterNorm(6)
     plain = norm(x).detach()
     with torch.no_grad():
         norm.weight.copy_(torch.arange(1.0, 7.0)), norm.bias.copy_(torch.arange(6.0) - 3)
@@ -214,7 +214,7 @@ def test_iternorm_affine_is_per_channel():
 
 def test_iternorm_eval_mode_uses_the_running_statistics():
     x, y = correlated_batch(0), correlated_batch(1)
-    norm = methods.IterNorm(6, iterations=10).train()
+    norm = bc.IterNorm(6, iterations=10).train()
     norm(x)
     mean, inv_sqrt = numpy_zca(positions(x))
     running_mean, running_whitening = 0.1 * mean, 0.9 * np.eye(6) + 0.1 * inv_sqrt  # momentum 0.1 from (0, I)
@@ -226,7 +226,7 @@ def test_iternorm_eval_mode_uses_the_running_statistics():
 
 
 def test_iternorm_momentum_none_is_a_cumulative_average_and_reset_starts_afresh():
-    norm = methods.IterNorm(6, momentum=None)
+    norm = bc.IterNorm(6, momentum=None)
     batches = [correlated_batch(s) for s in range(3)]
     for x in batches:
         norm(x)
@@ -238,7 +238,7 @@ def test_iternorm_momentum_none_is_a_cumulative_average_and_reset_starts_afresh(
 
 def test_gradients_flow_through_iternorm_into_input_and_affine():
     x = correlated_batch().requires_grad_()
-    norm = methods.IterNorm(6)
+    norm = bc.IterNorm(6)
     (norm(x) * torch.randn(x.shape)).sum().backward()
     for grad in (x.grad, norm.weight.grad, norm.bias.grad):
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0
@@ -247,10 +247,20 @@ def test_gradients_flow_through_iternorm_into_input_and_affine():
 def test_whiten_replaces_the_final_norm_and_refuses_groupnorm():
     backbone = bc.resnet_v2("r50x1", norm="bn")
     blocks = backbone.blocks
-    methods.whiten(backbone)
-    assert isinstance(backbone.norm, methods.IterNorm) and backbone.norm.num_features == 2048
-    assert backbone.blocks is blocks and not any(isinstance(m, methods.IterNorm) for m in blocks.modules())
-    one_line_user_error(lambda: methods.whiten(bc.resnet_v2("r50x1", norm="gn")), "--whiten", "--norm bn")
+    bc.whiten(backbone)
+    assert isinstance(backbone.norm, bc.IterNorm) and backbone.norm.num_features == 2048
+    assert backbone.blocks is blocks and not any(isinstance(m, bc.IterNorm) for m in blocks.modules())
+    one_line_user_error(lambda: bc.whiten(bc.resnet_v2("r50x1", norm="gn")), "--whiten", "--norm bn")
+
+
+def test_a_whitened_backbone_file_loads_as_the_whitened_network(tmp_path):
+    backbone = bc.whiten(bc.resnet_v2("r50x1", norm="bn", cifar_stem=True))
+    with torch.no_grad():
+        backbone.norm.running_whitening.mul_(0.5)  # a state that a fresh IterNorm would not have
+    bc.save_backbone(backbone, tmp_path / "w.pt", epoch=1)
+    loaded, meta = bc.load_backbone(tmp_path / "w.pt")
+    assert meta["whiten"] is True and isinstance(loaded.norm, bc.IterNorm)
+    assert torch.equal(loaded.norm.running_whitening, backbone.norm.running_whitening)
 
 
 # ------------------------------------------------------------------------- local loss (Hassanpour): geometry
