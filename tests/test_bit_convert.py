@@ -522,7 +522,7 @@ def test_save_and_load_backbone_round_trip(tmp_path):
     bc.save_backbone(model, tmp_path / "b.pt", source="x.npz", epoch=7)
     loaded, meta = bc.load_backbone(tmp_path / "b.pt")
     assert meta == dict(
-        arch="r50x1", norm="bn", cifar_stem=False, head_size=3, ws=True, source="x.npz", epoch=7
+        arch="r50x1", norm="bn", cifar_stem=False, head_size=3, ws=True, whiten=False, source="x.npz", epoch=7
     )
     assert loaded.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
