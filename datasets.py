@@ -771,7 +771,7 @@ def add_data_args(parser):
 def load_data(args):
     """The `Data` that --data, --data-root and --image-size name (the image size: files are decoded at it)."""
     for flag, least in (("image_size", 1), ("workers", 0), ("split_seed", 0)):
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)  # only what the caller's parser has
         if value is not None and value < least:
             raise DataError(f"--{flag.replace('_', '-')} {value}: must be at least {least}")
     if args.data == "digits":
