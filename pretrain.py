@@ -1,4 +1,5 @@
-"""Self-supervised pretraining of a BiT ResNet-V2: SimSiam (Chen & He, CVPR 2021) as in Lu, Jha & Huo (2021).
+"""Self-supervised pretraining of a BiT ResNet-V2: SimSiam (Chen & He, CVPR 2021) as in Lu, Jha & Huo (2021),
+or --method simclr | byol | mocov2 | swav (methods.py).
 
     python pretrain.py --init bit-m --data ham10000 --data-root PATH --out runs/ham-bit-m   # one GPU or CPU
     torchrun --nproc_per_node=4 pretrain.py --init bit-m --data ham10000 ...               # DDP, same flags
@@ -233,16 +234,13 @@ def parse_args(argv=None):
         action="store_true",
         help="zero the norm before each unit's last conv, as the authors' code did",
     )
-    model.add_argument(
-        "--projector",
-        choices=("paper", "simsiam"),
-        default="paper",
-        help="paper: the authors' 2-layer projector (default); simsiam: SimSiam's 3 layers",
-    )
+    methods.add_method_args(model)
     optim = parser.add_argument_group("optimisation (paper §4.1)")
     optim.add_argument("--epochs", type=int, default=400)
     optim.add_argument("--batch-size", type=int, default=128, help="global, over all processes")
-    optim.add_argument("--lr", type=float, default=0.03, help="base lr, scaled by batch-size/256")
+    optim.add_argument(
+        "--lr", type=float, help=f"base lr, scaled by batch-size/256 (default: {methods.defaults_of('lr')})"
+    )
     optim.add_argument("--weight-decay", type=float, default=5e-4)
     optim.add_argument("--momentum", type=float, default=0.9)
     optim.add_argument(
@@ -286,6 +284,7 @@ def parse_args(argv=None):
         return args
     recorded = read_backbone_file(args.init) if args.init.endswith(".pt") else None  # its arch, norm, stem
     resolve_backbone_args(args, "bn", datasets.DEFAULT_SIZE[args.data], recorded, args.init)
+    methods.resolve_method_args(args)
     for flag in ("epochs", "batch_size", "eval_every", "lr", "image_size", "knn_k", "knn_t"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
@@ -372,7 +371,7 @@ def build_method(args, device):
     backbone = build_backbone(
         args.init, args.arch, args.norm, args.cifar_stem, args.ws, args.zero_init_last, args.download
     )
-    method = methods.SimSiam(backbone, args.projector).to(device)
+    method = methods.build_method(args, backbone).to(device)
     return method.to(memory_format=torch.channels_last) if device.type == "cuda" else method
 
 
@@ -414,6 +413,7 @@ def main(argv=None):
     start = run.epoch
     for epoch in range(start, args.epochs + 1):
         model.train()
+        method.start_epoch(epoch)
         sampler.set_epoch(epoch, start=run.step * (args.batch_size // world))
         bar = tqdm(
             total=steps_per_epoch,
@@ -470,7 +470,7 @@ def announce(args, data, split, split_file, world, device, steps_per_epoch, run)
     print(datasets.summary(data, split, split_file))
     stem, precision = " cifar-stem" if args.cifar_stem else "", str(amp_dtype(device)).removeprefix("torch.")
     print(
-        f"{args.init} {args.arch}/{args.norm}{stem}, {world} process(es) on {device}, "
+        f"{args.method}, {args.init} {args.arch}/{args.norm}{stem}, {world} process(es) on {device}, "
         f"batch {args.batch_size}, peak lr {peak_lr(args):g}, {steps_per_epoch} steps per epoch, {precision}"
     )
     if run.history:
@@ -502,7 +502,7 @@ def finish_epoch(row, args, run, method, optimizer, scaler, monitor, split, firs
         "data": args.data,
         "split_digest": datasets.split_digest(split),
         "image_size": args.image_size,
-        "method": "simsiam",
+        "method": args.method,
     }
     if epoch in args.save_at:
         save_backbone(method.backbone, args.out / f"backbone_ep{epoch}.pt", **meta)
