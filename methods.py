@@ -428,8 +428,7 @@ def add_method_args(group):
             type(next(m.defaults[key] for m in METHODS.values() if key in m.defaults)),
         )
         options = {"action": "store_true", "default": None} if kind is bool else {"type": kind}
-        choices = {"choices": ("paper", "simsiam")} if key == "projector" else {}
-        group.add_argument(flag, **options, **choices, help=f"{text} (default: {defaults_of(key)})")
+        group.add_argument(flag, **options, help=f"{text} (default: {defaults_of(key)})")
 
 
 def resolve_method_args(args):
@@ -445,7 +444,10 @@ def resolve_method_args(args):
                 f"{flag}{'' if value is True else f' {value}'}: --method {args.method} has no such setting "
                 f"(it is one of {', '.join(name for name, cls in METHODS.items() if key in cls.defaults)})"
             )
-    limits = {  # whether a value fits, and what was expected
+    # whether a value fits, and what was expected; --projector here, not by argparse's choices, which
+    # runs.restored_args would apply to the None that a resumed non-SimSiam run holds
+    limits = {
+        "projector": (lambda v: v in ("paper", "simsiam"), "expected paper or simsiam"),
         "temperature": (lambda v: v > 0, "must be positive"),
         "target_momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
         "queue_size": (lambda v: v >= (args.method == "mocov2"), f"too small for {args.method}"),

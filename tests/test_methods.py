@@ -271,6 +271,7 @@ def test_swav_multi_crop_views_have_two_sizes():
         (["--method", "byol", "--target-momentum", "1"], "--target-momentum 1.0: must be in [0, 1)"),
         (["--method", "simclr", "--temperature", "0"], "--temperature 0.0: must be positive"),
         (["--method", "swav", "--prototypes", "1"], "--prototypes 1: must be at least 2"),
+        (["--projector", "three"], "--projector three: expected paper or simsiam"),
     ],
 )
 def test_a_flag_that_does_not_fit_the_method_is_refused(flags, message):
