@@ -1,4 +1,5 @@
-"""Data for every script: the sources, one leakage-free split shared by all, and the SimSiam views.
+"""Data for every script: the sources, one leakage-free split shared by all, and the views of
+the self-supervised methods.
 
 Every source becomes a `Data`: all its images as one uint8 array (N, H, W, 3) with their labels, ids and
 groups (the lesion each HAM10000 image shows). Small sources live in memory; image files are decoded once, at
@@ -14,6 +15,7 @@ parts:
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -603,7 +605,38 @@ def simsiam_view(size):
     )
 
 
-VIEWS = {"simsiam": simsiam_view}  # the augmentations a method's views name (methods.py)
+def byol_view(size, blur, solarise):
+    """One of BYOL's two asymmetric augmentations (Grill et al. 2020, Table 6): view 1 blurred always and
+    never solarised, view 2 blurred with p = 0.1 and solarised with p = 0.2; no blur at <= 32 px, as in
+    simsiam_view."""
+    blurred = [v2.RandomApply([RandomGaussianBlur()], p=blur)] if size > 32 else []
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(0.08, 1.0)),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            *blurred,
+            v2.RandomSolarize(128, p=solarise),
+        ]
+    )
+
+
+def swav_view(size, small=False):
+    """One SwAV crop (Caron et al. 2020, §3.2 and main_swav.py): a large crop of scale (0.14, 1) at the full
+    size, or a small one of scale (0.05, 0.14) at 96/224 of it (multi-crop); colour distortion of strength 1,
+    blur with p = 0.5 (none at <= 32 px, as in simsiam_view)."""
+    blur = [v2.RandomApply([RandomGaussianBlur()], p=0.5)] if size > 32 else []
+    crop_size, scale = (max(1, round(size * 96 / 224)), (0.05, 0.14)) if small else (size, (0.14, 1.0))
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(crop_size, scale=scale),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            *blur,
+        ]
+    )
 
 
 def eval_view(size):
@@ -628,8 +661,17 @@ class ImageSet(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            views = [v2.functional.pil_to_tensor(view(image)) for view in self.views]
+            views = [as_tensors(view(image)) for view in self.views]
         return (*views, int(self.labels[self.index[i]]))
+
+
+def as_tensors(view):
+    """A view as a uint8 (3, H, W) tensor; a located view's (image, box, flipped) as that tensor and its
+    geometry, one float tensor (x0, y0, x1, y1, flipped)."""
+    if isinstance(view, tuple):
+        image, box, flipped = view
+        return v2.functional.pil_to_tensor(image), torch.cat([box, torch.tensor([float(flipped)])])
+    return v2.functional.pil_to_tensor(view)
 
 
 class SeededSampler(torch.utils.data.DistributedSampler):
@@ -691,6 +733,16 @@ def located_view(size):
     that records its crop and flip: LocatedCrop, then simsiam_view's own colour, grey and blur steps (the
     steps between its crop and its flip), so that the two recipes cannot drift apart."""
     return LocatedCrop(size, then=v2.Compose(simsiam_view(size).transforms[1:-1]))
+
+
+VIEWS = {  # the augmentations a method's views name (methods.py)
+    "simsiam": simsiam_view,
+    "byol1": functools.partial(byol_view, blur=1.0, solarise=0.0),
+    "byol2": functools.partial(byol_view, blur=0.1, solarise=0.2),
+    "swav": swav_view,
+    "swav_small": functools.partial(swav_view, small=True),
+    "located": located_view,
+}
 
 
 # ----------------------------------------------------------------------------- embedded parts, for evaluation

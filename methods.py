@@ -5,19 +5,32 @@ Every method is an nn.Module built around a backbone, with the same small interf
 loop knows none of them by name:
 
     views                 the augmentation of each view, by name (datasets.VIEWS)
+    defaults              its flags (add_method_args) and their defaults for our setting: one GPU, batch 128,
+                          a few thousand images, SGD; "lr" is the base lr per 256 images
     forward(views)        -> (loss, z): z the output whose spread is the collapse signal (normalised_std)
     out_dim               the width of z
     param_groups()        the optimiser's groups; a group with fixed_lr keeps the peak lr (SimSiam)
+    start_epoch(epoch)    before the epoch's first step (default: nothing)
     before_step(epoch)    after backward, before the optimiser steps (default: nothing)
     after_step(progress)  after the optimiser steps, progress = fraction of all steps done (default: nothing)
 
-Buffers (queues, momentum encoders) are part of the state dict, hence of every checkpoint.
+Momentum encoders, queues and prototypes are parameters or buffers of the method, hence in its state dict and
+in every checkpoint; a momentum encoder never requires grad, so that neither the optimiser nor DDP sees it.
+Under torchrun, queues hold the embeddings of every process (the same on all of them, so process 0's
+checkpoint holds the whole queue), SimCLR's negatives come from every process, and Sinkhorn sums over all.
 """
 
+import copy
+import functools
+import math
+
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import roi_align
+
+from common import UserError
 
 
 class Method(nn.Module):
@@ -26,11 +39,36 @@ class Method(nn.Module):
     def param_groups(self):
         return [{"params": [p for p in self.parameters() if p.requires_grad], "fixed_lr": False}]
 
+    def start_epoch(self, epoch):
+        pass
+
     def before_step(self, epoch):
         pass
 
     def after_step(self, progress):
         pass
+
+
+def float32(loss):
+    """Run a loss in float32 with autocast off: softmaxes over thousands of logits divided by 0.1 or 0.2, and
+    Sinkhorn's exp(s / 0.05), lose too much in bf16."""
+
+    @functools.wraps(loss)
+    def in_float32(*tensors, **options):
+        device = next(t for t in tensors if torch.is_tensor(t)).device.type
+        with torch.autocast(device, enabled=False):
+            return loss(*(t.float() if torch.is_tensor(t) else t for t in tensors), **options)
+
+    return in_float32
+
+
+def mlp(width, hidden, out, batch_norm=True):
+    """The heads of SimCLR, BYOL, MoCo v2 and SwAV: Linear, (BN), ReLU, Linear."""
+    norm = [nn.BatchNorm1d(hidden)] if batch_norm else []
+    return nn.Sequential(nn.Linear(width, hidden), *norm, nn.ReLU(inplace=True), nn.Linear(hidden, out))
+
+
+# ---------------------------------------------------------------------------------------------------- SimSiam
 
 
 class SimSiam(Method):
@@ -39,6 +77,7 @@ class SimSiam(Method):
     1-3)."""
 
     views = ("simsiam", "simsiam")
+    defaults = {"lr": 0.03, "projector": "paper"}  # Lu et al. §4.1
 
     def __init__(self, backbone, projector="paper", dim=2048, pred_dim=512):
         super().__init__()
@@ -90,7 +129,384 @@ def simsiam_loss(p1, p2, z1, z2):
     return -(F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean()) / 2
 
 
-METHODS = {"simsiam": SimSiam}
+# ----------------------------------------------------------------------------------------------------- SimCLR
+
+
+class SimCLR(Method):
+    """Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations" (ICML 2020): a
+    projector g (2048-2048-128, BN + ReLU inside, §B.9) and NT-Xent over the 2N views of the batch (Alg. 1),
+    its negatives gathered from every process, as a global batch would hold them."""
+
+    views = ("simsiam", "simsiam")  # crop, colour distortion, blur: SimSiam's recipe is MoCo v2's, SimCLR's
+    defaults = {"lr": 0.12, "temperature": 0.2}
+
+    def __init__(self, backbone, temperature=0.2, dim=128, hidden=2048):
+        super().__init__()
+        self.backbone, self.projector = backbone, mlp(backbone.num_features, hidden, dim)
+        self.temperature, self.out_dim = temperature, dim
+
+    def forward(self, views):
+        z1, z2 = (self.projector(self.backbone(x)) for x in views)
+        return nt_xent_loss(z1, z2, self.temperature), z1
+
+
+@float32
+def nt_xent_loss(z1, z2, temperature):
+    """SimCLR Eq. 1, averaged over all 2N views: -log of the softmax, over every other view (its own
+    excluded), of the cosine to its positive / temperature. Under DDP the candidates are the views of all
+    processes; the gradient flows back to each process's own (gather)."""
+    n = len(z1)
+    local = F.normalize(torch.cat([z1, z2]), dim=1)
+    logits = local @ gather(local, keep_grad=True).T / temperature
+    rows, offset = torch.arange(2 * n, device=local.device), 2 * n * rank()
+    logits = logits.masked_fill(F.one_hot(rows + offset, logits.shape[1]).bool(), float("-inf"))
+    return F.cross_entropy(logits, offset + (rows + n) % (2 * n))
+
+
+# ------------------------------------------------------------------------------------------------------- BYOL
+
+
+class BYOL(Method):
+    """Grill et al., "Bootstrap Your Own Latent" (NeurIPS 2020): an online network (backbone, projector
+    2048-4096-256, predictor 256-4096-256) predicts the projection of the other view by a target network, the
+    exponential moving average of the online backbone and projector (§3.1, Eq. 1-2, App. J.2); the target
+    receives no gradient and its momentum rises from tau_0 to 1 along a cosine (§3.2)."""
+
+    views = ("byol1", "byol2")  # asymmetric blur and solarisation (Table 6)
+    defaults = {"lr": 0.12, "target_momentum": 0.99}
+
+    def __init__(self, backbone, target_momentum=0.99, dim=256, hidden=4096):
+        super().__init__()
+        self.backbone, self.projector = backbone, mlp(backbone.num_features, hidden, dim)
+        self.predictor = mlp(dim, hidden, dim)
+        self.target = copy.deepcopy(nn.ModuleList([self.backbone, self.projector])).requires_grad_(False)
+        self.target_momentum, self.out_dim = target_momentum, dim
+
+    def forward(self, views):
+        z1, z2 = (self.projector(self.backbone(x)) for x in views)
+        with torch.no_grad():
+            target_backbone, target_projector = self.target
+            t1, t2 = (target_projector(target_backbone(x)) for x in views)
+        return byol_loss(self.predictor(z1), self.predictor(z2), t1, t2), z1
+
+    def after_step(self, progress):
+        online = [*self.backbone.parameters(), *self.projector.parameters()]
+        momentum_update(online, self.target.parameters(), cosine_momentum(self.target_momentum, progress))
+
+
+@float32
+def byol_loss(p1, p2, t1, t2):
+    """BYOL Eq. 2, symmetrised (the sum of both directions): ||p/|p| - t/|t|||^2 = 2 - 2 cos(p, t), the target
+    t without gradient. 0 when every prediction points along its target, 8 at most."""
+    return (2 - 2 * F.cosine_similarity(p1, t2.detach())).mean() + (
+        2 - 2 * F.cosine_similarity(p2, t1.detach())
+    ).mean()
+
+
+# ---------------------------------------------------------------------------------------------------- MoCo v2
+
+
+class MoCoV2(Method):
+    """Chen, Fan, Girshick & He, "Improved Baselines with Momentum Contrastive Learning" (2020), on MoCo (He
+    et al., CVPR 2020, Alg. 1): a query q of view 1 by the encoder (backbone, MLP 2048-2048-128 without BN),
+    its key k of view 2 by the momentum encoder, InfoNCE against a queue of earlier keys (Eq. 1-2), then the
+    keys of every process are enqueued. MoCo's shuffling BN is left out: with one process it shuffles nothing,
+    and with SyncBatchNorm the statistics are over the whole batch whatever the order.
+    local_weight > 0 adds Hassanpour et al.'s local loss (L = L_global + w L_local, their w = 0.5): the views
+    then record their crops, and the query's and the key's last feature maps are compared region by region
+    (matched_regions, local_infonce below); the keys' map is the momentum encoder's, without gradient."""
+
+    views = ("simsiam", "simsiam")  # MoCo v2's augmentation is the one SimSiam took over
+    defaults = {
+        "lr": 0.03,
+        "temperature": 0.2,
+        "target_momentum": 0.99,
+        "queue_size": 4096,
+        "local_weight": 0.0,
+        "local_grid": 3,
+    }
+
+    def __init__(
+        self,
+        backbone,
+        temperature=0.2,
+        target_momentum=0.99,
+        queue_size=4096,
+        local_weight=0.0,
+        local_grid=3,
+        dim=128,
+        hidden=2048,
+    ):
+        super().__init__()
+        self.backbone, self.projector = backbone, mlp(backbone.num_features, hidden, dim, batch_norm=False)
+        self.target = copy.deepcopy(nn.ModuleList([self.backbone, self.projector])).requires_grad_(False)
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
+        self.temperature, self.target_momentum, self.out_dim = temperature, target_momentum, dim
+        self.local_weight, self.local_grid = local_weight, local_grid
+        if local_weight:
+            self.views = ("located", "located")  # each view with its crop box and flip
+
+    def forward(self, views):
+        if self.local_weight:
+            return self.forward_with_regions(views)
+        x1, x2 = views
+        q = self.projector(self.backbone(x1))
+        with torch.no_grad():
+            key_backbone, key_projector = self.target
+            k = F.normalize(key_projector(key_backbone(x2)).float(), dim=1)
+        return self.global_loss(q, k), q
+
+    def global_loss(self, q, k):
+        loss = info_nce_loss(q, k, self.queue.clone(), self.temperature)  # a copy: the queue changes below
+        enqueue(self.queue, gather(k))
+        return loss
+
+    def forward_with_regions(self, views):
+        (x1, where1), (x2, where2) = views  # where: (x0, y0, x1, y1, flipped) of each view's crop
+        query_map = self.backbone.feature_map(x1)
+        q = self.projector(query_map.mean((2, 3)))
+        with torch.no_grad():
+            key_backbone, key_projector = self.target
+            key_map = key_backbone.feature_map(x2)
+            k = F.normalize(key_projector(key_map.mean((2, 3))).float(), dim=1)
+        regions = matched_regions(where1[:, :4], where1[:, 4], where2[:, :4], where2[:, 4], self.local_grid)
+        local = local_infonce(query_map, key_map, *regions)
+        return self.global_loss(q, k) + self.local_weight * local, q
+
+    def after_step(self, progress):
+        online = [*self.backbone.parameters(), *self.projector.parameters()]
+        momentum_update(online, self.target.parameters(), cosine_momentum(self.target_momentum, progress))
+
+
+@float32
+def info_nce_loss(q, k, queue, temperature):
+    """MoCo Eq. 1: -log exp(q.k+/T) / (exp(q.k+/T) + sum over the queue of exp(q.k-/T)), q and k
+    L2-normalised, the queue's keys too; k+ without gradient."""
+    q, k = F.normalize(q, dim=1), F.normalize(k.detach(), dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+# ------------------------------------------------------------------------------------------------------- SwAV
+
+
+class SwAV(Method):
+    """Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments" (NeurIPS
+    2020): a projector (2048-2048-128, BN) onto the unit sphere, K prototypes (unit vectors), codes of the two
+    large crops by Sinkhorn-Knopp (§3.1, Eq. 3), each crop predicting the codes of the others (Eq. 1-2), with
+    --multi-crop 6 small crops more (§3.2). The prototypes stay frozen in the first epoch (main_swav.py); from
+    epoch --queue-start, a queue of earlier embeddings joins Sinkhorn, for batches below 256 (App. A)."""
+
+    defaults = {
+        "lr": 0.12,
+        "temperature": 0.1,
+        "prototypes": 3000,
+        "queue_size": 3840,
+        "queue_start": 15,
+        "multi_crop": False,
+    }
+
+    def __init__(
+        self, backbone, temperature=0.1, prototypes=3000, queue_size=3840, queue_start=15, multi_crop=False
+    ):
+        super().__init__()
+        dim = self.out_dim = 128
+        self.backbone, self.projector = backbone, mlp(backbone.num_features, 2048, dim)
+        self.prototypes = nn.Parameter(F.normalize(torch.randn(prototypes, dim), dim=1))  # on the sphere
+        self.register_buffer("queue", torch.zeros(2, queue_size, dim))  # in use once full (a last row)
+        self.views = ("swav", "swav") + ("swav_small",) * (6 if multi_crop else 0)
+        self.temperature, self.queue_start, self.filling = temperature, queue_start, False
+
+    def forward(self, views):
+        large, small = views[:2], views[2:]  # one pass per resolution: BN over the crops of one size
+        z = [self.projector(self.backbone(torch.cat(crops))) for crops in (large, small) if crops]
+        z = torch.stack(F.normalize(torch.cat(z).float(), dim=1).chunk(len(views)))
+        in_use = self.queue.shape[1] and self.queue[:, -1].any()
+        queued = self.queue[:, rank() :: world()] if in_use else None  # a share each: every embedding once
+        loss = swav_loss(z, self.prototypes, self.temperature, queued)
+        if self.filling:
+            for queue, embeddings in zip(self.queue, z[:2]):
+                enqueue(queue, gather(embeddings.detach()))
+        return loss, z[0]
+
+    def start_epoch(self, epoch):
+        self.filling = epoch >= self.queue_start and self.queue.shape[1] > 0
+
+    def before_step(self, epoch):
+        if epoch == 1:  # frozen prototypes: SGD skips a parameter without a gradient, its weight decay too
+            self.prototypes.grad = None
+
+    @torch.no_grad()
+    def after_step(self, progress):
+        self.prototypes.copy_(F.normalize(self.prototypes, dim=1))  # back on the sphere
+
+
+@float32
+def swav_loss(z, prototypes, temperature, queue=None, epsilon=0.05, iterations=3):
+    """SwAV Eq. 1-2: for each of the two large crops i, its codes q_i (Sinkhorn over the batch and the
+    queue, no gradient) are predicted by every other crop v: -sum_k q_ik log softmax(z_v . c_k / T), averaged
+    over the batch, the other crops and i. z: (crops, B, D) unit vectors; prototypes c: (K, D); queue: (2, Q,
+    D) or None."""
+    scores = z @ prototypes.T
+    loss = 0
+    for i in range(2):
+        with torch.no_grad():
+            known = scores[i] if queue is None else torch.cat([queue[i] @ prototypes.T, scores[i]])
+            codes = sinkhorn(known, epsilon, iterations)[-z.shape[1] :]
+        others = [v for v in range(len(z)) if v != i]
+        loss = loss - (codes * F.log_softmax(scores[others] / temperature, dim=2)).sum(2).mean()
+    return loss / 2
+
+
+@torch.no_grad()
+def sinkhorn(scores, epsilon=0.05, iterations=3):
+    """SwAV §3.1 (Eq. 3-5) and App. A.1: the codes, Q = exp(scores / epsilon) transposed (K prototypes x B
+    samples), scaled in turn so that its rows sum to B/K (every prototype used equally) and its columns to 1
+    (each sample's code a distribution), B and the row sums over all processes. Returns (B, K). The scores
+    are cosines, |s| <= 1, so exp(s / 0.05) stays far from overflow."""
+    q = torch.exp(scores.float() / epsilon).T
+    k, b = q.shape[0], all_sum(torch.tensor(float(q.shape[1]), device=q.device))
+    q /= all_sum(q.sum())
+    for _ in range(iterations):
+        q /= all_sum(q.sum(1, keepdim=True)) * k
+        q /= q.sum(0, keepdim=True) * b
+    return (q * b).T
+
+
+# ------------------------------------------------------------------------------------------- shared pieces
+
+
+@torch.no_grad()
+def momentum_update(online, target, momentum):
+    """target <- momentum * target + (1 - momentum) * online, parameter by parameter (MoCo Eq. 2, BYOL
+    §3.1)."""
+    for o, t in zip(online, target, strict=True):
+        t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
+
+
+def cosine_momentum(base, progress):
+    """BYOL §3.2: tau = 1 - (1 - tau_0)(cos(pi k / K) + 1) / 2 after k of K steps: tau_0 at the start, 1 at
+    the end (progress = k / K)."""
+    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+@torch.no_grad()
+def enqueue(queue, keys):
+    """The newest keys first, the oldest dropped (MoCo §3.1)."""
+    queue.copy_(torch.cat([keys.to(queue.dtype), queue])[: len(queue)])
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_sum(x):
+    """x summed over the processes (x itself in one process)."""
+    if world() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def gather(x, keep_grad=False):
+    """x of every process, concatenated in rank order (x itself in one process); with keep_grad the gradient
+    reaching each piece goes back to the process that made it."""
+    if world() == 1:
+        return x
+    if keep_grad:
+        return Gather.apply(x)
+    parts = [torch.empty_like(x) for _ in range(world())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class Gather(torch.autograd.Function):
+    """all_gather with a backward: each process's loss sends gradient to every process's piece; the sum over
+    the processes arrives at each piece's owner (DDP then averages: the gradient of the mean loss)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return gather(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_sum(grad.contiguous()).chunk(world())[rank()]
+
+
+# --------------------------------------------------------------------------------------------------- choosing
+
+
+METHODS = {"simsiam": SimSiam, "simclr": SimCLR, "byol": BYOL, "mocov2": MoCoV2, "swav": SwAV}
+FLAG_HELP = {
+    "projector": "paper: the authors' 2-layer projector; simsiam: SimSiam's 3 layers",
+    "temperature": "of the softmax (NT-Xent, InfoNCE, SwAV's prediction)",
+    "target_momentum": "tau_0 of the momentum encoder, rising to 1 along a cosine (BYOL §3.2)",
+    "queue_size": "keys or embeddings in the queue (swav: 0 for none)",
+    "queue_start": "the epoch from which SwAV fills its queue",
+    "prototypes": "SwAV's number of prototypes K",
+    "multi_crop": "6 small crops (96/224 of --image-size, scale 0.05-0.14) besides the 2 large ones",
+    "local_weight": "Hassanpour et al.'s local loss: its weight w in L_global + w L_local (theirs: 0.5)",
+    "local_grid": "the local loss cuts the overlap of the two crops into GRID x GRID regions",
+}
+
+
+def defaults_of(key):
+    """'simsiam 0.03, simclr 0.12, ...': the per-method defaults of one flag, for --help."""
+    return ", ".join(f"{name} {cls.defaults[key]}" for name, cls in METHODS.items() if key in cls.defaults)
+
+
+def add_method_args(group):
+    """--method and the flags of the methods, each for those methods only."""
+    group.add_argument(
+        "--method", choices=METHODS, default="simsiam", help="the self-supervised method (default simsiam)"
+    )
+    for key, text in FLAG_HELP.items():
+        flag, kind = (
+            "--" + key.replace("_", "-"),
+            type(next(m.defaults[key] for m in METHODS.values() if key in m.defaults)),
+        )
+        options = {"action": "store_true", "default": None} if kind is bool else {"type": kind}
+        group.add_argument(flag, **options, help=f"{text} (default: {defaults_of(key)})")
+
+
+def resolve_method_args(args):
+    """Each flag the method has takes its default where not given; one given to a method without it is an
+    error, and so is a value out of range."""
+    defaults = METHODS[args.method].defaults
+    for key in {"lr", *FLAG_HELP}:
+        value, flag = getattr(args, key), "--" + key.replace("_", "-")
+        if key in defaults:
+            setattr(args, key, defaults[key] if value is None else value)
+        elif value is not None:
+            raise UserError(
+                f"{flag}{'' if value is True else f' {value}'}: --method {args.method} has no such setting "
+                f"(it is one of {', '.join(name for name, cls in METHODS.items() if key in cls.defaults)})"
+            )
+    # whether a value fits, and what was expected; --projector here, not by argparse's choices, which
+    # runs.restored_args would apply to the None that a resumed non-SimSiam run holds
+    limits = {
+        "projector": (lambda v: v in ("paper", "simsiam"), "expected paper or simsiam"),
+        "temperature": (lambda v: v > 0, "must be positive"),
+        "target_momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+        "queue_size": (lambda v: v >= (args.method == "mocov2"), f"too small for {args.method}"),
+        "queue_start": (lambda v: v >= 1, "must be at least 1"),
+        "prototypes": (lambda v: v >= 2, "must be at least 2"),
+        "local_weight": (lambda v: v >= 0, "must not be negative"),
+        "local_grid": (lambda v: v >= 1, "must be at least 1"),
+    }
+    for key, (fits, expected) in limits.items():
+        value = getattr(args, key)
+        if value is not None and not fits(value):
+            raise UserError(f"--{key.replace('_', '-')} {value}: {expected}")
+
+
+def build_method(args, backbone):
+    """The method that --method names around `backbone`, with its flags."""
+    cls = METHODS[args.method]
+    return cls(backbone, **{key: getattr(args, key) for key in cls.defaults if key != "lr"})
 
 
 # ------------------------------------------------------------- Hassanpour et al. 2024: local feature learning

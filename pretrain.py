@@ -1,4 +1,5 @@
-"""Self-supervised pretraining of a BiT ResNet-V2: SimSiam (Chen & He, CVPR 2021) as in Lu, Jha & Huo (2021).
+"""Self-supervised pretraining of a BiT ResNet-V2: SimSiam (Chen & He, CVPR 2021) as in Lu, Jha & Huo (2021),
+or --method simclr | byol | mocov2 | swav (methods.py).
 
     python pretrain.py --init bit-m --data ham10000 --data-root PATH --out runs/ham-bit-m   # one GPU or CPU
     torchrun --nproc_per_node=4 pretrain.py --init bit-m --data ham10000 ...               # DDP, same flags
@@ -34,6 +35,10 @@ from bit_convert import (
     read_backbone_file,
     resolve_backbone_args,
     save_backbone,
+    select_filters,
+    shrink,
+    whiten,
+    zero_init_last,
 )
 from common import (
     UserError,
@@ -236,16 +241,33 @@ def make_parser():
         action="store_true",
         help="zero the norm before each unit's last conv, as the authors' code did",
     )
-    model.add_argument(
-        "--projector",
-        choices=("paper", "simsiam"),
-        default="paper",
-        help="paper: the authors' 2-layer projector (default); simsiam: SimSiam's 3 layers",
+    methods.add_method_args(model)
+    related = parser.add_argument_group("interventions of related studies, on the backbone (any method)")
+    related.add_argument(
+        "--shrink",
+        type=float,
+        metavar="LAMBDA",
+        help="Ciga et al.'s weight scaling, as reconstructed (their definition is unpublished): Ash & "
+        "Adams's shrink, every backbone parameter times LAMBDA in (0, 1]; not with --init scratch",
+    )
+    related.add_argument(
+        "--select-filters",
+        type=float,
+        metavar="FRACTION",
+        help="Ciga et al.'s filter selection, as reconstructed: keep the FRACTION most responsive filters of "
+        "each unit's conv1 and conv2 on the pretrain images, re-initialise the rest; not with --init scratch",
+    )
+    related.add_argument(
+        "--whiten",
+        action="store_true",
+        help="Hassanpour et al.'s feature decorrelation: the final norm becomes IterNorm (ZCA whitening); bn",
     )
     optim = parser.add_argument_group("optimisation (paper §4.1)")
     optim.add_argument("--epochs", type=int, default=400)
     optim.add_argument("--batch-size", type=int, default=128, help="global, over all processes")
-    optim.add_argument("--lr", type=float, default=0.03, help="base lr, scaled by batch-size/256")
+    optim.add_argument(
+        "--lr", type=float, help=f"base lr, scaled by batch-size/256 (default: {methods.defaults_of('lr')})"
+    )
     optim.add_argument("--weight-decay", type=float, default=5e-4)
     optim.add_argument("--momentum", type=float, default=0.9)
     optim.add_argument(
@@ -296,15 +318,18 @@ def parse_args(argv=None):
         return args
     recorded = read_backbone_file(args.init) if args.init.endswith(".pt") else None  # its arch, norm, stem
     resolve_backbone_args(args, "bn", datasets.DEFAULT_SIZE[args.data], recorded, args.init)
-    for flag in (
-        "epochs",
-        "batch_size",
-        "eval_every",
-        "lr",
-        "image_size",
-        "knn_k",
-        "knn_t",
-    ):  # before any file
+    methods.resolve_method_args(args)
+    for flag in ("shrink", "select_filters"):
+        value, name = getattr(args, flag), "--" + flag.replace("_", "-")
+        if value is not None and not 0 < value <= 1:
+            raise UserError(f"{name} {value}: expected a number in (0, 1]")
+        if value is not None and args.init == "scratch":
+            raise UserError(
+                f"{name}: changes pretrained weights before a second pretraining; --init is scratch"
+            )
+    if args.whiten and args.norm == "gn":
+        raise UserError("--whiten: needs a BatchNorm backbone (--norm bn); --norm gn is BiT as released")
+    for flag in ("epochs", "batch_size", "eval_every", "lr", "image_size", "knn_k", "knn_t"):  # before files
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
     if min(args.workers, args.weight_decay, args.momentum, args.warmup_epochs) < 0:
@@ -384,13 +409,28 @@ def pretrain_loader(data, split, method, args, rank, world, device):
     return loader, sampler, len(sampler) // (args.batch_size // world)
 
 
-def build_method(args, device):
-    """The backbone that --init names inside the method, on `device` (channels-last on GPUs: faster convs)."""
+def build_method(args, data, split, device):
+    """The backbone that --init names, changed as the related studies ask (in this order: Ciga et al.'s filter
+    selection and weight scaling, the authors' zero-init, Hassanpour et al.'s whitening), inside the method,
+    on `device` (channels-last on GPUs: faster convs)."""
+    if args.select_filters:  # target-domain images to score the filters on (before the seed: a loader draws)
+        images = datasets.eval_images(data, datasets.indices(data, split, "pretrain")[:1024], args.image_size)
     torch.manual_seed(args.seed)
     backbone = build_backbone(
-        args.init, args.arch, args.norm, args.cifar_stem, args.ws, args.zero_init_last, args.download
+        args.init, args.arch, args.norm, args.cifar_stem, args.ws, download=args.download
     )
-    method = methods.SimSiam(backbone, args.projector).to(device)
+    backbone.to(device)
+    if args.select_filters:
+        generator = torch.Generator().manual_seed(args.seed)
+        kept = select_filters(backbone, images, args.select_filters, device, generator)
+        print(f"--select-filters: kept {sum(map(len, kept.values()))} of the filters of {len(kept)} convs")
+    if args.shrink:
+        shrink(backbone, args.shrink)
+    if args.zero_init_last:
+        zero_init_last(backbone)
+    if args.whiten:
+        whiten(backbone)
+    method = methods.build_method(args, backbone).to(device)
     return method.to(memory_format=torch.channels_last) if device.type == "cuda" else method
 
 
@@ -415,7 +455,7 @@ def main(argv=None):
     lock = runs.claim_output(args) if rank == 0 else None  # noqa: F841 (held until the process ends)
     data, split, split_file = load_data_and_split(args, rank, world)
     monitor = Monitor(data, split, args, device) if rank == 0 else None
-    method = build_method(args, device)
+    method = build_method(args, data, split, device)
     loader, sampler, steps_per_epoch = pretrain_loader(data, split, method, args, rank, world, device)
     optimizer = torch.optim.SGD(
         method.param_groups(), lr=peak_lr(args), momentum=args.momentum, weight_decay=args.weight_decay
@@ -434,6 +474,7 @@ def main(argv=None):
     start = run.epoch
     for epoch in range(start, args.epochs + 1):
         model.train()
+        method.start_epoch(epoch)
         sampler.set_epoch(epoch, start=run.step * (args.batch_size // world))
         bar = tqdm(
             total=steps_per_epoch,
@@ -453,7 +494,7 @@ def main(argv=None):
                 fixed = group["fixed_lr"]
                 group["lr"] = peak_lr(args) if fixed else learning_rate(done, steps_per_epoch, args)
             with autocast(device):
-                loss, z = model([to_input(view, device) for view in views])
+                loss, z = model([on_device(view, device) for view in views])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             method.before_step(epoch)
@@ -490,11 +531,20 @@ def announce(args, data, split, split_file, world, device, steps_per_epoch, run)
     print(datasets.summary(data, split, split_file))
     stem, precision = " cifar-stem" if args.cifar_stem else "", str(amp_dtype(device)).removeprefix("torch.")
     print(
-        f"{args.init} {args.arch}/{args.norm}{stem}, {world} process(es) on {device}, "
+        f"{args.method}, {args.init} {args.arch}/{args.norm}{stem}, {world} process(es) on {device}, "
         f"batch {args.batch_size}, peak lr {peak_lr(args):g}, {steps_per_epoch} steps per epoch, {precision}"
     )
     if run.history:
         print(f"resumed {args.out} at epoch {run.epoch}, step {run.step}")
+
+
+def on_device(view, device):
+    """One view of a batch on `device`: its images scaled to [-1, 1], with their crop geometry where the view
+    records it (datasets.located_view)."""
+    if isinstance(view, list):
+        images, geometry = view
+        return to_input(images, device), geometry.to(device)
+    return to_input(view, device)
 
 
 def check_finite(run, epoch, args):
@@ -522,7 +572,7 @@ def finish_epoch(row, args, run, method, optimizer, scaler, monitor, split, firs
         "data": args.data,
         "split_digest": datasets.split_digest(split),
         "image_size": args.image_size,
-        "method": "simsiam",
+        "method": args.method,
     }
     if epoch in args.save_at:
         save_backbone(method.backbone, args.out / f"backbone_ep{epoch}.pt", **meta)

@@ -1,8 +1,15 @@
 """methods.py: each method's heads and loss against the formulas of its paper."""
 
+import argparse
+
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
+import common
+import datasets
 import methods
 from bit_convert import resnet_v2
 
@@ -49,3 +56,247 @@ def test_simsiam_projector_of_the_authors_and_of_simsiam(projector, linears, aff
     assert [g["fixed_lr"] for g in groups] == [False, True]
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.predictor.parameters()}
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+# ------------------------------------------------------------------------------------- the losses, by formula
+
+
+def normalise(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_nt_xent_against_a_loop_over_positives_and_negatives():
+    """SimCLR Eq. 1: view i's positive is the other view of its image, its negatives the 2N - 2 others."""
+    g = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    z, n, t = normalise(torch.cat([z1, z2]).double().numpy()), 5, 0.3
+    terms = []
+    for i in range(2 * n):
+        others = [j for j in range(2 * n) if j != i]
+        positive = (i + n) % (2 * n)
+        terms.append(-z[i] @ z[positive] / t + np.log(sum(np.exp(z[i] @ z[j] / t) for j in others)))
+    assert methods.nt_xent_loss(z1, z2, t).item() == pytest.approx(np.mean(terms), rel=1e-5)
+
+
+def test_byol_loss_is_the_symmetric_normalised_mse_without_gradient_to_the_target():
+    g = torch.Generator().manual_seed(2)
+    p1, p2, t1, t2 = (torch.randn(6, 9, generator=g, requires_grad=True) for _ in range(4))
+    a = [x.detach().double().numpy() for x in (p1, p2, t1, t2)]
+    mse = lambda p, t: np.mean(np.sum((normalise(p) - normalise(t)) ** 2, axis=1))  # noqa: E731
+    loss = methods.byol_loss(p1, p2, t1, t2)
+    assert loss.item() == pytest.approx(mse(a[0], a[3]) + mse(a[1], a[2]), rel=1e-5)
+    loss.backward()
+    assert t1.grad is None and t2.grad is None and p1.grad is not None
+    assert methods.byol_loss(t2, t1, t1, t2).item() == pytest.approx(0, abs=1e-5)
+
+
+def test_info_nce_against_a_loop_over_the_queue():
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    queue = F.normalize(torch.randn(11, 8, generator=g), dim=1)
+    qn, kn, qu, t = normalise(q.double().numpy()), normalise(k.double().numpy()), queue.double().numpy(), 0.2
+    terms = [
+        -np.log(np.exp(qn[i] @ kn[i] / t) / (np.exp(qn[i] @ kn[i] / t) + np.exp(qu @ qn[i] / t).sum()))
+        for i in range(4)
+    ]
+    assert methods.info_nce_loss(q, k, queue, t).item() == pytest.approx(np.mean(terms), rel=1e-5)
+
+
+def sinkhorn_numpy(scores, epsilon, iterations):
+    """SwAV App. A.1, written out: Q = exp(S/eps)^T scaled to rows summing to 1/K, columns to 1/B, in turn."""
+    q = np.exp(scores / epsilon).T
+    q /= q.sum()
+    k, b = q.shape
+    for _ in range(iterations):
+        q = q / q.sum(axis=1, keepdims=True) / k
+        q = q / q.sum(axis=0, keepdims=True) / b
+    return (q * b).T
+
+
+def test_sinkhorn_codes_have_the_marginals_of_an_equipartition():
+    g = torch.Generator().manual_seed(4)
+    scores = (
+        F.normalize(torch.randn(12, 6, generator=g), dim=1)
+        @ F.normalize(torch.randn(5, 6, generator=g), dim=1).T
+    )
+    s = scores.double().numpy()
+    codes = methods.sinkhorn(scores, 0.05, 3).double().numpy()
+    assert np.allclose(codes, sinkhorn_numpy(s, 0.05, 3), rtol=1e-4, atol=1e-7)
+    assert np.allclose(codes.sum(1), 1, atol=1e-5)  # each sample's code is a distribution
+    converged = methods.sinkhorn(scores, 0.05, 300).double().numpy()
+    assert np.allclose(converged.sum(0), 12 / 5, rtol=1e-3)  # every prototype gets B/K samples
+    # the solution is diag(u) exp(S / eps) diag(v): log Q - S / eps is a row term plus a column term
+    residual = np.log(converged) - s / 0.05
+    residual = residual - residual.mean(0) - residual.mean(1, keepdims=True) + residual.mean()
+    assert np.abs(residual).max() < 1e-3
+
+
+def test_swav_loss_is_the_swapped_prediction_of_the_sinkhorn_codes():
+    g = torch.Generator().manual_seed(5)
+    z = F.normalize(torch.randn(4, 6, 8, generator=g), dim=2)  # 2 large crops, 2 small, batch 6
+    prototypes = F.normalize(torch.randn(5, 8, generator=g), dim=1).requires_grad_()
+    queue = F.normalize(torch.randn(2, 9, 8, generator=g), dim=2)
+    zn, c, qn = z.double().numpy(), prototypes.detach().double().numpy(), queue.double().numpy()
+    for with_queue in (False, True):
+        expected = []
+        for i in range(2):
+            known = np.concatenate([qn[i] @ c.T, zn[i] @ c.T]) if with_queue else zn[i] @ c.T
+            codes = sinkhorn_numpy(known, 0.05, 3)[-6:]
+            for v in range(4):
+                if v != i:
+                    logits = zn[v] @ c.T / 0.1
+                    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+                    expected.append(-(codes * log_p).sum(1).mean())
+        loss = methods.swav_loss(z, prototypes, 0.1, queue if with_queue else None)
+        assert loss.item() == pytest.approx(np.mean(expected), rel=1e-4)
+    loss.backward()
+    assert prototypes.grad.abs().sum() > 0
+
+
+def test_momentum_update_and_its_cosine_schedule():
+    g = torch.Generator().manual_seed(6)
+    online, target = [torch.randn(3, 4, generator=g)], [torch.randn(3, 4, generator=g)]
+    expected = 0.9 * target[0].double().numpy() + 0.1 * online[0].double().numpy()
+    methods.momentum_update(online, target, 0.9)
+    assert np.allclose(target[0].numpy(), expected, atol=1e-6)
+    assert methods.cosine_momentum(0.99, 0.0) == pytest.approx(0.99)
+    assert methods.cosine_momentum(0.99, 0.5) == pytest.approx(0.995)
+    assert methods.cosine_momentum(0.99, 1.0) == pytest.approx(1.0)
+    assert methods.cosine_momentum(0.99, 0.25) == pytest.approx(1 - 0.01 * (np.cos(np.pi / 4) + 1) / 2)
+
+
+# ------------------------------------------------------------------------------------------ the methods whole
+
+
+SMALL = {"mocov2": {"queue_size": 16}, "swav": {"queue_size": 12, "prototypes": 7, "queue_start": 1}}
+
+
+class TinyBackbone(torch.nn.Sequential):
+    """A stand-in for the ResNet: what a method needs of a backbone is a forward and num_features."""
+
+    def __init__(self):
+        super().__init__(
+            torch.nn.Conv2d(3, 16, 3, padding=1),
+            torch.nn.BatchNorm2d(16),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+        )
+        self.num_features = 16
+
+
+def build(name, **options):
+    torch.manual_seed(0)
+    return methods.METHODS[name](TinyBackbone(), **{**SMALL.get(name, {}), **options})
+
+
+@pytest.mark.parametrize("name", ["simclr", "byol", "mocov2", "swav"])
+def test_each_method_trains_its_own_parts_under_mixed_precision(name):
+    """The momentum encoder is out of the optimiser and needs no gradient; queues, targets and prototypes
+    are in the state dict; the loss is float32 under bf16 autocast and reaches every trained parameter."""
+    model = build(name)
+    trained = {id(p) for group in model.param_groups() for p in group["params"]}
+    assert trained == {id(p) for p in model.parameters() if p.requires_grad}
+    if hasattr(model, "target"):
+        assert not any(p.requires_grad for p in model.target.parameters())
+        assert not trained & {id(p) for p in model.target.parameters()}
+    views = [torch.randn(4, 3, 8, 8) for _ in model.views]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, z = model(views)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and z.shape == (4, model.out_dim)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    keys = model.state_dict()
+    assert name not in SMALL or "queue" in keys
+    assert ("target.0.0.weight" in keys) == (name in ("byol", "mocov2"))
+
+
+def test_moco_enqueues_the_keys_of_the_momentum_encoder():
+    model = build("mocov2")
+    before = model.queue.clone()
+    x1, x2 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    model([x1, x2])
+    keys = F.normalize(model.target[1](model.target[0](x2)), dim=1)  # train mode: the same batch statistics
+    assert torch.allclose(model.queue[:4], keys, atol=1e-5)
+    assert torch.equal(model.queue[4:], before[:-4])
+
+
+def test_byol_target_follows_the_online_network_by_the_cosine_momentum():
+    model = build("byol")
+    with torch.no_grad():
+        model.backbone[0].weight.add_(1.0)
+    online, target = model.backbone[0].weight.clone(), model.target[0][0].weight.clone()
+    model.after_step(0.5)
+    assert torch.allclose(model.target[0][0].weight, 0.995 * target + 0.005 * online, atol=1e-6)
+
+
+def test_swav_freezes_its_prototypes_in_the_first_epoch_and_fills_its_queue():
+    model = build("swav", multi_crop=True)
+    assert model.views == ("swav",) * 2 + ("swav_small",) * 6
+    views = [torch.randn(4, 3, 8, 8)] * 2 + [torch.randn(4, 3, 3, 3)] * 6
+    model.start_epoch(1)
+    for epoch, batches in ((1, 3), (2, 1)):  # 12 queued embeddings: full after 3 batches of 4
+        for _ in range(batches):
+            loss, _ = model(views)
+            loss.backward()
+            model.before_step(epoch)
+            assert (model.prototypes.grad is None) == (epoch == 1)
+    assert model.queue[:, -1].abs().sum() > 0
+    with torch.no_grad():
+        model.prototypes.mul_(3)
+    model.after_step(0.1)
+    assert torch.allclose(model.prototypes.norm(dim=1), torch.ones(7))
+    model = build("swav", queue_start=2)
+    model.start_epoch(1)
+    model(views[:2])
+    assert not model.queue.any()  # before --queue-start nothing is queued
+
+
+def test_swav_multi_crop_views_have_two_sizes():
+    large, small = datasets.VIEWS["swav"](224), datasets.VIEWS["swav_small"](224)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 240, 3), dtype=np.uint8))
+    assert large(image).size == (224, 224) and small(image).size == (96, 96)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--temperature", "0.1"],
+            "--temperature 0.1: --method simsiam has no such setting (it is one of simclr",
+        ),
+        (["--method", "byol", "--multi-crop"], "--multi-crop: --method byol has no such setting"),
+        (["--method", "swav", "--projector", "paper"], "--projector paper: --method swav has no such"),
+        (["--method", "mocov2", "--queue-size", "0"], "--queue-size 0: too small for mocov2"),
+        (["--method", "byol", "--target-momentum", "1"], "--target-momentum 1.0: must be in [0, 1)"),
+        (["--method", "simclr", "--temperature", "0"], "--temperature 0.0: must be positive"),
+        (["--method", "swav", "--prototypes", "1"], "--prototypes 1: must be at least 2"),
+        (["--projector", "three"], "--projector three: expected paper or simsiam"),
+    ],
+)
+def test_a_flag_that_does_not_fit_the_method_is_refused(flags, message):
+    parser = argparse.ArgumentParser()
+    methods.add_method_args(parser)
+    parser.add_argument("--lr", type=float)
+    with pytest.raises(common.UserError) as error:
+        methods.resolve_method_args(parser.parse_args(flags))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_each_method_takes_its_own_defaults():
+    parser = argparse.ArgumentParser()
+    methods.add_method_args(parser)
+    parser.add_argument("--lr", type=float)
+    args = parser.parse_args(["--method", "swav", "--queue-size", "0"])
+    methods.resolve_method_args(args)
+    assert (args.lr, args.temperature, args.prototypes, args.queue_size, args.multi_crop) == (
+        0.12,
+        0.1,
+        3000,
+        0,
+        False,
+    )
+    assert args.target_momentum is None and args.projector is None
+    args = parser.parse_args([])
+    methods.resolve_method_args(args)
+    assert (args.method, args.lr, args.projector, args.temperature) == ("simsiam", 0.03, "paper", None)

@@ -1,0 +1,123 @@
+"""pretrain.py --method simclr | byol | mocov2 | swav, whole runs on the CPU: every output, an exact resume
+after a SIGTERM (weights, momentum encoder, queue, prototypes, metrics), two processes over gloo, and (slow) a
+short run on the digits that raises kNN balanced accuracy."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_pretrain import read_metrics, without_timing
+
+import pretrain
+from bit_convert import load_backbone
+from conftest import REPO, run_script, tiny_args
+
+# small queues and prototypes: the SwAV queue (60 = 2 batches) is full, hence in use, from the third step,
+# and --multi-crop puts 8 crops of two sizes through the loop
+FLAGS = {
+    "simclr": [],
+    "byol": [],
+    "mocov2": ["--queue-size", "64"],
+    "swav": ["--queue-size", "60", "--queue-start", "1", "--prototypes", "10", "--multi-crop"],
+}
+SPLIT = "0.05,0.05,0.05,0.85"  # 89 pretrain images: 2 steps of 30 an epoch
+
+
+def method_args(tmp, method, epochs=2, out="run"):
+    args = tiny_args(tmp, epochs, out) + ["--method", method, *FLAGS[method]]
+    args[args.index("--split") + 1] = SPLIT
+    return args
+
+
+@pytest.fixture(scope="module", params=list(FLAGS))
+def complete_run(request, tmp_path_factory):
+    """Two epochs, uninterrupted, in-process."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    assert pretrain.main(method_args(tmp, request.param)) == 0
+    return request.param, tmp, tmp / "run"
+
+
+def test_a_stop_by_signal_resumes_exactly(complete_run, monkeypatch):
+    """SIGTERM at the end of epoch 1: the run stops after the first step of epoch 2 and saves; --resume ends
+    with the state of the uninterrupted run, bit for bit: weights, momentum encoder, queue, prototypes."""
+    method, tmp, expected = complete_run
+    finish = pretrain.finish_epoch
+
+    def finish_then_signal(row, *rest, **options):
+        finish(row, *rest, **options)
+        if row["epoch"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(pretrain, "finish_epoch", finish_then_signal)
+    assert pretrain.main(method_args(tmp, method, out="stopped")) == 128 + signal.SIGTERM
+    state = torch.load(tmp / "stopped" / "last.pt", weights_only=True)
+    assert (state["progress"]["epoch"], state["progress"]["step"]) == (2, 1)
+    monkeypatch.setattr(pretrain, "finish_epoch", finish)
+    assert pretrain.main(["--out", str(tmp / "stopped"), "--resume", "--workers", "0"]) == 0
+    got = torch.load(tmp / "stopped" / "last.pt", weights_only=True)["model"]
+    want = torch.load(expected / "last.pt", weights_only=True)["model"]
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], v) for k, v in want.items()), [
+        k for k, v in want.items() if not torch.equal(got[k], v)
+    ]
+    assert without_timing(read_metrics(tmp / "stopped")) == without_timing(read_metrics(expected))
+
+
+def test_a_run_writes_every_output_and_records_its_method(complete_run):
+    method, _, out = complete_run
+    names = {"args.json", "backbone.pt", "curves.png", "last.pt", "metrics.csv", "split.json"}
+    assert names <= {p.name for p in out.iterdir()}
+    rows = read_metrics(out)
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2] and all(r["loss"] != "" for r in rows[1:])
+    assert load_backbone(out / "backbone.pt")[1]["method"] == method
+    state = torch.load(out / "last.pt", weights_only=True)["model"]
+    assert ("queue" in state) == (method in ("mocov2", "swav"))
+    if method == "swav":
+        assert state["queue"][:, -1].abs().sum() > 0  # filled and in use
+
+
+@pytest.mark.parametrize("method", list(FLAGS))
+def test_two_processes_over_gloo(tmp_path, method):
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "pretrain.py",
+            *method_args(tmp_path, method, epochs=1),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"{method}, scratch" in run.stdout and "2 process(es)" in run.stdout
+    assert [int(r["epoch"]) for r in read_metrics(tmp_path / "run")] == [0, 1]
+    assert load_backbone(tmp_path / "run" / "backbone.pt")[1]["method"] == method
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(FLAGS))
+def test_pretraining_on_digits_raises_knn_balanced_accuracy(tmp_path, method):
+    """The README's demonstration for each method: three epochs from scratch on the embedded digits, the
+    method's own defaults but for a queue that fits 1080 images."""
+    queue = {"mocov2": ["--queue-size", "512"], "swav": ["--queue-size", "256", "--queue-start", "2"]}
+    run = run_script(
+        "pretrain.py",
+        *("--data", "digits", "--method", method, *queue.get(method, [])),
+        *("--epochs", "3", "--batch-size", "32", "--warmup-epochs", "1", "--eval-every", "1"),
+        *("--workers", "2", "--device", "cpu", "--out", tmp_path / "run"),
+        *("--split-file", tmp_path / "split.json", "--cache-dir", tmp_path),
+        timeout=3600,
+    )
+    assert run.returncode == 0, run.stderr
+    rows = read_metrics(tmp_path / "run")
+    print(method, [round(float(r["knn_bacc"]), 3) for r in rows])
+    assert float(rows[-1]["knn_bacc"]) > float(rows[0]["knn_bacc"]) + 0.1
