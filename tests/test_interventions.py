@@ -4,6 +4,7 @@ loss.
 Expectations come from formulas, NumPy or hand-made geometry, never from the code's own output."""
 
 import copy
+import json
 import math
 from functools import partial
 
@@ -420,3 +421,56 @@ def test_local_infonce_without_any_overlap_is_zero_and_still_differentiable():
     )
     loss.backward()
     assert loss.item() == 0 and map1.grad is not None
+
+
+# --------------------------------------------------------------------------------------- wired in pretrain.py
+
+
+def test_the_interventions_in_one_pretraining_run(tmp_path):
+    """MoCo v2 with the local loss (views that record their crops), from a .pt backbone with its filters
+    selected and shrunk: the run trains. --whiten is only built here: a 2048-channel IterNorm takes seconds a
+    step on the CPU (its own tests above use small widths)."""
+    import pretrain
+    from conftest import tiny_args
+
+    bc.save_backbone(bc.resnet_v2("r50x1", "bn", cifar_stem=True), tmp_path / "init.pt")
+    interventions = [
+        "--select-filters",
+        "0.5",
+        "--shrink",
+        "0.5",
+        "--local-weight",
+        "0.5",
+        "--local-grid",
+        "2",
+    ]
+    argv = tiny_args(tmp_path, epochs=1) + ["--init", str(tmp_path / "init.pt"), "--method", "mocov2"]
+    assert pretrain.main(argv + interventions + ["--queue-size", "60"]) == 0
+    backbone, meta = bc.load_backbone(tmp_path / "run" / "backbone.pt")
+    assert meta["method"] == "mocov2" and not meta["whiten"]
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert (args["shrink"], args["select_filters"], args["local_weight"]) == (0.5, 0.5, 0.5)
+    args = pretrain.parse_args(argv + ["--whiten", "--out", str(tmp_path / "whitened")])
+    method = pretrain.build_method(args, None, None, torch.device("cpu"))
+    assert isinstance(method.backbone.norm, bc.IterNorm) and isinstance(method.target[0].norm, bc.IterNorm)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--init", "INIT", "--shrink", "0"], "--shrink 0.0: expected a number in (0, 1]"),
+        (["--init", "INIT", "--select-filters", "1.5"], "--select-filters 1.5: expected a number in (0, 1]"),
+        (["--shrink", "0.5"], "--shrink: changes pretrained weights before a second pretraining"),
+        (["--whiten", "--norm", "gn"], "--whiten: needs a BatchNorm backbone"),
+        (["--local-weight", "0.5", "--method", "simclr"], "--local-weight 0.5: --method simclr has no such"),
+        (["--local-weight", "-1", "--method", "mocov2"], "--local-weight -1.0: must not be negative"),
+    ],
+)
+def test_interventions_that_do_not_fit_are_one_line(tmp_path, extra, message):
+    import pretrain
+    from conftest import tiny_args
+
+    bc.save_backbone(bc.resnet_v2("r50x1", "bn", cifar_stem=True), tmp_path / "init.pt")
+    extra = [str(tmp_path / "init.pt") if e == "INIT" else e for e in extra]
+    one_line_user_error(lambda: pretrain.parse_args(tiny_args(tmp_path) + extra), message)
+    assert not (tmp_path / "run").exists()
