@@ -32,6 +32,16 @@ def method_args(tmp, method, epochs=2, out="run"):
     return args
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process runs on one thread, as the subprocesses run (OMP_NUM_THREADS=1): on a shared 2-core machine
+    two threads per run measured several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=list(FLAGS))
 def complete_run(request, tmp_path_factory):
     """Two epochs, uninterrupted, in-process."""
