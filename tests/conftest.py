@@ -8,8 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The suite runs as two pytest-xdist workers (pytest.ini) on a 2-core machine: one thread each, as the scripts
+# run as subprocesses here (OMP_NUM_THREADS=1 in run_script). Two threads per worker would fight over the cores.
+torch.set_num_threads(1)
 
 
 def tiny_args(tmp, epochs=2, out="run"):
