@@ -13,7 +13,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 # The suite runs as two pytest-xdist workers (pytest.ini) on a 2-core machine: one thread each, as the scripts
-# run as subprocesses here (OMP_NUM_THREADS=1 in run_script). Two threads per worker would fight over the cores.
+# run as subprocesses here (OMP_NUM_THREADS=1 in run_script). Two threads a worker would fight over the cores.
 torch.set_num_threads(1)
 
 
