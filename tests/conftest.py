@@ -62,6 +62,21 @@ def run_script(script, *args, timeout=300, env=None, **popen):
     )
 
 
+def run_pretraining_over_gloo(args):
+    """pretrain.py as two processes (torchrun, gloo, one thread each); asserts that it ran through."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run = subprocess.run(
+        [*command, "pretrain.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
 @pytest.fixture(autouse=True)
 def restore_signal_handlers():
     """pretrain.main() installs SIGINT/SIGTERM handlers; a test that calls it in-process must not keep

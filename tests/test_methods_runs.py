@@ -4,8 +4,6 @@ short run on the digits that raises kNN balanced accuracy."""
 
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from test_pretrain import read_metrics, without_timing
 
 import pretrain
 from bit_convert import load_backbone
-from conftest import REPO, run_script, tiny_args
+from conftest import run_pretraining_over_gloo, run_script, tiny_args
 
 # small queues and prototypes: the SwAV queue (60 = 2 batches) is full, hence in use, from the third step,
 # and --multi-crop puts 8 crops of two sizes through the loop
@@ -91,23 +89,7 @@ def test_a_run_writes_every_output_and_records_its_method(complete_run):
 
 @pytest.mark.parametrize("method", list(FLAGS))
 def test_two_processes_over_gloo(tmp_path, method):
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "pretrain.py",
-            *method_args(tmp_path, method, epochs=1),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_pretraining_over_gloo(method_args(tmp_path, method, epochs=1))
     assert f"{method}, scratch" in run.stdout and "2 process(es)" in run.stdout
     assert [int(r["epoch"]) for r in read_metrics(tmp_path / "run")] == [0, 1]
     assert load_backbone(tmp_path / "run" / "backbone.pt")[1]["method"] == method

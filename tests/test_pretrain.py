@@ -19,7 +19,7 @@ import datasets
 import methods
 import pretrain
 from bit_convert import load_backbone, resnet_v2, save_backbone
-from conftest import REPO, run_script, tiny_args
+from conftest import REPO, run_pretraining_over_gloo, run_script, tiny_args
 
 TIMING = ("img_per_s", "data_wait", "epoch_s", "eta_s")
 
@@ -147,23 +147,7 @@ def test_the_same_seed_gives_the_same_run_and_a_stop_by_signal_resumes_exactly(c
 
 
 def test_two_processes_over_gloo(tmp_path):
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "pretrain.py",
-            *tiny_args(tmp_path, epochs=1),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_pretraining_over_gloo(tiny_args(tmp_path, epochs=1))
     assert run.stdout.count("SyncBatchNorm runs on GPUs only") == 1  # said once, by process 0
     assert "2 process(es)" in run.stdout and "6 steps per epoch" in run.stdout  # --batch-size 30 is global
     assert [int(r["epoch"]) for r in read_metrics(tmp_path / "run")] == [0, 1]
