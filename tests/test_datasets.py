@@ -181,6 +181,19 @@ def write_dermamnist(path, sizes=(42, 14, 21)):
 # --------------------------------------------------------------------------------------------------- fixtures
 
 
+def metadata_only(root):
+    """The HAM10000 metadata in `root` as a Data with 1x1 dummy images: what the split tests need."""
+    ids, dx, lesions, _ = datasets.read_ham_metadata(root)
+    return datasets.Data(
+        "ham10000",
+        np.zeros((len(ids), 1, 1, 3), np.uint8),
+        np.array([HAM_ORDER.index(d) for d in dx], dtype=np.int64),
+        ids,
+        HAM_ORDER,
+        lesions,
+    )
+
+
 @pytest.fixture(scope="module")
 def sample_rows():
     return read_rows(SAMPLE)
@@ -369,19 +382,10 @@ def real(request, tmp_path_factory):
     else:
         root = tmp_path_factory.mktemp("sample")
         shutil.copy(SAMPLE, root / "HAM10000_metadata.csv")
-        tol = SimpleNamespace(
-            size=0.02, prop=0.06, min_class=50
-        )  # 415 images: a 10-fold cut moves a few images
+        # 415 images: a 10-fold cut moves a few images
+        tol = SimpleNamespace(size=0.02, prop=0.06, min_class=50)
     rows = read_rows(root / "HAM10000_metadata.csv")
-    ids, dx, lesions, _ = datasets.read_ham_metadata(root)
-    data = datasets.Data(
-        "ham10000",
-        np.zeros((len(ids), 1, 1, 3), np.uint8),
-        np.array([HAM_ORDER.index(d) for d in dx], dtype=np.int64),
-        ids,
-        HAM_ORDER,
-        lesions,
-    )
+    data = metadata_only(root)
     fractions = datasets.parse_fractions(SPLIT)
     splits = {by: datasets.make_split(data, fractions, 0, by) for by in ("lesion", "image")}
     return SimpleNamespace(kind=request.param, root=root, rows=rows, data=data, splits=splits, tol=tol)
@@ -467,15 +471,7 @@ def test_image_split_lets_lesions_cross_parts_which_the_lesion_split_forbids(rea
 def sample_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample_meta")
     shutil.copy(SAMPLE, root / "HAM10000_metadata.csv")
-    ids, dx, lesions, _ = datasets.read_ham_metadata(root)
-    return datasets.Data(
-        "ham10000",
-        np.zeros((len(ids), 1, 1, 3), np.uint8),
-        np.array([HAM_ORDER.index(d) for d in dx], dtype=np.int64),
-        ids,
-        HAM_ORDER,
-        lesions,
-    )
+    return metadata_only(root)
 
 
 def test_split_depends_on_the_seed_and_only_on_it(sample_data):
