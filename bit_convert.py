@@ -154,7 +154,7 @@ class ResNetV2(nn.Module):
 
 class IterNorm(nn.Module):
     """Iterative Normalization (Huang et al., CVPR 2019, Algorithm 1): ZCA whitening of a (N, C, H, W) input
-    over all N*H*W positions, one group of all C channels (as Hassanpour et al.'s code, REFERENCE §7), then a
+    over all N*H*W positions, one group of all C channels (as Hassanpour et al.'s code, med_selfsup), then a
     learnable per-channel affine. Sigma = cov + eps I is divided by its trace, so that Newton's iterations
     P_(k+1) = 1.5 P_k - 0.5 P_k^3 Sigma_N from P_0 = I converge (every eigenvalue of Sigma_N is in (0, 1]);
     Sigma^(-1/2) ~ P_T / sqrt(tr Sigma). With T = 5 the whitening is partial along the smallest eigenvalues, a
@@ -235,7 +235,7 @@ def resnet_v2(name="r50x1", norm="bn", cifar_stem=False, head_size=0, ws=True):
 
 def zero_init_last(model):
     """Zero the scale of the norm in front of each unit's last conv, so every residual branch starts switched
-    off (Goyal et al. 2017), as the authors' code did (REFERENCE §1). Done after loading weights, so it always
+    off (Goyal et al. 2017), as the authors' code did (BiT-SimSiam). Done after loading weights, so it always
     holds."""
     for block in model.blocks:
         for unit in block:
@@ -443,8 +443,8 @@ def build_backbone(
 
 
 def shrink(model, factor, noise_std=0.0, generator=None):
-    """Ciga, Xu & Martel (2021)'s "weight scaling", as reconstructed (their definition is not public,
-    REFERENCE §7): Ash & Adams's "shrink and perturb" (NeurIPS 2020), theta <- factor * theta + noise,
+    """Ciga, Xu & Martel (2021)'s "weight scaling", as reconstructed (arXiv 2109.01721 does not
+    define it): Ash & Adams's "shrink and perturb" (NeurIPS 2020), theta <- factor * theta + noise,
     noise ~ N(0, noise_std^2), on every parameter of the backbone: conv kernels and norm gamma/beta alike.
     Buffers (BatchNorm statistics) are left as they are. Returns the model.
 
@@ -516,8 +516,8 @@ def filter_scores(model, images, device, batch_size=256):
 
 
 def select_filters(model, images, fraction, device, generator=None):
-    """Ciga, Xu & Martel (2021)'s "filter selection", as reconstructed (their definition is not public,
-    REFERENCE §7): score every filter of conv1 and conv2 in each unit on target-domain images (filter_scores),
+    """Ciga, Xu & Martel (2021)'s "filter selection", as reconstructed (arXiv 2109.01721 does not
+    define it): score every filter of conv1 and conv2 in each unit on target-domain images (filter_scores),
     keep the top `fraction` of each conv (rounded, at least one filter), and re-initialise the rest as a fresh
     resnet_v2 would: the dropped filters' kernel rows drawn as PyTorch draws a Conv2d's kernel
     (kaiming_uniform_, a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))), their norm's gamma 1 and beta 0 and,

@@ -729,7 +729,7 @@ class LocatedCrop:
 
 
 def located_view(size):
-    """A MoCo v2 view (Chen et al. 2020, "Improved Baselines"; the same recipe as SimSiam's, REFERENCE §3)
+    """A MoCo v2 view (Chen et al. 2020, "Improved Baselines"; SimSiam's too: simsiam main_simsiam.py)
     that records its crop and flip: LocatedCrop, then simsiam_view's own colour, grey and blur steps (the
     steps between its crop and its flip), so that the two recipes cannot drift apart."""
     return LocatedCrop(size, then=v2.Compose(simsiam_view(size).transforms[1:-1]))

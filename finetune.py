@@ -1,5 +1,5 @@
 """Fine-tuning strategies (Khan & Fang 2023, "Revisiting Fine-Tuning Strategies for Self-supervised Medical
-Imaging Analysis", arXiv 2307.10915; REFERENCE §8): end-to-end, one quarter of the network at a time, the
+Imaging Analysis", arXiv 2307.10915; our reading): end-to-end, one quarter of the network at a time, the
 shallower network of the first three quarters, and several backbones combined under one head.
 
     python finetune.py --ckpt runs/ham-bit-m/backbone.pt --data ham10000 --data-root PATH --tune q2
@@ -56,7 +56,7 @@ DEFAULT_LR = {"sgd": 0.01, "adam": 1e-4}
 
 def quarter_bounds(units_per_block):
     """Where each quarter of the network starts and ends, in units counted through all four blocks: four
-    groups by depth (REFERENCE §8), the first (units mod 4) of them one unit longer. R50's 16 units give
+    groups by depth (our reading), the first (units mod 4) of them one unit longer. R50's 16 units give
     (0, 4, 8, 12, 16); R101's 33 give 9, 8, 8, 8; R152's 50 give 13, 13, 12, 12."""
     n = sum(units_per_block)
     sizes = [n // 4 + (q < n % 4) for q in range(4)]

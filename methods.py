@@ -82,7 +82,7 @@ class SimSiam(Method):
     def __init__(self, backbone, projector="paper", dim=2048, pred_dim=512):
         super().__init__()
         self.backbone, width = backbone, backbone.num_features
-        if projector == "paper":  # what the paper's authors ran (REFERENCE §1): two layers
+        if projector == "paper":  # what the paper's authors ran (BiT-SimSiam): two layers
             self.projector = nn.Sequential(
                 nn.Linear(width, dim, bias=False),
                 nn.BatchNorm1d(dim),
@@ -539,7 +539,7 @@ def in_view(regions, box, flip):
 
 
 def local_infonce(map1, map2, regions1, regions2, overlaps, temperature=0.2):
-    """Hassanpour et al.'s local loss, as intended (REFERENCE §7): each region (matched_regions) is average-
+    """Hassanpour et al.'s local loss, as intended (2402.14611): each region (matched_regions) is average-
     pooled from each view's feature map (torchvision's roi_align, one output cell, aligned=True: a box edge
     at x * w falls on the map's cell edges), L2-normalised, with no projection (as their code); InfoNCE with
     the same region in the other view as the positive and the image's other regions as the negatives,

@@ -1,6 +1,6 @@
-"""Tests of bit_convert.py against BiT's .npz layout and formulas as REFERENCE.md §2 states them.
+"""Tests of bit_convert.py against BiT's .npz layout and formulas as big_transfer's models.py has them.
 
-The synthetic .npz files are built from the REFERENCE key table (never from bit_convert.bit_keys), and the
+The synthetic .npz files are built from BiT's key table (never from bit_convert.bit_keys), and the
 model is mapped to those keys by this file's own walk, so the loader is checked against an independent
 description.
 """
@@ -28,7 +28,7 @@ HEAD_KERNEL, HEAD_BIAS = "resnet/head/conv2d/kernel", "resnet/head/conv2d/bias"
 R50X1_BACKBONE_PARAMS = 23_500_352
 
 
-# ----------------------------------------------------------- the BiT layout, written from the REFERENCE table
+# ----------------------------------------------------------- the BiT layout, written from BiT's key table
 
 
 def bit_layout(units=R50, width=1, head=1000):
@@ -160,7 +160,7 @@ def np_zero_pad_max_pool(x):
 
 
 def ref_unit(unit, x, stride):
-    """REFERENCE §2's unit recipe; the stride goes on the 3x3 conv and the projection."""
+    """BiT's unit (big_transfer PreActBottleneck); the stride goes on the 3x3 conv and the projection."""
     out = F.relu(unit.norm1(x))
     shortcut = ref_conv(out, unit.proj, stride) if unit.proj is not None else x
     out = ref_conv(out, unit.conv1)

@@ -1,4 +1,4 @@
-"""Tests of datasets.py against the data formats of REFERENCE.md §4.
+"""Tests of datasets.py against the data formats as their publishers ship them.
 
 Every stand-in is written here, into tmp_path, in the real format: a HAM10000 tree (the real CSV header, CRLF,
 real image ids from tests/data/HAM10000_metadata_sample.csv, small JPEGs in HAM10000_images_part_1/2), the
@@ -44,7 +44,7 @@ HAM_ORDER = (
     "mel",
     "nv",
     "vasc",
-)  # REFERENCE §4: alphabetical, DermaMNIST's label ids
+)  # alphabetical: DermaMNIST's label ids (MedMNIST v2)
 HEADER = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
 ISIC_COLUMNS = [
     "image",
@@ -396,7 +396,7 @@ def test_read_ham_metadata_matches_the_raw_csv(real):
     assert source == real.root / "HAM10000_metadata.csv"
     assert ids == [r["image_id"] for r in real.rows]
     assert dx == [r["dx"] for r in real.rows] and lesions == [r["lesion_id"] for r in real.rows]
-    if real.kind == "full":  # REFERENCE §4
+    if real.kind == "full":  # Tschandl et al. 2018, Sci. Data
         assert len(ids) == 10015 and len(set(lesions)) == 7470
         assert Counter(dx) == {
             "nv": 6705,

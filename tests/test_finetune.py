@@ -59,7 +59,7 @@ def pretrained(tmp_path_factory, backbone):
 
 # ------------------------------------------------------------------------------------------------- the pieces
 
-# R50's units by block: (3, 4, 6, 3). REFERENCE §8: q1 = the stem, block 1 and block 2's first unit, and so
+# R50's units by block: (3, 4, 6, 3). Our reading: q1 = the stem, block 1 and block 2's first unit, and so
 # on; the final norm goes with q4.
 R50_QUARTERS = {
     "q1": ("stem.", "blocks.0.", "blocks.1.0."),

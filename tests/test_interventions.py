@@ -1,5 +1,5 @@
 """The four interventions of issue 9, functions of the weights and of the views: Ciga et al.'s weight scaling
-and filter selection (reconstructions, REFERENCE §7), Hassanpour et al.'s whitening (IterNorm) and local
+and filter selection (reconstructions, arXiv 2109.01721), Hassanpour et al.'s whitening (IterNorm) and local
 loss.
 Expectations come from formulas, NumPy or hand-made geometry, never from the code's own output."""
 
@@ -122,7 +122,7 @@ def test_shrink_outside_zero_one_is_a_one_line_error(factor):
 # -------------------------------------------------------------------------------- filter selection (Ciga)
 
 
-NORM_AFTER = {"conv1": "norm2", "conv2": "norm3"}  # REFERENCE §2: the unit's norm-ReLU-conv order
+NORM_AFTER = {"conv1": "norm2", "conv2": "norm3"}  # big_transfer: the unit's norm-ReLU-conv order
 NORM_TENSORS = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}  # and a fresh BN's
 
 
