@@ -143,9 +143,10 @@ class CifarUnpickler(pickle.Unpickler):
     bytes. A pickle that names anything else (os.system, a class whose __reduce__ runs code) is refused before
     any of it runs."""
 
+    RECONSTRUCT = np.empty(0).__reduce__()[0]  # what an array pickles with, wherever this NumPy keeps it
     ARRAY = {
-        ("numpy.core.multiarray", "_reconstruct"): np.empty(0).__reduce__()[0],
-        ("numpy._core.multiarray", "_reconstruct"): np.empty(0).__reduce__()[0],
+        ("numpy.core.multiarray", "_reconstruct"): RECONSTRUCT,
+        ("numpy._core.multiarray", "_reconstruct"): RECONSTRUCT,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
     }
@@ -490,7 +491,7 @@ def cached(cache, index, shape):
     """(images, {position: reason}) of a complete cache entry, or None where it is absent or damaged (a .npy
     truncated, overwritten or replaced after it was written, an unreadable index): such an entry is built
     again, never read. The SHA-256 of the pixels, recorded when the entry was written, is checked once here
-    (measured 0.26 s for 450 MB, 1.8 GB/s)."""
+    (measured: 0.26 - 0.6 s for 450 MB on a 2-core machine)."""
     try:
         record = json.loads(index.read_text())
         broken = {int(j): reason for j, reason in record["bad"].items()}
