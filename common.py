@@ -5,6 +5,7 @@ backbone, BatchNorm statistics for a network that never trained, and the measure
 embedding spectrum and RankMe, focal loss, and the classification scores.
 """
 
+import errno
 import json
 import os
 import sys
@@ -31,18 +32,43 @@ def run(main):
 
 def write_atomic(path, write):
     """Create or replace `path` whole or not at all: `write(tmp)` fills a temporary file beside it, which is
-    renamed onto `path` once complete. A crash or a full disk leaves whatever was at `path` as it was."""
+    renamed onto `path` once complete. A crash or a full disk leaves whatever was at `path` as it was; a full
+    disk is a UserError that names `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as e:
+        full = disk_full(e)
+        if full:
+            raise UserError(
+                f"cannot write {path}: the disk is full ({full.strerror}); nothing was replaced"
+            ) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def disk_full(error):
+    """The OSError ENOSPC (or EDQUOT, a full quota) behind `error`, or None. torch.save into a file object
+    reports the OSError of its write as the context of a RuntimeError, hence the walk along the chain."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__context__
+    return None
+
+
 def save_atomic(obj, path):
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save, atomically. Into a file object that Python writes, so that a full disk is an OSError that
+    write_atomic recognises; torch.save into a path reports it only as "unexpected pos" (PyTorch 2.x)."""
+
+    def save(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    write_atomic(path, save)
 
 
 def to_json(args):

@@ -380,7 +380,7 @@ def load_data_and_split(args, rank, world):
     )
     split = datasets.load_split(data, split_file, args.split, args.split_seed, args.split_by)
     if rank == 0 and Path(split_file).resolve() != (args.out / "split.json").resolve():
-        shutil.copyfile(split_file, args.out / "split.json")
+        write_atomic(args.out / "split.json", lambda tmp: shutil.copyfile(split_file, tmp))
     if world > 1 and rank == 0:
         dist.barrier()
     return data, split, split_file

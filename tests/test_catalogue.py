@@ -417,11 +417,11 @@ def disk_full(tmp_path_factory):
     real_save = torch.save
 
     def save(obj, f, *args, **kwargs):
-        if Path(f).name.startswith(".last.pt"):
+        if Path(f.name).name.startswith(".last.pt"):  # save_atomic saves into a file object
             saves.append(f)
             if len(saves) == 2:
                 seen["before"] = (tmp / "run" / "last.pt").read_bytes()
-                Path(f).write_bytes(b"the first bytes of a checkpoint")
+                f.write(b"the first bytes of a checkpoint")
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(obj, f, *args, **kwargs)
 

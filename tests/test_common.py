@@ -110,7 +110,7 @@ def test_write_atomic_leaves_the_old_file_and_no_temporary_when_the_write_fails(
         Path(tmp).write_text("half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(common.UserError, match="disk is full"):
         common.write_atomic(out, half_write_then_fail)
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"] and out.read_text() == "an earlier result"
     common.write_atomic(out, lambda tmp: tmp.write_text("new"))
