@@ -99,6 +99,23 @@ def learning_rate(step, steps_per_epoch, args):
     return peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def momentum_progress(steps_done, steps_per_epoch, horizon_epochs):
+    """The fraction of the schedule done after `steps_done` steps, for a momentum encoder's cosine (BYOL
+    §3.2): over the lr cosine's horizon (--cosine-epochs, else --epochs), so that the momentum reaches its end
+    where the lr reaches 0, and a run extended with --resume --epochs N goes on where it stopped."""
+    return min(steps_done / (horizon_epochs * steps_per_epoch), 1.0)
+
+
+def make_optimizer(method, args):
+    """SGD with --momentum (the paper §4.1), or Adam (its default betas) for a method whose recipe is Adam's;
+    --weight-decay is the method's default unless given."""
+    if method.optimizer == "adam":
+        return torch.optim.Adam(method.param_groups(), lr=peak_lr(args), weight_decay=args.weight_decay)
+    return torch.optim.SGD(
+        method.param_groups(), lr=peak_lr(args), momentum=args.momentum, weight_decay=args.weight_decay
+    )
+
+
 # ---------------------------------------------------------------------------------------------------- monitor
 
 
@@ -268,8 +285,10 @@ def make_parser():
     optim.add_argument(
         "--lr", type=float, help=f"base lr, scaled by batch-size/256 (default: {methods.defaults_of('lr')})"
     )
-    optim.add_argument("--weight-decay", type=float, default=5e-4)
-    optim.add_argument("--momentum", type=float, default=0.9)
+    optim.add_argument("--weight-decay", type=float, help=f"(default: {methods.defaults_of('weight_decay')})")
+    optim.add_argument(
+        "--momentum", type=float, default=0.9, help="SGD's (default 0.9); Adam (swav) has none"
+    )
     optim.add_argument(
         "--warmup-epochs",
         type=float,
@@ -457,9 +476,7 @@ def main(argv=None):
     monitor = Monitor(data, split, args, device) if rank == 0 else None
     method = build_method(args, data, split, device)
     loader, sampler, steps_per_epoch = pretrain_loader(data, split, method, args, rank, world, device)
-    optimizer = torch.optim.SGD(
-        method.param_groups(), lr=peak_lr(args), momentum=args.momentum, weight_decay=args.weight_decay
-    )
+    optimizer = make_optimizer(method, args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     run = Progress(device)
     if args.resume and (args.out / "last.pt").exists():
@@ -500,7 +517,7 @@ def main(argv=None):
             method.before_step(epoch)
             scaler.step(optimizer)
             scaler.update()
-            method.after_step((done + 1) / (args.epochs * steps_per_epoch))
+            method.after_step(momentum_progress(done + 1, steps_per_epoch, args.cosine_epochs or args.epochs))
             run.add(loss.detach(), normalised_std(z.detach()))
             bar.update()
             if run.step % 20 == 0 or run.step == steps_per_epoch or stop.signum:  # a host sync now and then
