@@ -542,7 +542,8 @@ def resolve_method_args(args):
 def build_method(args, backbone):
     """The method that --method names around `backbone`, with its flags."""
     cls = METHODS[args.method]
-    return cls(backbone, **{key: getattr(args, key) for key in cls.defaults if key != "lr"})
+    optimiser = ("lr", "weight_decay")  # pretrain.py's
+    return cls(backbone, **{key: getattr(args, key) for key in cls.defaults if key not in optimiser})
 
 
 # ------------------------------------------------------------- Hassanpour et al. 2024: local feature learning
