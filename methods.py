@@ -8,7 +8,7 @@ loop knows none of them by name:
     defaults              its flags (add_method_args) and their defaults for our setting: one GPU, batch 128,
                           a few thousand images; "lr" is the base lr per 256 images, "weight_decay" the
                           optimiser's
-    optimizer             "sgd" (with --momentum) or "adam"
+    optimizer             "sgd" or "lars" (pretrain.LARS), both with --momentum
     forward(views)        -> (loss, z): z the output whose spread is the collapse signal (normalised_std)
     out_dim               the width of z
     param_groups()        the optimiser's groups; a group with fixed_lr keeps the peak lr (SimSiam)
@@ -38,7 +38,7 @@ from common import UserError
 class Method(nn.Module):
     """The defaults of the interface above."""
 
-    optimizer = "sgd"  # SGD with --momentum; "adam" for a method whose recipe is Adam's (SwAV)
+    optimizer = "sgd"  # SGD with --momentum; "lars" for a method whose recipe is LARS's (SwAV)
 
     def param_groups(self):
         return [{"params": [p for p in self.parameters() if p.requires_grad], "fixed_lr": False}]
@@ -327,22 +327,21 @@ class SwAV(Method):
     --multi-crop 6 small crops more (§3.2). The prototypes stay frozen in the first epoch (main_swav.py); from
     epoch --queue-start, a queue of earlier embeddings joins Sinkhorn, for batches below 256 (App. A)."""
 
-    # Adam, lr 1e-3 x batch/128 (2e-3 per 256), weight decay 1e-6 and 512 prototypes: lightly's CIFAR-10
-    # benchmark (SwaVModel, batch 128); the queue of 3840 from epoch 15: main_swav.py's advice for small
-    # batches
-    optimizer = "adam"
+    # LARS, lr 0.6 per 256, weight decay 1e-6, 3000 prototypes: solo-learn's scripts/pretrain/cifar/swav.yaml;
+    # the queue of 3840 from epoch 15: main_swav.py's advice for batches below 256
+    optimizer = "lars"
     defaults = {
-        "lr": 0.002,
+        "lr": 0.6,
         "weight_decay": 1e-6,
         "temperature": 0.1,
-        "prototypes": 512,
+        "prototypes": 3000,
         "queue_size": 3840,
         "queue_start": 15,
         "multi_crop": False,
     }
 
     def __init__(
-        self, backbone, temperature=0.1, prototypes=512, queue_size=3840, queue_start=15, multi_crop=False
+        self, backbone, temperature=0.1, prototypes=3000, queue_size=3840, queue_start=15, multi_crop=False
     ):
         super().__init__()
         dim = self.out_dim = 128

@@ -107,13 +107,35 @@ def momentum_progress(steps_done, steps_per_epoch, horizon_epochs):
 
 
 def make_optimizer(method, args):
-    """SGD with --momentum (the paper §4.1), or Adam (its default betas) for a method whose recipe is Adam's;
+    """SGD with --momentum (the paper §4.1), or LARS for a method whose recipe is LARS's (SwAV);
     --weight-decay is the method's default unless given."""
-    if method.optimizer == "adam":
-        return torch.optim.Adam(method.param_groups(), lr=peak_lr(args), weight_decay=args.weight_decay)
-    return torch.optim.SGD(
+    kind = LARS if method.optimizer == "lars" else torch.optim.SGD
+    return kind(
         method.param_groups(), lr=peak_lr(args), momentum=args.momentum, weight_decay=args.weight_decay
     )
+
+
+class LARS(torch.optim.SGD):
+    """SGD with layer-wise adaptive rate scaling (You et al. 2017) as solo-learn's LARS (solo/utils/lars.py,
+    with its cifar/swav.yaml settings eta 0.02, clip_lr, exclude_bias_n_norm): the gradient of each weight of
+    more than one dimension, with its weight decay added, is scaled by min(eta |w| / (|g| + wd |w|) / lr, 1);
+    biases and norm parameters (one dimension) take plain SGD steps without weight decay."""
+
+    def __init__(self, params, lr, momentum, weight_decay, eta=0.02):
+        super().__init__(params, lr=lr, momentum=momentum)
+        self.decay, self.eta = weight_decay, eta
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or p.ndim == 1:
+                    continue
+                weight, grad = p.norm(), p.grad.norm()
+                ratio = self.eta * weight / (grad + self.decay * weight + 1e-8) / group["lr"]
+                scaled = (p.grad + self.decay * p) * ratio.clamp(max=1.0)
+                p.grad.copy_(torch.where((weight > 0) & (grad > 0), scaled, p.grad))  # else as it is
+        return super().step(closure)
 
 
 # ---------------------------------------------------------------------------------------------------- monitor
@@ -286,9 +308,7 @@ def make_parser():
         "--lr", type=float, help=f"base lr, scaled by batch-size/256 (default: {methods.defaults_of('lr')})"
     )
     optim.add_argument("--weight-decay", type=float, help=f"(default: {methods.defaults_of('weight_decay')})")
-    optim.add_argument(
-        "--momentum", type=float, default=0.9, help="SGD's (default 0.9); Adam (swav) has none"
-    )
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD's and LARS's (default 0.9)")
     optim.add_argument(
         "--warmup-epochs",
         type=float,

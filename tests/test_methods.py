@@ -354,10 +354,10 @@ def test_each_method_takes_its_own_defaults():
     args = parser.parse_args(["--method", "swav", "--queue-size", "0"])
     methods.resolve_method_args(args)
     assert (args.lr, args.weight_decay, args.temperature, args.prototypes, args.queue_size) == (
-        0.002,
+        0.6,
         1e-6,
         0.1,
-        512,
+        3000,
         0,
     )
     assert args.multi_crop is False
@@ -371,25 +371,46 @@ def test_each_method_takes_its_own_defaults():
 @pytest.mark.parametrize(
     "method, optimizer, lr, weight_decay",
     [
-        ("swav", torch.optim.Adam, 1e-3, 1e-6),
+        ("swav", pretrain.LARS, 0.3, 1e-6),
         ("byol", torch.optim.SGD, 0.06, 5e-4),
         ("simclr", torch.optim.SGD, 0.06, 5e-4),
     ],
 )
 def test_each_method_trains_with_the_optimiser_of_its_source(tmp_path, method, optimizer, lr, weight_decay):
-    """lightly's CIFAR-10 benchmark at batch 128: SwaVModel Adam(lr 1e-3, weight decay 1e-6), 512 prototypes;
-    BYOLModel and SimCLRModel SGD(lr 0.06, momentum 0.9, weight decay 5e-4)."""
+    """At batch 128: solo-learn's cifar/swav.yaml, LARS lr 0.6 x 128/256, weight decay 1e-6, 3000 prototypes;
+    lightly's CIFAR-10 benchmark, BYOLModel and SimCLRModel: SGD lr 0.06, momentum 0.9, weight decay 5e-4."""
     args = pretrain.parse_args(["--method", method, "--batch-size", "128", "--out", str(tmp_path)])
     optimiser = pretrain.make_optimizer(build(method), args)
-    assert type(optimiser) is optimizer
-    assert (
-        optimiser.defaults["lr"] == pytest.approx(lr) and optimiser.defaults["weight_decay"] == weight_decay
-    )
-    assert optimizer is torch.optim.Adam or optimiser.defaults["momentum"] == 0.9
-    assert (
-        pretrain.parse_args(["--method", "swav", "--prototypes", "9", "--out", str(tmp_path)]).prototypes == 9
-    )
-    assert methods.SwAV.defaults["prototypes"] == 512
+    assert type(optimiser) is optimizer and optimiser.defaults["momentum"] == 0.9
+    assert optimiser.defaults["lr"] == pytest.approx(lr)
+    assert getattr(optimiser, "decay", optimiser.defaults["weight_decay"]) == weight_decay
+    assert methods.SwAV.defaults["prototypes"] == 3000
+
+
+def test_lars_step_against_solo_learns_formula():
+    """solo-learn's LARS (eta 0.02, clip_lr, exclude_bias_n_norm), written out in NumPy: a weight's gradient
+    plus its decay, scaled by min(eta |w| / (|g| + wd |w|) / lr, 1), then SGD with momentum; a bias (one
+    dimension) plain SGD, without decay. Two steps, so that the momentum buffer counts."""
+    g = torch.Generator().manual_seed(14)
+    weight, bias = torch.randn(5, 4, generator=g), torch.randn(5, generator=g)
+    lr, momentum, decay, eta = 0.3, 0.9, 1e-2, 0.02
+    params = [weight.clone().requires_grad_(), bias.clone().requires_grad_()]
+    optimiser = pretrain.LARS([{"params": params}], lr=lr, momentum=momentum, weight_decay=decay)
+    w, b = weight.double().numpy(), bias.double().numpy()
+    buffers = [None, None]
+    for step, scale in enumerate((1e-3, 1.0)):  # a tiny gradient: the ratio is clipped at 1; then below 1
+        grads = [torch.randn(5, 4, generator=g) * scale, torch.randn(5, generator=g)]
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        optimiser.step()
+        gw, gb = (x.double().numpy() for x in grads)
+        trust = min(eta * np.linalg.norm(w) / (np.linalg.norm(gw) + decay * np.linalg.norm(w)) / lr, 1)
+        assert (trust == 1) == (step == 0)
+        steps = [(gw + decay * w) * trust, gb]
+        buffers = [d if step == 0 else momentum * buf + d for buf, d in zip(buffers, steps)]
+        w, b = w - lr * buffers[0], b - lr * buffers[1]
+        assert np.allclose(params[0].detach().numpy(), w, atol=1e-5)
+        assert np.allclose(params[1].detach().numpy(), b, atol=1e-5)
 
 
 def test_momentum_follows_the_cosines_horizon_not_the_last_epoch(tmp_path, monkeypatch):
