@@ -155,15 +155,13 @@ class SimCLR(Method):
         super().__init__()
         output_norm = nn.BatchNorm1d(dim)
         output_norm.bias.requires_grad_(False)  # TensorFlow's center=False: beta stays 0, never trained
-        self.backbone, self.projector = (
-            backbone,
-            nn.Sequential(
-                nn.Linear(backbone.num_features, hidden, bias=False),
-                nn.BatchNorm1d(hidden),
-                nn.ReLU(inplace=True),
-                nn.Linear(hidden, dim, bias=False),
-                output_norm,
-            ),
+        self.backbone = backbone
+        self.projector = nn.Sequential(
+            nn.Linear(backbone.num_features, hidden, bias=False),  # no bias before a BN
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, dim, bias=False),
+            output_norm,
         )
         self.temperature, self.out_dim = temperature, dim
 
@@ -478,7 +476,7 @@ METHODS = {"simsiam": SimSiam, "simclr": SimCLR, "byol": BYOL, "mocov2": MoCoV2,
 FLAG_HELP = {
     "projector": "paper: the authors' 2-layer projector; simsiam: SimSiam's 3 layers",
     "temperature": "of the softmax (NT-Xent, InfoNCE, SwAV's prediction)",
-    "target_momentum": "tau_0 of the momentum encoder, rising to 1 along a cosine (BYOL §3.2)",
+    "target_momentum": "tau_0 of the momentum encoder, rising by a cosine to 1 (mocov2: 0.999; BYOL §3.2)",
     "queue_size": "keys or embeddings in the queue (swav: 0 for none)",
     "queue_start": "the epoch from which SwAV fills its queue",
     "prototypes": "SwAV's number of prototypes K",
