@@ -719,6 +719,23 @@ def simsiam_view(size):
     )
 
 
+def simclr_view(size):
+    """One SimCLR augmentation (Chen et al. 2020, App. A; google-research/simclr data_util.py): a crop of
+    scale (0.08, 1), a flip, colour distortion of strength 1 (jitter 0.8, 0.8, 0.8, 0.2 with p = 0.8, grey
+    p = 0.2), blur with p = 0.5 (ImageNet's; none at <= 32 px, as for CIFAR-10, App. B.9, and in
+    simsiam_view)."""
+    blur = [v2.RandomApply([RandomGaussianBlur()], p=0.5)] if size > 32 else []
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(0.08, 1.0)),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            *blur,
+        ]
+    )
+
+
 def byol_view(size, blur, solarise):
     """One of BYOL's two asymmetric augmentations (Grill et al. 2020, Table 6): view 1 blurred always and
     never solarised, view 2 blurred with p = 0.1 and solarised with p = 0.2; no blur at <= 32 px, as in
@@ -851,6 +868,7 @@ def located_view(size):
 
 VIEWS = {  # the augmentations a method's views name (methods.py)
     "simsiam": simsiam_view,
+    "simclr": simclr_view,
     "byol1": functools.partial(byol_view, blur=1.0, solarise=0.0),
     "byol2": functools.partial(byol_view, blur=0.1, solarise=0.2),
     "swav": swav_view,

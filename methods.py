@@ -6,7 +6,9 @@ loop knows none of them by name:
 
     views                 the augmentation of each view, by name (datasets.VIEWS)
     defaults              its flags (add_method_args) and their defaults for our setting: one GPU, batch 128,
-                          a few thousand images, SGD; "lr" is the base lr per 256 images
+                          a few thousand images; "lr" is the base lr per 256 images, "weight_decay" the
+                          optimiser's
+    optimizer             "sgd" or "lars" (pretrain.LARS), both with --momentum
     forward(views)        -> (loss, z): z the output whose spread is the collapse signal (normalised_std)
     out_dim               the width of z
     param_groups()        the optimiser's groups; a group with fixed_lr keeps the peak lr (SimSiam)
@@ -36,6 +38,8 @@ from common import UserError
 class Method(nn.Module):
     """The defaults of the interface above."""
 
+    optimizer = "sgd"  # SGD with --momentum; "lars" for a method whose recipe is LARS's (SwAV)
+
     def param_groups(self):
         return [{"params": [p for p in self.parameters() if p.requires_grad], "fixed_lr": False}]
 
@@ -57,7 +61,10 @@ def float32(loss):
     def in_float32(*tensors, **options):
         device = next(t for t in tensors if torch.is_tensor(t)).device.type
         with torch.autocast(device, enabled=False):
-            return loss(*(t.float() if torch.is_tensor(t) else t for t in tensors), **options)
+            return loss(
+                *(t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in tensors),
+                **options,
+            )
 
     return in_float32
 
@@ -77,7 +84,7 @@ class SimSiam(Method):
     1-3)."""
 
     views = ("simsiam", "simsiam")
-    defaults = {"lr": 0.03, "projector": "paper"}  # Lu et al. §4.1
+    defaults = {"lr": 0.03, "weight_decay": 5e-4, "projector": "paper"}  # Lu et al. §4.1
 
     def __init__(self, backbone, projector="paper", dim=2048, pred_dim=512):
         super().__init__()
@@ -134,15 +141,28 @@ def simsiam_loss(p1, p2, z1, z2):
 
 class SimCLR(Method):
     """Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations" (ICML 2020): a
-    projector g (2048-2048-128, BN + ReLU inside, §B.9) and NT-Xent over the 2N views of the batch (Alg. 1),
-    its negatives gathered from every process, as a global batch would hold them."""
+    projector g (2048-2048-128, §B.9) and NT-Xent over the 2N views of the batch (Alg. 1), its negatives
+    gathered from every process, as a global batch would hold them. The projector is google-research/simclr's
+    ProjectionHead (tf2/model.py): every layer Linear-BN, ReLU inside, the output BN scaled but not centred
+    (no bias, no ReLU)."""
 
-    views = ("simsiam", "simsiam")  # crop, colour distortion, blur: SimSiam's recipe is MoCo v2's, SimCLR's
-    defaults = {"lr": 0.12, "temperature": 0.2}
+    views = ("simclr", "simclr")  # Chen et al. App. A (datasets.simclr_view)
+    # SGD lr and weight decay: lightly's CIFAR-10 benchmark (SimCLRModel, batch 128); temperature 0.5: the
+    # default of its NTXentLoss, and Chen et al.'s for CIFAR-10 (App. B.9)
+    defaults = {"lr": 0.12, "weight_decay": 5e-4, "temperature": 0.5}
 
-    def __init__(self, backbone, temperature=0.2, dim=128, hidden=2048):
+    def __init__(self, backbone, temperature=0.5, dim=128, hidden=2048):
         super().__init__()
-        self.backbone, self.projector = backbone, mlp(backbone.num_features, hidden, dim)
+        output_norm = nn.BatchNorm1d(dim)
+        output_norm.bias.requires_grad_(False)  # TensorFlow's center=False: beta stays 0, never trained
+        self.backbone = backbone
+        self.projector = nn.Sequential(
+            nn.Linear(backbone.num_features, hidden, bias=False),  # no bias before a BN
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, dim, bias=False),
+            output_norm,
+        )
         self.temperature, self.out_dim = temperature, dim
 
     def forward(self, views):
@@ -173,7 +193,9 @@ class BYOL(Method):
     receives no gradient and its momentum rises from tau_0 to 1 along a cosine (§3.2)."""
 
     views = ("byol1", "byol2")  # asymmetric blur and solarisation (Table 6)
-    defaults = {"lr": 0.12, "target_momentum": 0.99}
+    # SGD lr, weight decay and tau_0: lightly's CIFAR-10 benchmark (BYOLModel, batch 128), whose loss scale
+    # byol_loss takes
+    defaults = {"lr": 0.12, "weight_decay": 5e-4, "target_momentum": 0.99}
 
     def __init__(self, backbone, target_momentum=0.99, dim=256, hidden=4096):
         super().__init__()
@@ -196,11 +218,14 @@ class BYOL(Method):
 
 @float32
 def byol_loss(p1, p2, t1, t2):
-    """BYOL Eq. 2, symmetrised (the sum of both directions): ||p/|p| - t/|t|||^2 = 2 - 2 cos(p, t), the target
-    t without gradient. 0 when every prediction points along its target, 8 at most."""
-    return (2 - 2 * F.cosine_similarity(p1, t2.detach())).mean() + (
-        2 - 2 * F.cosine_similarity(p2, t1.detach())
-    ).mean()
+    """BYOL Eq. 2, ||p/|p| - t/|t|||^2 = 2 - 2 cos(p, t) with the target t without gradient, averaged over the
+    two directions and halved: 1 - cos, d loss / d cos = -1/2 per direction, the gradient of lightly's
+    benchmark loss 0.5 (-cos - cos), whose lr and weight decay are our defaults (the paper's sum of both
+    directions has 4 times that gradient: 4 times the step). 0 when every prediction points along its target,
+    2 at most."""
+    return (
+        (1 - F.cosine_similarity(p1, t2.detach())).mean() + (1 - F.cosine_similarity(p2, t1.detach())).mean()
+    ) / 2
 
 
 # ---------------------------------------------------------------------------------------------------- MoCo v2
@@ -217,8 +242,10 @@ class MoCoV2(Method):
     (matched_regions, local_infonce below); the keys' map is the momentum encoder's, without gradient."""
 
     views = ("simsiam", "simsiam")  # MoCo v2's augmentation is the one SimSiam took over
+    final_momentum = 0.999  # solo-learn's mocov2plus (final_tau), whose tau_0 0.99 is ours
     defaults = {
         "lr": 0.03,
+        "weight_decay": 5e-4,
         "temperature": 0.2,
         "target_momentum": 0.99,
         "queue_size": 4096,
@@ -275,7 +302,8 @@ class MoCoV2(Method):
 
     def after_step(self, progress):
         online = [*self.backbone.parameters(), *self.projector.parameters()]
-        momentum_update(online, self.target.parameters(), cosine_momentum(self.target_momentum, progress))
+        momentum = cosine_momentum(self.target_momentum, progress, self.final_momentum)
+        momentum_update(online, self.target.parameters(), momentum)
 
 
 @float32
@@ -297,8 +325,12 @@ class SwAV(Method):
     --multi-crop 6 small crops more (§3.2). The prototypes stay frozen in the first epoch (main_swav.py); from
     epoch --queue-start, a queue of earlier embeddings joins Sinkhorn, for batches below 256 (App. A)."""
 
+    # LARS, lr 0.6 per 256, weight decay 1e-6, 3000 prototypes: solo-learn's scripts/pretrain/cifar/swav.yaml;
+    # the queue of 3840 from epoch 15: main_swav.py's advice for batches below 256
+    optimizer = "lars"
     defaults = {
-        "lr": 0.12,
+        "lr": 0.6,
+        "weight_decay": 1e-6,
         "temperature": 0.1,
         "prototypes": 3000,
         "queue_size": 3840,
@@ -318,9 +350,10 @@ class SwAV(Method):
         self.temperature, self.queue_start, self.filling = temperature, queue_start, False
 
     def forward(self, views):
-        large, small = views[:2], views[2:]  # one pass per resolution: BN over the crops of one size
-        z = [self.projector(self.backbone(torch.cat(crops))) for crops in (large, small) if crops]
-        z = torch.stack(F.normalize(torch.cat(z).float(), dim=1).chunk(len(views)))
+        # as main_swav.py: the backbone once per resolution, the head once over all crops (its BN sees all)
+        large, small = views[:2], views[2:]
+        features = torch.cat([self.backbone(torch.cat(crops)) for crops in (large, small) if crops])
+        z = torch.stack(F.normalize(self.projector(features).float(), dim=1).chunk(len(views)))
         in_use = self.queue.shape[1] and self.queue[:, -1].any()
         queued = self.queue[:, rank() :: world()] if in_use else None  # a share each: every embedding once
         loss = swav_loss(z, self.prototypes, self.temperature, queued)
@@ -384,10 +417,10 @@ def momentum_update(online, target, momentum):
         t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
 
 
-def cosine_momentum(base, progress):
+def cosine_momentum(base, progress, final=1.0):
     """BYOL §3.2: tau = 1 - (1 - tau_0)(cos(pi k / K) + 1) / 2 after k of K steps: tau_0 at the start, 1 at
-    the end (progress = k / K)."""
-    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
+    the end (progress = k / K); with final < 1, solo-learn's form, final - (final - tau_0)(cos + 1) / 2."""
+    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
 @torch.no_grad()
@@ -443,7 +476,7 @@ METHODS = {"simsiam": SimSiam, "simclr": SimCLR, "byol": BYOL, "mocov2": MoCoV2,
 FLAG_HELP = {
     "projector": "paper: the authors' 2-layer projector; simsiam: SimSiam's 3 layers",
     "temperature": "of the softmax (NT-Xent, InfoNCE, SwAV's prediction)",
-    "target_momentum": "tau_0 of the momentum encoder, rising to 1 along a cosine (BYOL §3.2)",
+    "target_momentum": "tau_0 of the momentum encoder, rising by a cosine to 1 (mocov2: 0.999; BYOL §3.2)",
     "queue_size": "keys or embeddings in the queue (swav: 0 for none)",
     "queue_start": "the epoch from which SwAV fills its queue",
     "prototypes": "SwAV's number of prototypes K",
@@ -476,7 +509,7 @@ def resolve_method_args(args):
     """Each flag the method has takes its default where not given; one given to a method without it is an
     error, and so is a value out of range."""
     defaults = METHODS[args.method].defaults
-    for key in {"lr", *FLAG_HELP}:
+    for key in {"lr", "weight_decay", *FLAG_HELP}:
         value, flag = getattr(args, key), "--" + key.replace("_", "-")
         if key in defaults:
             setattr(args, key, defaults[key] if value is None else value)
@@ -506,7 +539,8 @@ def resolve_method_args(args):
 def build_method(args, backbone):
     """The method that --method names around `backbone`, with its flags."""
     cls = METHODS[args.method]
-    return cls(backbone, **{key: getattr(args, key) for key in cls.defaults if key != "lr"})
+    optimiser = ("lr", "weight_decay")  # pretrain.py's
+    return cls(backbone, **{key: getattr(args, key) for key in cls.defaults if key not in optimiser})
 
 
 # ------------------------------------------------------------- Hassanpour et al. 2024: local feature learning
@@ -538,6 +572,7 @@ def in_view(regions, box, flip):
     return torch.where(flip[:, None, None].bool(), mirrored, view)
 
 
+@float32
 def local_infonce(map1, map2, regions1, regions2, overlaps, temperature=0.2):
     """Hassanpour et al.'s local loss, as intended (2402.14611): each region (matched_regions) is average-
     pooled from each view's feature map (torchvision's roi_align, one output cell, aligned=True: a box edge

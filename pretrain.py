@@ -99,6 +99,45 @@ def learning_rate(step, steps_per_epoch, args):
     return peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def momentum_progress(steps_done, steps_per_epoch, horizon_epochs):
+    """The fraction of the schedule done after `steps_done` steps, for a momentum encoder's cosine (BYOL
+    §3.2): over the lr cosine's horizon (--cosine-epochs, else --epochs), so that the momentum reaches its end
+    where the lr reaches 0, and a run extended with --resume --epochs N goes on where it stopped."""
+    return min(steps_done / (horizon_epochs * steps_per_epoch), 1.0)
+
+
+def make_optimizer(method, args):
+    """SGD with --momentum (the paper §4.1), or LARS for a method whose recipe is LARS's (SwAV);
+    --weight-decay is the method's default unless given."""
+    kind = LARS if method.optimizer == "lars" else torch.optim.SGD
+    return kind(
+        method.param_groups(), lr=peak_lr(args), momentum=args.momentum, weight_decay=args.weight_decay
+    )
+
+
+class LARS(torch.optim.SGD):
+    """SGD with layer-wise adaptive rate scaling (You et al. 2017) as solo-learn's LARS (solo/utils/lars.py,
+    with its cifar/swav.yaml settings eta 0.02, clip_lr, exclude_bias_n_norm): the gradient of each weight of
+    more than one dimension, with its weight decay added, is scaled by min(eta |w| / (|g| + wd |w|) / lr, 1);
+    biases and norm parameters (one dimension) take plain SGD steps without weight decay."""
+
+    def __init__(self, params, lr, momentum, weight_decay, eta=0.02):
+        super().__init__(params, lr=lr, momentum=momentum)
+        self.decay, self.eta = weight_decay, eta
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or p.ndim == 1:
+                    continue
+                weight, grad = p.norm(), p.grad.norm()
+                ratio = self.eta * weight / (grad + self.decay * weight + 1e-8) / group["lr"]
+                scaled = (p.grad + self.decay * p) * ratio.clamp(max=1.0)
+                p.grad.copy_(torch.where((weight > 0) & (grad > 0), scaled, p.grad))  # else as it is
+        return super().step(closure)
+
+
 # ---------------------------------------------------------------------------------------------------- monitor
 
 
@@ -268,8 +307,8 @@ def make_parser():
     optim.add_argument(
         "--lr", type=float, help=f"base lr, scaled by batch-size/256 (default: {methods.defaults_of('lr')})"
     )
-    optim.add_argument("--weight-decay", type=float, default=5e-4)
-    optim.add_argument("--momentum", type=float, default=0.9)
+    optim.add_argument("--weight-decay", type=float, help=f"(default: {methods.defaults_of('weight_decay')})")
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD's and LARS's (default 0.9)")
     optim.add_argument(
         "--warmup-epochs",
         type=float,
@@ -457,9 +496,7 @@ def main(argv=None):
     monitor = Monitor(data, split, args, device) if rank == 0 else None
     method = build_method(args, data, split, device)
     loader, sampler, steps_per_epoch = pretrain_loader(data, split, method, args, rank, world, device)
-    optimizer = torch.optim.SGD(
-        method.param_groups(), lr=peak_lr(args), momentum=args.momentum, weight_decay=args.weight_decay
-    )
+    optimizer = make_optimizer(method, args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     run = Progress(device)
     if args.resume and (args.out / "last.pt").exists():
@@ -500,7 +537,7 @@ def main(argv=None):
             method.before_step(epoch)
             scaler.step(optimizer)
             scaler.update()
-            method.after_step((done + 1) / (args.epochs * steps_per_epoch))
+            method.after_step(momentum_progress(done + 1, steps_per_epoch, args.cosine_epochs or args.epochs))
             run.add(loss.detach(), normalised_std(z.detach()))
             bar.update()
             if run.step % 20 == 0 or run.step == steps_per_epoch or stop.signum:  # a host sync now and then

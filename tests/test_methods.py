@@ -11,7 +11,9 @@ from PIL import Image
 import common
 import datasets
 import methods
+import pretrain
 from bit_convert import resnet_v2
+from conftest import tiny_args
 
 
 def cos(a, b):
@@ -84,10 +86,24 @@ def test_byol_loss_is_the_symmetric_normalised_mse_without_gradient_to_the_targe
     a = [x.detach().double().numpy() for x in (p1, p2, t1, t2)]
     mse = lambda p, t: np.mean(np.sum((normalise(p) - normalise(t)) ** 2, axis=1))  # noqa: E731
     loss = methods.byol_loss(p1, p2, t1, t2)
-    assert loss.item() == pytest.approx(mse(a[0], a[3]) + mse(a[1], a[2]), rel=1e-5)
+    assert loss.item() == pytest.approx((mse(a[0], a[3]) + mse(a[1], a[2])) / 4, rel=1e-5)
     loss.backward()
     assert t1.grad is None and t2.grad is None and p1.grad is not None
     assert methods.byol_loss(t2, t1, t1, t2).item() == pytest.approx(0, abs=1e-5)
+
+
+def test_byol_loss_takes_the_gradient_of_lightlys_benchmark_loss():
+    """The default lr and weight decay are lightly's CIFAR-10 benchmark's, whose BYOL loss is
+    0.5 (-cos(p1, t2) - cos(p2, t1)): d loss / d cos = -1/2 per direction, hence the same step (the paper's
+    sum of 2 - 2 cos over both directions has -2: 4 times the step)."""
+    g = torch.Generator().manual_seed(12)
+    p1, p2, t1, t2 = (torch.randn(6, 9, generator=g, dtype=torch.float64) for _ in range(4))
+    ours = [p.clone().requires_grad_() for p in (p1, p2)]
+    methods.byol_loss(*ours, t1, t2).backward()
+    lightly = [p.clone().requires_grad_() for p in (p1, p2)]
+    (0.5 * (-cos(lightly[0], t2).mean() - cos(lightly[1], t1).mean())).backward()
+    for mine, theirs in zip(ours, lightly):
+        assert torch.allclose(mine.grad, theirs.grad, rtol=1e-5, atol=1e-9)
 
 
 def test_info_nce_against_a_loop_over_the_queue():
@@ -163,6 +179,18 @@ def test_momentum_update_and_its_cosine_schedule():
     assert methods.cosine_momentum(0.99, 0.5) == pytest.approx(0.995)
     assert methods.cosine_momentum(0.99, 1.0) == pytest.approx(1.0)
     assert methods.cosine_momentum(0.99, 0.25) == pytest.approx(1 - 0.01 * (np.cos(np.pi / 4) + 1) / 2)
+    assert methods.cosine_momentum(0.99, 1.0, final=0.999) == pytest.approx(0.999)  # solo-learn's final_tau
+
+
+def test_moco_momentum_ends_at_solo_learns_final_tau():
+    """MoCo v2's tau_0 0.99 is solo-learn's mocov2plus, which ends at final_tau 0.999, not at 1: after the
+    last step the key encoder still moves by 0.001 of the query encoder."""
+    model = build("mocov2")
+    with torch.no_grad():
+        model.backbone[0].weight.add_(1.0)
+    online, target = model.backbone[0].weight.clone(), model.target[0][0].weight.clone()
+    model.after_step(1.0)
+    assert torch.allclose(model.target[0][0].weight, 0.999 * target + 0.001 * online, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ the methods whole
@@ -252,6 +280,40 @@ def test_swav_freezes_its_prototypes_in_the_first_epoch_and_fills_its_queue():
     assert not model.queue.any()  # before --queue-start nothing is queued
 
 
+def test_swav_head_runs_once_over_all_crops():
+    """main_swav.py: the backbone once per resolution, the head once over the concatenation of every crop, so
+    that its BatchNorm's statistics are over the large and the small crops together."""
+    model = build("swav", multi_crop=True)
+    batches = []
+    model.projector[1].register_forward_hook(lambda module, inputs, output: batches.append(len(inputs[0])))
+    views = [torch.randn(4, 3, 8, 8)] * 2 + [torch.randn(4, 3, 3, 3)] * 6
+    model.start_epoch(1)
+    model(views)
+    assert batches == [4 * 8]
+
+
+def test_simclr_views_and_head_are_chen_et_als():
+    """App. A: crop scale 0.08-1, a flip, colour jitter (0.8, 0.8, 0.8, 0.2) with p = 0.8, grey p = 0.2, blur
+    p = 0.5 (none at <= 32 px); google-research/simclr's ProjectionHead: Linear-BN-ReLU, then Linear-BN with
+    neither bias nor ReLU; temperature 0.5 (App. B.9, lightly's NTXentLoss)."""
+    model = build("simclr")
+    assert model.views == ("simclr", "simclr") and model.temperature == 0.5
+    crop, flip, jitter, grey, blur = datasets.VIEWS["simclr"](224).transforms
+    assert crop.scale == (0.08, 1.0) and (flip.p, jitter.p, grey.p, blur.p) == (0.5, 0.8, 0.2, 0.5)
+    colour = jitter.transforms[0]
+    ranges = [colour.brightness, colour.contrast, colour.saturation, colour.hue]
+    assert np.allclose(ranges, [(1 - 0.8, 1 + 0.8)] * 3 + [(-0.2, 0.2)])
+    assert isinstance(blur.transforms[0], datasets.RandomGaussianBlur)
+    assert len(datasets.VIEWS["simclr"](32).transforms) == 4  # no blur at 32 px
+    layers = list(model.projector)
+    assert [type(m).__name__ for m in layers] == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert all(m.bias is None for m in layers if isinstance(m, torch.nn.Linear))  # a BN follows each
+    output_norm = layers[-1]  # scaled, not centred: TensorFlow's center=False
+    trained = {id(p) for group in model.param_groups() for p in group["params"]}
+    assert id(output_norm.weight) in trained and id(output_norm.bias) not in trained
+    assert not output_norm.bias.any()
+
+
 def test_swav_multi_crop_views_have_two_sizes():
     large, small = datasets.VIEWS["swav"](224), datasets.VIEWS["swav_small"](224)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 240, 3), dtype=np.uint8))
@@ -278,6 +340,7 @@ def test_a_flag_that_does_not_fit_the_method_is_refused(flags, message):
     parser = argparse.ArgumentParser()
     methods.add_method_args(parser)
     parser.add_argument("--lr", type=float)
+    parser.add_argument("--weight-decay", type=float)
     with pytest.raises(common.UserError) as error:
         methods.resolve_method_args(parser.parse_args(flags))
     assert message in str(error.value) and "\n" not in str(error.value)
@@ -287,16 +350,94 @@ def test_each_method_takes_its_own_defaults():
     parser = argparse.ArgumentParser()
     methods.add_method_args(parser)
     parser.add_argument("--lr", type=float)
+    parser.add_argument("--weight-decay", type=float)
     args = parser.parse_args(["--method", "swav", "--queue-size", "0"])
     methods.resolve_method_args(args)
-    assert (args.lr, args.temperature, args.prototypes, args.queue_size, args.multi_crop) == (
-        0.12,
+    assert (args.lr, args.weight_decay, args.temperature, args.prototypes, args.queue_size) == (
+        0.6,
+        1e-6,
         0.1,
         3000,
         0,
-        False,
     )
+    assert args.multi_crop is False
     assert args.target_momentum is None and args.projector is None
     args = parser.parse_args([])
     methods.resolve_method_args(args)
     assert (args.method, args.lr, args.projector, args.temperature) == ("simsiam", 0.03, "paper", None)
+    assert args.weight_decay == 5e-4
+
+
+@pytest.mark.parametrize(
+    "method, optimizer, lr, weight_decay",
+    [("swav", "LARS", 0.3, 1e-6), ("byol", "SGD", 0.06, 5e-4), ("simclr", "SGD", 0.06, 5e-4)],
+)
+def test_each_method_trains_with_the_optimiser_of_its_source(tmp_path, method, optimizer, lr, weight_decay):
+    """At batch 128: solo-learn's cifar/swav.yaml, LARS lr 0.6 x 128/256, weight decay 1e-6, 3000 prototypes;
+    lightly's CIFAR-10 benchmark, BYOLModel and SimCLRModel: SGD lr 0.06, momentum 0.9, weight decay 5e-4."""
+    args = pretrain.parse_args(["--method", method, "--batch-size", "128", "--out", str(tmp_path)])
+    optimiser = pretrain.make_optimizer(build(method), args)
+    assert type(optimiser).__name__ == optimizer and optimiser.defaults["momentum"] == 0.9
+    assert optimiser.defaults["lr"] == pytest.approx(lr)
+    assert getattr(optimiser, "decay", optimiser.defaults["weight_decay"]) == weight_decay
+    assert methods.SwAV.defaults["prototypes"] == 3000
+
+
+def test_lars_step_against_solo_learns_formula():
+    """solo-learn's LARS (eta 0.02, clip_lr, exclude_bias_n_norm), written out in NumPy: a weight's gradient
+    plus its decay, scaled by min(eta |w| / (|g| + wd |w|) / lr, 1), then SGD with momentum; a bias (one
+    dimension) plain SGD, without decay. Two steps, so that the momentum buffer counts."""
+    g = torch.Generator().manual_seed(14)
+    weight, bias = torch.randn(5, 4, generator=g), torch.randn(5, generator=g)
+    lr, momentum, decay, eta = 0.3, 0.9, 1e-2, 0.02
+    params = [weight.clone().requires_grad_(), bias.clone().requires_grad_()]
+    optimiser = pretrain.LARS([{"params": params}], lr=lr, momentum=momentum, weight_decay=decay)
+    w, b = weight.double().numpy(), bias.double().numpy()
+    buffers = [None, None]
+    for step, scale in enumerate((1e-3, 1.0)):  # a tiny gradient: the ratio is clipped at 1; then below 1
+        grads = [torch.randn(5, 4, generator=g) * scale, torch.randn(5, generator=g)]
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        optimiser.step()
+        gw, gb = (x.double().numpy() for x in grads)
+        trust = min(eta * np.linalg.norm(w) / (np.linalg.norm(gw) + decay * np.linalg.norm(w)) / lr, 1)
+        assert (trust == 1) == (step == 0)
+        steps = [(gw + decay * w) * trust, gb]
+        buffers = [d if step == 0 else momentum * buf + d for buf, d in zip(buffers, steps)]
+        w, b = w - lr * buffers[0], b - lr * buffers[1]
+        assert np.allclose(params[0].detach().numpy(), w, atol=1e-5)
+        assert np.allclose(params[1].detach().numpy(), b, atol=1e-5)
+
+
+def test_momentum_follows_the_cosines_horizon_not_the_last_epoch(tmp_path, monkeypatch):
+    """With --cosine-epochs 2 --epochs 1 (the authors' 800-of-400, shrunk) the lr ends at half its cosine and
+    the momentum schedule at half its progress; over the horizon the progress reaches 1, and --epochs plays no
+    part, so that a run extended with --resume --epochs N goes on where it stopped."""
+    seen = []
+    after_step = methods.BYOL.after_step
+    monkeypatch.setattr(methods.BYOL, "after_step", lambda self, p: (seen.append(p), after_step(self, p)))
+    args = tiny_args(tmp_path, epochs=1) + ["--method", "byol", "--cosine-epochs", "2"]
+    assert pretrain.main(args) == 0
+    steps = 6  # 180 images in batches of 30
+    assert seen == pytest.approx([k / (2 * steps) for k in range(1, steps + 1)])
+    assert pretrain.momentum_progress(800 * 5, 5, 800) == 1.0
+    assert pretrain.momentum_progress(400 * 5, 5, 800) == 0.5
+    assert (
+        pretrain.momentum_progress(900 * 5, 5, 800) == 1.0
+    )  # past the horizon: the momentum stays at its end
+
+
+def test_local_infonce_runs_in_float32_under_autocast():
+    """Like every other loss: under bf16 autocast its logits (cosines / 0.2) are not rounded to bf16."""
+    g = torch.Generator().manual_seed(13)
+    map1, map2 = torch.randn(2, 3, 64, 4, 4, generator=g)
+    regions = torch.rand(2, 3, 4, 2, generator=g).sort(-1).values  # (view, image, region, x0 y0 x1 y1)
+    regions = torch.stack(
+        [regions[..., 0, 0], regions[..., 1, 0], regions[..., 0, 1], regions[..., 1, 1]], -1
+    )
+    regions = regions.view(2, 3, 1, 4).repeat(1, 1, 4, 1) * torch.linspace(0.5, 1, 4).view(1, 1, 4, 1)
+    overlaps = torch.ones(3, dtype=torch.bool)
+    exact = methods.local_infonce(map1, map2, regions[0], regions[1], overlaps)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = methods.local_infonce(map1, map2, regions[0], regions[1], overlaps)
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(exact.item(), rel=1e-6)
