@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, autocast, run, save_atomic, to_input
+from common import ArgumentParser, UserError, autocast, output_dir, run, save_atomic, to_input
 
 ARCHS = {  # name: (units in each of the four blocks, width factor)
     "r50x1": ((3, 4, 6, 3), 1),
@@ -375,6 +375,23 @@ def read_backbone_file(path):
             f"{path}: not a backbone file from bit_convert.py or pretrain.py "
             f"(expected the keys {', '.join(needed)})"
         )
+    kinds = {  # what resnet_v2 and load_state_dict take, checked once here for every script that reads one
+        "arch": (lambda v: v in ARCHS, f"one of {', '.join(ARCHS)}"),
+        "norm": (lambda v: v in ("bn", "gn"), "bn or gn"),
+        "cifar_stem": (lambda v: isinstance(v, bool), "true or false"),
+        "ws": (lambda v: isinstance(v, bool), "true or false"),
+        "whiten": (lambda v: isinstance(v, bool), "true or false"),
+        "head_size": (lambda v: type(v) is int and v >= 0, "a whole number >= 0"),
+        "image_size": (lambda v: type(v) is int and v >= 1, "a whole number >= 1"),
+        "state_dict": (
+            lambda v: isinstance(v, dict) and all(torch.is_tensor(t) for t in v.values()),
+            "a dict of tensors",
+        ),
+    }
+    for key, (fits, expected) in kinds.items():
+        if key in ckpt and not fits(ckpt[key]):
+            shown = type(ckpt[key]).__name__ if key == "state_dict" else repr(ckpt[key])
+            raise WeightsError(f"{path}: {key} = {shown[:60]}, expected {expected}")
     return ckpt
 
 
@@ -606,7 +623,7 @@ def frozen_backbone(args, ckpt=None, init=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Convert BiT .npz weights into a PyTorch state dict for resnet_v2.",
         epilog=f"Cache: {CACHE_DIR} (set BIT_CACHE to move it).",
     )
@@ -643,6 +660,10 @@ def main():
         raise WeightsError(f"{output} exists; pass --force to overwrite it")
     if output and not output.parent.is_dir():
         raise WeightsError(f"-o {output}: the directory {output.parent} does not exist")
+    if output and output.is_dir():
+        raise WeightsError(f"-o {output}: a directory; expected the path of the .pt file to write")
+    if output:
+        output_dir(output.parent, f"-o {output}: its directory")  # before the conversion
     if args.download:
         print(bit_file(args.download, download=True))
     source = args.npz or args.download

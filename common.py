@@ -5,10 +5,13 @@ backbone, BatchNorm statistics for a network that never trained, and the measure
 embedding spectrum and RankMe, focal loss, and the classification scores.
 """
 
+import argparse
 import errno
 import json
+import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +72,54 @@ def save_atomic(obj, path):
             torch.save(obj, f)
 
     write_atomic(path, save)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a bad flag ends in one line (`script.py: error: argument --lr: ...`, exit 2) as
+    every other error of the scripts do; --help still shows the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def finite_float(text):
+    """argparse type of every float flag: a number, but not nan or inf, which every range check lets through
+    (nan < 0 and nan > 0 are both false)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
+    return value
+
+
+def device_name(text):
+    """argparse type of --device: cpu, cuda or cuda:N, one that this machine has. The name itself is kept
+    (args.json holds strings)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda or cuda:N")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise argparse.ArgumentTypeError(
+            f"{text}: this machine has no such GPU ({gpus} found); use --device cpu"
+        )
+    return text
+
+
+def output_dir(path, flag="--out"):
+    """Make `path` a directory that takes files, before any computing: a file there, or a place that cannot
+    be written, is one line now rather than a traceback after the work."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror})") from None
+    return path
 
 
 def to_json(args):

@@ -673,14 +673,28 @@ def pretraining_split(args, data, ckpt=None, metas=()):
             f"split file {path} is not the split a backbone was pretrained with: its test images "
             "may have been seen in pretraining; use the split.json of the pretraining run"
         )
-    empty = [part for part in ("train", "val", "test") if not split[part]]
+    check_scored_parts(data, split, path)
+    return split, path
+
+
+def check_scored_parts(data, split, path, parts=("train", "val", "test")):
+    """The parts of the split that a classifier learns from or is scored on: none empty, every class in
+    train, and two classes or more in each (a score on one class measures nothing: any constant prediction
+    has balanced accuracy 1)."""
+    empty = [part for part in parts if not split[part]]
     if empty:
         raise DataError(f"split file {path}: part {empty[0]} is empty")
     train_labels = data.labels[indices(data, split, "train")]
     absent = [c for k, c in enumerate(data.classes) if not np.any(train_labels == k)]
     if absent:
         raise DataError(f"split file {path}: class {absent[0]} has no image in the train part")
-    return split, path
+    for part in parts:
+        present = np.unique(data.labels[indices(data, split, part)])
+        if len(present) < 2:
+            raise DataError(
+                f"split file {path}: part {part} holds images of {len(present)} class only "
+                f"({data.classes[present[0]]}); scoring needs two classes or more"
+            )
 
 
 def indices(data, split, part):

@@ -33,9 +33,12 @@ import datasets
 import runs
 from bit_convert import add_backbone_args, frozen_backbone, read_backbone_file, resolve_backbone_args
 from common import (
+    ArgumentParser,
     UserError,
     amp_dtype,
     autocast,
+    device_name,
+    finite_float,
     focal_loss,
     run,
     save_atomic,
@@ -325,9 +328,7 @@ def end_epoch(progress, epoch, val_score, steps, seconds, model, args, split):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     datasets.add_data_args(parser)
     add_backbone_args(parser, norm_default="gn")
     model = parser.add_argument_group("model: --ckpt, --init for a network as released, or --combine")
@@ -352,7 +353,7 @@ def parse_args(argv=None):
     tuning = parser.add_argument_group("fine-tuning")
     tuning.add_argument(
         "--train-fraction",
-        type=float,
+        type=finite_float,
         default=1.0,
         help="fine-tune on a stratified fraction of the train part, the same images for every strategy "
         "at one seed (default 1: all)",
@@ -361,12 +362,14 @@ def parse_args(argv=None):
     tuning.add_argument("--batch-size", type=int, default=64)
     tuning.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     tuning.add_argument(
-        "--lr", type=float, help="peak of the cosine; default 0.01 for sgd (momentum 0.9), 1e-4 for adam"
+        "--lr",
+        type=finite_float,
+        help="peak of the cosine; default 0.01 for sgd (momentum 0.9), 1e-4 for adam",
     )
-    tuning.add_argument("--momentum", type=float, default=0.9)
-    tuning.add_argument("--weight-decay", type=float, default=0.0)
+    tuning.add_argument("--momentum", type=finite_float, default=0.9)
+    tuning.add_argument("--weight-decay", type=finite_float, default=0.0)
     tuning.add_argument(
-        "--gamma", type=float, default=4.0, help="focal loss gamma (paper §4.4); 0: cross-entropy"
+        "--gamma", type=finite_float, default=4.0, help="focal loss gamma (paper §4.4); 0: cross-entropy"
     )
     tuning.add_argument("--trials", type=int, default=3, help="seeds --seed, --seed+1, ...")
     run_group = parser.add_argument_group("run (figures: linear_eval.py --compare .../results.json ...)")
@@ -378,7 +381,9 @@ def parse_args(argv=None):
         "--force", action="store_true", help="start afresh in an --out that holds another run"
     )
     run_group.add_argument("--seed", type=int, default=0)
-    run_group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run_group.add_argument(
+        "--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     args = parser.parse_args(argv)
     if args.resume:  # the run's own arguments, but for those the command line may change
         if args.out is None:

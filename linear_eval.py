@@ -23,7 +23,20 @@ from sklearn.preprocessing import StandardScaler
 
 import datasets
 from bit_convert import add_backbone_args, frozen_backbone, read_backbone_file, resolve_backbone_args
-from common import UserError, embed, focal_loss, run, scores, to_json, write_atomic, write_results
+from common import (
+    ArgumentParser,
+    UserError,
+    device_name,
+    embed,
+    finite_float,
+    focal_loss,
+    output_dir,
+    run,
+    scores,
+    to_json,
+    write_atomic,
+    write_results,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -94,6 +107,17 @@ def compare(paths, out):
                 f"--compare {path}: not a results.json of linear_eval.py or finetune.py (expected the "
                 "keys model, data, mean, std)"
             )
+        for key in ("mean", "std"):
+            scores_of = results[-1][key]
+            drawn = ("balanced_accuracy", "macro_f1")
+            if not isinstance(scores_of, dict) or not all(
+                isinstance(scores_of.get(m), (int, float)) for m in drawn
+            ):
+                raise UserError(
+                    f"--compare {path}: {key} is not a dict with the numbers {key}.balanced_accuracy and "
+                    f"{key}.macro_f1"
+                )
+    output_dir(out)
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(results), 3.8))
     x = np.arange(len(results))
     for offset, metric in ((-0.2, "balanced_accuracy"), (0.2, "macro_f1")):
@@ -111,7 +135,6 @@ def compare(paths, out):
     )
     ax.legend()
     fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "compare.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     for r in results:
         print(
@@ -123,9 +146,7 @@ def compare(paths, out):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     datasets.add_data_args(parser)
     add_backbone_args(parser, norm_default="gn")
     model = parser.add_argument_group("model: --ckpt, or --init for a network as released")
@@ -133,12 +154,12 @@ def parse_args(argv=None):
     model.add_argument("--init", choices=("bit-s", "bit-m", "scratch"), help="instead of --ckpt")
     probe = parser.add_argument_group("linear classifier")
     probe.add_argument(
-        "--gamma", type=float, default=4.0, help="focal loss gamma (paper §4.4); 0: cross-entropy"
+        "--gamma", type=finite_float, default=4.0, help="focal loss gamma (paper §4.4); 0: cross-entropy"
     )
     probe.add_argument("--epochs", type=int, default=100)
     probe.add_argument("--batch-size", type=int, default=256)
-    probe.add_argument("--lr", type=float, default=1e-3, help="Adam")
-    probe.add_argument("--weight-decay", type=float, default=0.0)
+    probe.add_argument("--lr", type=finite_float, default=1e-3, help="Adam")
+    probe.add_argument("--weight-decay", type=finite_float, default=0.0)
     probe.add_argument("--trials", type=int, default=3, help="seeds --seed, --seed+1, ...")
     probe.add_argument(
         "--augment",
@@ -149,7 +170,7 @@ def parse_args(argv=None):
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=Path, help="default: linear/ beside --ckpt, else runs/linear-INIT")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument(
         "--compare", nargs="+", type=Path, metavar="RESULTS", help="draw results.json files side by side"
     )
@@ -169,8 +190,7 @@ def parse_args(argv=None):
     args.out = args.out or (
         args.ckpt.parent / "linear" if args.ckpt else Path("runs") / f"linear-{args.init}"
     )
-    if args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out}: a file, not a directory")
+    output_dir(args.out)  # before the features are computed
     return args
 
 

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from common import UserError
+from common import UserError, finite_float
 
 
 class Method(nn.Module):
@@ -501,7 +501,11 @@ def add_method_args(group):
             "--" + key.replace("_", "-"),
             type(next(m.defaults[key] for m in METHODS.values() if key in m.defaults)),
         )
-        options = {"action": "store_true", "default": None} if kind is bool else {"type": kind}
+        options = (
+            {"action": "store_true", "default": None}
+            if kind is bool
+            else {"type": finite_float if kind is float else kind}
+        )
         group.add_argument(flag, **options, help=f"{text} (default: {defaults_of(key)})")
 
 

@@ -41,11 +41,14 @@ from bit_convert import (
     zero_init_last,
 )
 from common import (
+    ArgumentParser,
     UserError,
     amp_dtype,
     autocast,
+    device_name,
     embed,
     estimate_bn_statistics,
+    finite_float,
     knn_predict,
     normalised_std,
     rankme,
@@ -233,8 +236,9 @@ class Progress:
         return row
 
 
-def save_checkpoint(args, run, method, optimizer, scaler):
-    """DIR/last.pt: everything --resume needs, the random state included; written atomically."""
+def save_checkpoint(args, run, method, optimizer, scaler, split):
+    """DIR/last.pt: everything --resume needs, the random state included, and the split's digest, which
+    --resume checks DIR/split.json against; written atomically."""
     state = {
         "model": method.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -242,6 +246,7 @@ def save_checkpoint(args, run, method, optimizer, scaler):
         "progress": run.state_dict(),
         "rng": torch.get_rng_state(),
         "args": to_json(args),
+        "split_digest": datasets.split_digest(split),
     }
     try:
         save_atomic(state, args.out / "last.pt")
@@ -249,8 +254,13 @@ def save_checkpoint(args, run, method, optimizer, scaler):
         raise UserError(f"cannot write {args.out / 'last.pt'} ({e}); the previous one is kept") from None
 
 
-def load_checkpoint(args, run, method, optimizer, scaler):
+def load_checkpoint(args, run, method, optimizer, scaler, split):
     state = runs.load_checkpoint(args, MAY_CHANGE | ({"epochs"} if args.cosine_epochs else set()))
+    if state.get("split_digest", datasets.split_digest(split)) != datasets.split_digest(split):
+        raise UserError(
+            f"--resume: {args.out / 'split.json'} is not the split the run started with (its parts differ "
+            f"from those {args.out / 'last.pt'} records: edited?); put the run's own split back"
+        )
     if state["progress"]["epoch"] - 1 > args.epochs:
         raise UserError(
             f"--epochs {args.epochs}: the run in {args.out} trained {state['progress']['epoch'] - 1}"
@@ -266,9 +276,7 @@ def load_checkpoint(args, run, method, optimizer, scaler):
 
 
 def make_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     datasets.add_data_args(parser)
     add_backbone_args(parser, norm_default="bn")
     model = parser.add_argument_group("method")
@@ -284,14 +292,14 @@ def make_parser():
     related = parser.add_argument_group("interventions of related studies, on the backbone (any method)")
     related.add_argument(
         "--shrink",
-        type=float,
+        type=finite_float,
         metavar="LAMBDA",
         help="Ciga et al.'s weight scaling, as reconstructed (their definition is unpublished): Ash & "
         "Adams's shrink, every backbone parameter times LAMBDA in (0, 1]; not with --init scratch",
     )
     related.add_argument(
         "--select-filters",
-        type=float,
+        type=finite_float,
         metavar="FRACTION",
         help="Ciga et al.'s filter selection, as reconstructed: keep the FRACTION most responsive filters of "
         "each unit's conv1 and conv2 on the pretrain images, re-initialise the rest; not with --init scratch",
@@ -305,20 +313,24 @@ def make_parser():
     optim.add_argument("--epochs", type=int, default=400)
     optim.add_argument("--batch-size", type=int, default=128, help="global, over all processes")
     optim.add_argument(
-        "--lr", type=float, help=f"base lr, scaled by batch-size/256 (default: {methods.defaults_of('lr')})"
+        "--lr",
+        type=finite_float,
+        help=f"base lr, scaled by batch-size/256 (default: {methods.defaults_of('lr')})",
     )
-    optim.add_argument("--weight-decay", type=float, help=f"(default: {methods.defaults_of('weight_decay')})")
-    optim.add_argument("--momentum", type=float, default=0.9, help="SGD's and LARS's (default 0.9)")
+    optim.add_argument(
+        "--weight-decay", type=finite_float, help=f"(default: {methods.defaults_of('weight_decay')})"
+    )
+    optim.add_argument("--momentum", type=finite_float, default=0.9, help="SGD's and LARS's (default 0.9)")
     optim.add_argument(
         "--warmup-epochs",
-        type=float,
+        type=finite_float,
         default=10,
         help="linear warm-up (default 10); one that would not end before the cosine's horizon is "
         "shortened to a tenth of it, and the log says so",
     )
     optim.add_argument(
         "--cosine-epochs",
-        type=float,
+        type=finite_float,
         help="where the cosine reaches 0 (default: --epochs); given, a finished run can be extended "
         "with --resume --epochs N, as the authors' 800-epoch horizon stopped at 400",
     )
@@ -329,7 +341,9 @@ def make_parser():
         "--force", action="store_true", help="start afresh in an --out that holds another run"
     )
     run_group.add_argument("--seed", type=int, default=0)
-    run_group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run_group.add_argument(
+        "--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     run_group.add_argument(
         "--eval-every", type=int, default=10, help="epochs between kNN evaluations (and the end)"
     )
@@ -340,7 +354,7 @@ def make_parser():
         help="epochs at which to keep a backbone snapshot, e.g. 25,400",
     )
     run_group.add_argument("--knn-k", type=int, default=200)
-    run_group.add_argument("--knn-t", type=float, default=0.1)
+    run_group.add_argument("--knn-t", type=finite_float, default=0.1)
     return parser
 
 
@@ -354,6 +368,7 @@ def parse_args(argv=None):
         args, saved = runs.restored_args(parser, argv, args.out, NOT_RESTORED)
         extendable = {"epochs"} if saved.get("cosine_epochs") else set()  # the past schedule stays the same
         runs.refuse_changes(args, saved, MAY_CHANGE | extendable, HORIZON)
+        check_epochs(args)
         return args
     recorded = read_backbone_file(args.init) if args.init.endswith(".pt") else None  # its arch, norm, stem
     resolve_backbone_args(args, "bn", datasets.DEFAULT_SIZE[args.data], recorded, args.init)
@@ -373,6 +388,7 @@ def parse_args(argv=None):
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
     if min(args.workers, args.weight_decay, args.momentum, args.warmup_epochs) < 0:
         raise UserError("--workers, --weight-decay, --momentum and --warmup-epochs must not be negative")
+    check_epochs(args)
     horizon = args.cosine_epochs or args.epochs
     if args.warmup_epochs >= horizon:
         print(
@@ -381,6 +397,19 @@ def parse_args(argv=None):
         )
         args.warmup_epochs = horizon / 10
     return args
+
+
+def check_epochs(args):
+    """The flags that name epochs of the run: a cosine horizon that the run reaches no sooner than its end
+    (past the horizon the learning rate would stay 0), snapshots at epochs that the run has."""
+    if args.cosine_epochs is not None and args.cosine_epochs < args.epochs:
+        raise UserError(
+            f"--cosine-epochs {args.cosine_epochs:g}: expected a horizon of at least --epochs "
+            f"({args.epochs}); past it the learning rate would stay 0"
+        )
+    outside = [e for e in args.save_at if not 1 <= e <= args.epochs]
+    if outside:
+        raise UserError(f"--save-at {outside[0]}: expected epochs from 1 to --epochs ({args.epochs})")
 
 
 def epoch_list(text):
@@ -409,8 +438,8 @@ def init_process(args):
 
 
 def load_data_and_split(args, rank, world):
-    """The data and the split; process 0 writes the decoded-image cache and the split file before the others
-    read them, and keeps a copy of the split as DIR/split.json, which linear_eval.py and tsne.py then use."""
+    """The data and the split, with the kNN bank (train) and queries (val) that the monitor needs; process 0
+    writes the decoded-image cache and the split file before the others read them."""
     if rank > 0:
         dist.barrier()
     data = datasets.load_data(args)
@@ -418,11 +447,19 @@ def load_data_and_split(args, rank, world):
         args.out / "split.json" if args.resume else args.split_file or datasets.default_split_file(args)
     )
     split = datasets.load_split(data, split_file, args.split, args.split_seed, args.split_by)
-    if rank == 0 and Path(split_file).resolve() != (args.out / "split.json").resolve():
-        write_atomic(args.out / "split.json", lambda tmp: shutil.copyfile(split_file, tmp))
+    datasets.check_scored_parts(data, split, split_file, ("train", "val"))
     if world > 1 and rank == 0:
         dist.barrier()
     return data, split, split_file
+
+
+def record_run(args, split_file):
+    """Once everything is checked: DIR/args.json, what --resume restores, and DIR/split.json, the split
+    that linear_eval.py and tsne.py then use. An --out whose run is replaced (--force) keeps its files
+    until then."""
+    if Path(split_file).resolve() != (args.out / "split.json").resolve():
+        write_atomic(args.out / "split.json", lambda tmp: shutil.copyfile(split_file, tmp))
+    runs.write_args(args)
 
 
 def pretrain_loader(data, split, method, args, rank, world, device):
@@ -491,7 +528,7 @@ def distribute(method, device, world):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = init_process(args)
-    lock = runs.claim_output(args) if rank == 0 else None  # noqa: F841 (held until the process ends)
+    lock = runs.lock_output(args) if rank == 0 else None  # noqa: F841 (held until the process ends)
     data, split, split_file = load_data_and_split(args, rank, world)
     monitor = Monitor(data, split, args, device) if rank == 0 else None
     method = build_method(args, data, split, device)
@@ -500,10 +537,10 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     run = Progress(device)
     if args.resume and (args.out / "last.pt").exists():
-        load_checkpoint(args, run, method, optimizer, scaler)
-    if args.resume and rank == 0:
-        runs.write_args(args)
-    if rank == 0:
+        load_checkpoint(args, run, method, optimizer, scaler, split)
+    if rank == 0:  # all checked: now the run may write into --out
+        record_run(args, split_file)
+        complete_finished_epoch(args, run, method, split)
         announce(args, data, split, split_file, world, device, steps_per_epoch, run)
         if not run.history:  # row 0: the network as initialised, the floor that training must rise above
             run.history.append(monitor.initial_row(method.backbone))
@@ -545,7 +582,7 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{run.loss_sum.item() / run.step:.4f}")
             if stop.requested(run.step, steps_per_epoch):
                 if rank == 0:
-                    save_checkpoint(args, run, method, optimizer, scaler)
+                    save_checkpoint(args, run, method, optimizer, scaler, split)
                     print(
                         f"stopped by signal in epoch {epoch}, step {run.step}; saved; continue with --resume"
                     )
@@ -586,9 +623,16 @@ def on_device(view, device):
 
 def check_finite(run, epoch, args):
     if not math.isfinite(run.loss_sum.item()):
+        saved = (args.resume or epoch > 1) and (
+            args.out / "last.pt"
+        ).exists()  # this run's, not a --force'd one
         raise FloatingPointError(
-            f"the loss became {run.loss_sum.item()} in epoch {epoch}, step {run.step}; "
-            f"stopped. The last good checkpoint is {args.out / 'last.pt'}"
+            f"the loss became {run.loss_sum.item()} in epoch {epoch}, step {run.step}; stopped. "
+            + (
+                f"The last good checkpoint is {args.out / 'last.pt'}"
+                if saved
+                else "No checkpoint was saved yet"
+            )
         )
 
 
@@ -601,8 +645,13 @@ def finish_epoch(row, args, run, method, optimizer, scaler, monitor, split, firs
     row["eta_s"] = row["epoch_s"] * (args.epochs - epoch)  # at this epoch's pace, the monitor's time included
     run.history.append(row)
     log_epoch(row, method.out_dim, first, args)
-    save_checkpoint(args, run, method, optimizer, scaler)
-    write_metrics(args.out, run.history, method.out_dim)
+    write_epoch_files(args, run, method, split, epoch)
+    save_checkpoint(args, run, method, optimizer, scaler, split)  # last: it says the epoch's files exist
+
+
+def write_epoch_files(args, run, method, split, epoch, only_missing=False):
+    """metrics.csv and curves.png, and the backbones due at `epoch` (backbone_epN.pt, backbone.pt), all
+    before the last.pt that says the epoch finished: a kill in between leaves a run that redoes the epoch."""
     meta = {
         "epoch": epoch,
         "init": args.init,
@@ -611,10 +660,22 @@ def finish_epoch(row, args, run, method, optimizer, scaler, monitor, split, firs
         "image_size": args.image_size,
         "method": args.method,
     }
-    if epoch in args.save_at:
-        save_backbone(method.backbone, args.out / f"backbone_ep{epoch}.pt", **meta)
-    if epoch == args.epochs:
-        save_backbone(method.backbone, args.out / "backbone.pt", **meta)
+    due = [f"backbone_ep{epoch}.pt"] * (epoch in args.save_at) + ["backbone.pt"] * (epoch == args.epochs)
+    if only_missing:
+        due = [name for name in due if not (args.out / name).exists()]
+        for name in due:
+            print(f"writing {args.out / name}, which the run's finished epoch {epoch} lacked")
+    if not only_missing or not (args.out / "metrics.csv").exists():
+        write_metrics(args.out, run.history, method.out_dim)
+    for name in due:
+        save_backbone(method.backbone, args.out / name, **meta)
+
+
+def complete_finished_epoch(args, run, method, split):
+    """--resume of a run whose last.pt says an epoch finished but whose files of that epoch are missing (the
+    versions that wrote last.pt first, killed in between): write them from last.pt's weights."""
+    if run.step == 0 and run.epoch > 1:
+        write_epoch_files(args, run, method, split, run.epoch - 1, only_missing=True)
 
 
 def log_epoch(row, dim, first, args):
@@ -645,7 +706,11 @@ def duration(seconds):
 def keep_finished_backbone(args, start_epoch):
     """A finished run extended with --resume --epochs N: its backbone.pt is kept as backbone_epE.pt."""
     finished = args.out / "backbone.pt"
-    if finished.exists() and start_epoch <= args.epochs:
+    if (  # one written ahead of a last.pt that never came is the epoch about to be redone: it is rewritten
+        finished.exists()
+        and start_epoch <= args.epochs
+        and read_backbone_file(finished).get("epoch") == start_epoch - 1
+    ):
         os.replace(finished, args.out / f"backbone_ep{start_epoch - 1}.pt")
 
 

@@ -19,9 +19,17 @@ from common import UserError, to_json, write_atomic
 
 
 def claim_output(args):
-    """Make --out the run's own: an exclusive lock on DIR/.lock for as long as this process lives, a refusal
-    to replace another run's last.pt without --resume or --force, then DIR/args.json. Returns the open lock
-    file: keep a reference to it."""
+    """Make --out the run's own (lock_output), then write DIR/args.json. Returns the open lock file: keep a
+    reference to it."""
+    lock = lock_output(args)
+    if not args.resume:  # at once: a run killed while it starts can be resumed
+        write_args(args)
+    return lock
+
+
+def lock_output(args):
+    """An exclusive lock on DIR/.lock for as long as this process lives, and a refusal to replace another
+    run's last.pt without --resume or --force; nothing else of DIR is touched. Returns the open lock file."""
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out}: a file, not a directory")
     try:
@@ -45,8 +53,6 @@ def claim_output(args):
             f"--out {args.out} holds another run: pass --resume to continue it, --force to replace it, "
             "or another --out"
         )
-    if not args.resume:  # at once: a run killed while it starts can be resumed
-        write_args(args)
     return lock
 
 

@@ -19,7 +19,16 @@ from sklearn.manifold import TSNE
 
 import datasets
 from bit_convert import add_backbone_args, frozen_backbone, read_backbone_file, resolve_backbone_args
-from common import UserError, covariance_spectrum, rankme, run, write_atomic
+from common import (
+    ArgumentParser,
+    UserError,
+    covariance_spectrum,
+    device_name,
+    output_dir,
+    rankme,
+    run,
+    write_atomic,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -45,9 +54,7 @@ def scatter(ax, points, labels, names, title):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     datasets.add_data_args(parser)
     add_backbone_args(parser, norm_default="gn")
     models = parser.add_argument_group("models: any number of --ckpt files and --init networks")
@@ -62,17 +69,21 @@ def parse_args(argv=None):
     parser.add_argument("--spectrum", action="store_true", help="also draw spectrum.png")
     parser.add_argument("--out", type=Path, default=Path("figures"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if not args.ckpt and not args.init:
         raise UserError("give at least one --ckpt FILE or --init bit-s|bit-m|scratch")
-    sizes = {read_backbone_file(c).get("image_size") for c in args.ckpt} - {None}
+    records = [read_backbone_file(c) for c in args.ckpt]
+    for path, record in zip(args.ckpt, records):  # a flag that contradicts a file is refused, as everywhere
+        resolve_backbone_args(argparse.Namespace(**vars(args)), "gn", 0, record, path)
+    sizes = {record.get("image_size") for record in records} - {None}
     if len(sizes) > 1 and not args.image_size:
         raise UserError(f"the --ckpt files were pretrained at {sorted(sizes)} px: give one --image-size")
     recorded = {"image_size": sizes.pop()} if sizes else None  # the --init networks take the backbone flags
     resolve_backbone_args(
         args, "gn", datasets.DEFAULT_SIZE[args.data], recorded, args.ckpt[0] if args.ckpt else None
     )
+    output_dir(args.out)  # before the embeddings are computed
     return args
 
 
@@ -83,9 +94,16 @@ def main(argv=None):
     models = [frozen_backbone(args, ckpt=c) for c in args.ckpt] + [
         frozen_backbone(args, init=i) for i in args.init
     ]
-    split, _ = datasets.pretraining_split(
+    split, split_file = datasets.pretraining_split(
         args, data, args.ckpt[0] if args.ckpt else None, [m[1] for m in models]
     )
+    majority = int(np.bincount(data.labels, minlength=len(data.classes)).argmax())
+    others_in_test = int(np.sum(data.labels[datasets.indices(data, split, "test")] != majority))
+    if others_in_test < 2:  # t-SNE's perplexity must be below the number of points, and above 0
+        raise UserError(
+            f"split file {split_file}: the test part holds {others_in_test} image(s) outside the most "
+            f"frequent class ({data.classes[majority]}); the Sub-classes t-SNE needs two or more"
+        )
     embeddings = []
     for backbone, meta, name, identity in models:
         backbone.to(device)
@@ -94,7 +112,6 @@ def main(argv=None):
         embeddings.append((name, features, labels.numpy()))
         backbone.cpu()
 
-    majority = int(np.bincount(data.labels, minlength=len(data.classes)).argmax())
     others = [k for k in range(len(data.classes)) if k != majority]
     fig, axes = plt.subplots(len(embeddings), 2, figsize=(10, 4.6 * len(embeddings)), squeeze=False)
     for row, (name, features, labels) in zip(axes, embeddings):
@@ -117,7 +134,6 @@ def main(argv=None):
         )
     fig.suptitle(f"t-SNE of {data.name} test embeddings", fontsize=11)
     fig.tight_layout()
-    args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "tsne.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     print(f"wrote {args.out / 'tsne.png'}")
     if args.spectrum:

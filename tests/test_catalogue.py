@@ -447,9 +447,10 @@ def test_disk_full_while_saving_keeps_the_previous_last_pt(disk_full):
     assert (run / "last.pt").read_bytes() == before
     state = torch.load(run / "last.pt", weights_only=True)
     assert (state["progress"]["epoch"], state["progress"]["step"]) == (2, 0)
-    assert sorted(p.name for p in run.iterdir()) == [
+    assert sorted(p.name for p in run.iterdir()) == [  # epoch 2's files come before its last.pt (issue 16)
         ".lock",
         "args.json",
+        "backbone.pt",
         "curves.png",
         "last.pt",
         "metrics.csv",
