@@ -158,7 +158,8 @@ class ResNetV2(nn.Module):
 
 class IterNorm(nn.Module):
     """Iterative Normalization (Huang et al., CVPR 2019, Algorithm 1): ZCA whitening of a (N, C, H, W) input
-    over all N*H*W positions, one group of all C channels (as Hassanpour et al.'s code, REFERENCE §7), then a
+    over all N*H*W positions, one group of all C channels (Hassanpour et al.'s code, Jamshidhsp/med_selfsup:
+    IterNorm(2048) with its defaults num_groups=1, T=5, eps 1e-5, momentum 0.1), then a
     learnable per-channel affine. Sigma = cov + eps I is divided by its trace, so that Newton's iterations
     P_(k+1) = 1.5 P_k - 0.5 P_k^3 Sigma_N from P_0 = I converge (every eigenvalue of Sigma_N is in (0, 1]);
     Sigma^(-1/2) ~ P_T / sqrt(tr Sigma). With T = 5 the whitening is partial along the smallest eigenvalues, a
