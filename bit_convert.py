@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -75,6 +76,7 @@ class PreActBottleneck(nn.Module):
         self.norm2, self.conv2 = norm(cmid), conv(cmid, cmid, 3, stride=stride, padding=1)
         self.norm3, self.conv3 = norm(cmid), conv(cmid, cout, 1)
         self.proj = conv(cin, cout, 1, stride=stride) if stride != 1 or cin != cout else None
+        self.branch_norm = None  # BiT has none; whiten(at="branch") puts an IterNorm there in the last unit
 
     def forward(self, x):
         out = F.relu(self.norm1(x))
@@ -82,6 +84,8 @@ class PreActBottleneck(nn.Module):
         out = self.conv1(out)
         out = self.conv2(F.relu(self.norm2(out)))
         out = self.conv3(F.relu(self.norm3(out)))
+        if self.branch_norm is not None:
+            out = self.branch_norm(out)
         return out + shortcut
 
 
@@ -154,7 +158,8 @@ class ResNetV2(nn.Module):
 
 class IterNorm(nn.Module):
     """Iterative Normalization (Huang et al., CVPR 2019, Algorithm 1): ZCA whitening of a (N, C, H, W) input
-    over all N*H*W positions, one group of all C channels (as Hassanpour et al.'s code, med_selfsup), then a
+    over all N*H*W positions, one group of all C channels (Hassanpour et al.'s code, Jamshidhsp/med_selfsup:
+    IterNorm(2048) with its defaults num_groups=1, T=5, eps 1e-5, momentum 0.1), then a
     learnable per-channel affine. Sigma = cov + eps I is divided by its trace, so that Newton's iterations
     P_(k+1) = 1.5 P_k - 0.5 P_k^3 Sigma_N from P_0 = I converge (every eigenvalue of Sigma_N is in (0, 1]);
     Sigma^(-1/2) ~ P_T / sqrt(tr Sigma). With T = 5 the whitening is partial along the smallest eigenvalues, a
@@ -164,7 +169,10 @@ class IterNorm(nn.Module):
     error fell to 1e-5 after 10 iterations, rose to 0.08 after 20 and was NaN after 40; at condition number
     430 it blew up within 10 (measured). Eval mode uses running averages of the mean and of the whitening
     matrix (momentum 0.1; None: a cumulative average, as BatchNorm's, for estimating them over a dataset).
-    Computed in float32 under autocast; over the local batch under DDP (nothing is gathered)."""
+    Computed in float32 under autocast. Under DDP the mean and the covariance are those of the global batch,
+    as SyncBatchNorm's statistics are (see batch_moments): 4 GPUs x 32 images x 49 positions of a 7 x 7 map
+    give each process 1,568 samples for 2,048 channels, a covariance of deficient rank, and results would
+    change with the number of GPUs."""
 
     def __init__(self, num_features, iterations=5, eps=1e-5, momentum=0.1):
         super().__init__()
@@ -185,10 +193,8 @@ class IterNorm(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             columns = x.float().transpose(0, 1).reshape(c, -1)  # (C, N*H*W): one column per position
             if self.training:
-                mean = columns.mean(1, keepdim=True)
-                centred = columns - mean
-                eye = torch.eye(c, device=x.device)
-                sigma = centred @ centred.T / centred.shape[1] + self.eps * eye
+                mean, centred, covariance = batch_moments(columns)
+                sigma = covariance + self.eps * torch.eye(c, device=x.device)
                 whitening = inverse_sqrt_newton(sigma, self.iterations)
                 self.update_running_stats(mean, whitening)
             else:
@@ -205,6 +211,39 @@ class IterNorm(nn.Module):
         self.running_whitening.lerp_(whitening, momentum)
 
 
+class AllReduce(torch.autograd.Function):
+    """The sum of a tensor over the processes; its gradient is the sum of the processes' gradients, since
+    every process's loss depends on the sum."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllReduce.apply(grad)
+
+
+def batch_moments(columns):
+    """(mean, centred columns, biased covariance) of the columns (C, M), over every process's columns when
+    torch.distributed runs more than one: the sums and the count, then the centred scatter matrix, are
+    all-reduced (two passes: no cancellation of E[xx^T] - mm^T). The all_reduce's backward all-reduces the
+    gradient (AllReduce), so each process's positions receive the gradient of every process's loss, as
+    SyncBatchNorm's backward does."""
+    sums = torch.cat([columns.sum(1), columns.new_tensor([columns.shape[1]])])
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:
+        sums = AllReduce.apply(sums)
+    mean = (sums[:-1] / sums[-1])[:, None]
+    centred = columns - mean
+    scatter = centred @ centred.T
+    if distributed:
+        scatter = AllReduce.apply(scatter)
+    return mean, centred, scatter / sums[-1]
+
+
 def inverse_sqrt_newton(sigma, iterations):
     """Sigma^(-1/2) by Newton's iterations on the trace-normalised Sigma (Huang et al. 2019, Algorithm 1)."""
     trace = sigma.diagonal().sum()
@@ -214,18 +253,42 @@ def inverse_sqrt_newton(sigma, iterations):
     return p / trace.sqrt()
 
 
-def whiten(backbone, iterations=5):
-    """Hassanpour et al.'s feature decorrelation: the backbone's final norm, before the ReLU and the pooling,
-    becomes an IterNorm of its width. In their post-activation ResNet it is the last norm of the last
-    bottleneck; in BiT's pre-activation one nothing is normalised after the last addition, and the final norm
-    takes that place. A GroupNorm backbone is refused: --norm gn means BiT as released, whose features depend
-    on each image alone, in train and eval mode alike; a whitening layer brings batch statistics and running
-    averages into it, which is the BatchNorm network's way (--norm bn: the kind Hassanpour et al. whiten)."""
+WHITEN_AT = ("branch", "final")
+
+
+def whiten(backbone, iterations=5, at="branch"):
+    """Hassanpour et al.'s feature decorrelation, an IterNorm in the backbone. Their code (Jamshidhsp/
+    med_selfsup, mmselfsup/models/backbones/resnet.py: `self.layer4[-1].bn3 = IterNorm(2048)`) replaces the
+    last BatchNorm of the last bottleneck's residual branch of a post-activation ResNet-50: that unit outputs
+    relu(IterNorm(branch) + identity). BiT's units are pre-activation: the branch ends with conv3, whose
+    output is added to the shortcut un-normalised, and the norm in front of conv3 (norm3) normalises the
+    512-channel middle of the branch, not its 2048-channel output. at="branch" (the default, the source's
+    placement mapped onto BiT) puts the IterNorm at the end of the last unit's branch, on conv3's output:
+    the unit outputs IterNorm(branch) + shortcut, the same tensor of the same width whitened as in the source,
+    and the final norm (BatchNorm) and ReLU follow as in every BiT. at="final" (this project's earlier
+    placement, kept to load the files it wrote) replaces the final norm, so that the pooled features
+    themselves are whitened. A GroupNorm backbone is refused: --norm gn means BiT as released, whose features
+    depend on each image alone, in train and eval mode alike; a whitening layer brings batch statistics and
+    running averages into it, which is the BatchNorm network's way (--norm bn: the kind Hassanpour et al.
+    whiten)."""
     if backbone.norm_kind == "gn":
         raise UserError("--whiten: needs a BatchNorm backbone (--norm bn); --norm gn is BiT as released")
-    backbone.norm = IterNorm(backbone.num_features, iterations).to(backbone.norm.weight.device)
-    backbone.whitened = True  # recorded by save_backbone, so that load_backbone builds the same network
+    device = backbone.norm.weight.device
+    if at == "branch":
+        last = backbone.blocks[-1][-1]
+        last.branch_norm = IterNorm(last.conv3.out_channels, iterations).to(device)
+    elif at == "final":
+        backbone.norm = IterNorm(backbone.num_features, iterations).to(device)
+    else:
+        raise UserError(f"--whiten {at}: expected one of {', '.join(WHITEN_AT)}")
+    backbone.whitened = at  # recorded by save_backbone, so that load_backbone builds the same network
     return backbone
+
+
+def whiten_placement(recorded):
+    """Where a backbone file's or a run's `whiten` puts the IterNorm: files and runs written before the
+    placement could be chosen record True, and whitened the final norm."""
+    return "final" if recorded is True else recorded
 
 
 def resnet_v2(name="r50x1", norm="bn", cifar_stem=False, head_size=0, ws=True):
@@ -401,7 +464,7 @@ def load_backbone(path):
     ckpt = read_backbone_file(path)
     model = resnet_v2(ckpt["arch"], ckpt["norm"], ckpt["cifar_stem"], ckpt["head_size"], ckpt["ws"])
     if ckpt.get("whiten"):
-        whiten(model)
+        whiten(model, at=whiten_placement(ckpt["whiten"]))
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
@@ -444,6 +507,8 @@ def build_backbone(
         found, asked = (meta["arch"], meta["norm"], meta["cifar_stem"]), (arch, norm, cifar_stem)
         if found != asked:
             raise WeightsError(f"{init} holds (arch, norm, cifar_stem) = {found}, but {asked} was asked for")
+        if meta.get("whiten"):  # the file's own network: a whitened one loads with its IterNorm
+            whiten(model, at=whiten_placement(meta["whiten"]))
         model.load_state_dict({k: v for k, v in loaded.state_dict().items() if not k.startswith("head.")})
     elif init in ("bit-s", "bit-m"):
         load_npz(model, bit_file(f"BiT-{init[-1].upper()}-R{arch[1:]}", download))

@@ -31,7 +31,13 @@ from tqdm import tqdm
 
 import datasets
 import runs
-from bit_convert import add_backbone_args, frozen_backbone, read_backbone_file, resolve_backbone_args
+from bit_convert import (
+    IterNorm,
+    add_backbone_args,
+    frozen_backbone,
+    read_backbone_file,
+    resolve_backbone_args,
+)
 from common import (
     ArgumentParser,
     UserError,
@@ -52,6 +58,7 @@ from common import (
 NOT_RESTORED = {"resume", "force", "device", "workers", "out"}
 MAY_CHANGE = NOT_RESTORED | {"download", "data_root", "cache_dir"}  # any other difference is an error
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-4}
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, IterNorm)  # every kind, frozen in eval
 
 
 # ------------------------------------------------------------------------------------ quarters and strategies
@@ -90,8 +97,10 @@ class Body(nn.Module):
     """The part of one backbone that the head sees, with only the chosen parameters trainable.
 
     Quarter q (surgical fine-tuning, Lee et al. ICLR 2023): every parameter but those of quarter q's units
-    (plus the stem for q1, the final norm for q4) is frozen, and the frozen BatchNorm layers stay in eval
-    mode, so that their statistics do not move either. '0-75': the last quarter is removed and all that
+    (plus the stem for q1, the final norm for q4) is frozen, and every frozen normalisation layer stays in
+    eval mode (NORMS: BatchNorm, a --whiten backbone's IterNorm, whose batch whitening and running whitening
+    matrix would otherwise move, and GroupNorm, for which the mode changes nothing), so that what they compute
+    and their statistics do not move either. '0-75': the last quarter is removed and all that
     remains trains. A pre-activation unit's output is not normalised (He et al. 2016, Fig. 4e): at the 75 %
     point the features go through the first removed unit's own input norm and ReLU, the pretrained norm of
     that width that the full network applies there, instead of the final norm, whose width is block 4's."""
@@ -113,7 +122,7 @@ class Body(nn.Module):
         self.frozen_norms = [
             m
             for m in self.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.weight.requires_grad
+            if isinstance(m, NORMS) and not any(p.requires_grad for p in m.parameters())
         ]
 
     def train(self, mode=True):

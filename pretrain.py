@@ -30,6 +30,7 @@ import datasets
 import methods
 import runs
 from bit_convert import (
+    WHITEN_AT,
     add_backbone_args,
     build_backbone,
     read_backbone_file,
@@ -38,6 +39,7 @@ from bit_convert import (
     select_filters,
     shrink,
     whiten,
+    whiten_placement,
     zero_init_last,
 )
 from common import (
@@ -306,8 +308,12 @@ def make_parser():
     )
     related.add_argument(
         "--whiten",
-        action="store_true",
-        help="Hassanpour et al.'s feature decorrelation: the final norm becomes IterNorm (ZCA whitening); bn",
+        nargs="?",
+        const="branch",
+        metavar="{branch,final}",  # no choices=: runs saved before it record true/false, and still resume
+        help="Hassanpour et al.'s feature decorrelation, an IterNorm (ZCA whitening; bn only) at the end of "
+        "the last unit's residual branch, as their code places it; --whiten final: replacing the final norm, "
+        "this project's earlier placement, which whitens the pooled features themselves",
     )
     optim = parser.add_argument_group("optimisation (paper §4.1)")
     optim.add_argument("--epochs", type=int, default=400)
@@ -381,8 +387,15 @@ def parse_args(argv=None):
             raise UserError(
                 f"{name}: changes pretrained weights before a second pretraining; --init is scratch"
             )
+    if args.whiten not in (None, *WHITEN_AT):
+        raise UserError(f"--whiten {args.whiten}: expected {' or '.join(WHITEN_AT)} (or nothing: branch)")
     if args.whiten and args.norm == "gn":
         raise UserError("--whiten: needs a BatchNorm backbone (--norm bn); --norm gn is BiT as released")
+    found = whiten_placement((recorded or {}).get("whiten"))
+    if found and args.whiten not in (None, found):
+        raise UserError(
+            f"--whiten {args.whiten}: {args.init} is whitened at {found} already; leave --whiten out"
+        )
     for flag in ("epochs", "batch_size", "eval_every", "lr", "image_size", "knn_k", "knn_t"):  # before files
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
@@ -504,8 +517,8 @@ def build_method(args, data, split, device):
         shrink(backbone, args.shrink)
     if args.zero_init_last:
         zero_init_last(backbone)
-    if args.whiten:
-        whiten(backbone)
+    if args.whiten and not getattr(backbone, "whitened", False):  # a whitened --init FILE.pt already is
+        whiten(backbone, at=whiten_placement(args.whiten))
     method = methods.build_method(args, backbone).to(device)
     return method.to(memory_format=torch.channels_last) if device.type == "cuda" else method
 

@@ -13,7 +13,7 @@ import torch
 import datasets
 import finetune
 import runs
-from bit_convert import ARCHS, resnet_v2, save_backbone
+from bit_convert import ARCHS, IterNorm, resnet_v2, save_backbone, whiten
 from common import UserError, estimate_bn_statistics
 from conftest import run_script
 
@@ -155,6 +155,30 @@ def test_exactly_the_chosen_parameters_and_statistics_change(backbone, strategy)
     assert len(body.frozen_norms) == sum(
         1 for n in before if n.endswith("running_mean") and not n.startswith(TUNES[strategy])
     ) - (12 if strategy == "0-75" else 0)  # the dropped quarter's 12 other norms are gone
+
+
+@pytest.mark.parametrize("at", ["branch", "final"])
+def test_a_frozen_iternorm_whitens_with_its_running_statistics_and_keeps_them(backbone, at):
+    """--tune q1 of a --whiten backbone: its IterNorm (in q4) is frozen, so in the train-mode forward it must
+    compute what eval mode computes, (x - running mean) whitened by the running matrix, and one training step
+    must leave its running statistics and batch count bit-identical, as a frozen BatchNorm's."""
+    whitened = whiten(copy.deepcopy(backbone), at=at)
+    (iternorm,) = [m for m in whitened.modules() if isinstance(m, IterNorm)]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a pretrained-looking state: not the fresh mean 0 and identity matrix
+        iternorm.running_mean.copy_(torch.randn(2048, generator=g))
+        iternorm.running_whitening.copy_(torch.eye(2048) + 0.01 * torch.randn(2048, 2048, generator=g))
+    model, (tuned,), (before,), _ = one_step([whitened], ["q1"])
+    assert changed(tuned, before) == {n for n in before if n.startswith(TUNES["q1"])}
+    (iternorm,) = [m for m in tuned.modules() if isinstance(m, IterNorm)]
+    seen = []
+    iternorm.register_forward_hook(lambda module, inputs, out: seen.append((inputs[0], out)))
+    with torch.no_grad():
+        model.train()(torch.randn(4, 3, 8, 8))
+    x, out = seen[0]
+    columns = (x - iternorm.running_mean[:, None, None]).transpose(0, 1).reshape(2048, -1)
+    expected = (iternorm.running_whitening @ columns).reshape(2048, 4, *x.shape[2:]).transpose(0, 1)
+    torch.testing.assert_close(out, expected * iternorm.weight[:, None, None] + iternorm.bias[:, None, None])
 
 
 def test_combine_trains_one_head_over_the_concatenated_features(backbone):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 import bit_convert as bc
@@ -245,23 +246,87 @@ def test_gradients_flow_through_iternorm_into_input_and_affine():
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
-def test_whiten_replaces_the_final_norm_and_refuses_groupnorm():
+def iternorms(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, bc.IterNorm)}
+
+
+def test_whiten_at_the_final_norm_replaces_it_and_groupnorm_is_refused():
     backbone = bc.resnet_v2("r50x1", norm="bn")
     blocks = backbone.blocks
-    bc.whiten(backbone)
+    bc.whiten(backbone, at="final")
     assert isinstance(backbone.norm, bc.IterNorm) and backbone.norm.num_features == 2048
-    assert backbone.blocks is blocks and not any(isinstance(m, bc.IterNorm) for m in blocks.modules())
+    assert backbone.blocks is blocks and list(iternorms(backbone)) == ["norm"]
     one_line_user_error(lambda: bc.whiten(bc.resnet_v2("r50x1", norm="gn")), "--whiten", "--norm bn")
+
+
+def test_whiten_by_default_whitens_the_end_of_the_last_units_branch_as_the_source():
+    """Hassanpour et al. replace layer4[-1].bn3: the last unit outputs IterNorm(branch) + identity. Here the
+    last unit's output, minus its input (the identity shortcut), must be an IterNorm (tested against NumPy's
+    ZCA above) of the branch computed by hand, and the final norm stays a BatchNorm."""
+    torch.manual_seed(0)
+    units = [bc.PreActBottleneck(c, 8, 16, 1, nn.BatchNorm2d, bc.StdConv2d) for c in (8, 16)]
+    mini = nn.Module()  # what whiten needs of a ResNetV2: its kind of norm, its blocks, its final norm
+    mini.norm_kind, mini.blocks, mini.norm = "bn", nn.Sequential(nn.Sequential(*units)), nn.BatchNorm2d(16)
+    bc.whiten(mini)
+    last = mini.blocks[-1][-1]
+    assert mini.whitened == "branch" and isinstance(mini.norm, nn.BatchNorm2d)
+    assert list(iternorms(mini)) == ["blocks.0.1.branch_norm"] and last.branch_norm.num_features == 16
+    x = torch.randn(64, 16, 4, 4)
+    with torch.no_grad():
+        out = last.train()(x)
+        branch = last.conv1(F.relu(last.norm1(x)))
+        branch = last.conv3(F.relu(last.norm3(last.conv2(F.relu(last.norm2(branch))))))
+        torch.testing.assert_close(out - x, bc.IterNorm(16)(branch), rtol=1e-5, atol=1e-5)
 
 
 def test_a_whitened_backbone_file_loads_as_the_whitened_network(tmp_path):
     backbone = bc.whiten(bc.resnet_v2("r50x1", norm="bn", cifar_stem=True))
     with torch.no_grad():
-        backbone.norm.running_whitening.mul_(0.5)  # a state that a fresh IterNorm would not have
+        backbone.blocks[-1][-1].branch_norm.running_whitening.mul_(0.5)  # not what a fresh IterNorm holds
     bc.save_backbone(backbone, tmp_path / "w.pt", epoch=1)
     loaded, meta = bc.load_backbone(tmp_path / "w.pt")
-    assert meta["whiten"] is True and isinstance(loaded.norm, bc.IterNorm)
-    assert torch.equal(loaded.norm.running_whitening, backbone.norm.running_whitening)
+    assert meta["whiten"] == "branch" and list(iternorms(loaded)) == ["blocks.3.2.branch_norm"]
+    torch.testing.assert_close(loaded.state_dict(), backbone.state_dict(), rtol=0, atol=0)
+
+
+def test_a_file_of_the_earlier_placement_still_loads_with_its_final_norm_whitened(tmp_path):
+    """Files written before the placement could be chosen record whiten = True: the final norm's."""
+    backbone = bc.whiten(bc.resnet_v2("r50x1", norm="bn", cifar_stem=True), at="final")
+    ckpt = dict(arch="r50x1", norm="bn", cifar_stem=True, head_size=0, ws=True, whiten=True)
+    torch.save({**ckpt, "state_dict": backbone.state_dict()}, tmp_path / "old.pt")
+    loaded, _ = bc.load_backbone(tmp_path / "old.pt")
+    assert list(iternorms(loaded)) == ["norm"]
+
+
+def whiten_half_batches(rank, init_file, x, g, out_dir):
+    """One of two gloo processes: an IterNorm on its half of x, the loss sum(out * g) of its half."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    half = slice(rank * len(x) // 2, (rank + 1) * len(x) // 2)
+    part = x[half].clone().requires_grad_()
+    norm = bc.IterNorm(x.shape[1])
+    out = norm(part)
+    (out * g[half]).sum().backward()
+    torch.save(dict(out=out.detach(), grad=part.grad, **norm.state_dict()), out_dir / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_iternorm_over_two_processes_whitens_their_global_batch(tmp_path):
+    """As SyncBatchNorm: two processes with half a batch each whiten it as one process whitens all of it,
+    give each half the gradient of the whole batch's loss, and agree on the running statistics."""
+    x, g = correlated_batch(n=16), torch.randn(16, 6, 4, 4, generator=torch.Generator().manual_seed(1))
+    torch.multiprocessing.spawn(whiten_half_batches, (tmp_path / "init", x, g, tmp_path), nprocs=2)
+    parts = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
+    whole, norm = x.clone().requires_grad_(), bc.IterNorm(6)
+    out = norm(whole)
+    (out * g).sum().backward()
+    torch.testing.assert_close(torch.cat([p["out"] for p in parts]), out.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat([p["grad"] for p in parts]), whole.grad, rtol=0, atol=1e-5)
+    for part in parts:
+        for name, value in norm.state_dict().items():
+            torch.testing.assert_close(part[name], value, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------- local loss (Hassanpour): geometry
@@ -452,7 +517,29 @@ def test_the_interventions_in_one_pretraining_run(tmp_path):
     assert (args["shrink"], args["select_filters"], args["local_weight"]) == (0.5, 0.5, 0.5)
     args = pretrain.parse_args(argv + ["--whiten", "--out", str(tmp_path / "whitened")])
     method = pretrain.build_method(args, None, None, torch.device("cpu"))
-    assert isinstance(method.backbone.norm, bc.IterNorm) and isinstance(method.target[0].norm, bc.IterNorm)
+    assert list(iternorms(method.backbone)) == list(iternorms(method.target[0])) == ["blocks.3.2.branch_norm"]
+
+
+def test_a_second_pretraining_starts_from_a_whitened_backbone_as_it_is(tmp_path):
+    """pretrain.py --init DIR/backbone.pt of a whitened backbone: the method's backbone is that network, its
+    IterNorm's running statistics the file's, with or without --whiten; another placement is refused."""
+    import pretrain
+    from conftest import tiny_args
+
+    backbone = bc.whiten(bc.resnet_v2("r50x1", "bn", cifar_stem=True))
+    with torch.no_grad():
+        backbone.blocks[-1][-1].branch_norm.running_whitening.mul_(0.5)  # not what a fresh IterNorm holds
+        backbone.blocks[-1][-1].branch_norm.running_mean.fill_(0.25)
+    bc.save_backbone(backbone, tmp_path / "whitened.pt", method="simsiam")
+    saved = torch.load(tmp_path / "whitened.pt")["state_dict"]
+    argv = tiny_args(tmp_path) + ["--init", str(tmp_path / "whitened.pt")]
+    for whiten in ([], ["--whiten"]):
+        method = pretrain.build_method(pretrain.parse_args(argv + whiten), None, None, torch.device("cpu"))
+        assert list(iternorms(method.backbone)) == ["blocks.3.2.branch_norm"]
+        torch.testing.assert_close(method.backbone.state_dict(), saved, rtol=0, atol=0)
+    one_line_user_error(
+        lambda: pretrain.parse_args(argv + ["--whiten", "final"]), "--whiten final", "whitened at branch"
+    )
 
 
 @pytest.mark.parametrize(
