@@ -443,7 +443,7 @@ def read_backbone_file(path):
         "norm": (lambda v: v in ("bn", "gn"), "bn or gn"),
         "cifar_stem": (lambda v: isinstance(v, bool), "true or false"),
         "ws": (lambda v: isinstance(v, bool), "true or false"),
-        "whiten": (lambda v: isinstance(v, bool), "true or false"),
+        "whiten": (lambda v: v in (False, True, "branch", "final"), "branch, final, true or false"),
         "head_size": (lambda v: type(v) is int and v >= 0, "a whole number >= 0"),
         "image_size": (lambda v: type(v) is int and v >= 1, "a whole number >= 1"),
         "state_dict": (
