@@ -200,23 +200,27 @@ def main():
         train += ["--eval-every", str(epochs)]
         python = [sys.executable]
 
-        def pretraining(name, *flags, launcher=python):
-            def work(timeout):
-                out = tmp / name
-                script([*launcher, "pretrain.py", *data, *train, *flags, "--out", str(out)], timeout)
-                row = last_row(out)
-                return {"img_per_s": float(row["img_per_s"]), "data_wait": float(row["data_wait"])}
-
-            if wanted is None or name in wanted:
-                check.run(name, work)
-
         def path(name, work):
             if wanted is None or name in wanted:
                 check.run(name, work)
 
+        def pretraining(name, *flags, launcher=python, precision=None):
+            def work(timeout):
+                out = tmp / name
+                done = script([*launcher, "pretrain.py", *data, *train, *flags, "--out", str(out)], timeout)
+                if precision and f"steps per epoch, {precision}" not in done.stdout:
+                    raise RuntimeError(f"pretrain.py did not run in {precision}")
+                row = last_row(out)
+                return {"img_per_s": float(row["img_per_s"]), "data_wait": float(row["data_wait"])}
+
+            path(name, work)
+
         for method in ("simsiam", "simclr", "byol", "mocov2", "swav"):
             pretraining(f"pretrain-{method}", "--method", method)
-        pretraining("pretrain-simsiam-fp16", launcher=[sys.executable, "-c", FORCE_FP16])
+        fp16 = (
+            "float16" if device.type == "cuda" else None
+        )  # the CPU computes in float32 whatever the GPU can
+        pretraining("pretrain-simsiam-fp16", launcher=[sys.executable, "-c", FORCE_FP16], precision=fp16)
         pretraining("pretrain-whiten", "--whiten")
         pretraining("pretrain-mocov2-local", "--method", "mocov2", "--local-weight", "0.5")
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
@@ -234,7 +238,8 @@ def main():
                 script([*python, "linear_eval.py", *evaluation, "--out", str(tmp / "linear")], t) and {}
             ),
         )
-        finetune = [*python, "finetune.py", *evaluation, "--tune", "q4", "--batch-size", str(batch)]
+        # half the batch: the train part (10% of the images, split by lesion) may hold fewer than 128
+        finetune = [*python, "finetune.py", *evaluation, "--tune", "q4", "--batch-size", str(batch // 2)]
         path("finetune-q4", lambda t: script([*finetune, "--out", str(tmp / "finetune")], t) and {})
         warmup, steps = (1, 2) if args.tiny else (3, 20)
         for layout, channels_last in (("channels-last", True), ("contiguous", False)):
