@@ -24,7 +24,15 @@ PATHS = [
 @pytest.mark.slow
 def test_every_path_runs_on_the_cpu_and_is_reported(tmp_path):
     run = run_script(
-        "benchmarks/gpu_check.py", "--device", "cpu", "--tiny", "--budget-s", "1200", "--out", tmp_path
+        "benchmarks/gpu_check.py",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--budget-s",
+        "1200",
+        "--out",
+        tmp_path,
+        timeout=1300,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
