@@ -1,0 +1,278 @@
+"""One check of every GPU path, and the throughput figures, in one command under a time budget.
+
+    python benchmarks/gpu_check.py                            # on a CUDA machine: 224 px, batch 128
+    python benchmarks/gpu_check.py --device cpu --tiny        # the same sequence at 8 px, about a minute
+
+It makes its own data (a HAM10000-like folder: HAM10000_metadata.csv and a JPEG per image, in a temporary
+dir), then runs the real scripts as subprocesses, each a short run: pretrain.py for every --method (bf16 where
+the GPU computes in it), SimSiam in fp16 with the GradScaler, --whiten, MoCo v2 with --local-weight, torchrun
+over the GPUs present, a SIGTERM mid-run then --resume (compared with the run that was never stopped),
+linear_eval.py and finetune.py --tune q4 on the pretrained backbone. It measures, for R50x1 BN SimSiam: images
+per second end to end (pretrain.py's metrics.csv) vs model-only (the same steps on tensors already on the
+device, in this process), the fraction of time spent waiting for data, peak GPU memory (model-only), and the
+model-only figures again with channels-last off.
+
+Writes OUT/gpu_check.json (each path's status and seconds, every figure, device, torch and CUDA versions),
+prints a table, and exits 1 naming any failed path. A path that the --budget-s would not leave time for is
+skipped, and reported as skipped.
+"""
+
+import argparse
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import datasets  # noqa: E402
+import pretrain  # noqa: E402
+from common import autocast, to_input  # noqa: E402
+
+# fp16 + GradScaler is what common.amp_dtype picks on a GPU without fast bf16 (V100, T4). To force it on any
+# GPU, without a switch in the scripts, the script runs with torch.cuda.is_bf16_supported answering False.
+FORCE_FP16 = (
+    "import runpy, sys, torch; torch.cuda.is_bf16_supported = lambda *a, **k: False; "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def write_ham_like(root, images, size, seed=0):
+    """HAM10000's layout (datasets.load_ham10000): the metadata CSV and JPEGs named by image_id below `root`;
+    7 classes, each lesion 1-3 images, each class its own colour under noise, which a classifier can learn."""
+    rng = np.random.default_rng(seed)
+    folder = root / "HAM10000_images_part_1"
+    folder.mkdir(parents=True)
+    lines, lesion, k = ["lesion_id,image_id,dx,dx_type,age,sex,localization"], 0, 0
+    colours = rng.uniform(40, 215, (len(datasets.HAM_CLASSES), 3))
+    while k < images:
+        label = lesion % len(datasets.HAM_CLASSES)
+        for _ in range(min(rng.integers(1, 4), images - k)):
+            image_id = f"ISIC_{24306 + k:07d}"
+            dx = datasets.HAM_CLASSES[label]
+            lines.append(f"HAM_{lesion:07d},{image_id},{dx},histo,50.0,male,back")
+            pixels = colours[label] + rng.normal(0, 40, (size, size, 3))
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{image_id}.jpg", quality=90)
+            k += 1
+        lesion += 1
+    (root / "HAM10000_metadata.csv").write_text("\n".join(lines) + "\n")
+
+
+class Check:
+    """The paths run one after another under the budget; each records its status and seconds."""
+
+    def __init__(self, budget_s, margin_s):
+        self.start, self.budget_s, self.margin_s = time.perf_counter(), budget_s, margin_s
+        self.paths, self.figures = {}, {}
+
+    def left(self):
+        return self.budget_s - (time.perf_counter() - self.start)
+
+    def run(self, name, work):
+        """work() returns a dict of details or raises; it gets the seconds left as its timeout."""
+        if self.left() < self.margin_s:
+            self.paths[name] = {"status": "skipped-for-budget", "seconds": 0.0}
+            return
+        tic = time.perf_counter()
+        try:
+            details, status = work(self.left()) or {}, "ok"
+        except Exception as error:  # a failed path is reported, the others still run
+            details, status = {"error": str(error)[-2000:]}, "failed"
+        self.paths[name] = {"status": status, "seconds": round(time.perf_counter() - tic, 1), **details}
+        print(f"{name:28s} {status:8s} {self.paths[name]['seconds']:7.1f} s", flush=True)
+
+
+def script(command, timeout, **popen):
+    """Run a command in the repository; raises with the tail of its output unless it exits 0."""
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, **popen)
+    if done.returncode != 0:
+        raise RuntimeError(f"exit {done.returncode}: {(done.stderr or done.stdout)[-1500:]}")
+    return done
+
+
+def last_row(out):
+    with open(out / "metrics.csv") as f:
+        return list(csv.DictReader(f))[-1]
+
+
+def max_abs_difference(a, b):
+    first, second = (torch.load(p, weights_only=True)["state_dict"] for p in (a, b))
+    return max((first[k].float() - second[k].float()).abs().max().item() for k in first)
+
+
+def stop_and_resume(command, out, reference, exact, timeout):
+    """SIGTERM once the first epoch's last.pt exists, then --resume; the result against `reference`, the
+    backbone of the same run never stopped."""
+    deadline = time.perf_counter() + timeout
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (out / "last.pt").exists() and process.poll() is None and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=max(deadline - time.perf_counter(), 1))
+    if process.returncode != 128 + signal.SIGTERM:
+        raise RuntimeError(f"stopped run: exit {process.returncode}, expected 143: {stderr[-1500:]}")
+    resume = [sys.executable, "pretrain.py", "--out", str(out), "--resume"]
+    script(resume, max(deadline - time.perf_counter(), 1))
+    difference = max_abs_difference(out / "backbone.pt", reference)
+    if exact and difference != 0:
+        raise RuntimeError(f"resumed backbone differs from the uninterrupted run's by {difference:g}")
+    return {"max_abs_difference": difference}
+
+
+def model_only(size, batch_size, warmup, steps, device, channels_last):
+    """pretrain.py's step (SimSiam, R50x1 BN, autocast, GradScaler) on two views already on the device: the
+    images per second the model alone allows, and its peak memory."""
+    args = pretrain.parse_args(["--data", "ham10000", "--image-size", str(size), "--device", str(device)])
+    method = pretrain.build_method(args, None, None, device)
+    if not channels_last:
+        method = method.to(memory_format=torch.contiguous_format)
+    optimizer = torch.optim.SGD(method.param_groups(), lr=pretrain.peak_lr(args), momentum=args.momentum)
+    scaler = torch.amp.GradScaler(device.type, enabled=pretrain.amp_dtype(device) == torch.float16)
+    views = [torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)] * 2
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step():
+        inputs = [to_input(v, device) for v in views]
+        inputs = inputs if channels_last else [x.contiguous() for x in inputs]
+        with autocast(device):
+            loss, _ = method(inputs)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    for _ in range(warmup):  # cuDNN autotuning and allocator warm-up, not measured
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    tic = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    figures = {"img_per_s": steps * batch_size / (time.perf_counter() - tic)}
+    if device.type == "cuda":
+        figures["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return figures
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="8 px, batch 16, 2 epochs of 2 steps")
+    parser.add_argument("--budget-s", type=float, default=420, help="stop before this many seconds")
+    parser.add_argument("--out", type=Path, default=Path("runs/gpu-check"))
+    parser.add_argument("--only", help="comma-separated path names to run (default: all)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(
+            "gpu_check.py: error: --device cuda: no CUDA device here (--device cpu --tiny for a dry run)"
+        )
+    # 1280 images of 224 px, 60% to pretrain on (paper §3): 6 steps of 128 an epoch, 30 in all. Tiny: 80 of
+    # 8 px, 40% to pretrain on, 2 steps of 16 an epoch (5 stratified folds: 5 lesions a class).
+    size, batch, images, epochs = (8, 16, 80, 2) if args.tiny else (224, 128, 1280, 5)
+    split = "0.4,0.2,0.2,0.2" if args.tiny else "0.6,0.1,0.1,0.2"
+    workers = 0 if args.tiny else min(8, os.cpu_count() or 1)
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 2  # two gloo processes on the CPU
+    check = Check(args.budget_s, margin_s=5 if args.tiny else 20)
+    wanted = set(args.only.split(",")) if args.only else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_ham_like(tmp / "ham", images, size)
+        data = ["--data", "ham10000", "--data-root", str(tmp / "ham"), "--image-size", str(size)]
+        data += ["--split", split, "--split-file", str(tmp / "split.json")]
+        data += ["--cache-dir", str(tmp / "cache"), "--device", args.device, "--workers", str(workers)]
+        train = ["--batch-size", str(batch), "--epochs", str(epochs), "--warmup-epochs", "1"]
+        train += ["--eval-every", str(epochs)]
+        python = [sys.executable]
+
+        def path(name, work):
+            if wanted is None or name in wanted:
+                check.run(name, work)
+
+        def pretraining(name, *flags, launcher=python, precision=None):
+            def work(timeout):
+                out = tmp / name
+                done = script([*launcher, "pretrain.py", *data, *train, *flags, "--out", str(out)], timeout)
+                if precision and f"steps per epoch, {precision}" not in done.stdout:
+                    raise RuntimeError(f"pretrain.py did not run in {precision}")
+                row = last_row(out)
+                return {"img_per_s": float(row["img_per_s"]), "data_wait": float(row["data_wait"])}
+
+            path(name, work)
+
+        for method in ("simsiam", "simclr", "byol", "mocov2", "swav"):
+            pretraining(f"pretrain-{method}", "--method", method)
+        fp16 = (
+            "float16" if device.type == "cuda" else None
+        )  # the CPU computes in float32 whatever the GPU can
+        pretraining("pretrain-simsiam-fp16", launcher=[sys.executable, "-c", FORCE_FP16], precision=fp16)
+        pretraining("pretrain-whiten", "--whiten")
+        pretraining("pretrain-mocov2-local", "--method", "mocov2", "--local-weight", "0.5")
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+        pretraining("torchrun", launcher=torchrun)
+        backbone = tmp / "pretrain-simsiam" / "backbone.pt"
+        stopped = [sys.executable, "pretrain.py", *data, *train, "--out", str(tmp / "stopped")]
+        path(
+            "sigterm-resume",
+            lambda t: stop_and_resume(stopped, tmp / "stopped", backbone, device.type == "cpu", t),
+        )
+        evaluation = [*data, "--ckpt", str(backbone), "--epochs", "2", "--trials", "1"]
+        path(
+            "linear-eval",
+            lambda t: (
+                script([*python, "linear_eval.py", *evaluation, "--out", str(tmp / "linear")], t) and {}
+            ),
+        )
+        # half the batch: the train part (10% of the images, split by lesion) may hold fewer than 128
+        finetune = [*python, "finetune.py", *evaluation, "--tune", "q4", "--batch-size", str(batch // 2)]
+        path("finetune-q4", lambda t: script([*finetune, "--out", str(tmp / "finetune")], t) and {})
+        warmup, steps = (1, 2) if args.tiny else (3, 20)
+        for layout, channels_last in (("channels-last", True), ("contiguous", False)):
+            path(
+                f"model-only-{layout}",
+                lambda t, c=channels_last: model_only(size, batch, warmup, steps, device, c),
+            )
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "precision": str(pretrain.amp_dtype(device)).removeprefix("torch."),
+        "image_size": size,
+        "batch_size": batch,
+        "budget_s": args.budget_s,
+        "seconds": round(time.perf_counter() - check.start, 1),
+        "paths": check.paths,
+    }
+    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    failed = [name for name, p in check.paths.items() if p["status"] == "failed"]
+    if failed:
+        sys.exit(f"gpu_check.py: failed: {', '.join(failed)} (details in {args.out / 'gpu_check.json'})")
+
+
+def print_table(report):
+    print(f"\n{report['device']}, torch {report['torch']}, CUDA {report['cuda']}, {report['precision']}")
+    print(f"{report['image_size']} px, batch {report['batch_size']}, {report['seconds']} s in all")
+    for name, p in report["paths"].items():
+        figures = {k: v for k, v in p.items() if k not in ("status", "seconds", "error")}
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
+        print(f"  {name:28s} {p['status']:18s} {p['seconds']:7.1f} s  {shown}")
+
+
+if __name__ == "__main__":
+    main()
