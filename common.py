@@ -1,24 +1,17 @@
-"""What every script shares that is neither the data (datasets.py) nor the network (bit_convert.py).
-
-Errors a user can fix, one atomic write, the input scaling and mixed precision, embedding with a frozen
-backbone, BatchNorm statistics for a network that never trained, and the measurements: weighted kNN, the
-embedding spectrum and RankMe, focal loss, and the classification scores.
+"""The plumbing every file shares: errors a user can fix (one line, a non-zero exit), atomic writes that say
+when the disk is full, the flag types that refuse what every range check lets through, the input scaling and
+mixed precision.
 """
 
 import argparse
 import errno
-import json
 import math
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, recall_score
 
 
 class UserError(ValueError):
@@ -157,112 +150,12 @@ def autocast(device):
 # ------------------------------------------------------------------------------------------- frozen backbones
 
 
-@torch.no_grad()
-def embed(backbone, images, device, batch_size=256):
-    """Backbone features (N, D), float32, of uint8 images (N, 3, H, W), in eval mode."""
-    backbone.eval()
-    with autocast(device):
-        features = [
-            backbone(to_input(images[i : i + batch_size], device)).float()
-            for i in range(0, len(images), batch_size)
-        ]
-    return torch.cat(features)
-
-
-@torch.no_grad()
-def estimate_bn_statistics(backbone, images, device, batch_size=256):
-    """Fresh BatchNorm statistics (mean 0, var 1) make an untrained or BiT-initialised BN network meaningless
-    in eval mode: replace them by their average over `images`, taken in train mode. Training itself never
-    reads them. Plain BatchNorm only: a SyncBatchNorm would all-gather, a collective that one process must not
-    start alone."""
-    norms = [m for m in backbone.modules() if hasattr(m, "reset_running_stats")]  # BatchNorm, IterNorm
-    if any(isinstance(m, nn.SyncBatchNorm) for m in norms):
-        raise ValueError("estimate_bn_statistics before convert_sync_batchnorm, not after")
-    momenta, was_training = [m.momentum for m in norms], backbone.training
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average over the batches
-    backbone.train()
-    with autocast(device):
-        for i in range(0, len(images), batch_size):
-            backbone(to_input(images[i : i + batch_size], device))
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
-    backbone.train(was_training)
-
-
 # ----------------------------------------------------------------------------------------------- measurements
 
 
-def knn_predict(queries, bank, bank_labels, n_classes, k=200, temperature=0.1):
-    """Weighted kNN (Wu et al. 2018): the k most cosine-similar bank features vote for their class with weight
-    exp(similarity / temperature); the class with the largest sum wins."""
-    similarity = F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T
-    weights, neighbours = similarity.topk(min(k, len(bank)), dim=1)
-    votes = torch.zeros(len(queries), n_classes, device=queries.device, dtype=weights.dtype)
-    votes.scatter_add_(1, bank_labels[neighbours], (weights / temperature).exp())
-    return votes.argmax(1)
+class DataError(UserError):
+    """Data that cannot be used as asked; the message names the file, id or flag."""
 
 
-def covariance_spectrum(features):
-    """Eigenvalues, largest first, of the covariance of L2-normalised features: the spectrum whose tail
-    falling to zero shows a dimensional collapse (Jing et al., ICLR 2022, §3 and their spectrum.py)."""
-    z = F.normalize(features.double(), dim=1)
-    z = z - z.mean(0)
-    spectrum = torch.linalg.svdvals(z) ** 2 / len(
-        z
-    )  # the covariance z'z/N has the squares of z's singular values
-    return spectrum[: len(z) - 1]  # centring removes one dimension: N points span at most N - 1
-
-
-def rankme(features, eps=1e-7):
-    """RankMe (Garrido et al., ICML 2023, Eq. 1): exp(entropy of p), p_k = sigma_k / sum(sigma) + eps, sigma
-    the singular values of the raw embedding matrix (neither centred nor normalised). About 1 when every
-    embedding lies on one line (collapse), up to min(N, D) when they fill every dimension."""
-    sigma = torch.linalg.svdvals(features.double())
-    p = sigma / sigma.sum() + eps
-    return float(torch.exp(-(p * p.log()).sum()))
-
-
-def normalised_std(z):
-    """The collapse signal of SimSiam (Chen & He 2021, §4.1): the std over the batch of z/|z|, averaged over
-    the channels; about 1/sqrt(d) when the outputs spread over the sphere, 0 when they have collapsed to one
-    point."""
-    return F.normalize(z.float(), dim=1).std(0).mean()
-
-
-def write_results(out, results, trials):
-    """OUT/results.json, the file `linear_eval.py --compare` draws: `results` (model, checkpoint, data, ...),
-    the trials, and the mean and sample std of their test scores. Returns the line that summarises it."""
-    metrics = ("balanced_accuracy", "macro_f1", "accuracy")
-    mean = {m: float(np.mean([t[m] for t in trials])) for m in metrics}
-    std = {m: float(np.std([t[m] for t in trials], ddof=1)) if len(trials) > 1 else 0.0 for m in metrics}
-    text = json.dumps({**results, "trials": trials, "mean": mean, "std": std}, indent=1) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "results.json", lambda tmp: tmp.write_text(text))
-    return (
-        f"{results['model']}: test balanced accuracy {mean['balanced_accuracy']:.4f} ± "
-        f"{std['balanced_accuracy']:.4f}, macro F1 {mean['macro_f1']:.4f} ± {std['macro_f1']:.4f} over "
-        f"{len(trials)} trial(s); wrote {out / 'results.json'}"
-    )
-
-
-def focal_loss(logits, target, gamma=4.0):
-    """Multi-class focal loss, FL = -(1 - p_t)^gamma log p_t, p_t the softmax probability of the true class
-    (Lin et al. 2017, Eq. 4); gamma = 0 is cross-entropy. Mean over the batch."""
-    log_pt = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
-    return (-((1 - log_pt.exp()) ** gamma) * log_pt).mean()
-
-
-def scores(truth, predictions, n_classes):
-    """The paper's metrics (§4.4: balanced accuracy, macro F1) and what explains them, from scikit-learn."""
-    labels = list(range(n_classes))
-    return {
-        "balanced_accuracy": float(balanced_accuracy_score(truth, predictions)),
-        "macro_f1": float(f1_score(truth, predictions, labels=labels, average="macro", zero_division=0)),
-        "accuracy": float(np.mean(truth == predictions)),
-        "per_class_recall": recall_score(
-            truth, predictions, labels=labels, average=None, zero_division=0
-        ).tolist(),
-        "confusion": confusion_matrix(truth, predictions, labels=labels).tolist(),
-    }
+class WeightsError(UserError):
+    """A weights file that cannot go into the model asked for; the message names the file and the key."""

@@ -1,55 +1,34 @@
-"""Data for every script: the sources, one leakage-free split shared by all, and the views of
-the self-supervised methods.
+"""The data sources of every script: HAM10000 (or its ISIC 2018 layout), CIFAR-10, an image folder,
+DermaMNIST, and scikit-learn's digits, which need no download.
 
 Every source becomes a `Data`: all its images as one uint8 array (N, H, W, 3) with their labels, ids and
 groups (the lesion each HAM10000 image shows). Small sources live in memory; image files are decoded once, at
-the working resolution, into a memory-mapped cache. The split file assigns every id to one of four disjoint
-parts:
-
-    pretrain   unlabelled images for SimSiam
-    train/val  the labelled part: the linear classifier and its model selection; the kNN monitor's data
-    test       touched once, by the final evaluation
+the working resolution, into a memory-mapped cache (image_cache.py). The split lives in splits.py, the views
+in views.py.
 
     python datasets.py --data ham10000 --data-root PATH    # write (or check) the split, print its summary
 """
 
 import argparse
 import csv
-import functools
-import hashlib
-import json
 import os
 import pickle
-import signal
-import threading
-import warnings
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import torch
 import torchvision
-from PIL import Image, ImageFilter, ImageOps
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-from torchvision.transforms import v2
 
-from common import UserError, embed, estimate_bn_statistics, run, save_atomic, write_atomic
+from common import DataError, run
+from image_cache import decode_all
+from splits import default_split_file, load_split, summary
 
 SOURCES = ("digits", "cifar10", "ham10000", "folder", "dermamnist")
 DEFAULT_SIZE = {"digits": 8, "cifar10": 32, "dermamnist": 28, "ham10000": 224, "folder": 224}
-PARTS = ("pretrain", "train", "val", "test")
-OFFICIAL = "official"  # --split official: the source's own train/test protocol (see official_split)
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")  # alphabetical: DermaMNIST's label ids too
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CACHE_DIR = Path.home() / ".cache" / "bit-simsiam"
-
-
-class DataError(UserError):
-    """Data that cannot be used as asked; the message names the file, id or flag."""
 
 
 @dataclass
@@ -374,566 +353,13 @@ def check_classes(data, source):
 # ------------------------------------------------------------------------------------------ decode-once cache
 
 
-def read_rgb(path, size):
-    """An image file as a (size, size, 3) uint8 array: every mode becomes RGB, 16-bit and float images are
-    stretched from their own min..max, and the image is resized to a square, as the paper resized HAM10000
-    (§3)."""
-    with Image.open(path) as img:
-        img.draft("RGB", (size, size))  # JPEG: let libjpeg decode at the smallest scale that is still >= size
-        # the EXIF orientation of a photo taken with the camera turned (phones, dermatoscopes on phones): the
-        # pixels as the photo is shown, as PIL's own exif_transpose turns them
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            a = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray(
-                np.round((a - a.min()) / max(a.max() - a.min(), 1e-12) * 255).astype(np.uint8)
-            )
-        return np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR))
-
-
-def decode_all(paths, size, cache_dir, skip_bad):
-    """All `paths` decoded at `size` into a memory-mapped .npy, built once and reused while no file changes.
-    Returns (images, {position: reason} of unreadable files). Unreadable files are an error unless
-    skip_bad."""
-    stamp = "\n".join(map(file_stamp, paths))
-    key = hashlib.sha256(f"{size}\n{stamp}".encode()).hexdigest()[:20]
-    cache, index = cache_dir / "images" / f"{size}px-{key}.npy", cache_dir / "images" / f"{size}px-{key}.json"
-    shape = (len(paths), size, size, 3)
-    entry = cached(cache, index, shape)
-    if entry is None:  # absent, or damaged since it was written
-        broken, digest = {}, {}
-
-        def decode_into(tmp):
-            images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            preallocate(tmp)
-
-            def decode(j):
-                try:
-                    images[j] = read_rgb(paths[j], size)
-                except Exception as e:  # PIL: OSError, SyntaxError, ValueError, DecompressionBombError
-                    return j, f"{type(e).__name__}: {e}"
-
-            pool = ThreadPoolExecutor(os.cpu_count())  # PIL decodes with the GIL released
-            try:
-                broken.update(b for b in pool.map(decode, range(len(paths))) if b)
-            finally:  # stopped: the images not yet begun are not decoded
-                pool.shutdown(cancel_futures=True)
-            images.flush()
-            digest["sha256"] = hashlib.sha256(images).hexdigest()
-
-        try:
-            with stopped_by_signals(cache_dir):
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(cache, decode_into)
-                record = json.dumps({"size": size, "count": len(paths), "bad": broken, **digest}, indent=1)
-                write_atomic(index, lambda tmp: tmp.write_text(record))  # last: the array is complete
-        except OSError as e:
-            raise DataError(f"--cache-dir {cache_dir}: cannot write the decoded images there ({e})") from None
-        entry = cached(cache, index, shape)
-    images, broken = entry
-    if broken and not skip_bad:
-        j, reason = next(iter(broken.items()))
-        raise DataError(
-            f"{paths[j]}: unreadable image ({reason}); {len(broken)} such file(s), "
-            "--skip-bad-images skips them"
-        )
-    return images, broken
-
-
-def file_stamp(path):
-    """What changes when an image file does: its real path, size and modification time. A file that cannot be
-    stat'ed (a broken symbolic link) is stamped as such; decoding it then fails, and says why."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return f"{path} unreadable"
-    return f"{path.resolve()} {stat.st_size} {stat.st_mtime_ns}"
-
-
-def preallocate(path):
-    """Reserve the blocks of a memory-mapped file before writing into it. A page of a sparse mapping that the
-    full disk cannot back kills the process with SIGBUS; reserved first, the full disk is an OSError (ENOSPC)
-    here."""
-    with open(path, "r+b") as f:
-        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-
-
-class Stopped(Exception):
-    """A signal that stops the decoding into the cache."""
-
-
-@contextmanager
-def stopped_by_signals(cache_dir):
-    """Ctrl-C or SIGTERM while the cache is written: a one-line DataError, and no temporary file left behind
-    (write_atomic removes it as the exception passes). A second signal cannot interrupt that clean-up."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-
-    def stop(signum, _frame):
-        for s in saved:
-            signal.signal(s, signal.SIG_IGN)
-        raise Stopped(signal.Signals(signum).name)
-
-    saved = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    except Stopped as e:
-        raise DataError(
-            f"--cache-dir {cache_dir}: stopped by {e} while decoding the images into it; nothing was kept"
-        ) from None
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-
-
-def cached(cache, index, shape):
-    """(images, {position: reason}) of a complete cache entry, or None where it is absent or damaged (a .npy
-    truncated, overwritten or replaced after it was written, an unreadable index): such an entry is built
-    again, never read. The SHA-256 of the pixels, recorded when the entry was written, is checked once here
-    (measured: 0.26 - 0.6 s for 450 MB on a 2-core machine)."""
-    try:
-        record = json.loads(index.read_text())
-        broken = {int(j): reason for j, reason in record["bad"].items()}
-        images = np.load(cache, mmap_mode="r")  # numpy refuses a file shorter than its header says
-    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    if images.shape != shape or images.dtype != np.uint8:
-        return None
-    return (images, broken) if hashlib.sha256(images).hexdigest() == record.get("sha256") else None
-
-
 # ------------------------------------------------------------------------------------------------------ split
-
-
-def parse_fractions(text):
-    """--split 0.6,0.1,0.1,0.2: the fractions of pretrain, train, val and test, in steps of 0.01 (or
-    "official")."""
-    if text == OFFICIAL:
-        return OFFICIAL
-    try:
-        fractions = [Fraction(f) for f in text.split(",")]
-    except ValueError:
-        raise DataError(f"--split {text}: expected four numbers like 0.6,0.1,0.1,0.2") from None
-    if (
-        len(fractions) != 4
-        or min(fractions[:3]) <= 0
-        or fractions[3] < 0
-        or sum(fractions) != 1
-        or any((100 * f).denominator != 1 for f in fractions)
-    ):
-        raise DataError(
-            f"--split {text}: expected four fractions (pretrain, train, val, test) in steps of 0.01, "
-            f"the first three positive, adding up to 1 (these add up to {float(sum(fractions)):g})"
-        )
-    return fractions
-
-
-def official_split(data):
-    """The protocol of SimSiam's CIFAR-10 experiments and the paper's Fig. 1: pretrain on every training
-    image, kNN bank = the training images, queries = the official test set. val IS test here, so the scripts
-    do no model selection on it (linear_eval.py tests its last epoch): numbers to set beside published ones,
-    nothing else."""
-    if data.official_test is None:
-        raise DataError(f"--split {OFFICIAL}: {data.name} has no official test set; give fractions instead")
-    train = [data.ids[i] for i in np.flatnonzero(~data.official_test)]
-    test = [data.ids[i] for i in np.flatnonzero(data.official_test)]
-    return {"pretrain": train, "train": train, "val": test, "test": test}
-
-
-def make_split(data, fractions, seed, by="lesion"):
-    """Four disjoint parts, stratified by class and grouped by lesion where the source has lesions:
-    scikit-learn cuts the data into n equal folds, n the least that makes every fraction a whole number of
-    folds."""
-    if fractions == OFFICIAL:
-        return official_split(data)
-    if by == "lesion" and data.name == "ham10000" and data.groups is None:
-        raise DataError(
-            "ham10000: splitting by lesion needs lesion ids (HAM10000_metadata.csv or "
-            "ISIC2018_Task3_Training_LesionGroupings.csv); pass --split-by image to split by image"
-        )
-    grouped = by == "lesion" and data.groups is not None
-    groups = np.array(data.groups if grouped else data.ids)
-    pool = (
-        np.flatnonzero(~data.official_test) if data.official_test is not None else np.arange(len(data.labels))
-    )
-    parts = PARTS if data.official_test is None else PARTS[:3]
-    shares = [f / sum(fractions[: len(parts)]) for f in fractions[: len(parts)]]
-    n_folds = next(n for n in range(1, 101) if all((s * n).denominator == 1 for s in shares))  # steps of 0.01
-    folds = (StratifiedGroupKFold if grouped else StratifiedKFold)(n_folds, shuffle=True, random_state=seed)
-    try:
-        with (
-            warnings.catch_warnings()
-        ):  # "the least populated class has fewer members than n_splits": fine here
-            warnings.simplefilter("ignore", UserWarning)
-            fold_of = np.empty(len(pool), dtype=np.int64)
-            for k, (_, members) in enumerate(folds.split(pool, data.labels[pool], groups[pool])):
-                fold_of[members] = k
-    except ValueError as e:
-        raise DataError(
-            f"{data.name}: {len(set(groups[pool]))} groups cannot make {n_folds} folds ({e})"
-        ) from None
-    bounds = np.cumsum([0] + [int(s * n_folds) for s in shares])
-    split = {
-        part: sorted(data.ids[i] for i in pool[(fold_of >= lo) & (fold_of < hi)])
-        for part, lo, hi in zip(parts, bounds[:-1], bounds[1:])
-    }
-    if data.official_test is not None:
-        split["test"] = [data.ids[i] for i in np.flatnonzero(data.official_test)]
-    return split
-
-
-def fingerprint(data):
-    """What identifies the data a split was made from: ids, labels, groups and classes (not the pixels)."""
-    content = json.dumps([data.name, list(data.ids), data.labels.tolist(), data.groups, list(data.classes)])
-    return hashlib.sha256(content.encode()).hexdigest()
-
-
-def split_digest(split):
-    """What identifies the parts themselves: a backbone records it, so that its evaluation uses the same
-    split."""
-    return hashlib.sha256(json.dumps([split[p] for p in PARTS]).encode()).hexdigest()
-
-
-def default_split_file(args):
-    parsed = parse_fractions(args.split)
-    fractions = OFFICIAL if parsed == OFFICIAL else "-".join(str(round(float(f) * 100)) for f in parsed)
-    by = args.split_by if args.data == "ham10000" else "image"  # only HAM10000 has lesions to group by
-    return Path("splits") / f"{args.data}-{by}-{fractions}-seed{args.split_seed}.json"
-
-
-def load_split(data, path, fractions="0.6,0.1,0.1,0.2", seed=0, by="lesion"):
-    """The split in `path`, made and written there first if the file does not exist. An existing file is used
-    as it is (its own seed and fractions), after checking that it was made from this very data."""
-    path = Path(path)
-    if not path.exists():
-        parsed = parse_fractions(fractions)
-        shares = OFFICIAL if parsed == OFFICIAL else dict(zip(PARTS, map(str, parsed)))
-        split = {
-            "data": data.name,
-            "fingerprint": fingerprint(data),
-            "seed": seed,
-            "split_by": by if data.groups is not None else "image",
-            "fractions": shares,
-            **make_split(data, parsed, seed, by),
-        }
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, lambda tmp: tmp.write_text(json.dumps(split, indent=1) + "\n"))
-        except OSError as e:
-            raise DataError(f"split file {path}: cannot write it ({e.strerror})") from None
-        return split
-    try:
-        split = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"split file {path}: not readable JSON ({e})") from None
-    absent = [p for p in PARTS if not isinstance(split, dict) or not isinstance(split.get(p), list)]
-    if absent:
-        raise DataError(f"split file {path}: no list {absent[0]!r}; expected the lists {', '.join(PARTS)}")
-    if split.get("fingerprint") != fingerprint(data):
-        raise DataError(
-            f"split file {path} was made from other data than this {data.name} (the ids, labels or "
-            f"lesions differ); pass a new --split-file to make a split for this data"
-        )
-    if split.get("fractions") == OFFICIAL:
-        if split != {**split, **official_split(data)}:
-            raise DataError(f"split file {path}: not the official split of {data.name} (hand-edited?)")
-        return split
-    known, seen = set(data.ids), {}
-    for part in PARTS:
-        for image_id in split[part]:
-            if not isinstance(image_id, (str, int)) or image_id not in known:
-                raise DataError(
-                    f"split file {path}: part {part} lists image {image_id!r}, which the data lacks"
-                )
-            if image_id in seen:
-                where = "twice" if seen[image_id] == part else f"in another part too ({seen[image_id]})"
-                raise DataError(f"split file {path}: part {part} lists image {image_id!r} {where}")
-            seen[image_id] = part
-    return split
-
-
-def selects_on_val(split):
-    """Whether `val` is free for model selection: not under the official protocol, where val is the test
-    set."""
-    return split.get("fractions") != OFFICIAL
-
-
-def pretraining_split(args, data, ckpt=None, metas=()):
-    """The split that the backbones were pretrained with (split.json beside the first checkpoint) unless
-    --split-file; it must be the one every checkpoint in `metas` records, and hold a usable train/val/test."""
-    path = args.split_file or (ckpt.parent / "split.json" if ckpt else default_split_file(args))
-    if ckpt and not path.exists():
-        raise DataError(
-            f"split file {path} not found: pass the --split-file the backbone was pretrained with"
-        )
-    split = load_split(data, path, args.split, args.split_seed, args.split_by)
-    if any(meta.get("split_digest", split_digest(split)) != split_digest(split) for meta in metas):
-        raise DataError(
-            f"split file {path} is not the split a backbone was pretrained with: its test images "
-            "may have been seen in pretraining; use the split.json of the pretraining run"
-        )
-    check_scored_parts(data, split, path)
-    return split, path
-
-
-def check_scored_parts(data, split, path, parts=("train", "val", "test")):
-    """The parts of the split that a classifier learns from or is scored on: none empty, every class in
-    train, and two classes or more in each (a score on one class measures nothing: any constant prediction
-    has balanced accuracy 1)."""
-    empty = [part for part in parts if not split[part]]
-    if empty:
-        raise DataError(f"split file {path}: part {empty[0]} is empty")
-    train_labels = data.labels[indices(data, split, "train")]
-    absent = [c for k, c in enumerate(data.classes) if not np.any(train_labels == k)]
-    if absent:
-        raise DataError(f"split file {path}: class {absent[0]} has no image in the train part")
-    for part in parts:
-        present = np.unique(data.labels[indices(data, split, part)])
-        if len(present) < 2:
-            raise DataError(
-                f"split file {path}: part {part} holds images of {len(present)} class only "
-                f"({data.classes[present[0]]}); scoring needs two classes or more"
-            )
-
-
-def indices(data, split, part):
-    """Positions in `data` of the images of one part of the split."""
-    position = {image_id: i for i, image_id in enumerate(data.ids)}
-    return np.array([position[i] for i in split[part]], dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------------------------------ views
 
 
-class RandomGaussianBlur:
-    """PIL's Gaussian blur with sigma drawn from [lo, hi] (SimSiam's loader.py does the same). torchvision's
-    GaussianBlur gives the same augmentation but measured 50x slower on a 224-px image on the CPU (130 ms vs
-    2.5 ms)."""
-
-    def __init__(self, sigma=(0.1, 2.0)):
-        self.sigma = sigma
-
-    def __call__(self, img):
-        return img.filter(ImageFilter.GaussianBlur(float(torch.empty(1).uniform_(*self.sigma))))
-
-
-def simsiam_view(size):
-    """One SimSiam augmentation (Chen & He 2021, §4 and their main_simsiam.py) of a PIL image: no blur at <=
-    32 px, as in SimSiam's CIFAR recipe."""
-    blur = [v2.RandomApply([RandomGaussianBlur()], p=0.5)] if size > 32 else []
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(size, scale=(0.2, 1.0)),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-            *blur,
-            v2.RandomHorizontalFlip(),
-        ]
-    )
-
-
-def simclr_view(size):
-    """One SimCLR augmentation (Chen et al. 2020, App. A; google-research/simclr data_util.py): a crop of
-    scale (0.08, 1), a flip, colour distortion of strength 1 (jitter 0.8, 0.8, 0.8, 0.2 with p = 0.8, grey
-    p = 0.2), blur with p = 0.5 (ImageNet's; none at <= 32 px, as for CIFAR-10, App. B.9, and in
-    simsiam_view)."""
-    blur = [v2.RandomApply([RandomGaussianBlur()], p=0.5)] if size > 32 else []
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(size, scale=(0.08, 1.0)),
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-            *blur,
-        ]
-    )
-
-
-def byol_view(size, blur, solarise):
-    """One of BYOL's two asymmetric augmentations (Grill et al. 2020, Table 6): view 1 blurred always and
-    never solarised, view 2 blurred with p = 0.1 and solarised with p = 0.2; no blur at <= 32 px, as in
-    simsiam_view."""
-    blurred = [v2.RandomApply([RandomGaussianBlur()], p=blur)] if size > 32 else []
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(size, scale=(0.08, 1.0)),
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-            *blurred,
-            v2.RandomSolarize(128, p=solarise),
-        ]
-    )
-
-
-def swav_view(size, small=False):
-    """One SwAV crop (Caron et al. 2020, §3.2 and main_swav.py): a large crop of scale (0.14, 1) at the full
-    size, or a small one of scale (0.05, 0.14) at 96/224 of it (multi-crop); colour distortion of strength 1,
-    blur with p = 0.5 (none at <= 32 px, as in simsiam_view)."""
-    blur = [v2.RandomApply([RandomGaussianBlur()], p=0.5)] if size > 32 else []
-    crop_size, scale = (max(1, round(size * 96 / 224)), (0.05, 0.14)) if small else (size, (0.14, 1.0))
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(crop_size, scale=scale),
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-            *blur,
-        ]
-    )
-
-
-def eval_view(size):
-    return v2.Compose([v2.Resize(size), v2.CenterCrop(size)])
-
-
-class ImageSet(torch.utils.data.Dataset):
-    """Images `index` of `data`, each through every transform in `views`: items (view_1, ..., view_k, label),
-    the views uint8 (3, H, W) tensors. A key may come as (seed, i), from a SeededSampler: that image's
-    augmentation is then drawn from a generator seeded with `seed`, so a run's views depend on its seed, epoch
-    and image alone."""
-
-    def __init__(self, data, index, views):
-        self.images, self.labels, self.index, self.views = data.images, data.labels, index, views
-
-    def __len__(self):
-        return len(self.index)
-
-    def __getitem__(self, key):
-        seed, i = key if isinstance(key, tuple) else (None, key)
-        image = Image.fromarray(np.asarray(self.images[self.index[i]]))
-        with torch.random.fork_rng(devices=[], enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
-            views = [as_tensors(view(image)) for view in self.views]
-        return (*views, int(self.labels[self.index[i]]))
-
-
-def as_tensors(view):
-    """A view as a uint8 (3, H, W) tensor; a located view's (image, box, flipped) as that tensor and its
-    geometry, one float tensor (x0, y0, x1, y1, flipped)."""
-    if isinstance(view, tuple):
-        image, box, flipped = view
-        return v2.functional.pil_to_tensor(image), torch.cat([box, torch.tensor([float(flipped)])])
-    return v2.functional.pil_to_tensor(view)
-
-
-class SeededSampler(torch.utils.data.DistributedSampler):
-    """The DistributedSampler's shuffle (for one process too), each index i paired with the seed of that
-    image's augmentation in this epoch, (seed * 100_003 + epoch) * 10_000_019 + i: distinct for every (seed,
-    epoch, image) while there are fewer than 10_000_019 images and 100_003 epochs. An ImageSet seeds its views
-    with it, so that they do not depend on which worker made them, and a resumed run sees the views it would
-    have seen."""
-
-    start = 0
-
-    def set_epoch(self, epoch, start=0):
-        """Shuffle for `epoch` and skip its first `start` items (a resumed run has trained on them
-        already)."""
-        super().set_epoch(epoch)
-        self.start = start
-
-    def __iter__(self):
-        order = list(super().__iter__())[self.start :]
-        return iter([((self.seed * 100_003 + self.epoch) * 10_000_019 + i, i) for i in order])
-
-
-def eval_images(data, index, size, workers=0):
-    """The evaluation view of the images `index` as one uint8 tensor (N, 3, size, size): made once, then
-    reused."""
-    loader = torch.utils.data.DataLoader(
-        ImageSet(data, index, [eval_view(size)]), batch_size=256, num_workers=workers
-    )
-    if not len(index):
-        return torch.zeros(0, 3, size, size, dtype=torch.uint8)
-    return torch.cat([images for images, _ in loader])
-
-
-class LocatedCrop:
-    """A random resized crop and a horizontal flip that say where the view came from, for losses that match
-    regions between views (methods.matched_regions). The crop is torchvision's RandomResizedCrop (its own
-    parameter sampling, so the same distribution); `then` (e.g. the colour steps) runs on the result. Returns
-    (image, box, flipped): box the crop as (x0, y0, x1, y1) in the source image's normalised coordinates, a
-    float32 tensor, and flipped whether the view was mirrored. Flipping before the colour steps rather than
-    after, as simsiam_view does, draws the same views: colour, grey and blur do not see left from right."""
-
-    def __init__(self, size, scale=(0.2, 1.0), then=None):
-        self.crop, self.size, self.then = v2.RandomResizedCrop(size, scale=scale), size, then
-
-    def __call__(self, image):
-        width, height = image.size
-        p = self.crop.make_params([image])
-        top, left, h, w = p["top"], p["left"], p["height"], p["width"]
-        view = v2.functional.resized_crop(image, top, left, h, w, [self.size] * 2)
-        box = torch.tensor([left / width, top / height, (left + w) / width, (top + h) / height])
-        flipped = bool(torch.rand(1) < 0.5)
-        if flipped:
-            view = v2.functional.horizontal_flip(view)
-        return (self.then(view) if self.then else view), box, flipped
-
-
-def located_view(size):
-    """A MoCo v2 view (Chen et al. 2020, "Improved Baselines"; SimSiam's too: simsiam main_simsiam.py)
-    that records its crop and flip: LocatedCrop, then simsiam_view's own colour, grey and blur steps (the
-    steps between its crop and its flip), so that the two recipes cannot drift apart."""
-    return LocatedCrop(size, then=v2.Compose(simsiam_view(size).transforms[1:-1]))
-
-
-VIEWS = {  # the augmentations a method's views name (methods.py)
-    "simsiam": simsiam_view,
-    "simclr": simclr_view,
-    "byol1": functools.partial(byol_view, blur=1.0, solarise=0.0),
-    "byol2": functools.partial(byol_view, blur=0.1, solarise=0.2),
-    "swav": swav_view,
-    "swav_small": functools.partial(swav_view, small=True),
-    "located": located_view,
-}
-
-
 # ----------------------------------------------------------------------------- embedded parts, for evaluation
-
-
-def estimate_statistics_if_untrained(backbone, meta, data, split, image_size, device):
-    """A BatchNorm backbone that never trained (--init ... --norm bn, a converted BiT file) has no statistics
-    yet: take them from the train part's images. Pretrained ones record their epoch and keep their own."""
-    if "epoch" not in meta and backbone.norm_kind == "bn":
-        estimate_bn_statistics(backbone, eval_images(data, indices(data, split, "train"), image_size), device)
-
-
-def part_features(backbone, identity, data, split, part, args, device):
-    """(features, labels) of one part with the evaluation view, from the cache when the same backbone
-    (`identity`), split and image size were embedded before; a changed checkpoint has other bytes, hence
-    another key."""
-    key = hashlib.sha256(f"{identity} {split_digest(split)} {args.image_size}".encode()).hexdigest()[:24]
-    path = args.cache_dir / "features" / f"{key}-{part}.pt"
-    index = indices(data, split, part)
-    labels = torch.as_tensor(data.labels[index])
-    features = cached_features(path, labels)
-    if features is not None:
-        return features, labels
-    images = eval_images(data, index, args.image_size, args.workers)
-    features = embed(backbone, images, device).cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_atomic({"features": features, "labels": labels, "sha256": checksum(features)}, path)
-    return features, labels
-
-
-def cached_features(path, labels):
-    """The features cached at `path` for images with these `labels`, or None where the file is absent or
-    damaged (truncated, overwritten, a pickle that would run code: weights_only refuses it unread): such a
-    cache is embedded again, never read. torch.load does not check the bytes of a tensor, hence the SHA-256
-    recorded beside them."""
-    try:
-        cached = torch.load(path, weights_only=True)
-        features, whole = cached["features"], torch.equal(cached["labels"], labels)
-        return features if whole and cached["sha256"] == checksum(features) else None
-    except Exception:  # noqa: BLE001 (a damaged file fails in many ways; each means "embed again")
-        return None
-
-
-def checksum(features):
-    return hashlib.sha256(features.contiguous().numpy()).hexdigest()
 
 
 # -------------------------------------------------------------------------------------------------- arguments
@@ -984,50 +410,29 @@ def add_data_args(parser):
     )
 
 
-def load_data(args):
-    """The `Data` that --data, --data-root and --image-size name (the image size: files are decoded at it)."""
+def check_data_args(args):
+    """The data flags that must be at least some number, checked before anything is read."""
     for flag, least in (("image_size", 1), ("workers", 0), ("split_seed", 0)):
-        value = getattr(args, flag, None)  # only what the caller's parser has
+        value = getattr(args, flag)
         if value is not None and value < least:
             raise DataError(f"--{flag.replace('_', '-')} {value}: must be at least {least}")
-    if args.data == "digits":
+
+
+def load_data(source, root=None, image_size=None, cache_dir=CACHE_DIR, skip_bad=False, download=False):
+    """The `Data` of one of SOURCES; image files are decoded at `image_size` into `cache_dir`."""
+    if source == "digits":
         return load_digits()
-    if args.data_root is None:
-        raise DataError(f"--data {args.data} needs --data-root")
-    if args.data != "cifar10" and not args.data_root.exists():
-        raise DataError(f"--data-root {args.data_root}: no such file or directory")
-    if args.data == "cifar10":
-        return load_cifar10(args.data_root, args.download)
-    if args.data == "ham10000":
-        return load_ham10000(args.data_root, args.image_size, args.cache_dir, args.skip_bad_images)
-    if args.data == "folder":
-        return load_folder(args.data_root, args.image_size, args.cache_dir, args.skip_bad_images)
-    return load_dermamnist(args.data_root)
-
-
-def summary(data, split, path):
-    """What a user reads before a long run: images per class in each part, groups per part, skipped files."""
-    parts = {p: indices(data, split, p) for p in PARTS}
-    lines = [
-        f"{data.name}: {len(data.labels)} images, split {path} (seed {split.get('seed')}, "
-        f"by {split.get('split_by')})",
-        f"{'class':>12}" + "".join(f"{p:>10}" for p in PARTS) + f"{'all':>10}",
-    ]
-    for k, name in enumerate(data.classes):
-        counts = [int(np.sum(data.labels[parts[p]] == k)) for p in PARTS]
-        lines.append(f"{name:>12}" + "".join(f"{c:>10}" for c in counts) + f"{sum(counts):>10}")
-    lines.append(
-        f"{'images':>12}" + "".join(f"{len(parts[p]):>10}" for p in PARTS) + f"{len(data.labels):>10}"
-    )
-    if data.groups is not None:
-        groups = {p: len({data.groups[i] for i in parts[p]}) for p in PARTS}
-        lines.append(
-            f"{'lesions':>12}" + "".join(f"{groups[p]:>10}" for p in PARTS) + f"{len(set(data.groups)):>10}"
-        )
-    lines.append(
-        f"bad images skipped: {len(data.bad)}" + "".join(f"\n  {f}: {r}" for f, r in data.bad.items())
-    )
-    return "\n".join(lines)
+    if root is None:
+        raise DataError(f"--data {source} needs --data-root")
+    if source != "cifar10" and not root.exists():
+        raise DataError(f"--data-root {root}: no such file or directory")
+    if source == "cifar10":
+        return load_cifar10(root, download)
+    if source == "ham10000":
+        return load_ham10000(root, image_size, cache_dir, skip_bad)
+    if source == "folder":
+        return load_folder(root, image_size, cache_dir, skip_bad)
+    return load_dermamnist(root)
 
 
 def main():
@@ -1036,9 +441,12 @@ def main():
     )
     add_data_args(parser)
     args = parser.parse_args()
+    check_data_args(args)
     args.image_size = args.image_size or DEFAULT_SIZE[args.data]
-    data = load_data(args)
-    path = args.split_file or default_split_file(args)
+    data = load_data(
+        args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
+    )
+    path = args.split_file or default_split_file(args.data, args.split, args.split_seed, args.split_by)
     split = load_split(data, path, args.split, args.split_seed, args.split_by)
     print(summary(data, split, path))
 

@@ -27,17 +27,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import train_test_split
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 import datasets
+import evaluation
 import runs
-from bit_convert import (
-    IterNorm,
-    add_backbone_args,
-    frozen_backbone,
-    read_backbone_file,
-    resolve_backbone_args,
-)
+import splits
+import views
+from backbones import add_backbone_args, resolve_backbone_args
+from bit_convert import read_backbone_file
 from common import (
     ArgumentParser,
     UserError,
@@ -45,14 +44,13 @@ from common import (
     autocast,
     device_name,
     finite_float,
-    focal_loss,
     run,
     save_atomic,
-    scores,
     to_input,
     to_json,
-    write_results,
 )
+from evaluation import focal_loss, initial_backbone, saved_backbone, scores, write_results
+from interventions import IterNorm
 
 # On --resume the run's own args.json is used, but for these, which come from the machine and the command line
 NOT_RESTORED = {"resume", "force", "device", "workers", "out"}
@@ -157,7 +155,7 @@ class FineTuned(nn.Module):
 def train_subset(data, split, fraction, seed):
     """--train-fraction: a stratified subset of the `train` part (scikit-learn's train_test_split), drawn from
     the trial's seed alone, so that every strategy at that seed trains on the same images."""
-    index = datasets.indices(data, split, "train")
+    index = splits.indices(data, split, "train")
     if fraction == 1:
         return index
     try:
@@ -172,18 +170,18 @@ def train_subset(data, split, fraction, seed):
 
 def train_view(size):
     """The usual augmentation of supervised training: a random resized crop and a horizontal flip."""
-    return datasets.v2.Compose([datasets.v2.RandomResizedCrop(size), datasets.v2.RandomHorizontalFlip()])
+    return v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()])
 
 
 def train_loader(data, index, seed, args, device):
     """Batches of augmented train images in the order and with the views that the trial's seed and the epoch
     fix (SeededSampler): a resumed run sees the batches it would have seen."""
-    images = datasets.ImageSet(data, index, [train_view(args.image_size)])
+    images = views.ImageSet(data, index, [train_view(args.image_size)])
     if len(images) < args.batch_size:
         raise UserError(
             f"--batch-size {args.batch_size}: more than the {len(images)} train images fine-tuned on"
         )
-    sampler = datasets.SeededSampler(images, 1, 0, shuffle=True, seed=seed)
+    sampler = views.SeededSampler(images, 1, 0, shuffle=True, seed=seed)
     loader = torch.utils.data.DataLoader(
         images,
         args.batch_size,
@@ -320,7 +318,7 @@ def train_trial(model, data, split, parts, args, progress, stop, device, resumed
 def end_epoch(progress, epoch, val_score, steps, seconds, model, args, split):
     """The epoch's metrics row; the model's weights kept if its val score is the best so far (the first epoch
     of the best score), or always where val may not select."""
-    score = val_score if datasets.selects_on_val(split) else epoch
+    score = val_score if splits.selects_on_val(split) else epoch
     if score > progress.best_score:
         progress.best_score, progress.best_epoch, progress.best_val = score, epoch, val_score
         progress.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -394,6 +392,7 @@ def parse_args(argv=None):
         "--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu"
     )
     args = parser.parse_args(argv)
+    datasets.check_data_args(args)
     if args.resume:  # the run's own arguments, but for those the command line may change
         if args.out is None:
             raise UserError("--resume needs --out DIR, the directory of the run to continue")
@@ -454,24 +453,30 @@ def resolve_backbones(args):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    data = datasets.load_data(args)
+    data = datasets.load_data(
+        args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
+    )
     files = [args.ckpt] if args.ckpt else [Path(f) for f in args.combine or []]
-    loaded = [frozen_backbone(args, path) for path in files] or [frozen_backbone(args, init=args.init)]
+    loaded = [saved_backbone(path) for path in files] or [
+        initial_backbone(args.init, args.arch, args.norm, args.cifar_stem, args.ws, args.seed, args.download)
+    ]
     metas = [meta for _, meta, _, _ in loaded]
-    split, split_file = datasets.pretraining_split(args, data, files[0] if files else None, metas)
+    split, split_file = splits.pretraining_split(
+        data, args.split_file, files[0] if files else None, metas, args.split, args.split_seed, args.split_by
+    )
     lock = runs.claim_output(args)  # noqa: F841 (held until the process ends)
     backbones = [backbone.to(device) for backbone, _, _, _ in loaded]
     for backbone, meta in zip(backbones, metas):
-        datasets.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
+        evaluation.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
     parts = []
     for part in ("val", "test"):
-        index = datasets.indices(data, split, part)
-        parts.append((datasets.eval_images(data, index, args.image_size, args.workers), data.labels[index]))
+        index = splits.indices(data, split, part)
+        parts.append((views.eval_images(data, index, args.image_size, args.workers), data.labels[index]))
     progress, resumed = Progress(args.seed), None
     if args.resume and (args.out / "last.pt").exists():
-        resumed = runs.load_checkpoint(args, MAY_CHANGE)
+        resumed = runs.read_checkpoint(args, MAY_CHANGE)
         progress.load_state_dict(resumed["progress"])
-    print(datasets.summary(data, split, split_file))
+    print(splits.summary(data, split, split_file))
     stop = runs.StopSignal()
     while progress.seed < args.seed + args.trials:
         model = build_model(backbones, args, len(data.classes), progress.seed, device)

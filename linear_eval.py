@@ -20,23 +20,25 @@ import torch
 import torch.nn as nn
 from sklearn.metrics import ConfusionMatrixDisplay, balanced_accuracy_score
 from sklearn.preprocessing import StandardScaler
+from torchvision.transforms import v2
 
 import datasets
-from bit_convert import add_backbone_args, frozen_backbone, read_backbone_file, resolve_backbone_args
+import evaluation
+import splits
+import views
+from backbones import add_backbone_args, resolve_backbone_args
+from bit_convert import read_backbone_file
 from common import (
     ArgumentParser,
     UserError,
     device_name,
-    embed,
     finite_float,
-    focal_loss,
     output_dir,
     run,
-    scores,
     to_json,
     write_atomic,
-    write_results,
 )
+from evaluation import embed, focal_loss, initial_backbone, saved_backbone, scores, write_results
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -83,10 +85,8 @@ def train_linear(train, val, n_classes, args, seed, augmented=None, select=True)
 def augmented_features(backbone, data, split, args, device):
     """--augment: a function giving new features of randomly cropped and flipped train images at every
     call."""
-    view = datasets.v2.Compose(
-        [datasets.v2.RandomResizedCrop(args.image_size), datasets.v2.RandomHorizontalFlip()]
-    )
-    train_set = datasets.ImageSet(data, datasets.indices(data, split, "train"), [view])
+    view = v2.Compose([v2.RandomResizedCrop(args.image_size), v2.RandomHorizontalFlip()])
+    train_set = views.ImageSet(data, splits.indices(data, split, "train"), [view])
     loader = torch.utils.data.DataLoader(train_set, batch_size=256, num_workers=args.workers)
     return lambda: embed(backbone, torch.cat([images for images, _ in loader]), device).cpu()
 
@@ -175,6 +175,7 @@ def parse_args(argv=None):
         "--compare", nargs="+", type=Path, metavar="RESULTS", help="draw results.json files side by side"
     )
     args = parser.parse_args(argv)
+    datasets.check_data_args(args)
     if args.compare:
         args.out = args.out or Path("figures")
         return args
@@ -199,13 +200,25 @@ def main(argv=None):
     if args.compare:
         return compare(args.compare, args.out)
     device = torch.device(args.device)
-    data = datasets.load_data(args)
-    backbone, meta, name, identity = frozen_backbone(args, args.ckpt, args.init)
+    data = datasets.load_data(
+        args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
+    )
+    backbone, meta, name, identity = (
+        saved_backbone(args.ckpt)
+        if args.ckpt
+        else initial_backbone(
+            args.init, args.arch, args.norm, args.cifar_stem, args.ws, args.seed, args.download
+        )
+    )
     backbone.to(device).requires_grad_(False)
-    split, split_file = datasets.pretraining_split(args, data, args.ckpt, [meta])
-    datasets.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
+    split, split_file = splits.pretraining_split(
+        data, args.split_file, args.ckpt, [meta], args.split, args.split_seed, args.split_by
+    )
+    evaluation.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
     train, val, test = (
-        datasets.part_features(backbone, identity, data, split, part, args, device)
+        evaluation.part_features(
+            backbone, identity, data, split, part, args.image_size, args.cache_dir, args.workers, device
+        )
         for part in ("train", "val", "test")
     )
     augmented = augmented_features(backbone, data, split, args, device) if args.augment else None
@@ -213,7 +226,7 @@ def main(argv=None):
     trials = []
     for seed in range(args.seed, args.seed + args.trials):
         classify, epoch = train_linear(
-            train, val, n_classes, args, seed, augmented, datasets.selects_on_val(split)
+            train, val, n_classes, args, seed, augmented, splits.selects_on_val(split)
         )
         with torch.no_grad():
             val_predictions, test_predictions = classify(val[0]).argmax(1), classify(test[0]).argmax(1)

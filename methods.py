@@ -4,11 +4,11 @@ extras.
 Every method is an nn.Module built around a backbone, with the same small interface, so that pretrain.py's
 loop knows none of them by name:
 
-    views                 the augmentation of each view, by name (datasets.VIEWS)
+    views                 the augmentation of each view, by name (views.VIEWS)
     defaults              its flags (add_method_args) and their defaults for our setting: one GPU, batch 128,
                           a few thousand images; "lr" is the base lr per 256 images, "weight_decay" the
                           optimiser's
-    optimizer             "sgd" or "lars" (pretrain.LARS), both with --momentum
+    optimizer             "sgd" or "lars" (LARS, below), both with --momentum
     forward(views)        -> (loss, z): z the output whose spread is the collapse signal (normalised_std)
     out_dim               the width of z
     param_groups()        the optimiser's groups; a group with fixed_lr keeps the peak lr (SimSiam)
@@ -146,7 +146,7 @@ class SimCLR(Method):
     ProjectionHead (tf2/model.py): every layer Linear-BN, ReLU inside, the output BN scaled but not centred
     (no bias, no ReLU)."""
 
-    views = ("simclr", "simclr")  # Chen et al. App. A (datasets.simclr_view)
+    views = ("simclr", "simclr")  # Chen et al. App. A (views.simclr_view)
     # SGD lr and weight decay: lightly's CIFAR-10 benchmark (SimCLRModel, batch 128); temperature 0.5: the
     # default of its NTXentLoss, and Chen et al.'s for CIFAR-10 (App. B.9)
     defaults = {"lr": 0.12, "weight_decay": 5e-4, "temperature": 0.5}
@@ -540,11 +540,33 @@ def resolve_method_args(args):
             raise UserError(f"--{key.replace('_', '-')} {value}: {expected}")
 
 
-def build_method(args, backbone):
-    """The method that --method names around `backbone`, with its flags."""
-    cls = METHODS[args.method]
-    optimiser = ("lr", "weight_decay")  # pretrain.py's
-    return cls(backbone, **{key: getattr(args, key) for key in cls.defaults if key not in optimiser})
+def settings(args):
+    """The keyword arguments of --method's class, from its flags (lr and weight decay are the optimiser's)."""
+    optimiser = ("lr", "weight_decay")
+    return {key: getattr(args, key) for key in METHODS[args.method].defaults if key not in optimiser}
+
+
+class LARS(torch.optim.SGD):
+    """SGD with layer-wise adaptive rate scaling (You et al. 2017) as solo-learn's LARS (solo/utils/lars.py,
+    with its cifar/swav.yaml settings eta 0.02, clip_lr, exclude_bias_n_norm): the gradient of each weight of
+    more than one dimension, with its weight decay added, is scaled by min(eta |w| / (|g| + wd |w|) / lr, 1);
+    biases and norm parameters (one dimension) take plain SGD steps without weight decay."""
+
+    def __init__(self, params, lr, momentum, weight_decay, eta=0.02):
+        super().__init__(params, lr=lr, momentum=momentum)
+        self.decay, self.eta = weight_decay, eta
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or p.ndim == 1:
+                    continue
+                weight, grad = p.norm(), p.grad.norm()
+                ratio = self.eta * weight / (grad + self.decay * weight + 1e-8) / group["lr"]
+                scaled = (p.grad + self.decay * p) * ratio.clamp(max=1.0)
+                p.grad.copy_(torch.where((weight > 0) & (grad > 0), scaled, p.grad))  # else as it is
+        return super().step(closure)
 
 
 # ------------------------------------------------------------- Hassanpour et al. 2024: local feature learning
@@ -552,7 +574,7 @@ def build_method(args, backbone):
 
 def matched_regions(box1, flip1, box2, flip2, grid):
     """The same image regions in two views: the overlap of the two crops (boxes (N, 4) as x0, y0, x1, y1 in
-    the source image's normalised coordinates, datasets.LocatedCrop), cut into grid x grid regions, row by
+    the source image's normalised coordinates, views.LocatedCrop), cut into grid x grid regions, row by
     row. Returns (regions1, regions2, overlaps): each view's regions (N, grid*grid, 4) in that view's
     normalised coordinates, x mirrored where the view was flipped (a feature map of size (h, w) covering the
     view has them at (x * w, y * h)); overlaps (N,) False where the crops do not overlap."""

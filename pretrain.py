@@ -11,6 +11,10 @@ args.json, split.json, last.pt (everything to resume), backbone.pt and backbone_
 linear_eval.py, tsne.py).
 """
 
+# The method itself is methods.SimSiam (Chen & He, Eq. 1-3 and Algorithm 1); this file is the loop around it.
+# Reading order: main, the whole run; then its setup, the schedule, the end of an epoch, saving and resuming,
+# and the flags.
+
 import argparse
 import math
 import os
@@ -19,47 +23,33 @@ import time
 from pathlib import Path
 
 import matplotlib
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from sklearn.metrics import balanced_accuracy_score
 from tqdm import tqdm
 
 import datasets
 import methods
 import runs
-from bit_convert import (
-    WHITEN_AT,
-    add_backbone_args,
-    build_backbone,
-    read_backbone_file,
-    resolve_backbone_args,
-    save_backbone,
-    select_filters,
-    shrink,
-    whiten,
-    whiten_placement,
-    zero_init_last,
-)
+import splits
+import views
+from backbones import add_backbone_args, build_backbone, resolve_backbone_args
+from bit_convert import read_backbone_file, save_backbone, zero_init_last
 from common import (
     ArgumentParser,
     UserError,
     amp_dtype,
     autocast,
     device_name,
-    embed,
-    estimate_bn_statistics,
     finite_float,
-    knn_predict,
-    normalised_std,
-    rankme,
     run,
     save_atomic,
     to_input,
     to_json,
     write_atomic,
 )
+from evaluation import KnnMonitor, normalised_std
+from interventions import WHITEN_AT, intervene, whiten_placement
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -85,6 +75,196 @@ COLUMNS += ("eta_s",)  # metrics.csv
 HORIZON = " (the cosine's horizon is --epochs: with an explicit --cosine-epochs, a run can be extended)"
 
 
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = init_process(args)
+    lock = runs.lock_output(args) if rank == 0 else None  # noqa: F841 (held until the process ends)
+    data, split, split_file = load_data_and_split(args, rank, world)
+    monitor = KnnMonitor(data, split, args.image_size, args.knn_k, args.knn_t, device) if rank == 0 else None
+    method = prepare_method(args, data, split, device)
+    loader, sampler, steps_per_epoch = pretrain_loader(data, split, method, args, rank, world, device)
+    optimizer = make_optimizer(method, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
+    state = RunState(device)
+    if args.resume and (args.out / "last.pt").exists():
+        resume_from(args, state, method, optimizer, scaler, split)
+    if rank == 0:  # all checked: now the run may write into --out
+        record_run(args, split_file)
+        complete_finished_epoch(args, state, method, split)
+        announce(args, data, split, split_file, world, device, steps_per_epoch, state)
+        if not state.history:  # row 0: the network as initialised, the floor that training must rise above
+            state.history.append(dict.fromkeys(COLUMNS) | {"epoch": 0, **monitor.initial(method.backbone)})
+    model, stop = distribute(method, device, world), runs.StopSignal(world > 1, device)
+    start = state.epoch
+    for epoch in range(start, args.epochs + 1):
+        model.train()
+        method.start_epoch(epoch)
+        sampler.set_epoch(epoch, start=state.step * (args.batch_size // world))
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=state.step,
+            desc=f"epoch {epoch}",
+            disable=rank > 0 or None,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        batches, first_step, waited, tic = iter(loader), state.step, 0.0, time.perf_counter()
+        while state.step < steps_per_epoch:
+            wait = time.perf_counter()
+            *batch, _ = next(batches)
+            waited += time.perf_counter() - wait
+            done = (epoch - 1) * steps_per_epoch + state.step  # steps before this one
+            for group in optimizer.param_groups:
+                fixed = group["fixed_lr"]
+                group["lr"] = peak_lr(args) if fixed else scheduled_lr(done, steps_per_epoch, args)
+            with autocast(device):
+                loss, z = model([on_device(view, device) for view in batch])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            method.before_step(epoch)
+            scaler.step(optimizer)
+            scaler.update()
+            method.after_step(momentum_progress(done + 1, steps_per_epoch, args.cosine_epochs or args.epochs))
+            state.add(loss.detach(), normalised_std(z.detach()))
+            bar.update()
+            # a host sync now and then, not at every step
+            if state.step % 20 == 0 or state.step == steps_per_epoch or stop.signum:
+                check_finite(state, epoch, args)
+                bar.set_postfix(loss=f"{state.loss_sum.item() / state.step:.4f}")
+            if stop.requested(state.step, steps_per_epoch):
+                if rank == 0:
+                    save_checkpoint(args, state, method, optimizer, scaler, split)
+                    where = f"epoch {epoch}, step {state.step}"
+                    print(f"stopped by signal in {where}; saved; continue with --resume")
+                return 128 + stop.signum
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - tic
+        row = state.end_epoch(optimizer.param_groups[0]["lr"], seconds, waited, first_step, args.batch_size)
+        if rank == 0:
+            finish_epoch(row, args, state, method, optimizer, scaler, monitor, split, first=epoch == start)
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ setup
+
+
+def init_process(args):
+    """(rank, world size, device): one process, or one of torchrun's, each on its own GPU."""
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if distributed:
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    return (dist.get_rank(), dist.get_world_size(), device) if distributed else (0, 1, device)
+
+
+def load_data_and_split(args, rank, world):
+    """The data and the split, with the kNN bank (train) and queries (val) that the monitor needs; process 0
+    writes the decoded-image cache and the split file before the others read them."""
+    if rank > 0:
+        dist.barrier()
+    data = datasets.load_data(
+        args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
+    )
+    split_file = (
+        args.out / "split.json"
+        if args.resume
+        else args.split_file
+        or splits.default_split_file(args.data, args.split, args.split_seed, args.split_by)
+    )
+    split = splits.load_split(data, split_file, args.split, args.split_seed, args.split_by)
+    splits.check_scored_parts(data, split, split_file, ("train", "val"))
+    if world > 1 and rank == 0:
+        dist.barrier()
+    return data, split, split_file
+
+
+def record_run(args, split_file):
+    """Once everything is checked: DIR/args.json, what --resume restores, and DIR/split.json, the split
+    that linear_eval.py and tsne.py then use. An --out whose run is replaced (--force) keeps its files
+    until then."""
+    if Path(split_file).resolve() != (args.out / "split.json").resolve():
+        write_atomic(args.out / "split.json", lambda tmp: shutil.copyfile(split_file, tmp))
+    runs.write_args(args)
+
+
+def prepare_method(args, data, split, device):
+    """The backbone that --init names, changed as the related studies ask (interventions.intervene) and with
+    the authors' zero-init, inside the method that --method names, on `device` (channels-last on GPUs: faster
+    convs)."""
+    if args.select_filters:  # target-domain images to score the filters on (before the seed: a loader draws)
+        images = views.eval_images(data, splits.indices(data, split, "pretrain")[:1024], args.image_size)
+    torch.manual_seed(args.seed)
+    backbone = build_backbone(
+        args.init, args.arch, args.norm, args.cifar_stem, args.ws, download=args.download
+    )
+    backbone.to(device)
+    intervene(
+        backbone,
+        device,
+        args.select_filters,
+        images if args.select_filters else None,
+        args.shrink,
+        whiten_placement(args.whiten),
+        args.seed,
+    )
+    if args.zero_init_last:
+        zero_init_last(backbone)
+    method = methods.METHODS[args.method](backbone, **methods.settings(args)).to(device)
+    return method.to(memory_format=torch.channels_last) if device.type == "cuda" else method
+
+
+def pretrain_loader(data, split, method, args, rank, world, device):
+    """The `pretrain` part, each image through every view the method asks for, sharded over the processes."""
+    transforms = [views.VIEWS[name](args.image_size) for name in method.views]
+    images = views.ImageSet(data, splits.indices(data, split, "pretrain"), transforms)
+    if args.batch_size % world or len(images) < args.batch_size:
+        raise UserError(
+            f"--batch-size {args.batch_size}: must divide among {world} process(es) and not exceed the "
+            f"{len(images)} images of the pretrain part"
+        )
+    sampler = views.SeededSampler(images, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        images,
+        args.batch_size // world,
+        sampler=sampler,
+        num_workers=args.workers,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0,
+        worker_init_fn=runs.ignore_signals,
+    )
+    return loader, sampler, len(sampler) // (args.batch_size // world)
+
+
+def distribute(method, device, world):
+    """DistributedDataParallel, with SyncBatchNorm on GPUs: SimSiam's BN statistics are over the global batch.
+    DDP's constructor broadcasts process 0's parameters and buffers, its BN statistics of row 0 included."""
+    if world == 1:
+        return method
+    if device.type == "cuda":
+        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    elif dist.get_rank() == 0:
+        print("note: SyncBatchNorm runs on GPUs only; on the CPU each process normalises over its own batch")
+    return nn.parallel.DistributedDataParallel(method, device_ids=[device] if device.type == "cuda" else None)
+
+
+def make_optimizer(method, args):
+    """SGD with --momentum (the paper §4.1), or LARS for a method whose recipe is LARS's (SwAV);
+    --weight-decay is the method's default unless given."""
+    kind = methods.LARS if method.optimizer == "lars" else torch.optim.SGD
+    return kind(
+        method.param_groups(), lr=peak_lr(args), momentum=args.momentum, weight_decay=args.weight_decay
+    )
+
+
 # --------------------------------------------------------------------------------------------------- schedule
 
 
@@ -94,7 +274,7 @@ def peak_lr(args):
     return args.lr * args.batch_size / 256
 
 
-def learning_rate(step, steps_per_epoch, args):
+def scheduled_lr(step, steps_per_epoch, args):
     """Linear warm-up to peak_lr over --warmup-epochs, then a cosine that reaches 0 at --cosine-epochs
     (default: the last epoch; the authors' code decayed over 800 epochs and stopped at 400)."""
     peak, epoch = peak_lr(args), (step + 1) / steps_per_epoch
@@ -111,99 +291,10 @@ def momentum_progress(steps_done, steps_per_epoch, horizon_epochs):
     return min(steps_done / (horizon_epochs * steps_per_epoch), 1.0)
 
 
-def make_optimizer(method, args):
-    """SGD with --momentum (the paper §4.1), or LARS for a method whose recipe is LARS's (SwAV);
-    --weight-decay is the method's default unless given."""
-    kind = LARS if method.optimizer == "lars" else torch.optim.SGD
-    return kind(
-        method.param_groups(), lr=peak_lr(args), momentum=args.momentum, weight_decay=args.weight_decay
-    )
+# ---------------------------------------------------------------------------------------- the end of an epoch
 
 
-class LARS(torch.optim.SGD):
-    """SGD with layer-wise adaptive rate scaling (You et al. 2017) as solo-learn's LARS (solo/utils/lars.py,
-    with its cifar/swav.yaml settings eta 0.02, clip_lr, exclude_bias_n_norm): the gradient of each weight of
-    more than one dimension, with its weight decay added, is scaled by min(eta |w| / (|g| + wd |w|) / lr, 1);
-    biases and norm parameters (one dimension) take plain SGD steps without weight decay."""
-
-    def __init__(self, params, lr, momentum, weight_decay, eta=0.02):
-        super().__init__(params, lr=lr, momentum=momentum)
-        self.decay, self.eta = weight_decay, eta
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None or p.ndim == 1:
-                    continue
-                weight, grad = p.norm(), p.grad.norm()
-                ratio = self.eta * weight / (grad + self.decay * weight + 1e-8) / group["lr"]
-                scaled = (p.grad + self.decay * p) * ratio.clamp(max=1.0)
-                p.grad.copy_(torch.where((weight > 0) & (grad > 0), scaled, p.grad))  # else as it is
-        return super().step(closure)
-
-
-# ---------------------------------------------------------------------------------------------------- monitor
-
-
-class Monitor:
-    """The paper's Fig. 2: weighted kNN accuracy on `val`, the labelled `train` part as the bank, and RankMe
-    of the bank's features (a scalar read of dimensional collapse). Process 0 only; `test` is never read."""
-
-    def __init__(self, data, split, args, device):
-        bank, queries = datasets.indices(data, split, "train"), datasets.indices(data, split, "val")
-        self.bank_images = datasets.eval_images(data, bank, args.image_size)
-        self.query_images = datasets.eval_images(data, queries, args.image_size)
-        self.bank_labels = torch.as_tensor(data.labels[bank], device=device)
-        self.truth, self.n_classes = data.labels[queries], len(data.classes)
-        self.args, self.device = args, device
-
-    def __call__(self, backbone):
-        bank = embed(backbone, self.bank_images, self.device)
-        queries = embed(backbone, self.query_images, self.device)
-        predicted = knn_predict(
-            queries, bank, self.bank_labels, self.n_classes, self.args.knn_k, self.args.knn_t
-        )
-        predicted = predicted.cpu().numpy()
-        return {
-            "knn_acc": float(np.mean(predicted == self.truth)),
-            "knn_bacc": float(balanced_accuracy_score(self.truth, predicted)),
-            "rankme": rankme(bank),
-        }
-
-    def initial_row(self, backbone):
-        """Row 0: the network as initialised, the floor that training must rise above. An untrained BatchNorm
-        has fresh statistics, meaningless in eval mode: estimate them first, before any SyncBatchNorm
-        exists."""
-        estimate_bn_statistics(backbone, self.bank_images, self.device)
-        return dict.fromkeys(COLUMNS) | {"epoch": 0, **self(backbone)}
-
-
-def write_metrics(out, history, dim):
-    """metrics.csv, a row per epoch (row 0: the network before training), and curves.png, both replaced
-    whole."""
-    runs.write_csv(out / "metrics.csv", history)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    trained = [row for row in history if row["epoch"] > 0]
-    evaluated = [row for row in history if row["knn_bacc"] is not None]
-    axes[0].plot([r["epoch"] for r in trained], [r["loss"] for r in trained])
-    axes[0].set(title="loss", xlabel="epoch")
-    axes[1].plot([r["epoch"] for r in evaluated], [r["knn_bacc"] for r in evaluated], "o-")
-    axes[1].set(title="kNN balanced accuracy (val)", xlabel="epoch")
-    axes[2].plot([r["epoch"] for r in trained], [r["z_std"] for r in trained], label="std of z/|z|")
-    axes[2].axhline(1 / math.sqrt(dim), color="gray", ls="--", label="1/sqrt(d): healthy")
-    top = 1.2 / math.sqrt(dim)  # the std of unit vectors' coordinates is at most 1/sqrt(d)
-    axes[2].set(title="output std (0: collapse)", xlabel="epoch", ylim=(0, top))
-    axes[2].legend(loc="lower left")
-    fig.tight_layout()
-    write_atomic(out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------------------- stopping, saving, resuming
-
-
-class Progress:
+class RunState:
     """Where the run stands, saved in last.pt beside the modules: the next epoch and step, the metrics so far,
     and the running sums of this epoch's loss and output std (kept on the device: no host sync at every
     step)."""
@@ -238,40 +329,180 @@ class Progress:
         return row
 
 
-def save_checkpoint(args, run, method, optimizer, scaler, split):
+def finish_epoch(row, args, state, method, optimizer, scaler, monitor, split, first):
+    """Process 0, after each epoch: the monitor, the log, last.pt, metrics.csv and curves.png, the
+    backbones."""
+    epoch = row["epoch"]
+    if epoch % args.eval_every == 0 or epoch == args.epochs:
+        row.update(monitor(method.backbone))
+    row["eta_s"] = row["epoch_s"] * (args.epochs - epoch)  # at this epoch's pace, the monitor's time included
+    state.history.append(row)
+    log_epoch(row, method.out_dim, first, args)
+    write_epoch_files(args, state, method, split, epoch)
+    save_checkpoint(args, state, method, optimizer, scaler, split)  # last: it says the epoch's files exist
+
+
+def write_epoch_files(args, state, method, split, epoch, only_missing=False):
+    """metrics.csv and curves.png, and the backbones due at `epoch` (backbone_epN.pt, backbone.pt), all
+    before the last.pt that says the epoch finished: a kill in between leaves a run that redoes the epoch."""
+    meta = {
+        "epoch": epoch,
+        "init": args.init,
+        "data": args.data,
+        "split_digest": splits.split_digest(split),
+        "image_size": args.image_size,
+        "method": args.method,
+    }
+    due = [f"backbone_ep{epoch}.pt"] * (epoch in args.save_at) + ["backbone.pt"] * (epoch == args.epochs)
+    if only_missing:
+        due = [name for name in due if not (args.out / name).exists()]
+        for name in due:
+            print(f"writing {args.out / name}, which the run's finished epoch {epoch} lacked")
+    if not only_missing or not (args.out / "metrics.csv").exists():
+        write_metrics(args.out, state.history, method.out_dim)
+    for name in due:
+        save_backbone(method.backbone, args.out / name, **meta)
+
+
+def complete_finished_epoch(args, state, method, split):
+    """--resume of a run whose last.pt says an epoch finished but whose files of that epoch are missing (the
+    versions that wrote last.pt first, killed in between): write them from last.pt's weights."""
+    if state.step == 0 and state.epoch > 1:
+        write_epoch_files(args, state, method, split, state.epoch - 1, only_missing=True)
+
+
+def write_metrics(out, history, dim):
+    """metrics.csv, a row per epoch (row 0: the network before training), and curves.png, both replaced
+    whole."""
+    runs.write_csv(out / "metrics.csv", history)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    trained = [row for row in history if row["epoch"] > 0]
+    evaluated = [row for row in history if row["knn_bacc"] is not None]
+    axes[0].plot([r["epoch"] for r in trained], [r["loss"] for r in trained])
+    axes[0].set(title="loss", xlabel="epoch")
+    axes[1].plot([r["epoch"] for r in evaluated], [r["knn_bacc"] for r in evaluated], "o-")
+    axes[1].set(title="kNN balanced accuracy (val)", xlabel="epoch")
+    axes[2].plot([r["epoch"] for r in trained], [r["z_std"] for r in trained], label="std of z/|z|")
+    axes[2].axhline(1 / math.sqrt(dim), color="gray", ls="--", label="1/sqrt(d): healthy")
+    top = 1.2 / math.sqrt(dim)  # the std of unit vectors' coordinates is at most 1/sqrt(d)
+    axes[2].set(title="output std (0: collapse)", xlabel="epoch", ylim=(0, top))
+    axes[2].legend(loc="lower left")
+    fig.tight_layout()
+    write_atomic(out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)
+
+
+def log_epoch(row, dim, first, args):
+    print(
+        f"epoch {row['epoch']}: "
+        + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if v is not None and k != "epoch")
+    )
+    if first:
+        total, hint = (
+            row["epoch_s"] * args.epochs,
+            "; to go faster: a GPU, a smaller --image-size, more --workers",
+        )
+        print(
+            f"at this pace the whole run ({args.epochs} epochs) takes {duration(total)}, "
+            f"{duration(row['eta_s'])} from now{hint if total > 86400 else ''}"
+        )
+    if row["z_std"] < 0.1 / math.sqrt(dim):
+        print(
+            f"WARNING: epoch {row['epoch']}: output std {row['z_std']:.2g} is far below 1/sqrt({dim}) = "
+            f"{1 / math.sqrt(dim):.3f}: the representation has collapsed (paper Fig. 1)"
+        )
+
+
+def duration(seconds):
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def announce(args, data, split, split_file, world, device, steps_per_epoch, state):
+    """What a user reads before a long run: the split's table and the run's configuration."""
+    keep_finished_backbone(args, state.epoch)
+    print(splits.summary(data, split, split_file))
+    stem, precision = " cifar-stem" if args.cifar_stem else "", str(amp_dtype(device)).removeprefix("torch.")
+    print(
+        f"{args.method}, {args.init} {args.arch}/{args.norm}{stem}, {world} process(es) on {device}, "
+        f"batch {args.batch_size}, peak lr {peak_lr(args):g}, {steps_per_epoch} steps per epoch, {precision}"
+    )
+    if state.history:
+        print(f"resumed {args.out} at epoch {state.epoch}, step {state.step}")
+
+
+def on_device(view, device):
+    """One view of a batch on `device`: its images scaled to [-1, 1], with their crop geometry where the view
+    records it (views.located_view)."""
+    if isinstance(view, list):
+        images, geometry = view
+        return to_input(images, device), geometry.to(device)
+    return to_input(view, device)
+
+
+def check_finite(state, epoch, args):
+    if not math.isfinite(state.loss_sum.item()):
+        saved = (args.resume or epoch > 1) and (
+            args.out / "last.pt"
+        ).exists()  # this run's, not a --force'd one
+        raise FloatingPointError(
+            f"the loss became {state.loss_sum.item()} in epoch {epoch}, step {state.step}; stopped. "
+            + (
+                f"The last good checkpoint is {args.out / 'last.pt'}"
+                if saved
+                else "No checkpoint was saved yet"
+            )
+        )
+
+
+def keep_finished_backbone(args, start_epoch):
+    """A finished run extended with --resume --epochs N: its backbone.pt is kept as backbone_epE.pt."""
+    finished = args.out / "backbone.pt"
+    if (  # one written ahead of a last.pt that never came is the epoch about to be redone: it is rewritten
+        finished.exists()
+        and start_epoch <= args.epochs
+        and read_backbone_file(finished).get("epoch") == start_epoch - 1
+    ):
+        os.replace(finished, args.out / f"backbone_ep{start_epoch - 1}.pt")
+
+
+# ---------------------------------------------------------------------------------------- saving and resuming
+
+
+def save_checkpoint(args, state, method, optimizer, scaler, split):
     """DIR/last.pt: everything --resume needs, the random state included, and the split's digest, which
     --resume checks DIR/split.json against; written atomically."""
-    state = {
+    checkpoint = {
         "model": method.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
-        "progress": run.state_dict(),
+        "progress": state.state_dict(),
         "rng": torch.get_rng_state(),
         "args": to_json(args),
-        "split_digest": datasets.split_digest(split),
+        "split_digest": splits.split_digest(split),
     }
     try:
-        save_atomic(state, args.out / "last.pt")
+        save_atomic(checkpoint, args.out / "last.pt")
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as either
         raise UserError(f"cannot write {args.out / 'last.pt'} ({e}); the previous one is kept") from None
 
 
-def load_checkpoint(args, run, method, optimizer, scaler, split):
-    state = runs.load_checkpoint(args, MAY_CHANGE | ({"epochs"} if args.cosine_epochs else set()))
-    if state.get("split_digest", datasets.split_digest(split)) != datasets.split_digest(split):
+def resume_from(args, state, method, optimizer, scaler, split):
+    """--resume: the modules, optimiser, scaler, progress and random state of DIR/last.pt, checked first."""
+    saved = runs.read_checkpoint(args, MAY_CHANGE | ({"epochs"} if args.cosine_epochs else set()))
+    if saved.get("split_digest", splits.split_digest(split)) != splits.split_digest(split):
         raise UserError(
             f"--resume: {args.out / 'split.json'} is not the split the run started with (its parts differ "
             f"from those {args.out / 'last.pt'} records: edited?); put the run's own split back"
         )
-    if state["progress"]["epoch"] - 1 > args.epochs:
+    if saved["progress"]["epoch"] - 1 > args.epochs:
         raise UserError(
-            f"--epochs {args.epochs}: the run in {args.out} trained {state['progress']['epoch'] - 1}"
+            f"--epochs {args.epochs}: the run in {args.out} trained {saved['progress']['epoch'] - 1}"
         )
-    method.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    run.load_state_dict(state["progress"])
-    torch.set_rng_state(state["rng"])
+    method.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scaler.load_state_dict(saved["scaler"])
+    state.load_state_dict(saved["progress"])
+    torch.set_rng_state(saved["rng"])
 
 
 # -------------------------------------------------------------------------------------------------- arguments
@@ -369,6 +600,7 @@ def parse_args(argv=None):
     --out, a warm-up that fits the run; on --resume, the run's own, checked against the command line."""
     parser = make_parser()
     args = parser.parse_args(argv)
+    datasets.check_data_args(args)
     args.out = args.out or Path("runs") / f"{args.data}-{Path(args.init).stem}-{args.norm or 'bn'}"
     if args.resume:  # the run's own arguments, but for those the command line may change
         args, saved = runs.restored_args(parser, argv, args.out, NOT_RESTORED)
@@ -432,299 +664,6 @@ def epoch_list(text):
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected epochs separated by commas, e.g. 25,400"
         ) from None
-
-
-# ------------------------------------------------------------------------------------------------------ setup
-
-
-def init_process(args):
-    """(rank, world size, device): one process, or one of torchrun's, each on its own GPU."""
-    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if distributed:
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-    return (dist.get_rank(), dist.get_world_size(), device) if distributed else (0, 1, device)
-
-
-def load_data_and_split(args, rank, world):
-    """The data and the split, with the kNN bank (train) and queries (val) that the monitor needs; process 0
-    writes the decoded-image cache and the split file before the others read them."""
-    if rank > 0:
-        dist.barrier()
-    data = datasets.load_data(args)
-    split_file = (
-        args.out / "split.json" if args.resume else args.split_file or datasets.default_split_file(args)
-    )
-    split = datasets.load_split(data, split_file, args.split, args.split_seed, args.split_by)
-    datasets.check_scored_parts(data, split, split_file, ("train", "val"))
-    if world > 1 and rank == 0:
-        dist.barrier()
-    return data, split, split_file
-
-
-def record_run(args, split_file):
-    """Once everything is checked: DIR/args.json, what --resume restores, and DIR/split.json, the split
-    that linear_eval.py and tsne.py then use. An --out whose run is replaced (--force) keeps its files
-    until then."""
-    if Path(split_file).resolve() != (args.out / "split.json").resolve():
-        write_atomic(args.out / "split.json", lambda tmp: shutil.copyfile(split_file, tmp))
-    runs.write_args(args)
-
-
-def pretrain_loader(data, split, method, args, rank, world, device):
-    """The `pretrain` part, each image through every view the method asks for, sharded over the processes."""
-    views = [datasets.VIEWS[name](args.image_size) for name in method.views]
-    images = datasets.ImageSet(data, datasets.indices(data, split, "pretrain"), views)
-    if args.batch_size % world or len(images) < args.batch_size:
-        raise UserError(
-            f"--batch-size {args.batch_size}: must divide among {world} process(es) and not exceed the "
-            f"{len(images)} images of the pretrain part"
-        )
-    sampler = datasets.SeededSampler(images, world, rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(
-        images,
-        args.batch_size // world,
-        sampler=sampler,
-        num_workers=args.workers,
-        drop_last=True,
-        pin_memory=device.type == "cuda",
-        persistent_workers=args.workers > 0,
-        worker_init_fn=runs.ignore_signals,
-    )
-    return loader, sampler, len(sampler) // (args.batch_size // world)
-
-
-def build_method(args, data, split, device):
-    """The backbone that --init names, changed as the related studies ask (in this order: Ciga et al.'s filter
-    selection and weight scaling, the authors' zero-init, Hassanpour et al.'s whitening), inside the method,
-    on `device` (channels-last on GPUs: faster convs)."""
-    if args.select_filters:  # target-domain images to score the filters on (before the seed: a loader draws)
-        images = datasets.eval_images(data, datasets.indices(data, split, "pretrain")[:1024], args.image_size)
-    torch.manual_seed(args.seed)
-    backbone = build_backbone(
-        args.init, args.arch, args.norm, args.cifar_stem, args.ws, download=args.download
-    )
-    backbone.to(device)
-    if args.select_filters:
-        generator = torch.Generator().manual_seed(args.seed)
-        kept = select_filters(backbone, images, args.select_filters, device, generator)
-        print(f"--select-filters: kept {sum(map(len, kept.values()))} of the filters of {len(kept)} convs")
-    if args.shrink:
-        shrink(backbone, args.shrink)
-    if args.zero_init_last:
-        zero_init_last(backbone)
-    if args.whiten and not getattr(backbone, "whitened", False):  # a whitened --init FILE.pt already is
-        whiten(backbone, at=whiten_placement(args.whiten))
-    method = methods.build_method(args, backbone).to(device)
-    return method.to(memory_format=torch.channels_last) if device.type == "cuda" else method
-
-
-def distribute(method, device, world):
-    """DistributedDataParallel, with SyncBatchNorm on GPUs: SimSiam's BN statistics are over the global batch.
-    DDP's constructor broadcasts process 0's parameters and buffers, its BN statistics of row 0 included."""
-    if world == 1:
-        return method
-    if device.type == "cuda":
-        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    elif dist.get_rank() == 0:
-        print("note: SyncBatchNorm runs on GPUs only; on the CPU each process normalises over its own batch")
-    return nn.parallel.DistributedDataParallel(method, device_ids=[device] if device.type == "cuda" else None)
-
-
-# --------------------------------------------------------------------------------------------------- training
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = init_process(args)
-    lock = runs.lock_output(args) if rank == 0 else None  # noqa: F841 (held until the process ends)
-    data, split, split_file = load_data_and_split(args, rank, world)
-    monitor = Monitor(data, split, args, device) if rank == 0 else None
-    method = build_method(args, data, split, device)
-    loader, sampler, steps_per_epoch = pretrain_loader(data, split, method, args, rank, world, device)
-    optimizer = make_optimizer(method, args)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
-    run = Progress(device)
-    if args.resume and (args.out / "last.pt").exists():
-        load_checkpoint(args, run, method, optimizer, scaler, split)
-    if rank == 0:  # all checked: now the run may write into --out
-        record_run(args, split_file)
-        complete_finished_epoch(args, run, method, split)
-        announce(args, data, split, split_file, world, device, steps_per_epoch, run)
-        if not run.history:  # row 0: the network as initialised, the floor that training must rise above
-            run.history.append(monitor.initial_row(method.backbone))
-    model, stop = distribute(method, device, world), runs.StopSignal(world > 1, device)
-    start = run.epoch
-    for epoch in range(start, args.epochs + 1):
-        model.train()
-        method.start_epoch(epoch)
-        sampler.set_epoch(epoch, start=run.step * (args.batch_size // world))
-        bar = tqdm(
-            total=steps_per_epoch,
-            initial=run.step,
-            desc=f"epoch {epoch}",
-            disable=rank > 0 or None,
-            leave=False,
-            dynamic_ncols=True,
-        )
-        batches, first_step, waited, tic = iter(loader), run.step, 0.0, time.perf_counter()
-        while run.step < steps_per_epoch:
-            wait = time.perf_counter()
-            *views, _ = next(batches)
-            waited += time.perf_counter() - wait
-            done = (epoch - 1) * steps_per_epoch + run.step  # steps before this one
-            for group in optimizer.param_groups:
-                fixed = group["fixed_lr"]
-                group["lr"] = peak_lr(args) if fixed else learning_rate(done, steps_per_epoch, args)
-            with autocast(device):
-                loss, z = model([on_device(view, device) for view in views])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            method.before_step(epoch)
-            scaler.step(optimizer)
-            scaler.update()
-            method.after_step(momentum_progress(done + 1, steps_per_epoch, args.cosine_epochs or args.epochs))
-            run.add(loss.detach(), normalised_std(z.detach()))
-            bar.update()
-            if run.step % 20 == 0 or run.step == steps_per_epoch or stop.signum:  # a host sync now and then
-                check_finite(run, epoch, args)
-                bar.set_postfix(loss=f"{run.loss_sum.item() / run.step:.4f}")
-            if stop.requested(run.step, steps_per_epoch):
-                if rank == 0:
-                    save_checkpoint(args, run, method, optimizer, scaler, split)
-                    print(
-                        f"stopped by signal in epoch {epoch}, step {run.step}; saved; continue with --resume"
-                    )
-                return 128 + stop.signum
-        bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - tic
-        row = run.end_epoch(optimizer.param_groups[0]["lr"], seconds, waited, first_step, args.batch_size)
-        if rank == 0:
-            finish_epoch(row, args, run, method, optimizer, scaler, monitor, split, first=epoch == start)
-    if world > 1:
-        dist.destroy_process_group()
-    return 0
-
-
-def announce(args, data, split, split_file, world, device, steps_per_epoch, run):
-    """What a user reads before a long run: the split's table and the run's configuration."""
-    keep_finished_backbone(args, run.epoch)
-    print(datasets.summary(data, split, split_file))
-    stem, precision = " cifar-stem" if args.cifar_stem else "", str(amp_dtype(device)).removeprefix("torch.")
-    print(
-        f"{args.method}, {args.init} {args.arch}/{args.norm}{stem}, {world} process(es) on {device}, "
-        f"batch {args.batch_size}, peak lr {peak_lr(args):g}, {steps_per_epoch} steps per epoch, {precision}"
-    )
-    if run.history:
-        print(f"resumed {args.out} at epoch {run.epoch}, step {run.step}")
-
-
-def on_device(view, device):
-    """One view of a batch on `device`: its images scaled to [-1, 1], with their crop geometry where the view
-    records it (datasets.located_view)."""
-    if isinstance(view, list):
-        images, geometry = view
-        return to_input(images, device), geometry.to(device)
-    return to_input(view, device)
-
-
-def check_finite(run, epoch, args):
-    if not math.isfinite(run.loss_sum.item()):
-        saved = (args.resume or epoch > 1) and (
-            args.out / "last.pt"
-        ).exists()  # this run's, not a --force'd one
-        raise FloatingPointError(
-            f"the loss became {run.loss_sum.item()} in epoch {epoch}, step {run.step}; stopped. "
-            + (
-                f"The last good checkpoint is {args.out / 'last.pt'}"
-                if saved
-                else "No checkpoint was saved yet"
-            )
-        )
-
-
-def finish_epoch(row, args, run, method, optimizer, scaler, monitor, split, first):
-    """Process 0, after each epoch: the monitor, the log, last.pt, metrics.csv and curves.png, the
-    backbones."""
-    epoch = row["epoch"]
-    if epoch % args.eval_every == 0 or epoch == args.epochs:
-        row.update(monitor(method.backbone))
-    row["eta_s"] = row["epoch_s"] * (args.epochs - epoch)  # at this epoch's pace, the monitor's time included
-    run.history.append(row)
-    log_epoch(row, method.out_dim, first, args)
-    write_epoch_files(args, run, method, split, epoch)
-    save_checkpoint(args, run, method, optimizer, scaler, split)  # last: it says the epoch's files exist
-
-
-def write_epoch_files(args, run, method, split, epoch, only_missing=False):
-    """metrics.csv and curves.png, and the backbones due at `epoch` (backbone_epN.pt, backbone.pt), all
-    before the last.pt that says the epoch finished: a kill in between leaves a run that redoes the epoch."""
-    meta = {
-        "epoch": epoch,
-        "init": args.init,
-        "data": args.data,
-        "split_digest": datasets.split_digest(split),
-        "image_size": args.image_size,
-        "method": args.method,
-    }
-    due = [f"backbone_ep{epoch}.pt"] * (epoch in args.save_at) + ["backbone.pt"] * (epoch == args.epochs)
-    if only_missing:
-        due = [name for name in due if not (args.out / name).exists()]
-        for name in due:
-            print(f"writing {args.out / name}, which the run's finished epoch {epoch} lacked")
-    if not only_missing or not (args.out / "metrics.csv").exists():
-        write_metrics(args.out, run.history, method.out_dim)
-    for name in due:
-        save_backbone(method.backbone, args.out / name, **meta)
-
-
-def complete_finished_epoch(args, run, method, split):
-    """--resume of a run whose last.pt says an epoch finished but whose files of that epoch are missing (the
-    versions that wrote last.pt first, killed in between): write them from last.pt's weights."""
-    if run.step == 0 and run.epoch > 1:
-        write_epoch_files(args, run, method, split, run.epoch - 1, only_missing=True)
-
-
-def log_epoch(row, dim, first, args):
-    print(
-        f"epoch {row['epoch']}: "
-        + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if v is not None and k != "epoch")
-    )
-    if first:
-        total, hint = (
-            row["epoch_s"] * args.epochs,
-            "; to go faster: a GPU, a smaller --image-size, more --workers",
-        )
-        print(
-            f"at this pace the whole run ({args.epochs} epochs) takes {duration(total)}, "
-            f"{duration(row['eta_s'])} from now{hint if total > 86400 else ''}"
-        )
-    if row["z_std"] < 0.1 / math.sqrt(dim):
-        print(
-            f"WARNING: epoch {row['epoch']}: output std {row['z_std']:.2g} is far below 1/sqrt({dim}) = "
-            f"{1 / math.sqrt(dim):.3f}: the representation has collapsed (paper Fig. 1)"
-        )
-
-
-def duration(seconds):
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
-def keep_finished_backbone(args, start_epoch):
-    """A finished run extended with --resume --epochs N: its backbone.pt is kept as backbone_epE.pt."""
-    finished = args.out / "backbone.pt"
-    if (  # one written ahead of a last.pt that never came is the epoch about to be redone: it is rewritten
-        finished.exists()
-        and start_epoch <= args.epochs
-        and read_backbone_file(finished).get("epoch") == start_epoch - 1
-    ):
-        os.replace(finished, args.out / f"backbone_ep{start_epoch - 1}.pt")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def refuse_changes(args, saved, may_change, reason=""):
         )
 
 
-def load_checkpoint(args, may_change):
+def read_checkpoint(args, may_change):
     """DIR/last.pt, checked: it loads (weights_only: a pickle from elsewhere must not run code) and was
     trained with the arguments of DIR/args.json, but for those in `may_change`."""
     path = args.out / "last.pt"

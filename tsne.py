@@ -18,17 +18,12 @@ import torch
 from sklearn.manifold import TSNE
 
 import datasets
-from bit_convert import add_backbone_args, frozen_backbone, read_backbone_file, resolve_backbone_args
-from common import (
-    ArgumentParser,
-    UserError,
-    covariance_spectrum,
-    device_name,
-    output_dir,
-    rankme,
-    run,
-    write_atomic,
-)
+import evaluation
+import splits
+from backbones import add_backbone_args, resolve_backbone_args
+from bit_convert import read_backbone_file
+from common import ArgumentParser, UserError, device_name, output_dir, run, write_atomic
+from evaluation import covariance_spectrum, initial_backbone, rankme, saved_backbone
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -71,6 +66,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    datasets.check_data_args(args)
     if not args.ckpt and not args.init:
         raise UserError("give at least one --ckpt FILE or --init bit-s|bit-m|scratch")
     records = [read_backbone_file(c) for c in args.ckpt]
@@ -90,15 +86,24 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    data = datasets.load_data(args)
-    models = [frozen_backbone(args, ckpt=c) for c in args.ckpt] + [
-        frozen_backbone(args, init=i) for i in args.init
+    data = datasets.load_data(
+        args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
+    )
+    models = [saved_backbone(c) for c in args.ckpt] + [
+        initial_backbone(i, args.arch, args.norm, args.cifar_stem, args.ws, args.seed, args.download)
+        for i in args.init
     ]
-    split, split_file = datasets.pretraining_split(
-        args, data, args.ckpt[0] if args.ckpt else None, [m[1] for m in models]
+    split, split_file = splits.pretraining_split(
+        data,
+        args.split_file,
+        args.ckpt[0] if args.ckpt else None,
+        [m[1] for m in models],
+        args.split,
+        args.split_seed,
+        args.split_by,
     )
     majority = int(np.bincount(data.labels, minlength=len(data.classes)).argmax())
-    others_in_test = int(np.sum(data.labels[datasets.indices(data, split, "test")] != majority))
+    others_in_test = int(np.sum(data.labels[splits.indices(data, split, "test")] != majority))
     if others_in_test < 2:  # t-SNE's perplexity must be below the number of points, and above 0
         raise UserError(
             f"split file {split_file}: the test part holds {others_in_test} image(s) outside the most "
@@ -107,8 +112,10 @@ def main(argv=None):
     embeddings = []
     for backbone, meta, name, identity in models:
         backbone.to(device)
-        datasets.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
-        features, labels = datasets.part_features(backbone, identity, data, split, "test", args, device)
+        evaluation.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
+        features, labels = evaluation.part_features(
+            backbone, identity, data, split, "test", args.image_size, args.cache_dir, args.workers, device
+        )
         embeddings.append((name, features, labels.numpy()))
         backbone.cpu()
 

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import datasets  # noqa: E402
 import pretrain  # noqa: E402
-from common import autocast, to_input  # noqa: E402
+from common import amp_dtype, autocast, to_input  # noqa: E402
 
 # fp16 + GradScaler is what common.amp_dtype picks on a GPU without fast bf16 (V100, T4). To force it on any
 # GPU, without a switch in the scripts, the script runs with torch.cuda.is_bf16_supported answering False.
@@ -132,11 +132,11 @@ def model_only(size, batch_size, warmup, steps, device, channels_last):
     """pretrain.py's step (SimSiam, R50x1 BN, autocast, GradScaler) on two views already on the device: the
     images per second the model alone allows, and its peak memory."""
     args = pretrain.parse_args(["--data", "ham10000", "--image-size", str(size), "--device", str(device)])
-    method = pretrain.build_method(args, None, None, device)
+    method = pretrain.prepare_method(args, None, None, device)
     if not channels_last:
         method = method.to(memory_format=torch.contiguous_format)
     optimizer = torch.optim.SGD(method.param_groups(), lr=pretrain.peak_lr(args), momentum=args.momentum)
-    scaler = torch.amp.GradScaler(device.type, enabled=pretrain.amp_dtype(device) == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     views = [torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)] * 2
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -251,7 +251,7 @@ def main():
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "precision": str(pretrain.amp_dtype(device)).removeprefix("torch."),
+        "precision": str(amp_dtype(device)).removeprefix("torch."),
         "image_size": size,
         "batch_size": batch,
         "budget_s": args.budget_s,

@@ -20,19 +20,22 @@ import numpy as np
 import torch
 from PIL import Image
 
+import image_cache
+import views
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import datasets  # noqa: E402
 
 
 class DecodeEachTime(torch.utils.data.Dataset):
     def __init__(self, paths, size):
-        self.paths, self.size, self.view = paths, size, datasets.simsiam_view(size)
+        self.paths, self.size, self.view = paths, size, views.simsiam_view(size)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        image = Image.fromarray(datasets.read_rgb(self.paths[i], self.size))
+        image = Image.fromarray(image_cache.read_rgb(self.paths[i], self.size))
         return [datasets.v2.functional.pil_to_tensor(self.view(image)) for _ in range(2)]
 
 
@@ -88,19 +91,18 @@ def main():
             paths = stand_in_jpegs(tmp / "images", args.images)
         source_size = Image.open(paths[0]).size
         tic = time.perf_counter()
-        images, _ = datasets.decode_all(paths, args.size, tmp / "cache", skip_bad=False)
+        images, _ = image_cache.decode_all(paths, args.size, tmp / "cache", skip_bad=False)
         built = time.perf_counter() - tic
-        cached = datasets.ImageSet(
+        cached = views.ImageSet(
             datasets.Data("bench", images, np.zeros(len(paths), np.int64), list(range(len(paths))), ("x",)),
             np.arange(len(paths)),
-            datasets.simsiam_view(args.size),
-            views=2,
+            [views.simsiam_view(args.size)] * 2,
         )
         before = images_per_second(DecodeEachTime(paths, args.size), args.workers, args.batch_size)
         after = images_per_second(cached, args.workers, args.batch_size)
         torch.set_num_threads(1)
-        decode = milliseconds(lambda path: datasets.read_rgb(path, args.size), paths[:64])
-        views = milliseconds(cached.__getitem__, range(64))
+        decode = milliseconds(lambda path: image_cache.read_rgb(path, args.size), paths[:64])
+        per_item = milliseconds(cached.__getitem__, range(64))
     print(
         f"{len(paths)} images of {source_size[0]}x{source_size[1]} -> two {args.size}-px "
         f"views, {args.workers} workers, batch {args.batch_size}, torch {torch.__version__}"
@@ -108,7 +110,7 @@ def main():
     print(f"decode each time: {before:8.1f} images/s")
     print(f"decoded cache:    {after:8.1f} images/s   ({after / before:.2f}x)")
     print(f"building the cache: {built:.1f} s ({len(paths) / built:.0f} images/s, all cores)")
-    print(f"one process, per image: decode + resize {decode:.1f} ms, two SimSiam views {views:.1f} ms")
+    print(f"one process, per image: decode + resize {decode:.1f} ms, two SimSiam views {per_item:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -1,80 +1,15 @@
-"""Shared helpers: the scripts as subprocesses, and the smallest pretraining run that still exercises
-everything."""
+"""Test settings for every file: one thread a worker, and the signal handlers restored after each test.
+Helpers that tests import live in helpers.py."""
 
-import os
+import inspect
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-# The suite runs as two pytest-xdist workers (pytest.ini) on a 2-core machine: one thread each, as the scripts
+# The suite runs as two pytest-xdist workers (.ci/run) on a 2-core machine: one thread each, as the scripts
 # run as subprocesses here (OMP_NUM_THREADS=1 in run_script). Two threads a worker would fight over the cores.
 torch.set_num_threads(1)
-
-
-def tiny_args(tmp, epochs=2, out="run"):
-    """digits at 8 px, 180 pretrain images in batches of 30 (6 steps an epoch), kNN every epoch, on the
-    CPU."""
-    return [
-        "--data",
-        "digits",
-        "--image-size",
-        "8",
-        "--split",
-        "0.1,0.05,0.05,0.8",
-        "--split-file",
-        str(tmp / "split.json"),
-        "--cache-dir",
-        str(tmp / "cache"),
-        "--batch-size",
-        "30",
-        "--epochs",
-        str(epochs),
-        "--warmup-epochs",
-        "1",
-        "--workers",
-        "0",
-        "--eval-every",
-        "1",
-        "--device",
-        "cpu",
-        "--out",
-        str(tmp / out),
-    ]
-
-
-def run_script(script, *args, timeout=300, env=None, **popen):
-    """Run a project script in a fresh interpreter; returns the CompletedProcess (text output)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, script, *map(str, args)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **popen,
-    )
-
-
-def run_pretraining_over_gloo(args):
-    """pretrain.py as two processes (torchrun, gloo, one thread each); asserts that it ran through."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    run = subprocess.run(
-        [*command, "pretrain.py", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
 
 
 @pytest.fixture(autouse=True)
@@ -85,3 +20,23 @@ def restore_signal_handlers():
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
+
+
+# What a script run looks like in a test, its own code or a fixture's: these tests take seconds each, and
+# `-m "not script"` leaves them out of a developer's unit run.
+RUNS_A_SCRIPT = ("run_script(", ".main(", "run_pretraining_over_gloo(", "tiny_args(")
+
+
+def runs_a_script(function):
+    try:
+        return any(call in inspect.getsource(function) for call in RUNS_A_SCRIPT)
+    except (OSError, TypeError):
+        return False
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        fixtures = [defs[-1].func for defs in item._fixtureinfo.name2fixturedefs.values()]
+        fixtures = [f for f in fixtures if f.__module__ != __name__]  # not this file's autouse fixture
+        if runs_a_script(item.function) or any(map(runs_a_script, fixtures)):
+            item.add_marker(pytest.mark.script)

@@ -7,7 +7,6 @@ Each bad input is written into tmp_path as a user would have it and handed over 
 exit, its `untouched` that the user's files did not change.
 """
 
-import argparse
 import errno
 import os
 import pickle
@@ -26,8 +25,11 @@ from test_datasets import write_cifar, write_dermamnist
 
 import common
 import datasets
+import evaluation
+import image_cache
 import pretrain
-from conftest import REPO, tiny_args
+import splits
+from helpers import REPO, load_data, tiny_args
 
 SIZE = 16
 
@@ -62,9 +64,11 @@ def folder_args(root, tmp, *extra):
 
 
 def count_decoding(monkeypatch):
-    """The paths that datasets.read_rgb decodes from now on."""
-    decoded, read_rgb = [], datasets.read_rgb
-    monkeypatch.setattr(datasets, "read_rgb", lambda path, size: decoded.append(path) or read_rgb(path, size))
+    """The paths that image_cache.read_rgb decodes from now on."""
+    decoded, read_rgb = [], image_cache.read_rgb
+    monkeypatch.setattr(
+        image_cache, "read_rgb", lambda path, size: decoded.append(path) or read_rgb(path, size)
+    )
     return decoded
 
 
@@ -85,7 +89,7 @@ def test_dermamnist_images_and_labels_of_different_lengths_are_refused(tmp_path)
     images = rng.integers(0, 256, (140, 28, 28, 3), dtype=np.uint8)
     dermamnist_with(path, train_images=images, train_labels=(np.arange(100) % 7).astype(np.uint8)[:, None])
     with untouched(path):
-        message = failure(lambda: datasets.load_data(data_args("--data", "dermamnist", "--data-root", path)))
+        message = failure(lambda: load_data(data_args("--data", "dermamnist", "--data-root", path)))
     assert str(path) in message and "train_images" in message and "train_labels" in message
 
 
@@ -101,7 +105,7 @@ def test_dermamnist_float_or_four_channel_images_are_refused(tmp_path, kind):
     }
     dermamnist_with(path, **images)
     with untouched(path):
-        message = failure(lambda: datasets.load_data(data_args("--data", "dermamnist", "--data-root", path)))
+        message = failure(lambda: load_data(data_args("--data", "dermamnist", "--data-root", path)))
     assert str(path) in message and "train_images" in message and "uint8" in message
 
 
@@ -111,7 +115,7 @@ def test_dermamnist_float_or_four_channel_images_are_refused(tmp_path, kind):
 def test_decoded_image_cache_overwritten_with_zeros_is_rebuilt(tmp_path, monkeypatch):
     """Row 9: the pixels of the cache overwritten with zeros, its size and its .npy header as they were."""
     pixels = image_folder(tmp_path / "images")
-    first = datasets.load_data(folder_args(tmp_path / "images", tmp_path))
+    first = load_data(folder_args(tmp_path / "images", tmp_path))
     np.testing.assert_array_equal(np.array(first.images), [pixels[i] for i in first.ids])
     (npy,) = (tmp_path / "cache" / "images").glob("*.npy")
     whole, data_bytes = npy.stat().st_size, first.images.nbytes
@@ -119,7 +123,7 @@ def test_decoded_image_cache_overwritten_with_zeros_is_rebuilt(tmp_path, monkeyp
         f.seek(whole - data_bytes)
         f.write(bytes(data_bytes))
     decoded = count_decoding(monkeypatch)
-    again = datasets.load_data(folder_args(tmp_path / "images", tmp_path))
+    again = load_data(folder_args(tmp_path / "images", tmp_path))
     assert len(decoded) == len(pixels)  # rebuilt, not read
     np.testing.assert_array_equal(np.array(again.images), [pixels[i] for i in again.ids])
     assert npy.stat().st_size == whole
@@ -133,15 +137,15 @@ def test_exif_orientation_is_honoured_when_decoding(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(pixels["a/0.png"]).save(turned, exif=exif)
-    data = datasets.load_data(folder_args(tmp_path / "images", tmp_path))
+    data = load_data(folder_args(tmp_path / "images", tmp_path))
     np.testing.assert_array_equal(data.images[data.ids.index("a/0.png")], np.rot90(pixels["a/0.png"], -1))
 
 
 CACHING_SLOWLY = """
 import sys, time
-import common, datasets
-read_rgb = datasets.read_rgb
-datasets.read_rgb = lambda path, size: time.sleep(0.2) or read_rgb(path, size)
+import common, datasets, image_cache
+read_rgb = image_cache.read_rgb
+image_cache.read_rgb = lambda path, size: time.sleep(0.2) or read_rgb(path, size)
 sys.argv = ["datasets.py", *sys.argv[1:]]
 common.run(datasets.main)
 """
@@ -182,9 +186,9 @@ def test_a_broken_symbolic_link_in_an_image_folder_is_named_or_skipped(tmp_path)
     link = tmp_path / "images" / "b" / "gone.png"
     link.symlink_to(tmp_path / "nowhere.png")
     with untouched(tmp_path / "images"):
-        message = failure(lambda: datasets.load_data(folder_args(tmp_path / "images", tmp_path)))
+        message = failure(lambda: load_data(folder_args(tmp_path / "images", tmp_path)))
     assert str(link) in message
-    data = datasets.load_data(folder_args(tmp_path / "images", tmp_path, "--skip-bad-images"))
+    data = load_data(folder_args(tmp_path / "images", tmp_path, "--skip-bad-images"))
     assert list(data.bad) == ["b/gone.png"] and sorted(data.ids) == sorted(pixels)
     np.testing.assert_array_equal(np.array(data.images), [pixels[i] for i in data.ids])
 
@@ -205,11 +209,12 @@ def test_damaged_feature_cache_is_embedded_again(tmp_path, monkeypatch, damage):
     feature bytes zeroed inside the file, or replaced by a pickle that would run code: embedded again, never
     read, and the code never run."""
     data = datasets.load_digits()
-    split = datasets.load_split(data, tmp_path / "split.json", "0.1,0.05,0.05,0.8")
-    args = argparse.Namespace(cache_dir=tmp_path / "cache", image_size=8, workers=0)
+    split = splits.load_split(data, tmp_path / "split.json", "0.1,0.05,0.05,0.8")
 
     def features():
-        return datasets.part_features(Flatten(), "stand-in", data, split, "train", args, torch.device("cpu"))
+        return evaluation.part_features(
+            Flatten(), "stand-in", data, split, "train", 8, tmp_path / "cache", 0, torch.device("cpu")
+        )
 
     first, labels = features()
     (path,) = (tmp_path / "cache" / "features").glob("*.pt")
@@ -224,11 +229,11 @@ def test_damaged_feature_cache_is_embedded_again(tmp_path, monkeypatch, damage):
         path.write_bytes(content.replace(stored, bytes(len(stored))))
     else:
         torch.save({"features": RunsCode(marker), "labels": labels}, path)
-    embedded, embed = [], datasets.embed
-    monkeypatch.setattr(datasets, "embed", lambda *a, **k: embedded.append(1) or embed(*a, **k))
+    embedded, embed = [], evaluation.embed
+    monkeypatch.setattr(evaluation, "embed", lambda *a, **k: embedded.append(1) or embed(*a, **k))
     again, _ = features()
     assert embedded == [1] and not marker.exists()
-    truth = torch.as_tensor(data.images[datasets.indices(data, split, "train")]).float().mean((1, 2)) / 127.5
+    truth = torch.as_tensor(data.images[splits.indices(data, split, "train")]).float().mean((1, 2)) / 127.5
     torch.testing.assert_close(again, truth - 1.0)  # the mean colour, computed here from the pixels
     assert torch.equal(torch.load(path, weights_only=True)["features"], again)
 
@@ -287,7 +292,7 @@ def test_a_full_cache_dir_is_one_line_not_sigbus(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "posix_fallocate", no_room)
     with untouched(tmp_path / "images"):
-        message = failure(lambda: datasets.load_data(folder_args(tmp_path / "images", tmp_path)))
+        message = failure(lambda: load_data(folder_args(tmp_path / "images", tmp_path)))
     assert str(tmp_path / "cache" / "images") in message and "disk is full" in message
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
@@ -352,10 +357,10 @@ def test_cifar10_batch_that_would_run_code_is_refused_unrun(tmp_path, payload):
     evil.write_bytes(pickle.dumps(batch, protocol=2))
     args = data_args("--data", "cifar10", "--data-root", tmp_path)
     with untouched(tmp_path):
-        message = failure(lambda: datasets.load_data(args))
+        message = failure(lambda: load_data(args))
     assert str(evil) in message and not marker.exists()
     batch["batch_label"] = "training batch 4 of 5"
     evil.write_bytes(pickle.dumps(batch, protocol=2))
-    data = datasets.load_data(args)
+    data = load_data(args)
     np.testing.assert_array_equal(data.images, rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     np.testing.assert_array_equal(data.labels, labels)

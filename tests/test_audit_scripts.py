@@ -29,9 +29,10 @@ import datasets
 import finetune
 import linear_eval
 import pretrain
+import splits
 import tsne
 from bit_convert import resnet_v2, save_backbone
-from conftest import run_script, tiny_args
+from helpers import run_script, tiny_args
 
 
 class Killed(BaseException):
@@ -244,7 +245,7 @@ def test_resume_refuses_a_split_json_whose_parts_were_swapped(copy_of):
 def one_class_test(tmp_path):
     """A digits split file whose test part holds images of one class only (the others moved to pretrain)."""
     data, path = datasets.load_digits(), tmp_path / "split.json"
-    split = datasets.load_split(data, path, "0.6,0.1,0.1,0.2", 0, "image")
+    split = splits.load_split(data, path, "0.6,0.1,0.1,0.2", 0, "image")
     labels = dict(zip(data.ids, data.labels))
     ones = [i for i in split["test"] if labels[i] == 1]
     hand_edit(
@@ -266,7 +267,7 @@ def test_a_scored_part_with_one_class_is_refused(tmp_path, one_class_test, scrip
 @pytest.mark.parametrize("train", [[], "one"])
 def test_pretrain_refuses_a_split_file_whose_train_part_is_empty_or_one_image(tmp_path, train):
     data, path = datasets.load_digits(), tmp_path / "split.json"
-    split = datasets.load_split(data, path, "0.1,0.05,0.05,0.8", 0, "image")
+    split = splits.load_split(data, path, "0.1,0.05,0.05,0.8", 0, "image")
     kept = split["train"][:1] if train == "one" else []
     hand_edit(path, split, train=kept, pretrain=split["pretrain"] + split["train"][len(kept) :])
     with untouched(path):
@@ -296,7 +297,7 @@ def test_tsne_on_a_one_class_folder_is_refused(tmp_path):
 
 def test_tsne_with_one_test_image_outside_the_majority_class_is_refused(tmp_path):
     data, path = datasets.load_digits(), tmp_path / "split.json"
-    split = datasets.load_split(data, path, "0.6,0.1,0.1,0.2", 0, "image")
+    split = splits.load_split(data, path, "0.6,0.1,0.1,0.2", 0, "image")
     labels, majority = dict(zip(data.ids, data.labels)), int(np.bincount(data.labels).argmax())
     test = [next(i for i in split["test"] if labels[i] == majority)]
     test += [next(i for i in split["test"] if labels[i] != majority)]

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
+import backbones  # noqa: E402
 import bit_convert as bc  # noqa: E402
 import common  # noqa: E402
 
@@ -398,7 +399,7 @@ def test_zero_init_last_switches_every_residual_branch_off(norm):
 
 
 def test_weight_standardisation_can_be_switched_off(r50):
-    model = bc.build_backbone(str(r50[0]), norm="bn", ws=False)
+    model = backbones.build_backbone(str(r50[0]), norm="bn", ws=False)
     convs = [m for m in model.modules() if isinstance(m, bc.StdConv2d)]
     assert len(convs) == 53 and not any(conv.standardize for conv in convs) and model.ws is False
     x = torch.randn(1, 64, 5, 5)
@@ -410,7 +411,7 @@ def test_weight_standardisation_can_be_switched_off(r50):
 
 def test_zero_init_holds_after_loading_bit_weights(r50):
     """BiT's GroupNorm gammas must not undo the zero-init: it is applied after the weights are loaded."""
-    model = bc.build_backbone(str(r50[0]), norm="gn", zero_init=True)
+    model = backbones.build_backbone(str(r50[0]), norm="gn", zero_init=True)
     assert all(not unit.norm3.weight.any() for block in model.blocks for unit in block)
     assert all(unit.norm2.weight.any() for block in model.blocks for unit in block)
 
@@ -420,7 +421,7 @@ def test_zero_init_holds_after_loading_bit_weights(r50):
 
 def load_error(path, model=None, **kwargs):
     model = model if model is not None else bc.resnet_v2("r50x1", norm="gn")
-    with pytest.raises(bc.WeightsError) as e:
+    with pytest.raises(common.WeightsError) as e:
         bc.load_npz(model, path, **kwargs)
     assert str(path) in str(e.value)
     return str(e.value)
@@ -546,7 +547,7 @@ def test_load_backbone_rejects_a_foreign_pt_and_garbage(tmp_path):
     torch.save({"a": 1}, tmp_path / "other.pt")
     (tmp_path / "garbage.pt").write_bytes(np.random.default_rng(0).bytes(1000))
     for name in ("other.pt", "garbage.pt", "absent.pt"):
-        with pytest.raises(bc.WeightsError, match=re.escape(str(tmp_path / name))):
+        with pytest.raises(common.WeightsError, match=re.escape(str(tmp_path / name))):
             bc.load_backbone(tmp_path / name)
 
 
@@ -559,14 +560,14 @@ def test_load_backbone_rejects_a_foreign_pt_and_garbage(tmp_path):
     ],
 )
 def test_build_backbone_refuses_a_pt_of_another_kind(saved_bn_pt, asked):
-    with pytest.raises(bc.WeightsError, match=re.escape(str(saved_bn_pt))):
-        bc.build_backbone(str(saved_bn_pt), **asked)
+    with pytest.raises(common.WeightsError, match=re.escape(str(saved_bn_pt))):
+        backbones.build_backbone(str(saved_bn_pt), **asked)
 
 
 def test_build_backbone_bit_m_not_cached_names_url_and_cache_path(tmp_path, monkeypatch):
     monkeypatch.setattr(bc, "CACHE_DIR", tmp_path)
-    with pytest.raises(bc.WeightsError) as e:
-        bc.build_backbone("bit-m", download=False)
+    with pytest.raises(common.WeightsError) as e:
+        backbones.build_backbone("bit-m", download=False)
     assert "https://storage.googleapis.com/bit_models/BiT-M-R50x1.npz" in str(e.value)
     assert str(tmp_path / "BiT-M-R50x1.npz") in str(e.value)
     assert list(tmp_path.iterdir()) == []
@@ -575,7 +576,7 @@ def test_build_backbone_bit_m_not_cached_names_url_and_cache_path(tmp_path, monk
 def test_build_backbone_bit_s_loads_the_cached_file(r50, tmp_path, monkeypatch):
     monkeypatch.setattr(bc, "CACHE_DIR", tmp_path)
     (tmp_path / "BiT-S-R50x1.npz").symlink_to(r50[0])
-    model = bc.build_backbone("bit-s", norm="bn")
+    model = backbones.build_backbone("bit-s", norm="bn")
     for key, t in model_tensors(model).items():
         if key.endswith("/kernel") and key != HEAD_KERNEL:
             assert torch.equal(t, hwio_to_oihw(r50[1][key])), key

@@ -37,12 +37,14 @@ from test_datasets import SAMPLE, read_rows, write_cifar, write_dermamnist, writ
 from test_eval import eval_args
 
 import datasets
+import image_cache
 import linear_eval
 import pretrain
+import splits
 import tsne
 from bit_convert import read_npz
 from common import UserError
-from conftest import run_script, tiny_args
+from helpers import load_data, run_script, tiny_args
 
 SIZE = 16
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -188,8 +190,8 @@ def test_zero_byte_image(ham, rows, tmp_path):
     path = image_of(ham, rows[3])
     path.write_bytes(b"")
     with untouched(ham):
-        message = failure(lambda: datasets.load_data(ham_args(ham, tmp_path)))
-        data = datasets.load_data(ham_args(ham, tmp_path, "--skip-bad-images"))
+        message = failure(lambda: load_data(ham_args(ham, tmp_path)))
+        data = load_data(ham_args(ham, tmp_path, "--skip-bad-images"))
     assert str(path) in message and "--skip-bad-images" in message
     assert list(data.bad) == [rows[3]["image_id"]] and rows[3]["image_id"] not in data.ids
 
@@ -199,7 +201,7 @@ def test_png_named_jpg_loads_as_its_pixels(ham, rows, tmp_path):
     path = image_of(ham, rows[5])
     Image.fromarray(pixels).save(path, format="PNG")
     assert path.suffix == ".jpg" and path.read_bytes()[:4] == b"\x89PNG"
-    data = datasets.load_data(ham_args(ham, tmp_path))
+    data = load_data(ham_args(ham, tmp_path))
     expected = np.asarray(Image.fromarray(pixels).resize((SIZE, SIZE), Image.BILINEAR))
     np.testing.assert_array_equal(data.images[data.ids.index(rows[5]["image_id"])], expected)
 
@@ -212,7 +214,7 @@ def test_48_bit_png_loads_as_its_high_bytes(ham, rows, tmp_path):
     (ham / "HAM10000_images_part_1" / f"{rows[2]['image_id']}.png").write_bytes(
         png_bytes(12, 10, 16, 2, zlib.compress(raw))
     )
-    data = datasets.load_data(ham_args(ham, tmp_path))
+    data = load_data(ham_args(ham, tmp_path))
     expected = np.asarray(Image.fromarray((wide >> 8).astype(np.uint8)).resize((SIZE, SIZE), Image.BILINEAR))
     np.testing.assert_array_equal(data.images[data.ids.index(rows[2]["image_id"])], expected)
 
@@ -221,8 +223,8 @@ def test_huge_image_is_named_not_decoded(ham, rows, tmp_path, bomb):
     path = image_of(ham, rows[1])
     path.write_bytes(bomb)
     with untouched(ham):
-        message = failure(lambda: datasets.load_data(ham_args(ham, tmp_path)))
-        data = datasets.load_data(ham_args(ham, tmp_path, "--skip-bad-images"))
+        message = failure(lambda: load_data(ham_args(ham, tmp_path)))
+        data = load_data(ham_args(ham, tmp_path, "--skip-bad-images"))
     assert str(path) in message and "DecompressionBombError" in message
     assert list(data.bad) == [rows[1]["image_id"]] and len(data.ids) == len(rows) - 1
 
@@ -234,7 +236,7 @@ def test_huge_image_is_named_not_decoded(ham, rows, tmp_path, bomb):
 def test_metadata_with_a_bom_loads(ham, rows, tmp_path):
     metadata = ham / "HAM10000_metadata.csv"
     metadata.write_bytes(b"\xef\xbb\xbf" + metadata.read_bytes())
-    data = datasets.load_data(ham_args(ham, tmp_path))
+    data = load_data(ham_args(ham, tmp_path))
     assert data.ids == [r["image_id"] for r in rows] and data.groups == [r["lesion_id"] for r in rows]
 
 
@@ -247,14 +249,14 @@ def test_empty_metadata_file(ham, tmp_path, content):
     metadata = ham / "HAM10000_metadata.csv"
     metadata.write_bytes(content)
     with untouched(ham):
-        assert str(metadata) in failure(lambda: datasets.load_data(ham_args(ham, tmp_path)))
+        assert str(metadata) in failure(lambda: load_data(ham_args(ham, tmp_path)))
 
 
 def test_metadata_cut_mid_row(ham, rows, tmp_path):
     metadata = ham / "HAM10000_metadata.csv"
     metadata.write_bytes(metadata.read_bytes()[:-40])
     with untouched(ham):
-        message = failure(lambda: datasets.load_data(ham_args(ham, tmp_path)))
+        message = failure(lambda: load_data(ham_args(ham, tmp_path)))
     assert f"{metadata}: line {len(rows) + 1}" in message
 
 
@@ -262,7 +264,7 @@ def test_metadata_saved_as_utf16(ham, tmp_path):
     metadata = ham / "HAM10000_metadata.csv"
     metadata.write_bytes(metadata.read_bytes().decode().encode("utf-16"))
     with untouched(ham):
-        message = failure(lambda: datasets.load_data(ham_args(ham, tmp_path)))
+        message = failure(lambda: load_data(ham_args(ham, tmp_path)))
     assert str(metadata) in message and "UTF-8" in message
 
 
@@ -273,7 +275,7 @@ def test_metadata_row_without_lesion_id(ham, rows, tmp_path):
     lines[4] = lines[4].replace(rows[3]["lesion_id"].encode(), b"")
     metadata.write_bytes(b"\r\n".join(lines))
     with untouched(ham):
-        message = failure(lambda: datasets.load_data(ham_args(ham, tmp_path)))
+        message = failure(lambda: load_data(ham_args(ham, tmp_path)))
     assert f"{metadata}: line 5: image {rows[3]['image_id']} has no lesion_id" in message
 
 
@@ -283,7 +285,7 @@ def test_isic_groupings_row_without_lesion_id(tmp_path, rows):
     line = f"{rows[6]['image_id']},{rows[6]['lesion_id']},".encode()
     groupings.write_bytes(groupings.read_bytes().replace(line, f"{rows[6]['image_id']},,".encode()))
     with untouched(root):
-        message = failure(lambda: datasets.load_data(ham_args(root, tmp_path)))
+        message = failure(lambda: load_data(ham_args(root, tmp_path)))
     assert str(groupings) in message and rows[6]["image_id"] in message
 
 
@@ -294,7 +296,7 @@ def test_isic_groupings_row_without_lesion_id(tmp_path, rows):
 @pytest.fixture
 def digits_split(tmp_path):
     data, path = datasets.load_digits(), tmp_path / "split.json"
-    return data, path, datasets.load_split(data, path, "0.6,0.1,0.1,0.2", 0, "image")
+    return data, path, splits.load_split(data, path, "0.6,0.1,0.1,0.2", 0, "image")
 
 
 def hand_edit(path, split, **parts):
@@ -305,7 +307,7 @@ def test_split_file_with_an_unknown_id(digits_split):
     data, path, split = digits_split
     hand_edit(path, split, train=split["train"] + [5000])
     with untouched(path):
-        message = failure(lambda: datasets.load_split(data, path))
+        message = failure(lambda: splits.load_split(data, path))
     assert f"split file {path}: part train lists image 5000" in message
 
 
@@ -313,7 +315,7 @@ def test_split_file_with_an_id_twice_in_one_part(digits_split):
     data, path, split = digits_split
     hand_edit(path, split, val=split["val"] + [split["val"][0]])
     with untouched(path):
-        message = failure(lambda: datasets.load_split(data, path))
+        message = failure(lambda: splits.load_split(data, path))
     assert f"part val lists image {split['val'][0]} twice" in message
 
 
@@ -321,29 +323,31 @@ def test_split_file_missing_a_part_names_it(digits_split):
     data, path, split = digits_split
     hand_edit(path, split, val=None)
     with untouched(path):
-        assert f"split file {path}: no list 'val'" in failure(lambda: datasets.load_split(data, path))
+        assert f"split file {path}: no list 'val'" in failure(lambda: splits.load_split(data, path))
 
 
 def test_split_file_that_cannot_be_written(tmp_path):
     (tmp_path / "splits").write_text("a file where the split's folder should be")
     path = tmp_path / "splits" / "split.json"
     with untouched(tmp_path):
-        assert f"split file {path}" in failure(lambda: datasets.load_split(datasets.load_digits(), path))
+        assert f"split file {path}" in failure(lambda: splits.load_split(datasets.load_digits(), path))
 
 
 @pytest.mark.parametrize("source", ["digits", "cifar10", "dermamnist", "folder"])
 def test_split_file_of_a_source_without_lesions_is_named_by_image(source):
-    args = argparse.Namespace(data=source, split="0.6,0.1,0.1,0.2", split_by="lesion", split_seed=0)
-    assert datasets.default_split_file(args) == Path(f"splits/{source}-image-60-10-10-20-seed0.json")
+    assert splits.default_split_file(source, "0.6,0.1,0.1,0.2", 0, "lesion") == Path(
+        f"splits/{source}-image-60-10-10-20-seed0.json"
+    )
 
 
 def test_split_of_a_source_without_lesions_says_by_image(tmp_path):
-    args = argparse.Namespace(data="ham10000", split="0.6,0.1,0.1,0.2", split_by="lesion", split_seed=0)
-    assert datasets.default_split_file(args) == Path("splits/ham10000-lesion-60-10-10-20-seed0.json")
+    assert splits.default_split_file("ham10000", "0.6,0.1,0.1,0.2", 0, "lesion") == Path(
+        "splits/ham10000-lesion-60-10-10-20-seed0.json"
+    )
     data = datasets.load_digits()
-    split = datasets.load_split(data, tmp_path / "split.json", by="lesion")  # the default --split-by
+    split = splits.load_split(data, tmp_path / "split.json", by="lesion")  # the default --split-by
     assert split["split_by"] == json.loads((tmp_path / "split.json").read_text())["split_by"] == "image"
-    assert "by image" in datasets.summary(data, split, tmp_path / "split.json")
+    assert "by image" in splits.summary(data, split, tmp_path / "split.json")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -352,7 +356,7 @@ def test_split_of_a_source_without_lesions_says_by_image(tmp_path):
 
 @pytest.mark.parametrize("text", ["0.7,0.2,0.2,-0.1", "nan,0.1,0.1,0.2", "60,10,10,20"])
 def test_bad_split_fractions(text):
-    assert f"--split {text}" in failure(lambda: datasets.parse_fractions(text))
+    assert f"--split {text}" in failure(lambda: splits.parse_fractions(text))
 
 
 @pytest.mark.parametrize(
@@ -360,7 +364,7 @@ def test_bad_split_fractions(text):
 )
 def test_zero_or_negative_data_flag(flag, value):
     assert f"{flag} {value}" in failure(
-        lambda: datasets.load_data(data_args("--data", "digits", flag, value))
+        lambda: datasets.check_data_args(data_args("--data", "digits", flag, value))
     )
 
 
@@ -547,7 +551,7 @@ def test_linear_eval_out_that_is_a_file(tmp_path, capsys, before_data):
 def test_cache_dir_that_is_a_file(ham, tmp_path):
     (tmp_path / "cache").write_text("the user's own file")
     with untouched(ham, tmp_path / "cache"):
-        message = failure(lambda: datasets.load_data(ham_args(ham, tmp_path)))
+        message = failure(lambda: load_data(ham_args(ham, tmp_path)))
     assert f"--cache-dir {tmp_path / 'cache'}" in message
 
 
@@ -610,7 +614,7 @@ def test_npz_whose_unpickling_would_run_code_is_not_run(tmp_path):
     with untouched(tmp_path):
         assert str(tmp_path / "BiT-M-R50x1.npz") in failure(lambda: read_npz(tmp_path / "BiT-M-R50x1.npz"))
         args = data_args("--data", "dermamnist", "--data-root", tmp_path / "dermamnist.npz")
-        assert str(tmp_path / "dermamnist.npz") in failure(lambda: datasets.load_data(args))
+        assert str(tmp_path / "dermamnist.npz") in failure(lambda: load_data(args))
     assert not marker.exists()
 
 
@@ -653,7 +657,7 @@ def test_dermamnist_file_without_its_keys(tmp_path, damage):
         arrays = {f"{p}_{k}": a for p, pair in parts.items() for k, a in zip(("images", "labels"), pair)}
         np.savez(path, **{k: a for k, a in arrays.items() if k != "val_labels"})
     with untouched(path):
-        message = failure(lambda: datasets.load_data(data_args("--data", "dermamnist", "--data-root", path)))
+        message = failure(lambda: load_data(data_args("--data", "dermamnist", "--data-root", path)))
     assert str(path) in message and (damage == "truncated" or "val_labels" in message)
 
 
@@ -671,7 +675,7 @@ def test_corrupt_cifar_batch(tmp_path, damage):
         )
         batch.write_bytes(pickle.dumps(content, protocol=2))
     with untouched(tmp_path):
-        message = failure(lambda: datasets.load_data(data_args("--data", "cifar10", "--data-root", tmp_path)))
+        message = failure(lambda: load_data(data_args("--data", "cifar10", "--data-root", tmp_path)))
     assert str(batch) in message
 
 
@@ -681,15 +685,17 @@ def test_corrupt_cifar_batch(tmp_path, damage):
 
 @pytest.mark.parametrize("damage", ["npy_half", "npy_in_its_header", "npy_empty", "index_cut"])
 def test_decoded_image_cache_damaged_after_it_was_built_is_rebuilt(ham, tmp_path, monkeypatch, damage):
-    first = np.array(datasets.load_data(ham_args(ham, tmp_path)).images)
+    first = np.array(load_data(ham_args(ham, tmp_path)).images)
     (npy,) = (tmp_path / "cache" / "images").glob("*.npy")
     whole = npy.stat().st_size
     target = npy.with_suffix(".json") if damage == "index_cut" else npy
     keep = {"npy_half": whole // 2, "npy_in_its_header": 50, "npy_empty": 0}.get(damage, 10)
     target.write_bytes(target.read_bytes()[:keep])
-    decoded, read_rgb = [], datasets.read_rgb
-    monkeypatch.setattr(datasets, "read_rgb", lambda path, size: decoded.append(path) or read_rgb(path, size))
-    again = datasets.load_data(ham_args(ham, tmp_path))
+    decoded, read_rgb = [], image_cache.read_rgb
+    monkeypatch.setattr(
+        image_cache, "read_rgb", lambda path, size: decoded.append(path) or read_rgb(path, size)
+    )
+    again = load_data(ham_args(ham, tmp_path))
     assert len(decoded) == len(first)  # rebuilt, not read
     np.testing.assert_array_equal(again.images, first)
     assert npy.stat().st_size == whole

@@ -9,10 +9,13 @@ import torch
 
 import common
 import datasets
+import evaluation
 import linear_eval
-from bit_convert import frozen_backbone, resnet_v2, save_backbone
-from common import estimate_bn_statistics
-from conftest import run_script
+import splits
+import views
+from bit_convert import resnet_v2, save_backbone
+from evaluation import estimate_bn_statistics, saved_backbone
+from helpers import load_data, run_script
 
 
 def eval_args(tmp, *extra):
@@ -36,7 +39,7 @@ def trained_looking_backbone(seed):
     1)."""
     torch.manual_seed(seed)
     backbone = resnet_v2("r50x1", "bn", cifar_stem=True)
-    images = datasets.eval_images(datasets.load_digits(), np.arange(256), 8)
+    images = views.eval_images(datasets.load_digits(), np.arange(256), 8)
     estimate_bn_statistics(backbone, images, torch.device("cpu"))
     return backbone
 
@@ -48,12 +51,12 @@ def pretrained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pretrained")
     (tmp / "run").mkdir()
     data = datasets.load_digits()
-    split = datasets.load_split(data, tmp / "run" / "split.json")
+    split = splits.load_split(data, tmp / "run" / "split.json")
     save_backbone(
         trained_looking_backbone(0),
         tmp / "run" / "backbone.pt",
         epoch=3,
-        split_digest=datasets.split_digest(split),
+        split_digest=splits.split_digest(split),
     )
     return tmp
 
@@ -79,7 +82,7 @@ def test_model_selection_uses_val_alone(tmp_path, monkeypatch, pretrained):
             x, y = parts["test"]
             features["test"] = (x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(5))])
         monkeypatch.setattr(
-            datasets, "part_features", lambda b, i, d, s, part, a, dev, features=features: features[part]
+            evaluation, "part_features", lambda b, i, d, s, part, *rest, features=features: features[part]
         )
         out = tmp_path / f"scrambled-{scramble}"
         linear_eval.main(
@@ -119,24 +122,26 @@ def test_train_linear_returns_the_first_epoch_with_the_best_val_score(monkeypatc
 
 def test_features_are_cached_and_recomputed_when_the_checkpoint_changes(tmp_path, pretrained, monkeypatch):
     args = linear_eval.parse_args(eval_args(tmp_path, "--ckpt", pretrained / "run" / "backbone.pt"))
-    data = datasets.load_data(args)
+    data = load_data(args)
     ckpt = tmp_path / "backbone.pt"
     ckpt.write_bytes((pretrained / "run" / "backbone.pt").read_bytes())
-    split = datasets.load_split(data, pretrained / "run" / "split.json")
+    split = splits.load_split(data, pretrained / "run" / "split.json")
     calls = []
-    embed = datasets.embed
-    monkeypatch.setattr(datasets, "embed", lambda *a, **k: calls.append(1) or embed(*a, **k))
+    embed = evaluation.embed
+    monkeypatch.setattr(evaluation, "embed", lambda *a, **k: calls.append(1) or embed(*a, **k))
 
     def features():
-        backbone, _, _, identity = frozen_backbone(args, ckpt=ckpt)
-        return datasets.part_features(backbone, identity, data, split, "val", args, torch.device("cpu"))
+        backbone, _, _, identity = saved_backbone(ckpt)
+        return evaluation.part_features(
+            backbone, identity, data, split, "val", args.image_size, args.cache_dir, 0, torch.device("cpu")
+        )
 
     first, again = features(), features()
     assert len(calls) == 1 and torch.isfinite(first[0]).all() and torch.equal(first[0], again[0])
     save_backbone(trained_looking_backbone(1), ckpt, epoch=4)  # the run went on: new weights, new features
     changed = features()
     assert len(calls) == 2 and not torch.equal(changed[0], first[0])
-    assert torch.equal(changed[1], torch.as_tensor(data.labels[datasets.indices(data, split, "val")]))
+    assert torch.equal(changed[1], torch.as_tensor(data.labels[splits.indices(data, split, "val")]))
 
 
 # ------------------------------------------------------------------------------------------------- whole runs
@@ -163,7 +168,7 @@ def test_linear_eval_writes_results_and_confusion(evaluated, pretrained):
         assert results["std"][metric] == pytest.approx(np.std(values, ddof=1))
     trial = results["trials"][0]
     test_labels = datasets.load_digits().labels[
-        datasets.indices(
+        splits.indices(
             datasets.load_digits(), json.loads((pretrained / "run" / "split.json").read_text()), "test"
         )
     ]
@@ -270,7 +275,7 @@ def test_a_missing_or_foreign_split_is_refused(tmp_path, pretrained):
         run_script("linear_eval.py", *eval_args(tmp_path, "--ckpt", alone / "backbone.pt")),
         "split.json not found",
     )
-    datasets.load_split(datasets.load_digits(), tmp_path / "other.json", seed=1)
+    splits.load_split(datasets.load_digits(), tmp_path / "other.json", seed=1)
     one_line_error(
         run_script(
             "linear_eval.py",
@@ -282,7 +287,7 @@ def test_a_missing_or_foreign_split_is_refused(tmp_path, pretrained):
 
 def test_a_class_absent_from_train_is_refused(tmp_path):
     data = datasets.load_digits()
-    split = json.loads(json.dumps(datasets.load_split(data, tmp_path / "split.json")))
+    split = json.loads(json.dumps(splits.load_split(data, tmp_path / "split.json")))
     nines = [i for i in split["train"] if data.labels[i] == 9]
     split["train"] = [i for i in split["train"] if i not in nines]
     split["pretrain"] += nines
@@ -322,18 +327,18 @@ def test_the_official_cifar10_protocol_pretrains_on_all_training_images_and_quer
 
     write_cifar(tmp_path, n=20)
     data = datasets.load_cifar10(tmp_path)
-    split = datasets.load_split(data, tmp_path / "split.json", "official")
+    split = splits.load_split(data, tmp_path / "split.json", "official")
     train = [data.ids[i] for i in np.flatnonzero(~data.official_test)]
     test = [data.ids[i] for i in np.flatnonzero(data.official_test)]
     assert split["pretrain"] == split["train"] == train and split["val"] == split["test"] == test
-    assert not datasets.selects_on_val(split)
-    assert datasets.load_split(data, tmp_path / "split.json") == split  # read back as written
+    assert not splits.selects_on_val(split)
+    assert splits.load_split(data, tmp_path / "split.json") == split  # read back as written
     edited = {**split, "pretrain": train + test}
     (tmp_path / "edited.json").write_text(json.dumps(edited))
-    with pytest.raises(datasets.DataError, match="edited.json: not the official split"):
-        datasets.load_split(data, tmp_path / "edited.json")
-    with pytest.raises(datasets.DataError, match="--split official: digits has no official test set"):
-        datasets.load_split(datasets.load_digits(), tmp_path / "digits.json", "official")
+    with pytest.raises(common.DataError, match="edited.json: not the official split"):
+        splits.load_split(data, tmp_path / "edited.json")
+    with pytest.raises(common.DataError, match="--split official: digits has no official test set"):
+        splits.load_split(datasets.load_digits(), tmp_path / "digits.json", "official")
     args = linear_eval.parse_args(["--init", "scratch", "--epochs", "7"])
     train_features, val_features = synthetic_features(0), synthetic_features(1)
     assert (

@@ -13,9 +13,13 @@ import torch
 import datasets
 import finetune
 import runs
-from bit_convert import ARCHS, IterNorm, resnet_v2, save_backbone, whiten
-from common import UserError, estimate_bn_statistics
-from conftest import run_script
+import splits
+import views
+from bit_convert import ARCHS, resnet_v2, save_backbone
+from common import UserError
+from evaluation import estimate_bn_statistics
+from helpers import run_script
+from interventions import IterNorm, whiten
 
 SPLIT = "0.8,0.1,0.05,0.05"  # a small val and test: every whole run below evaluates them each epoch
 
@@ -34,7 +38,7 @@ def trained_looking_backbone(seed, norm="bn"):
     torch.manual_seed(seed)
     backbone = resnet_v2("r50x1", norm, cifar_stem=True)
     if norm == "bn":
-        images = datasets.eval_images(datasets.load_digits(), np.arange(64), 8)
+        images = views.eval_images(datasets.load_digits(), np.arange(64), 8)
         estimate_bn_statistics(backbone, images, torch.device("cpu"))
     return backbone
 
@@ -42,8 +46,8 @@ def trained_looking_backbone(seed, norm="bn"):
 def pretrained_file(directory, backbone, split_seed=0):
     """DIR/backbone.pt beside DIR/split.json, the split's digest inside, as pretrain.py leaves them."""
     directory.mkdir(parents=True)
-    split = datasets.load_split(datasets.load_digits(), directory / "split.json", SPLIT, split_seed)
-    save_backbone(backbone, directory / "backbone.pt", epoch=3, split_digest=datasets.split_digest(split))
+    split = splits.load_split(datasets.load_digits(), directory / "split.json", SPLIT, split_seed)
+    save_backbone(backbone, directory / "backbone.pt", epoch=3, split_digest=splits.split_digest(split))
     return directory / "backbone.pt"
 
 
@@ -130,7 +134,7 @@ def one_step(backbones, strategies, seed=0):
     model = finetune.FineTuned([finetune.Body(b, s) for b, s in zip(copies, strategies)], 10, seed)
     before = [{k: v.clone() for k, v in b.state_dict().items()} for b in copies]
     head = model.head.weight.detach().clone()
-    images = datasets.eval_images(data, np.arange(8), 8)
+    images = views.eval_images(data, np.arange(8), 8)
     optimizer, device = finetune.make_optimizer(model, args), torch.device("cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     model.train()
@@ -196,8 +200,8 @@ def test_combine_trains_one_head_over_the_concatenated_features(backbone):
 
 def test_the_train_fraction_is_stratified_and_reproducible(tmp_path):
     data = datasets.load_digits()
-    split = datasets.load_split(data, tmp_path / "split.json")
-    train = datasets.indices(data, split, "train")
+    split = splits.load_split(data, tmp_path / "split.json")
+    train = splits.indices(data, split, "train")
     subset = finetune.train_subset(data, split, 0.3, seed=0)
     assert set(subset) <= set(train) and len(subset) == round(0.3 * len(train))
     share = np.bincount(data.labels[subset], minlength=10) / np.bincount(data.labels[train], minlength=10)
@@ -219,15 +223,15 @@ def plain_run(pretrained):
 
 def test_model_selection_never_sees_test_labels(pretrained, plain_run, monkeypatch):
     """The same run with the test labels scrambled: had test any part in the choice, the epoch would move."""
-    checked = datasets.pretraining_split
+    checked = splits.pretraining_split
 
-    def scrambled(args, data, *rest):  # after the split's check, which fingerprints the labels
-        split, path = checked(args, data, *rest)
-        test = datasets.indices(data, split, "test")
+    def scrambled(data, *rest):  # after the split's check, which fingerprints the labels
+        split, path = checked(data, *rest)
+        test = splits.indices(data, split, "test")
         data.labels[test] = np.random.default_rng(5).permutation(data.labels[test])
         return split, path
 
-    monkeypatch.setattr(datasets, "pretraining_split", scrambled)
+    monkeypatch.setattr(splits, "pretraining_split", scrambled)
     out = pretrained.parent / "scrambled"
     finetune.main(ft_args(pretrained.parent, "--ckpt", pretrained, "--tune", "q4", "--out", out))
     plain, _ = plain_run

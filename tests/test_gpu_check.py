@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import run_script
+from helpers import run_script
 
 PATHS = [
     *(f"pretrain-{m}" for m in ("simsiam", "simclr", "byol", "mocov2", "swav")),

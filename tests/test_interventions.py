@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import bit_convert as bc
-import datasets
+import interventions
 import methods
+import views
 from common import UserError
 
 
@@ -56,7 +57,7 @@ def small_net(norm):
 def test_shrink_multiplies_every_parameter_and_keeps_every_buffer():
     model = small_net("bn")
     before = copy.deepcopy(model)
-    bc.shrink(model, 0.4)
+    interventions.shrink(model, 0.4)
     for (name, new), old in zip(model.named_parameters(), before.parameters()):
         np.testing.assert_allclose(new.detach().numpy(), 0.4 * old.detach().numpy(), rtol=1e-6, err_msg=name)
     for (name, new), old in zip(model.named_buffers(), before.buffers()):
@@ -66,7 +67,7 @@ def test_shrink_multiplies_every_parameter_and_keeps_every_buffer():
 def test_shrink_perturbs_with_gaussian_noise_of_the_given_std():
     model = small_net("bn")
     before = copy.deepcopy(model)
-    bc.shrink(model, 0.5, noise_std=0.01, generator=torch.Generator().manual_seed(0))
+    interventions.shrink(model, 0.5, noise_std=0.01, generator=torch.Generator().manual_seed(0))
     noise = torch.cat(
         [(new - 0.5 * old).flatten() for new, old in zip(model.parameters(), before.parameters())]
     )
@@ -78,7 +79,7 @@ def test_shrinking_the_kernels_of_a_ws_network_changes_nothing_but_the_norms_do(
     """A weight-standardised conv divides its kernel's scale out: the shrunk network computes what the
     network with only its norms' gamma/beta scaled computes, and that differs from the original."""
     net, x = small_net("gn"), torch.randn(2, 16, 8, 8)
-    shrunk, norms_only = bc.shrink(copy.deepcopy(net), 0.3), copy.deepcopy(net)
+    shrunk, norms_only = interventions.shrink(copy.deepcopy(net), 0.3), copy.deepcopy(net)
     with torch.no_grad():
         for m in norms_only.modules():
             if isinstance(m, nn.GroupNorm):
@@ -97,7 +98,7 @@ def test_shrink_scales_each_residual_branch_and_each_projection(cin, cout, strid
     x = torch.randn(3, cin, 6, 6)
     with torch.no_grad():
         old = unit(x)
-        new = bc.shrink(unit, 0.25)(x)
+        new = interventions.shrink(unit, 0.25)(x)
     expected = 0.25 * old if unit.proj is not None else x + 0.25 * (old - x)
     torch.testing.assert_close(new, expected, rtol=1e-4, atol=1e-5)
 
@@ -110,14 +111,14 @@ def test_shrinking_a_standardised_kernel_divides_its_gradient_by_the_factor():
     (conv(x) * r).sum().backward()
     before = conv.weight.grad.clone()
     conv.weight.grad = None
-    bc.shrink(conv, 0.5)
+    interventions.shrink(conv, 0.5)
     (conv(x) * r).sum().backward()
     torch.testing.assert_close(conv.weight.grad, before / 0.5, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("factor", [0, -0.5, 1.5])
 def test_shrink_outside_zero_one_is_a_one_line_error(factor):
-    one_line_user_error(lambda: bc.shrink(nn.Linear(2, 2), factor), "--shrink", "(0, 1]")
+    one_line_user_error(lambda: interventions.shrink(nn.Linear(2, 2), factor), "--shrink", "(0, 1]")
 
 
 # -------------------------------------------------------------------------------- filter selection (Ciga)
@@ -135,7 +136,9 @@ def test_select_filters_keeps_the_responding_filters_and_reinitialises_the_rest(
         model.blocks[2][3].conv2.weight[:128] = 0
     before = copy.deepcopy(model)
     images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8)
-    kept = bc.select_filters(model, images, 0.5, torch.device("cpu"), torch.Generator().manual_seed(1))
+    kept = interventions.select_filters(
+        model, images, 0.5, torch.device("cpu"), torch.Generator().manual_seed(1)
+    )
 
     assert torch.equal(kept["blocks.0.0.conv1"], torch.arange(1, 64, 2))
     assert torch.equal(kept["blocks.2.3.conv2"], torch.arange(128, 256))
@@ -164,7 +167,7 @@ def test_select_filters_keeps_the_responding_filters_and_reinitialises_the_rest(
 
 @pytest.mark.parametrize("fraction", [0, -0.1, 1.2])
 def test_select_filters_outside_zero_one_is_a_one_line_error(fraction):
-    call = lambda: bc.select_filters(None, None, fraction, torch.device("cpu"))  # noqa: E731
+    call = lambda: interventions.select_filters(None, None, fraction, torch.device("cpu"))  # noqa: E731
     one_line_user_error(call, "--select-filters", "(0, 1]")
 
 
@@ -197,7 +200,7 @@ def test_iternorm_whitens_a_batch_closer_with_every_iteration_and_converges_to_z
     x = correlated_batch()
     errors = []
     for t in (1, 2, 3, 5, 10):
-        out = positions(bc.IterNorm(6, iterations=t).train()(x))
+        out = positions(interventions.IterNorm(6, iterations=t).train()(x))
         errors.append(np.abs(np.cov(out, rowvar=False, bias=True) - np.eye(6)).max())
     assert all(a > b for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-3
     assert errors[3] < 0.1  # T = 5, the default: nearly there on a well-conditioned batch
@@ -206,7 +209,7 @@ def test_iternorm_whitens_a_batch_closer_with_every_iteration_and_converges_to_z
 
 
 def test_iternorm_affine_is_per_channel():
-    x, norm = correlated_batch(), bc.IterNorm(6)
+    x, norm = correlated_batch(), interventions.IterNorm(6)
     plain = norm(x).detach()
     with torch.no_grad():
         norm.weight.copy_(torch.arange(1.0, 7.0)), norm.bias.copy_(torch.arange(6.0) - 3)
@@ -216,7 +219,7 @@ def test_iternorm_affine_is_per_channel():
 
 def test_iternorm_eval_mode_uses_the_running_statistics():
     x, y = correlated_batch(0), correlated_batch(1)
-    norm = bc.IterNorm(6, iterations=10).train()
+    norm = interventions.IterNorm(6, iterations=10).train()
     norm(x)
     mean, inv_sqrt = numpy_zca(positions(x))
     running_mean, running_whitening = 0.1 * mean, 0.9 * np.eye(6) + 0.1 * inv_sqrt  # momentum 0.1 from (0, I)
@@ -228,7 +231,7 @@ def test_iternorm_eval_mode_uses_the_running_statistics():
 
 
 def test_iternorm_momentum_none_is_a_cumulative_average_and_reset_starts_afresh():
-    norm = bc.IterNorm(6, momentum=None)
+    norm = interventions.IterNorm(6, momentum=None)
     batches = [correlated_batch(s) for s in range(3)]
     for x in batches:
         norm(x)
@@ -240,23 +243,25 @@ def test_iternorm_momentum_none_is_a_cumulative_average_and_reset_starts_afresh(
 
 def test_gradients_flow_through_iternorm_into_input_and_affine():
     x = correlated_batch().requires_grad_()
-    norm = bc.IterNorm(6)
+    norm = interventions.IterNorm(6)
     (norm(x) * torch.randn(x.shape)).sum().backward()
     for grad in (x.grad, norm.weight.grad, norm.bias.grad):
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
 def iternorms(model):
-    return {name: m for name, m in model.named_modules() if isinstance(m, bc.IterNorm)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, interventions.IterNorm)}
 
 
 def test_whiten_at_the_final_norm_replaces_it_and_groupnorm_is_refused():
     backbone = bc.resnet_v2("r50x1", norm="bn")
     blocks = backbone.blocks
-    bc.whiten(backbone, at="final")
-    assert isinstance(backbone.norm, bc.IterNorm) and backbone.norm.num_features == 2048
+    interventions.whiten(backbone, at="final")
+    assert isinstance(backbone.norm, interventions.IterNorm) and backbone.norm.num_features == 2048
     assert backbone.blocks is blocks and list(iternorms(backbone)) == ["norm"]
-    one_line_user_error(lambda: bc.whiten(bc.resnet_v2("r50x1", norm="gn")), "--whiten", "--norm bn")
+    one_line_user_error(
+        lambda: interventions.whiten(bc.resnet_v2("r50x1", norm="gn")), "--whiten", "--norm bn"
+    )
 
 
 def test_whiten_by_default_whitens_the_end_of_the_last_units_branch_as_the_source():
@@ -267,7 +272,7 @@ def test_whiten_by_default_whitens_the_end_of_the_last_units_branch_as_the_sourc
     units = [bc.PreActBottleneck(c, 8, 16, 1, nn.BatchNorm2d, bc.StdConv2d) for c in (8, 16)]
     mini = nn.Module()  # what whiten needs of a ResNetV2: its kind of norm, its blocks, its final norm
     mini.norm_kind, mini.blocks, mini.norm = "bn", nn.Sequential(nn.Sequential(*units)), nn.BatchNorm2d(16)
-    bc.whiten(mini)
+    interventions.whiten(mini)
     last = mini.blocks[-1][-1]
     assert mini.whitened == "branch" and isinstance(mini.norm, nn.BatchNorm2d)
     assert list(iternorms(mini)) == ["blocks.0.1.branch_norm"] and last.branch_norm.num_features == 16
@@ -276,11 +281,11 @@ def test_whiten_by_default_whitens_the_end_of_the_last_units_branch_as_the_sourc
         out = last.train()(x)
         branch = last.conv1(F.relu(last.norm1(x)))
         branch = last.conv3(F.relu(last.norm3(last.conv2(F.relu(last.norm2(branch))))))
-        torch.testing.assert_close(out - x, bc.IterNorm(16)(branch), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out - x, interventions.IterNorm(16)(branch), rtol=1e-5, atol=1e-5)
 
 
 def test_a_whitened_backbone_file_loads_as_the_whitened_network(tmp_path):
-    backbone = bc.whiten(bc.resnet_v2("r50x1", norm="bn", cifar_stem=True))
+    backbone = interventions.whiten(bc.resnet_v2("r50x1", norm="bn", cifar_stem=True))
     with torch.no_grad():
         backbone.blocks[-1][-1].branch_norm.running_whitening.mul_(0.5)  # not what a fresh IterNorm holds
     bc.save_backbone(backbone, tmp_path / "w.pt", epoch=1)
@@ -291,7 +296,7 @@ def test_a_whitened_backbone_file_loads_as_the_whitened_network(tmp_path):
 
 def test_a_file_of_the_earlier_placement_still_loads_with_its_final_norm_whitened(tmp_path):
     """Files written before the placement could be chosen record whiten = True: the final norm's."""
-    backbone = bc.whiten(bc.resnet_v2("r50x1", norm="bn", cifar_stem=True), at="final")
+    backbone = interventions.whiten(bc.resnet_v2("r50x1", norm="bn", cifar_stem=True), at="final")
     ckpt = dict(arch="r50x1", norm="bn", cifar_stem=True, head_size=0, ws=True, whiten=True)
     torch.save({**ckpt, "state_dict": backbone.state_dict()}, tmp_path / "old.pt")
     loaded, _ = bc.load_backbone(tmp_path / "old.pt")
@@ -306,7 +311,7 @@ def whiten_half_batches(rank, init_file, x, g, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     half = slice(rank * len(x) // 2, (rank + 1) * len(x) // 2)
     part = x[half].clone().requires_grad_()
-    norm = bc.IterNorm(x.shape[1])
+    norm = interventions.IterNorm(x.shape[1])
     out = norm(part)
     (out * g[half]).sum().backward()
     torch.save(dict(out=out.detach(), grad=part.grad, **norm.state_dict()), out_dir / f"{rank}.pt")
@@ -319,7 +324,7 @@ def test_iternorm_over_two_processes_whitens_their_global_batch(tmp_path):
     x, g = correlated_batch(n=16), torch.randn(16, 6, 4, 4, generator=torch.Generator().manual_seed(1))
     torch.multiprocessing.spawn(whiten_half_batches, (tmp_path / "init", x, g, tmp_path), nprocs=2)
     parts = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
-    whole, norm = x.clone().requires_grad_(), bc.IterNorm(6)
+    whole, norm = x.clone().requires_grad_(), interventions.IterNorm(6)
     out = norm(whole)
     (out * g).sum().backward()
     torch.testing.assert_close(torch.cat([p["out"] for p in parts]), out.detach(), rtol=0, atol=1e-5)
@@ -340,7 +345,7 @@ def ramp_image(width=256, height=192):
 
 def test_located_crop_returns_the_box_and_flip_that_made_the_view():
     source, size = ramp_image(), 64
-    crop, flips = datasets.LocatedCrop(size), set()
+    crop, flips = views.LocatedCrop(size), set()
     for seed in range(8):
         torch.manual_seed(seed)
         view, box, flipped = crop(source)
@@ -360,13 +365,13 @@ def test_located_view_adds_simsiam_colour_steps_after_the_crop():
     def names(transforms):
         return [type(getattr(t, "transforms", [t])[0]).__name__ for t in transforms]
 
-    assert names(datasets.located_view(64).then.transforms) == [
+    assert names(views.located_view(64).then.transforms) == [
         "ColorJitter",
         "RandomGrayscale",
         "RandomGaussianBlur",
     ]
-    assert names(datasets.located_view(32).then.transforms) == ["ColorJitter", "RandomGrayscale"]  # no blur
-    view, box, flipped = datasets.located_view(64)(ramp_image())
+    assert names(views.located_view(32).then.transforms) == ["ColorJitter", "RandomGrayscale"]  # no blur
+    view, box, flipped = views.located_view(64)(ramp_image())
     assert view.size == (64, 64) and box.shape == (4,) and isinstance(flipped, bool)
 
 
@@ -419,8 +424,8 @@ def test_matched_regions_of_real_views_show_the_same_source_pixels():
     for seed in range(6):
         torch.manual_seed(seed)
         (view1, box1, flip1), (view2, box2, flip2) = (
-            datasets.LocatedCrop(size)(source),
-            datasets.LocatedCrop(size)(source),
+            views.LocatedCrop(size)(source),
+            views.LocatedCrop(size)(source),
         )
         r1, r2, overlaps = methods.matched_regions(
             box1[None], torch.tensor([flip1]), box2[None], torch.tensor([flip2]), 3
@@ -496,7 +501,7 @@ def test_the_interventions_in_one_pretraining_run(tmp_path):
     selected and shrunk: the run trains. --whiten is only built here: a 2048-channel IterNorm takes seconds a
     step on the CPU (its own tests above use small widths)."""
     import pretrain
-    from conftest import tiny_args
+    from helpers import tiny_args
 
     bc.save_backbone(bc.resnet_v2("r50x1", "bn", cifar_stem=True), tmp_path / "init.pt")
     interventions = [
@@ -516,7 +521,7 @@ def test_the_interventions_in_one_pretraining_run(tmp_path):
     args = json.loads((tmp_path / "run" / "args.json").read_text())
     assert (args["shrink"], args["select_filters"], args["local_weight"]) == (0.5, 0.5, 0.5)
     args = pretrain.parse_args(argv + ["--whiten", "--out", str(tmp_path / "whitened")])
-    method = pretrain.build_method(args, None, None, torch.device("cpu"))
+    method = pretrain.prepare_method(args, None, None, torch.device("cpu"))
     assert list(iternorms(method.backbone)) == list(iternorms(method.target[0])) == ["blocks.3.2.branch_norm"]
 
 
@@ -524,9 +529,9 @@ def test_a_second_pretraining_starts_from_a_whitened_backbone_as_it_is(tmp_path)
     """pretrain.py --init DIR/backbone.pt of a whitened backbone: the method's backbone is that network, its
     IterNorm's running statistics the file's, with or without --whiten; another placement is refused."""
     import pretrain
-    from conftest import tiny_args
+    from helpers import tiny_args
 
-    backbone = bc.whiten(bc.resnet_v2("r50x1", "bn", cifar_stem=True))
+    backbone = interventions.whiten(bc.resnet_v2("r50x1", "bn", cifar_stem=True))
     with torch.no_grad():
         backbone.blocks[-1][-1].branch_norm.running_whitening.mul_(0.5)  # not what a fresh IterNorm holds
         backbone.blocks[-1][-1].branch_norm.running_mean.fill_(0.25)
@@ -534,7 +539,7 @@ def test_a_second_pretraining_starts_from_a_whitened_backbone_as_it_is(tmp_path)
     saved = torch.load(tmp_path / "whitened.pt")["state_dict"]
     argv = tiny_args(tmp_path) + ["--init", str(tmp_path / "whitened.pt")]
     for whiten in ([], ["--whiten"]):
-        method = pretrain.build_method(pretrain.parse_args(argv + whiten), None, None, torch.device("cpu"))
+        method = pretrain.prepare_method(pretrain.parse_args(argv + whiten), None, None, torch.device("cpu"))
         assert list(iternorms(method.backbone)) == ["blocks.3.2.branch_norm"]
         torch.testing.assert_close(method.backbone.state_dict(), saved, rtol=0, atol=0)
     one_line_user_error(
@@ -555,7 +560,7 @@ def test_a_second_pretraining_starts_from_a_whitened_backbone_as_it_is(tmp_path)
 )
 def test_interventions_that_do_not_fit_are_one_line(tmp_path, extra, message):
     import pretrain
-    from conftest import tiny_args
+    from helpers import tiny_args
 
     bc.save_backbone(bc.resnet_v2("r50x1", "bn", cifar_stem=True), tmp_path / "init.pt")
     extra = [str(tmp_path / "init.pt") if e == "INIT" else e for e in extra]

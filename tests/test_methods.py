@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
-import datasets
 import methods
 import pretrain
+import views
 from bit_convert import resnet_v2
-from conftest import tiny_args
+from helpers import tiny_args
 
 
 def cos(a, b):
@@ -298,13 +298,13 @@ def test_simclr_views_and_head_are_chen_et_als():
     neither bias nor ReLU; temperature 0.5 (App. B.9, lightly's NTXentLoss)."""
     model = build("simclr")
     assert model.views == ("simclr", "simclr") and model.temperature == 0.5
-    crop, flip, jitter, grey, blur = datasets.VIEWS["simclr"](224).transforms
+    crop, flip, jitter, grey, blur = views.VIEWS["simclr"](224).transforms
     assert crop.scale == (0.08, 1.0) and (flip.p, jitter.p, grey.p, blur.p) == (0.5, 0.8, 0.2, 0.5)
     colour = jitter.transforms[0]
     ranges = [colour.brightness, colour.contrast, colour.saturation, colour.hue]
     assert np.allclose(ranges, [(1 - 0.8, 1 + 0.8)] * 3 + [(-0.2, 0.2)])
-    assert isinstance(blur.transforms[0], datasets.RandomGaussianBlur)
-    assert len(datasets.VIEWS["simclr"](32).transforms) == 4  # no blur at 32 px
+    assert isinstance(blur.transforms[0], views.RandomGaussianBlur)
+    assert len(views.VIEWS["simclr"](32).transforms) == 4  # no blur at 32 px
     layers = list(model.projector)
     assert [type(m).__name__ for m in layers] == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
     assert all(m.bias is None for m in layers if isinstance(m, torch.nn.Linear))  # a BN follows each
@@ -315,7 +315,7 @@ def test_simclr_views_and_head_are_chen_et_als():
 
 
 def test_swav_multi_crop_views_have_two_sizes():
-    large, small = datasets.VIEWS["swav"](224), datasets.VIEWS["swav_small"](224)
+    large, small = views.VIEWS["swav"](224), views.VIEWS["swav_small"](224)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 240, 3), dtype=np.uint8))
     assert large(image).size == (224, 224) and small(image).size == (96, 96)
 
@@ -391,7 +391,7 @@ def test_lars_step_against_solo_learns_formula():
     weight, bias = torch.randn(5, 4, generator=g), torch.randn(5, generator=g)
     lr, momentum, decay, eta = 0.3, 0.9, 1e-2, 0.02
     params = [weight.clone().requires_grad_(), bias.clone().requires_grad_()]
-    optimiser = pretrain.LARS([{"params": params}], lr=lr, momentum=momentum, weight_decay=decay)
+    optimiser = methods.LARS([{"params": params}], lr=lr, momentum=momentum, weight_decay=decay)
     w, b = weight.double().numpy(), bias.double().numpy()
     buffers = [None, None]
     for step, scale in enumerate((1e-3, 1.0)):  # a tiny gradient: the ratio is clipped at 1; then below 1

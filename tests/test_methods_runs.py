@@ -11,7 +11,7 @@ from test_pretrain import read_metrics, without_timing
 
 import pretrain
 from bit_convert import load_backbone
-from conftest import run_pretraining_over_gloo, run_script, tiny_args
+from helpers import run_pretraining_over_gloo, run_script, tiny_args
 
 # small queues and prototypes: the SwAV queue (60 = 2 batches) is full, hence in use, from the third step,
 # and --multi-crop puts 8 crops of two sizes through the loop

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 import common
-import datasets
+import evaluation
 import methods
 import pretrain
+import views
 from bit_convert import load_backbone, resnet_v2, save_backbone
-from conftest import REPO, run_pretraining_over_gloo, run_script, tiny_args
+from helpers import REPO, run_pretraining_over_gloo, run_script, tiny_args
 
 TIMING = ("img_per_s", "data_wait", "epoch_s", "eta_s")
 
@@ -41,7 +42,7 @@ def test_learning_rate_follows_warmup_then_cosine():
     peak, steps = 0.03 * 128 / 256, 50
 
     def lr(epoch):  # the lr of the last step of `epoch`
-        return pretrain.learning_rate(round(epoch * steps) - 1, steps, args)
+        return pretrain.scheduled_lr(round(epoch * steps) - 1, steps, args)
 
     assert lr(1) == pytest.approx(peak / 10)
     assert lr(10) == pytest.approx(peak)
@@ -53,9 +54,7 @@ def test_learning_rate_follows_warmup_then_cosine():
 
 def test_seeded_sampler_splits_the_data_between_processes_and_resumes_mid_epoch():
     data = list(range(103))
-    samplers = [
-        datasets.SeededSampler(data, 2, rank, shuffle=True, seed=7, drop_last=True) for rank in (0, 1)
-    ]
+    samplers = [views.SeededSampler(data, 2, rank, shuffle=True, seed=7, drop_last=True) for rank in (0, 1)]
     for s in samplers:
         s.set_epoch(3)
     keys = [list(s) for s in samplers]
@@ -177,9 +176,9 @@ def test_bn_statistics_are_estimated_before_the_model_is_distributed(tmp_path, m
     the CPU (SyncBatchNorm falls back to a plain BatchNorm without a process group), and the estimate must
     come first."""
     events = []
-    estimate = common.estimate_bn_statistics
+    estimate = evaluation.estimate_bn_statistics
     monkeypatch.setattr(
-        pretrain, "estimate_bn_statistics", lambda *a, **k: events.append("estimate") or estimate(*a, **k)
+        evaluation, "estimate_bn_statistics", lambda *a, **k: events.append("estimate") or estimate(*a, **k)
     )
 
     def distribute(method, device, world):
@@ -191,7 +190,7 @@ def test_bn_statistics_are_estimated_before_the_model_is_distributed(tmp_path, m
     assert events == ["estimate", "distribute"]
     backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(resnet_v2("r50x1", "bn", cifar_stem=True))
     with pytest.raises(ValueError, match="before convert_sync_batchnorm"):
-        common.estimate_bn_statistics(
+        evaluation.estimate_bn_statistics(
             backbone, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.device("cpu")
         )
 

@@ -17,7 +17,7 @@ from test_pretrain import read_metrics, without_timing
 import common
 import pretrain
 import runs
-from conftest import REPO, run_script, tiny_args
+from helpers import REPO, run_script, tiny_args
 
 
 def backbone_tensors(out):
@@ -111,7 +111,7 @@ def test_a_warm_up_longer_than_the_run_is_shortened_to_a_tenth_and_said(tmp_path
         "--warmup-epochs 10 would not end before the cosine's horizon (5 epochs)" in capsys.readouterr().out
     )
     peak, steps = pretrain.peak_lr(args), 6
-    lrs = [pretrain.learning_rate(step, steps, args) for step in range(5 * steps)]
+    lrs = [pretrain.scheduled_lr(step, steps, args) for step in range(5 * steps)]
     assert max(lrs) == pytest.approx(peak) and lrs.index(max(lrs)) == 2  # the peak after half an epoch
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
     args = pretrain.parse_args(tiny_args(tmp_path, epochs=50) + ["--warmup-epochs", "10"])
