@@ -199,7 +199,8 @@ def prepare_method(args, data, split, device):
     """The backbone that --init names, changed as the related studies ask (interventions.intervene) and with
     the authors' zero-init, inside the method that --method names, on `device` (channels-last on GPUs: faster
     convs)."""
-    if args.select_filters:  # target-domain images to score the filters on (before the seed: a loader draws)
+    images = None  # target-domain images to score the filters on (before the seed: a loader draws)
+    if args.select_filters:
         images = views.eval_images(data, splits.indices(data, split, "pretrain")[:1024], args.image_size)
     torch.manual_seed(args.seed)
     backbone = build_backbone(
@@ -209,11 +210,11 @@ def prepare_method(args, data, split, device):
     intervene(
         backbone,
         device,
-        args.select_filters,
-        images if args.select_filters else None,
-        args.shrink,
-        whiten_placement(args.whiten),
-        args.seed,
+        select_fraction=args.select_filters,
+        images=images,
+        shrink_factor=args.shrink,
+        whiten_at=whiten_placement(args.whiten),
+        seed=args.seed,
     )
     if args.zero_init_last:
         zero_init_last(backbone)
