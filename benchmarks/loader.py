@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-
-import image_cache
-import views
+from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import datasets  # noqa: E402
+import image_cache  # noqa: E402
+import views  # noqa: E402
 
 
 class DecodeEachTime(torch.utils.data.Dataset):
@@ -36,7 +36,7 @@ class DecodeEachTime(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         image = Image.fromarray(image_cache.read_rgb(self.paths[i], self.size))
-        return [datasets.v2.functional.pil_to_tensor(self.view(image)) for _ in range(2)]
+        return [v2.functional.pil_to_tensor(self.view(image)) for _ in range(2)]
 
 
 def stand_in_jpegs(folder, n):
