@@ -56,25 +56,28 @@ def add_backbone_args(parser, norm_default):
 
 def resolve_backbone_args(args, norm_default, default_size, recorded=None, source=None):
     """Fill in --arch, --norm, --cifar-stem and --image-size: what the flag says, else what the checkpoint
-    `source` records (`recorded`: its metadata), else the script's default. A flag that contradicts the
-    checkpoint is an error for the network's shape; for the image size, a warning (evaluating at another
-    resolution can be deliberate)."""
+    `source` records (`recorded`: its metadata), else the script's default."""
     recorded = recorded or {}
-    for flag in ("arch", "norm", "cifar_stem"):
-        given = getattr(args, flag)
-        if flag in recorded and given is not None and given != recorded[flag]:
-            raise WeightsError(
-                f"--{flag.replace('_', '-')} {given}: {source} holds a backbone with "
-                f"{flag} = {recorded[flag]}; leave the flag out to use it"
-            )
-    if args.image_size is not None and recorded.get("image_size", args.image_size) != args.image_size:
-        print(
-            f"warning: --image-size {args.image_size}, but {source} was pretrained at "
-            f"{recorded['image_size']} px"
-        )
+    check_flags_against(recorded, source, args.arch, args.norm, args.cifar_stem, args.image_size)
     if args.image_size is None:
         args.image_size = recorded.get("image_size", default_size)
     args.arch = args.arch or recorded.get("arch", "r50x1")
     args.norm = args.norm or recorded.get("norm", norm_default)
     if args.cifar_stem is None:
         args.cifar_stem = recorded.get("cifar_stem", args.image_size <= 64)
+
+
+def check_flags_against(recorded, source, arch=None, norm=None, cifar_stem=None, image_size=None):
+    """The backbone flags given (None: not given) against what the checkpoint `source` records: one that
+    contradicts it is an error for the network's shape; for the image size, a warning (evaluating at another
+    resolution can be deliberate)."""
+    for flag, given in (("arch", arch), ("norm", norm), ("cifar_stem", cifar_stem)):
+        if flag in recorded and given is not None and given != recorded[flag]:
+            raise WeightsError(
+                f"--{flag.replace('_', '-')} {given}: {source} holds a backbone with "
+                f"{flag} = {recorded[flag]}; leave the flag out to use it"
+            )
+    if image_size is not None and recorded.get("image_size", image_size) != image_size:
+        print(
+            f"warning: --image-size {image_size}, but {source} was pretrained at {recorded['image_size']} px"
+        )

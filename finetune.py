@@ -35,7 +35,7 @@ import evaluation
 import runs
 import splits
 import views
-from backbones import add_backbone_args, resolve_backbone_args
+from backbones import add_backbone_args, check_flags_against, resolve_backbone_args
 from bit_convert import read_backbone_file
 from common import (
     ArgumentParser,
@@ -436,15 +436,13 @@ def resolve_backbones(args):
     that contradicts any of the checkpoints is refused (e.g. --norm bn for a GroupNorm file)."""
     files = [args.ckpt] if args.ckpt else [Path(f) for f in args.combine or []]
     records = [read_backbone_file(path) for path in files]
-    given = argparse.Namespace(**vars(args))
+    given = (args.arch, args.norm, args.cifar_stem)  # the flags, before the first file fills them in
     default_size = datasets.DEFAULT_SIZE[args.data]
     resolve_backbone_args(
         args, "gn", default_size, records[0] if files else None, files[0] if files else None
     )
     for path, record in zip(files[1:], records[1:]):  # each file keeps its own network; the image size is one
-        resolve_backbone_args(
-            argparse.Namespace(**{**vars(given), "image_size": args.image_size}), "gn", 0, record, path
-        )
+        check_flags_against(record, path, *given, args.image_size)
 
 
 # ------------------------------------------------------------------------------------------------------- main
