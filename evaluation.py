@@ -14,7 +14,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score,
 
 from backbones import build_backbone
 from bit_convert import load_backbone, sha256
-from common import autocast, save_atomic, to_input, write_atomic
+from common import DataError, autocast, save_atomic, to_input, write_atomic
 from splits import indices, split_digest
 from views import eval_images
 
@@ -147,8 +147,11 @@ def part_features(backbone, identity, data, split, part, image_size, cache_dir, 
         return features, labels
     images = eval_images(data, index, image_size, workers)
     features = embed(backbone, images, device).cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_atomic({"features": features, "labels": labels, "sha256": checksum(features)}, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic({"features": features, "labels": labels, "sha256": checksum(features)}, path)
+    except OSError as e:  # a full disk is a UserError of save_atomic's already
+        raise DataError(f"--cache-dir {cache_dir}: cannot write the features there ({e.strerror})") from None
     return features, labels
 
 

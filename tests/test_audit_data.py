@@ -364,3 +364,18 @@ def test_cifar10_batch_that_would_run_code_is_refused_unrun(tmp_path, payload):
     data = load_data(args)
     np.testing.assert_array_equal(data.images, rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     np.testing.assert_array_equal(data.labels, labels)
+
+
+def test_a_feature_cache_that_cannot_be_written_is_one_line(tmp_path):
+    """--cache-dir under a file (or read-only, or a directory that cannot be made): one line naming it, not a
+    traceback after the embedding."""
+    data = datasets.load_digits()
+    split = splits.load_split(data, tmp_path / "split.json", "0.1,0.05,0.05,0.8")
+    (tmp_path / "a-file").write_text("not a directory")
+    cache_dir = tmp_path / "a-file" / "cache"
+    message = failure(
+        lambda: evaluation.part_features(
+            Flatten(), "stand-in", data, split, "train", 8, cache_dir, 0, torch.device("cpu")
+        )
+    )
+    assert f"--cache-dir {cache_dir}" in message
