@@ -94,7 +94,7 @@ def main(argv=None):
         announce(args, data, split, split_file, world, device, steps_per_epoch, state)
         if not state.history:  # row 0: the network as initialised, the floor that training must rise above
             state.history.append(dict.fromkeys(COLUMNS) | {"epoch": 0, **monitor.initial(method.backbone)})
-    model, stop = distribute(method, device, world), runs.StopSignal(world > 1, device)
+    model, stop = distribute(method, device), runs.StopSignal(dist.is_initialized(), device)
     start = state.epoch
     for epoch in range(start, args.epochs + 1):
         model.train()
@@ -144,7 +144,7 @@ def main(argv=None):
         row = state.end_epoch(optimizer.param_groups[0]["lr"], seconds, waited, first_step, args.batch_size)
         if rank == 0:
             finish_epoch(row, args, state, method, optimizer, scaler, monitor, split, first=epoch == start)
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return 0
 
@@ -153,8 +153,10 @@ def main(argv=None):
 
 
 def init_process(args):
-    """(rank, world size, device): one process, or one of torchrun's, each on its own GPU."""
-    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    """(rank, world size, device): one process, or one of torchrun's, each on its own GPU. Under torchrun
+    (which sets RANK and WORLD_SIZE, the test torchvision's reference scripts use) the process group and DDP
+    are made whatever the count, so that `--nproc_per_node 1` runs the same NCCL path as eight."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if distributed:
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     device = torch.device(args.device)
@@ -245,10 +247,10 @@ def pretrain_loader(data, split, method, args, rank, world, device):
     return loader, sampler, len(sampler) // (args.batch_size // world)
 
 
-def distribute(method, device, world):
+def distribute(method, device):
     """DistributedDataParallel, with SyncBatchNorm on GPUs: SimSiam's BN statistics are over the global batch.
     DDP's constructor broadcasts process 0's parameters and buffers, its BN statistics of row 0 included."""
-    if world == 1:
+    if not dist.is_initialized():
         return method
     if device.type == "cuda":
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
@@ -423,8 +425,9 @@ def announce(args, data, split, split_file, world, device, steps_per_epoch, stat
     keep_finished_backbone(args, state.epoch)
     print(splits.summary(data, split, split_file))
     stem, precision = " cifar-stem" if args.cifar_stem else "", str(amp_dtype(device)).removeprefix("torch.")
+    processes = f"{world} process(es)" + (f" over {dist.get_backend()}" if dist.is_initialized() else "")
     print(
-        f"{args.method}, {args.init} {args.arch}/{args.norm}{stem}, {world} process(es) on {device}, "
+        f"{args.method}, {args.init} {args.arch}/{args.norm}{stem}, {processes} on {device}, "
         f"batch {args.batch_size}, peak lr {peak_lr(args):g}, {steps_per_epoch} steps per epoch, {precision}"
     )
     if state.history:

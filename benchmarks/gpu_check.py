@@ -1,7 +1,7 @@
 """One check of every GPU path, and the throughput figures, in one command under a time budget.
 
     python benchmarks/gpu_check.py                            # on a CUDA machine: 224 px, batch 128
-    python benchmarks/gpu_check.py --device cpu --tiny        # the same sequence at 8 px, about a minute
+    python benchmarks/gpu_check.py --device cpu --tiny        # the same sequence at 8 px, about 3 min
 
 It makes its own data (a HAM10000-like folder: HAM10000_metadata.csv and a JPEG per image, in a temporary
 dir), then runs the real scripts as subprocesses, each a short run: pretrain.py for every --method (bf16 where
@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import datasets  # noqa: E402
 import pretrain  # noqa: E402
-from common import amp_dtype, autocast, to_input  # noqa: E402
+from common import amp_dtype, autocast, to_input, write_atomic  # noqa: E402
 
 # fp16 + GradScaler is what common.amp_dtype picks on a GPU without fast bf16 (V100, T4). To force it on any
 # GPU, without a switch in the scripts, the script runs with torch.cuda.is_bf16_supported answering False.
@@ -68,19 +68,27 @@ def write_ham_like(root, images, size, seed=0):
 
 
 class Check:
-    """The paths run one after another under the budget; each records its status and seconds."""
+    """The paths run one after another under the budget; each records its status and seconds, and the report
+    is rewritten after each, so that a check killed from outside still leaves what it had measured."""
 
-    def __init__(self, budget_s, margin_s):
+    def __init__(self, budget_s, margin_s, report_file, header):
         self.start, self.budget_s, self.margin_s = time.perf_counter(), budget_s, margin_s
-        self.paths, self.figures = {}, {}
+        self.report_file, self.header, self.paths = report_file, header, {}
 
     def left(self):
         return self.budget_s - (time.perf_counter() - self.start)
+
+    def report(self):
+        seconds = round(time.perf_counter() - self.start, 1)
+        report = {**self.header, "seconds": seconds, "paths": self.paths}
+        write_atomic(self.report_file, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+        return report
 
     def run(self, name, work):
         """work() returns a dict of details or raises; it gets the seconds left as its timeout."""
         if self.left() < self.margin_s:
             self.paths[name] = {"status": "skipped-for-budget", "seconds": 0.0}
+            self.report()
             return
         tic = time.perf_counter()
         try:
@@ -89,6 +97,7 @@ class Check:
             details, status = {"error": str(error)[-2000:]}, "failed"
         self.paths[name] = {"status": status, "seconds": round(time.perf_counter() - tic, 1), **details}
         print(f"{name:28s} {status:8s} {self.paths[name]['seconds']:7.1f} s", flush=True)
+        self.report()
 
 
 def script(command, timeout, **popen):
@@ -104,14 +113,23 @@ def last_row(out):
         return list(csv.DictReader(f))[-1]
 
 
-def max_abs_difference(a, b):
-    first, second = (torch.load(p, weights_only=True)["state_dict"] for p in (a, b))
-    return max((first[k].float() - second[k].float()).abs().max().item() for k in first)
+def differences(a, b):
+    """Two backbone.pt files: the largest difference of any weight or buffer, and the whole state's relative
+    difference ||a - b|| / ||b|| (one large buffer can make the first say little of the rest)."""
+    first, second = (
+        {k: v.double() for k, v in torch.load(p, weights_only=True)["state_dict"].items()} for p in (a, b)
+    )
+    largest = max((first[k] - second[k]).abs().max().item() for k in first)
+    apart = sum((first[k] - second[k]).square().sum() for k in first).sqrt()
+    size = sum(second[k].square().sum() for k in first).sqrt()
+    return {"max_abs_difference": largest, "relative_difference": (apart / size).item()}
 
 
-def stop_and_resume(command, out, reference, exact, timeout):
+def stop_and_resume(command, out, reference, exact, timeout, twin=None):
     """SIGTERM once the first epoch's last.pt exists, then --resume; the result against `reference`, the
-    backbone of the same run never stopped."""
+    backbone of the same run never stopped. On the CPU they must be equal; on a GPU, where cuDNN's autotuned
+    kernels are not deterministic, the difference is reported beside that of `twin`, another uninterrupted
+    run of the same configuration, if it exists."""
     deadline = time.perf_counter() + timeout
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not (out / "last.pt").exists() and process.poll() is None and time.perf_counter() < deadline:
@@ -122,16 +140,19 @@ def stop_and_resume(command, out, reference, exact, timeout):
         raise RuntimeError(f"stopped run: exit {process.returncode}, expected 143: {stderr[-1500:]}")
     resume = [sys.executable, "pretrain.py", "--out", str(out), "--resume"]
     script(resume, max(deadline - time.perf_counter(), 1))
-    difference = max_abs_difference(out / "backbone.pt", reference)
-    if exact and difference != 0:
-        raise RuntimeError(f"resumed backbone differs from the uninterrupted run's by {difference:g}")
-    return {"max_abs_difference": difference}
+    found = differences(out / "backbone.pt", reference)
+    if exact and found["max_abs_difference"] != 0:
+        raise RuntimeError(f"resumed backbone differs from the uninterrupted run's: {found}")
+    if twin is not None and twin.exists():
+        found |= {f"uninterrupted_{k}": v for k, v in differences(twin, reference).items()}
+    return found
 
 
 def model_only(size, batch_size, warmup, steps, device, channels_last):
     """pretrain.py's step (SimSiam, R50x1 BN, autocast, GradScaler) on two views already on the device: the
     images per second the model alone allows, and its peak memory."""
     args = pretrain.parse_args(["--data", "ham10000", "--image-size", str(size), "--device", str(device)])
+    _, _, device = pretrain.init_process(args)  # as pretrain.py: cuDNN autotuning on
     method = pretrain.prepare_method(args, None, None, device)
     if not channels_last:
         method = method.to(memory_format=torch.contiguous_format)
@@ -163,6 +184,8 @@ def model_only(size, batch_size, warmup, steps, device, channels_last):
     figures = {"img_per_s": steps * batch_size / (time.perf_counter() - tic)}
     if device.type == "cuda":
         figures["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        del method, optimizer, views
+        torch.cuda.empty_cache()  # the scripts that run next have the GPU to themselves
     return figures
 
 
@@ -185,17 +208,28 @@ def main():
     # 8 px, 40% to pretrain on, 2 steps of 16 an epoch (5 stratified folds: 5 lesions a class).
     size, batch, images, epochs = (8, 16, 80, 2) if args.tiny else (224, 128, 1280, 5)
     split = "0.4,0.2,0.2,0.2" if args.tiny else "0.6,0.1,0.1,0.2"
-    workers = 0 if args.tiny else min(8, os.cpu_count() or 1)
+    # the tiny run loads in the main process; a GPU run keeps the scripts' default, a worker per core up to 16
+    workers = ["--workers", "0"] if args.tiny else []
     gpus = torch.cuda.device_count() if device.type == "cuda" else 2  # two gloo processes on the CPU
-    check = Check(args.budget_s, margin_s=5 if args.tiny else 20)
-    wanted = set(args.only.split(",")) if args.only else None
     args.out.mkdir(parents=True, exist_ok=True)
+    header = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "precision": str(amp_dtype(device)).removeprefix("torch."),
+        "image_size": size,
+        "batch_size": batch,
+        "budget_s": args.budget_s,
+        "cpus": os.cpu_count(),
+    }
+    check = Check(args.budget_s, 5 if args.tiny else 20, args.out / "gpu_check.json", header)
+    wanted = set(args.only.split(",")) if args.only else None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_ham_like(tmp / "ham", images, size)
         data = ["--data", "ham10000", "--data-root", str(tmp / "ham"), "--image-size", str(size)]
         data += ["--split", split, "--split-file", str(tmp / "split.json")]
-        data += ["--cache-dir", str(tmp / "cache"), "--device", args.device, "--workers", str(workers)]
+        data += ["--cache-dir", str(tmp / "cache"), "--device", args.device, *workers]
         train = ["--batch-size", str(batch), "--epochs", str(epochs), "--warmup-epochs", "1"]
         train += ["--eval-every", str(epochs)]
         python = [sys.executable]
@@ -204,33 +238,38 @@ def main():
             if wanted is None or name in wanted:
                 check.run(name, work)
 
-        def pretraining(name, *flags, launcher=python, precision=None):
+        def pretraining(name, *flags, launcher=python, expect=None):
             def work(timeout):
                 out = tmp / name
                 done = script([*launcher, "pretrain.py", *data, *train, *flags, "--out", str(out)], timeout)
-                if precision and f"steps per epoch, {precision}" not in done.stdout:
-                    raise RuntimeError(f"pretrain.py did not run in {precision}")
+                if expect and expect not in done.stdout:
+                    raise RuntimeError(f"pretrain.py did not announce {expect!r}: {done.stdout[-1500:]}")
                 row = last_row(out)
                 return {"img_per_s": float(row["img_per_s"]), "data_wait": float(row["data_wait"])}
 
             path(name, work)
 
-        for method in ("simsiam", "simclr", "byol", "mocov2", "swav"):
-            pretraining(f"pretrain-{method}", "--method", method)
-        fp16 = (
-            "float16" if device.type == "cuda" else None
-        )  # the CPU computes in float32 whatever the GPU can
-        pretraining("pretrain-simsiam-fp16", launcher=[sys.executable, "-c", FORCE_FP16], precision=fp16)
-        pretraining("pretrain-whiten", "--whiten")
-        pretraining("pretrain-mocov2-local", "--method", "mocov2", "--local-weight", "0.5")
+        # The figures first, then the paths every run takes, then each method's own: what the budget cuts
+        # is the least shared.
+        warmup, steps = (1, 2) if args.tiny else (3, 20)
+        for layout, channels_last in (("channels-last", True), ("contiguous", False)):
+            path(
+                f"model-only-{layout}",
+                lambda t, c=channels_last: model_only(size, batch, warmup, steps, device, c),
+            )
+        pretraining("pretrain-simsiam", "--method", "simsiam")
+        # the CPU computes in float32 whatever the GPU can
+        fp16 = "steps per epoch, float16" if device.type == "cuda" else None
+        pretraining("pretrain-simsiam-fp16", launcher=[sys.executable, "-c", FORCE_FP16], expect=fp16)
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
-        pretraining("torchrun", launcher=torchrun)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        pretraining("torchrun", launcher=torchrun, expect=f"{gpus} process(es) over {backend}")
         backbone = tmp / "pretrain-simsiam" / "backbone.pt"
+        # one GPU: torchrun's run is the same run again (two gloo processes on the CPU are not)
+        twin = tmp / "torchrun" / "backbone.pt" if device.type == "cuda" and gpus == 1 else None
         stopped = [sys.executable, "pretrain.py", *data, *train, "--out", str(tmp / "stopped")]
-        path(
-            "sigterm-resume",
-            lambda t: stop_and_resume(stopped, tmp / "stopped", backbone, device.type == "cpu", t),
-        )
+        exact = device.type == "cpu"
+        path("sigterm-resume", lambda t: stop_and_resume(stopped, tmp / "stopped", backbone, exact, t, twin))
         evaluation = [*data, "--ckpt", str(backbone), "--epochs", "2", "--trials", "1"]
         path(
             "linear-eval",
@@ -241,25 +280,12 @@ def main():
         # half the batch: the train part (10% of the images, split by lesion) may hold fewer than 128
         finetune = [*python, "finetune.py", *evaluation, "--tune", "q4", "--batch-size", str(batch // 2)]
         path("finetune-q4", lambda t: script([*finetune, "--out", str(tmp / "finetune")], t) and {})
-        warmup, steps = (1, 2) if args.tiny else (3, 20)
-        for layout, channels_last in (("channels-last", True), ("contiguous", False)):
-            path(
-                f"model-only-{layout}",
-                lambda t, c=channels_last: model_only(size, batch, warmup, steps, device, c),
-            )
-    report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "precision": str(amp_dtype(device)).removeprefix("torch."),
-        "image_size": size,
-        "batch_size": batch,
-        "budget_s": args.budget_s,
-        "seconds": round(time.perf_counter() - check.start, 1),
-        "paths": check.paths,
-    }
-    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    print_table(report)
+        for method in ("simclr", "byol", "swav"):
+            pretraining(f"pretrain-{method}", "--method", method)
+        # MoCo v2 once, with the local loss that only it takes: both paths in one run
+        pretraining("pretrain-mocov2-local", "--method", "mocov2", "--local-weight", "0.5")
+        pretraining("pretrain-whiten", "--whiten")
+    print_table(check.report())
     failed = [name for name, p in check.paths.items() if p["status"] == "failed"]
     if failed:
         sys.exit(f"gpu_check.py: failed: {', '.join(failed)} (details in {args.out / 'gpu_check.json'})")

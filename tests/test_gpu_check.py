@@ -8,37 +8,32 @@ import pytest
 from helpers import run_script
 
 PATHS = [
-    *(f"pretrain-{m}" for m in ("simsiam", "simclr", "byol", "mocov2", "swav")),
+    "model-only-channels-last",
+    "model-only-contiguous",
+    "pretrain-simsiam",
     "pretrain-simsiam-fp16",
-    "pretrain-whiten",
-    "pretrain-mocov2-local",
     "torchrun",
     "sigterm-resume",
     "linear-eval",
     "finetune-q4",
-    "model-only-channels-last",
-    "model-only-contiguous",
+    *(f"pretrain-{m}" for m in ("simclr", "byol", "swav", "mocov2-local", "whiten")),
 ]
+HEADER = {"device", "torch", "cuda", "precision", "image_size", "batch_size", "budget_s", "cpus", "seconds"}
+
+
+def gpu_check(out, *flags, timeout=600):
+    return run_script(
+        "benchmarks/gpu_check.py", "--device", "cpu", "--tiny", "--out", out, *flags, timeout=timeout
+    )
 
 
 @pytest.mark.slow
 def test_every_path_runs_on_the_cpu_and_is_reported(tmp_path):
-    run = run_script(
-        "benchmarks/gpu_check.py",
-        "--device",
-        "cpu",
-        "--tiny",
-        "--budget-s",
-        "1200",
-        "--out",
-        tmp_path,
-        timeout=1300,
-    )
+    """The whole sequence, as a GPU runs it: about 3 minutes here (each path a real script run of R50x1)."""
+    run = gpu_check(tmp_path, "--budget-s", "1200", timeout=1300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert {"device", "torch", "cuda", "precision", "image_size", "batch_size", "seconds", "paths"} <= set(
-        report
-    )
+    assert HEADER | {"paths"} <= set(report)
     assert list(report["paths"]) == PATHS
     assert {p["status"] for p in report["paths"].values()} == {"ok"}
     for name in [n for n in PATHS if n.startswith(("pretrain", "torchrun", "model-only"))]:
@@ -49,23 +44,36 @@ def test_every_path_runs_on_the_cpu_and_is_reported(tmp_path):
     assert "model-only-contiguous" in run.stdout  # the table
 
 
+def test_the_shared_paths_run_on_the_cpu(tmp_path):
+    """In the default run: the paths every method shares (pretraining, SIGTERM then --resume, linear_eval.py,
+    finetune.py --tune q4 on its backbone, the model-only figures), about 50 s; the rest is -m slow above."""
+    shared = ["model-only-contiguous", "pretrain-simsiam", "sigterm-resume", "linear-eval", "finetune-q4"]
+    run = gpu_check(tmp_path, "--only", ",".join(shared))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert HEADER <= set(report) and report["device"] == "cpu" and report["precision"] == "float32"
+    assert list(report["paths"]) == shared
+    assert {p["status"] for p in report["paths"].values()} == {"ok"}
+    resumed = report["paths"]["sigterm-resume"]
+    assert resumed["max_abs_difference"] == 0 and resumed["relative_difference"] == 0
+    assert report["paths"]["pretrain-simsiam"]["img_per_s"] > 0
+    assert 0 < report["paths"]["pretrain-simsiam"]["data_wait"] < 1
+    assert report["paths"]["model-only-contiguous"]["img_per_s"] > 0
+
+
 def test_a_failed_path_exits_non_zero_and_is_named(tmp_path):
-    """In the default run (the whole dry run is -m slow): the model-only measurement, which must report its
-    figures, and linear_eval.py alone, without the pretraining that makes its backbone: it fails, and the
-    check names it and exits non-zero."""
-    run = run_script(
-        "benchmarks/gpu_check.py",
-        "--device",
-        "cpu",
-        "--tiny",
-        "--only",
-        "model-only-contiguous,linear-eval",
-        "--out",
-        tmp_path,
-    )
+    """linear_eval.py alone, without the pretraining that makes its backbone: it fails, and the check names
+    it, keeps its error in the report and exits non-zero."""
+    run = gpu_check(tmp_path, "--only", "linear-eval")
     assert run.returncode == 1
     assert "failed: linear-eval" in run.stderr
+    failed = json.loads((tmp_path / "gpu_check.json").read_text())["paths"]["linear-eval"]
+    assert failed["status"] == "failed" and "backbone.pt" in failed["error"]
+
+
+def test_a_path_the_budget_cannot_hold_is_skipped_and_reported(tmp_path):
+    run = gpu_check(tmp_path, "--only", "pretrain-simsiam", "--budget-s", "1")
+    assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["paths"]["linear-eval"]["status"] == "failed"
-    assert report["paths"]["model-only-contiguous"]["status"] == "ok"
-    assert report["paths"]["model-only-contiguous"]["img_per_s"] > 0
+    assert report["paths"] == {"pretrain-simsiam": {"status": "skipped-for-budget", "seconds": 0.0}}
+    assert "skipped-for-budget" in run.stdout

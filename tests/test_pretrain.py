@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -153,6 +154,30 @@ def test_two_processes_over_gloo(tmp_path):
     assert load_backbone(tmp_path / "run" / "backbone.pt")[1]["epoch"] == 1
 
 
+def test_one_torchrun_process_still_runs_the_process_group_and_ddp(monkeypatch):
+    """torchrun --nproc_per_node 1 (RANK and WORLD_SIZE set) takes the distributed path, as a machine with one
+    GPU must to exercise NCCL; a plain `python pretrain.py` does not."""
+    args = pretrain.parse_args(["--data", "digits", "--device", "cpu"])
+    assert pretrain.init_process(args) == (0, 1, torch.device("cpu"))
+    assert not torch.distributed.is_initialized()
+    layer = torch.nn.Linear(2, 2)
+    assert pretrain.distribute(layer, torch.device("cpu")) is layer
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    try:
+        assert pretrain.init_process(args) == (0, 1, torch.device("cpu"))
+        assert torch.distributed.get_backend() == "gloo"
+        assert isinstance(
+            pretrain.distribute(layer, torch.device("cpu")), torch.nn.parallel.DistributedDataParallel
+        )
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_the_reshaped_code_gives_the_numbers_of_the_code_before_it(tmp_path):
     """Issue 8 moved the code around without changing what it computes: the same seed gives the metrics.csv
     that pretrain.py wrote before (tests/data/pinned_metrics.csv, from commit bc87b32)."""
@@ -181,7 +206,7 @@ def test_bn_statistics_are_estimated_before_the_model_is_distributed(tmp_path, m
         evaluation, "estimate_bn_statistics", lambda *a, **k: events.append("estimate") or estimate(*a, **k)
     )
 
-    def distribute(method, device, world):
+    def distribute(method, device):
         events.append("distribute")
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
 
