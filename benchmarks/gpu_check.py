@@ -1,7 +1,7 @@
 """One check of every GPU path, and the throughput figures, in one command under a time budget.
 
     python benchmarks/gpu_check.py                            # on a CUDA machine: 224 px, batch 128
-    python benchmarks/gpu_check.py --device cpu --tiny        # the same sequence at 8 px, about 3 min
+    python benchmarks/gpu_check.py --device cpu --tiny        # the same sequence at 8 px, 3 - 4 min
 
 It makes its own data (a HAM10000-like folder: HAM10000_metadata.csv and a JPEG per image, in a temporary
 dir), then runs the real scripts as subprocesses, each a short run: pretrain.py for every --method (bf16 where

@@ -7,6 +7,8 @@ import pytest
 
 from helpers import run_script
 
+pytestmark = pytest.mark.script  # every test here runs the check, which runs the scripts
+
 PATHS = [
     "model-only-channels-last",
     "model-only-contiguous",
@@ -29,7 +31,7 @@ def gpu_check(out, *flags, timeout=600):
 
 @pytest.mark.slow
 def test_every_path_runs_on_the_cpu_and_is_reported(tmp_path):
-    """The whole sequence, as a GPU runs it: about 3 minutes here (each path a real script run of R50x1)."""
+    """The whole sequence, as a GPU runs it: 3 to 4 minutes here (each path a real script run of R50x1)."""
     run = gpu_check(tmp_path, "--budget-s", "1200", timeout=1300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -46,7 +48,7 @@ def test_every_path_runs_on_the_cpu_and_is_reported(tmp_path):
 
 def test_the_shared_paths_run_on_the_cpu(tmp_path):
     """In the default run: the paths every method shares (pretraining, SIGTERM then --resume, linear_eval.py,
-    finetune.py --tune q4 on its backbone, the model-only figures), about 50 s; the rest is -m slow above."""
+    finetune.py --tune q4 on its backbone, the model-only figures), about 60 s; the rest is -m slow above."""
     shared = ["model-only-contiguous", "pretrain-simsiam", "sigterm-resume", "linear-eval", "finetune-q4"]
     run = gpu_check(tmp_path, "--only", ",".join(shared))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -71,11 +71,15 @@ def test_seeded_sampler_splits_the_data_between_processes_and_resumes_mid_epoch(
 # ------------------------------------------------------------------------------------------------- whole runs
 
 
+# The seed of tests/data/pinned_metrics.csv: the run below is also the one pinned to those numbers
+SEED = ["--seed", "3"]
+
+
 @pytest.fixture(scope="module")
 def complete_run(tmp_path_factory):
     """Two epochs, uninterrupted, in-process."""
     tmp = tmp_path_factory.mktemp("complete")
-    pretrain.main(tiny_args(tmp) + ["--save-at", "1"])
+    pretrain.main(tiny_args(tmp) + SEED + ["--save-at", "1"])
     return tmp, tmp / "run"
 
 
@@ -114,7 +118,7 @@ def test_the_same_seed_gives_the_same_run_and_a_stop_by_signal_resumes_exactly(c
     """SIGTERM during the second epoch, then --resume: the final weights and metrics are those of the run that
     was never interrupted. The interrupted run also loads with two worker processes: the augmentations depend
     on the seed, epoch and image alone."""
-    args = tiny_args(tmp_path)
+    args = tiny_args(tmp_path) + SEED
     args[args.index("--split-file") + 1] = str(complete_run[0] / "split.json")
     args[args.index("--workers") + 1] = "2"
     env = {
@@ -178,14 +182,12 @@ def test_one_torchrun_process_still_runs_the_process_group_and_ddp(monkeypatch):
         torch.distributed.destroy_process_group()
 
 
-def test_the_reshaped_code_gives_the_numbers_of_the_code_before_it(tmp_path):
+def test_the_reshaped_code_gives_the_numbers_of_the_code_before_it(complete_run):
     """Issue 8 moved the code around without changing what it computes: the same seed gives the metrics.csv
     that pretrain.py wrote before (tests/data/pinned_metrics.csv, from commit bc87b32)."""
-    run = run_script("pretrain.py", *tiny_args(tmp_path), "--seed", "3")
-    assert run.returncode == 0, run.stderr
     with open(REPO / "tests" / "data" / "pinned_metrics.csv", newline="") as f:
         pinned = list(csv.DictReader(f))
-    got = read_metrics(tmp_path / "run")
+    got = read_metrics(complete_run[1])
     assert len(got) == len(pinned)
     for row, expected in zip(got, pinned):
         for column, value in expected.items():

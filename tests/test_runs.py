@@ -52,6 +52,8 @@ def test_a_live_run_keeps_its_directory_and_a_dead_one_does_not(tmp_path):
 # ------------------------------------------------------------------------------------------------------ kill
 # -9
 
+HORIZON = ["--cosine-epochs", "4"]
+
 
 def start(args, env):
     return subprocess.Popen(
@@ -76,14 +78,28 @@ def kill_when(process, ready, then=0.0, timeout=240):
     assert process.returncode == -signal.SIGKILL
 
 
-def test_kill_9_at_any_moment_then_resume_ends_as_the_uninterrupted_run(tmp_path):
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    """Two epochs of a cosine whose horizon is four, uninterrupted, in-process (one thread, as the scripts in
+    run_script): what a killed run and an extended run must each end as."""
+    tmp = tmp_path_factory.mktemp("whole")
+    assert pretrain.main(tiny_args(tmp) + HORIZON) == 0
+    return tmp / "run"
+
+
+def continued_args(tmp, whole_run, epochs=2, out="run"):
+    """The whole run's flags and split, for a run in `tmp`."""
+    args = tiny_args(tmp, epochs, out) + HORIZON
+    args[args.index("--split-file") + 1] = str(whole_run / "split.json")
+    return args
+
+
+def test_kill_9_at_any_moment_then_resume_ends_as_the_uninterrupted_run(tmp_path, whole_run):
     """Killed while it starts (args.json written, nothing trained), right after its first last.pt, and in the
     middle of the second epoch; each time --resume. The last.pt of the kill is the state replayed: the end is
     bit-identical to a run never interrupted, and the stale .lock of the killed processes is no obstacle."""
     env = {"OMP_NUM_THREADS": "1"}
-    whole = run_script("pretrain.py", *tiny_args(tmp_path, out="whole"), env=env)
-    assert whole.returncode == 0, whole.stderr
-    args = tiny_args(tmp_path, out="killed")
+    args = continued_args(tmp_path, whole_run, out="killed")
     out, resume = tmp_path / "killed", ["--out", str(tmp_path / "killed"), "--resume", "--workers", "0"]
     kill_when(start(args, env), lambda: (out / "args.json").exists())
     assert not (out / "last.pt").exists()
@@ -95,9 +111,9 @@ def test_kill_9_at_any_moment_then_resume_ends_as_the_uninterrupted_run(tmp_path
     finished = run_script("pretrain.py", *resume, env=env)
     assert finished.returncode == 0, finished.stderr
     assert "resumed" in finished.stdout and "epoch 2:" in finished.stdout
-    expected, got = backbone_tensors(tmp_path / "whole"), backbone_tensors(out)
+    expected, got = backbone_tensors(whole_run), backbone_tensors(out)
     assert expected.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
-    assert without_timing(read_metrics(out)) == without_timing(read_metrics(tmp_path / "whole"))
+    assert without_timing(read_metrics(out)) == without_timing(read_metrics(whole_run))
 
 
 # ------------------------------------------------------------------------------------------- schedule and
@@ -118,21 +134,19 @@ def test_a_warm_up_longer_than_the_run_is_shortened_to_a_tenth_and_said(tmp_path
     assert args.warmup_epochs == 10  # one that fits is left alone
 
 
-def test_a_finished_run_with_an_explicit_horizon_can_be_extended_exactly(tmp_path, capsys):
+def test_a_finished_run_with_an_explicit_horizon_can_be_extended_exactly(tmp_path, whole_run, capsys):
     """--cosine-epochs 4: one epoch, then --resume --epochs 2, ends as a two-epoch run of the same horizon
     (its backbone.pt of epoch 1 kept as backbone_ep1.pt). The horizon itself may not change."""
-    horizon = ["--cosine-epochs", "4", "--split-file", str(tmp_path / "split.json")]
-    pretrain.main(tiny_args(tmp_path, epochs=2, out="whole") + horizon)
-    pretrain.main(tiny_args(tmp_path, epochs=1, out="extended") + horizon)
+    pretrain.main(continued_args(tmp_path, whole_run, epochs=1, out="extended"))
     first = backbone_tensors(tmp_path / "extended")
     pretrain.main(["--out", str(tmp_path / "extended"), "--resume", "--epochs", "2"])
     extended = tmp_path / "extended"
     assert json.loads((extended / "args.json").read_text())["epochs"] == 2
     kept = torch.load(extended / "backbone_ep1.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(kept[k], v) for k, v in first.items())
-    expected, got = backbone_tensors(tmp_path / "whole"), backbone_tensors(extended)
+    expected, got = backbone_tensors(whole_run), backbone_tensors(extended)
     assert all(torch.equal(got[k], v) for k, v in expected.items())
-    assert without_timing(read_metrics(extended)) == without_timing(read_metrics(tmp_path / "whole"))
+    assert without_timing(read_metrics(extended)) == without_timing(read_metrics(whole_run))
     rows = read_metrics(extended)
     assert float(rows[1]["eta_s"]) == pytest.approx(0.0)  # epoch 1 was the last, then
     assert (
