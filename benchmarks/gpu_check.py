@@ -36,13 +36,31 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import datasets  # noqa: E402
 import pretrain  # noqa: E402
-from common import amp_dtype, autocast, to_input, write_atomic  # noqa: E402
+from common import amp_dtype, autocast, device_name, finite_float, output_dir, run, to_input, write_atomic  # noqa: E402
 
 # fp16 + GradScaler is what common.amp_dtype picks on a GPU without fast bf16 (V100, T4). To force it on any
 # GPU, without a switch in the scripts, the script runs with torch.cuda.is_bf16_supported answering False.
 FORCE_FP16 = (
     "import runpy, sys, torch; torch.cuda.is_bf16_supported = lambda *a, **k: False; "
     "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+# The sequence, in the order it runs: the figures, the paths every run takes, then each method's own, so that
+# what the budget cuts is the least shared.
+PATHS = (
+    "model-only-channels-last",
+    "model-only-contiguous",
+    "pretrain-simsiam",
+    "pretrain-simsiam-fp16",
+    "torchrun",
+    "sigterm-resume",
+    "linear-eval",
+    "finetune-q4",
+    "pretrain-simclr",
+    "pretrain-byol",
+    "pretrain-swav",
+    "pretrain-mocov2-local",
+    "pretrain-whiten",
 )
 
 
@@ -193,17 +211,19 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", type=device_name, default="cuda")
     parser.add_argument("--tiny", action="store_true", help="8 px, batch 16, 2 epochs of 2 steps")
-    parser.add_argument("--budget-s", type=float, default=420, help="stop before this many seconds")
+    parser.add_argument("--budget-s", type=finite_float, default=420, help="stop before this many seconds")
     parser.add_argument("--out", type=Path, default=Path("runs/gpu-check"))
-    parser.add_argument("--only", help="comma-separated path names to run (default: all)")
+    parser.add_argument(
+        "--only", help=f"comma-separated path names to run (default: all): {', '.join(PATHS)}"
+    )
     args = parser.parse_args()
+    wanted = set(args.only.split(",")) if args.only else set(PATHS)
+    if wanted - set(PATHS):
+        unknown = ", ".join(sorted(wanted - set(PATHS)))
+        parser.error(f"--only: no path named {unknown} (the paths: {', '.join(PATHS)})")
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit(
-            "gpu_check.py: error: --device cuda: no CUDA device here (--device cpu --tiny for a dry run)"
-        )
     # 1280 images of 224 px, 60% to pretrain on (paper §3): 6 steps of 128 an epoch, 30 in all. Tiny: 80 of
     # 8 px, 40% to pretrain on, 2 steps of 16 an epoch (5 stratified folds: 5 lesions a class).
     size, batch, images, epochs = (8, 16, 80, 2) if args.tiny else (224, 128, 1280, 5)
@@ -211,7 +231,7 @@ def main():
     # the tiny run loads in the main process; a GPU run keeps the scripts' default, a worker per core up to 16
     workers = ["--workers", "0"] if args.tiny else []
     gpus = torch.cuda.device_count() if device.type == "cuda" else 2  # two gloo processes on the CPU
-    args.out.mkdir(parents=True, exist_ok=True)
+    output_dir(args.out)
     header = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -223,7 +243,6 @@ def main():
         "cpus": os.cpu_count(),
     }
     check = Check(args.budget_s, 5 if args.tiny else 20, args.out / "gpu_check.json", header)
-    wanted = set(args.only.split(",")) if args.only else None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_ham_like(tmp / "ham", images, size)
@@ -235,7 +254,7 @@ def main():
         python = [sys.executable]
 
         def path(name, work):
-            if wanted is None or name in wanted:
+            if name in wanted:
                 check.run(name, work)
 
         def pretraining(name, *flags, launcher=python, expect=None):
@@ -249,8 +268,6 @@ def main():
 
             path(name, work)
 
-        # The figures first, then the paths every run takes, then each method's own: what the budget cuts
-        # is the least shared.
         warmup, steps = (1, 2) if args.tiny else (3, 20)
         for layout, channels_last in (("channels-last", True), ("contiguous", False)):
             path(
@@ -301,4 +318,4 @@ def print_table(report):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -79,3 +79,18 @@ def test_a_path_the_budget_cannot_hold_is_skipped_and_reported(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["paths"] == {"pretrain-simsiam": {"status": "skipped-for-budget", "seconds": 0.0}}
     assert "skipped-for-budget" in run.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, code, error",
+    [  # argparse's exit 2 for a flag's value, the scripts' exit 1 for a place that cannot take the report
+        (["--only", "pretrain-simsiam,pretrain-simsam"], 2, "--only: no path named pretrain-simsam"),
+        (["--budget-s", "nan"], 2, "--budget-s: expected a finite number, not 'nan'"),
+        (["--out", "{tmp}/file"], 1, "file, not a directory"),
+    ],
+)
+def test_a_bad_flag_is_one_line_and_nothing_runs(tmp_path, flags, code, error):
+    (tmp_path / "file").write_text("kept\n")
+    run = gpu_check(tmp_path, *[f.format(tmp=tmp_path) for f in flags])
+    assert run.returncode == code and error in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "gpu_check.json").exists() and (tmp_path / "file").read_text() == "kept\n"
