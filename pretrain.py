@@ -205,9 +205,7 @@ def prepare_method(args, data, split, device):
     if args.select_filters:
         images = views.eval_images(data, splits.indices(data, split, "pretrain")[:1024], args.image_size)
     torch.manual_seed(args.seed)
-    backbone = build_backbone(
-        args.init, args.arch, args.norm, args.cifar_stem, args.ws, download=args.download
-    )
+    backbone = build_backbone(args.init, args.arch, args.norm, args.cifar_stem, args.ws)
     backbone.to(device)
     intervene(
         backbone,
