@@ -41,7 +41,7 @@ BIT_NAMES = [f"BiT-{s}-R{a[1:]}" for s in "SM" for a in ARCHS]  # BiT-S: ImageNe
 # Where the released .npz files are (google-research/big_transfer, README, "How to fine-tune BiT");
 # $BIT_MODELS_URL names a mirror instead.
 BIT_MODELS_URL = os.environ.get("BIT_MODELS_URL") or "https://storage.googleapis.com/bit_models/"
-CACHE_DIR = Path(os.environ.get("BIT_CACHE", Path.home() / ".cache" / "bit-simsiam" / "weights"))
+CACHE_DIR = Path(os.environ.get("BIT_CACHE") or Path.home() / ".cache" / "bit-simsiam" / "weights")
 
 
 class StdConv2d(nn.Conv2d):

@@ -162,14 +162,14 @@ def transfer(url, f, part, by_hand):
         else:
             if start:
                 print(f"{url}: the server does not resume (it ignored the Range request); fetching it whole")
-            f.truncate(0)
-            start = 0
+                f.truncate(0)
+                start = 0
         received, why = start, None
         with tqdm(
             total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=part.stem
         ) as bar:
             try:
-                while chunk := response.read(1 << 20):
+                while chunk := response.read1(1 << 20):  # what has arrived, up to 1 MiB
                     f.write(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
