@@ -1,7 +1,7 @@
 """Self-supervised pretraining of a BiT ResNet-V2: SimSiam (Chen & He, CVPR 2021) as in Lu, Jha & Huo (2021),
 or --method simclr | byol | mocov2 | swav (methods.py).
 
-    python pretrain.py --init bit-m --data ham10000 --data-root PATH --out runs/ham-bit-m   # one GPU or CPU
+    python pretrain.py --init bit-m --data ham10000 --download   # one GPU or CPU; the data and BiT-M once
     torchrun --nproc_per_node=4 pretrain.py --init bit-m --data ham10000 ...               # DDP, same flags
     python pretrain.py --out DIR --resume                                          # after a crash or Ctrl-C
 

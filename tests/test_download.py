@@ -23,7 +23,6 @@ import io
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +33,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_bit_convert import ROOT_KEY, hwio_to_oihw, model_tensors, random_bit_arrays, write_npz
+from test_bit_convert import (
+    ROOT_KEY,
+    closed_port_url,
+    hwio_to_oihw,
+    model_tensors,
+    random_bit_arrays,
+    write_npz,
+)
 from test_datasets import SAMPLE, write_jpeg
 
 import backbones
@@ -127,14 +133,6 @@ def module_server():
 def server(module_server):
     module_server.reset()
     return module_server
-
-
-def closed_port_url():
-    """A URL on localhost where nothing listens: no network, as a machine offline sees it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
 
 
 def one_line(error):
