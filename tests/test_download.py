@@ -113,7 +113,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         for at in range(0, len(rest), step):  # bounded by the file's size
             self.wfile.write(rest[at : at + step])
             if name in server.slow:
-                time.sleep(0.05)
+                time.sleep(0.1)
 
     def log_message(self, *args):
         pass
@@ -569,7 +569,7 @@ def test_the_weights_come_from_the_bit_bucket_unless_a_mirror_is_named():
     assert bc.BIT_MODELS_URL == "https://storage.googleapis.com/bit_models/"
 
 
-def test_a_process_that_finds_another_fetching_waits_for_it(weights, server, bit_m):
+def test_a_process_that_finds_another_fetching_waits_for_it(weights, server, bit_m, capsys):
     """torchrun's processes all build the backbone: the first fetches, the others wait on the part file's
     lock and then find the file there, without fetching it again."""
     import fcntl
@@ -581,8 +581,11 @@ def test_a_process_that_finds_another_fetching_waits_for_it(weights, server, bit
     found = []
     waiter = threading.Thread(target=lambda: found.append(bc.bit_file("BiT-M-R50x1")))
     waiter.start()
-    time.sleep(1)
-    assert waiter.is_alive() and server.log == []
+    said, deadline = "", time.monotonic() + 60
+    while "waiting for another process" not in said and time.monotonic() < deadline:
+        time.sleep(0.05)
+        said += capsys.readouterr().out
+    assert "waiting for another process" in said and waiter.is_alive() and server.log == []
     holder.write(bit_m[0])
     holder.flush()
     os.replace(part, weights / "BiT-M-R50x1.npz")
