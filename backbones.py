@@ -9,10 +9,9 @@ from common import WeightsError
 from interventions import whiten, whiten_placement
 
 
-def build_backbone(
-    init="scratch", arch="r50x1", norm="bn", cifar_stem=False, ws=True, zero_init=False, download=False
-):
-    """The backbone that `--init scratch | bit-s | bit-m | FILE.npz | FILE.pt` names, for every script."""
+def build_backbone(init="scratch", arch="r50x1", norm="bn", cifar_stem=False, ws=True, zero_init=False):
+    """The backbone that `--init scratch | bit-s | bit-m | FILE.npz | FILE.pt` names, for every script; BiT-S
+    and BiT-M are fetched into $BIT_CACHE when they are not there (bit_file)."""
     model = resnet_v2(arch, norm, cifar_stem, ws=ws)
     if init.endswith(".pt"):
         loaded, meta = load_backbone(init)
@@ -23,7 +22,7 @@ def build_backbone(
             whiten(model, at=whiten_placement(meta["whiten"]))
         model.load_state_dict({k: v for k, v in loaded.state_dict().items() if not k.startswith("head.")})
     elif init in ("bit-s", "bit-m"):
-        load_npz(model, bit_file(f"BiT-{init[-1].upper()}-R{arch[1:]}", download))
+        load_npz(model, bit_file(f"BiT-{init[-1].upper()}-R{arch[1:]}"))
     elif init.endswith(".npz"):
         load_npz(model, init)
     elif init != "scratch":

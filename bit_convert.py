@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import ArgumentParser, WeightsError, output_dir, run, save_atomic
+from common import ArgumentParser, WeightsError, download, output_dir, run, save_atomic
 from interventions import whiten, whiten_placement
 
 ARCHS = {  # name: (units in each of the four blocks, width factor)
@@ -38,8 +38,10 @@ ARCHS = {  # name: (units in each of the four blocks, width factor)
     "r152x4": ((3, 8, 36, 3), 4),
 }
 BIT_NAMES = [f"BiT-{s}-R{a[1:]}" for s in "SM" for a in ARCHS]  # BiT-S: ImageNet-1k, BiT-M: ImageNet-21k
-BIT_URL = "https://storage.googleapis.com/bit_models/{}.npz"
-CACHE_DIR = Path(os.environ.get("BIT_CACHE", Path.home() / ".cache" / "bit-simsiam" / "weights"))
+# Where the released .npz files are (google-research/big_transfer, README, "How to fine-tune BiT");
+# $BIT_MODELS_URL names a mirror instead.
+BIT_MODELS_URL = os.environ.get("BIT_MODELS_URL") or "https://storage.googleapis.com/bit_models/"
+CACHE_DIR = Path(os.environ.get("BIT_CACHE") or Path.home() / ".cache" / "bit-simsiam" / "weights")
 
 
 class StdConv2d(nn.Conv2d):
@@ -333,27 +335,25 @@ def load_backbone(path):
     return model, {k: v for k, v in ckpt.items() if k != "state_dict"}
 
 
-def bit_file(name, download=False):
-    """The cached path of a released BiT model (e.g. BiT-M-R50x1), fetched from the BiT bucket if
-    download=True."""
+def bit_file(name):
+    """The cached path of a released BiT model (e.g. BiT-M-R50x1). Naming it asks for it, as timm's
+    pretrained=True does: a file not in the cache is fetched from the BiT bucket, with a progress bar, and
+    kept only once check_bit_file has passed."""
     if name not in BIT_NAMES:
         raise WeightsError(f"unknown BiT model {name!r}; expected one of {', '.join(BIT_NAMES)}")
-    path, url = CACHE_DIR / f"{name}.npz", BIT_URL.format(name)
+    path, url = CACHE_DIR / f"{name}.npz", f"{BIT_MODELS_URL}{name}.npz"
     if path.exists():
         return path
-    if not download:
-        raise WeightsError(
-            f"{name} is not in the cache: pass --download, or fetch {url} and put it at {path}"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # torch.hub writes to a temporary file and renames it: an interrupted download leaves nothing at `path`
-    try:
-        torch.hub.download_url_to_file(url, str(path), progress=True)
-    except OSError as e:
-        raise WeightsError(
-            f"cannot download {url} ({getattr(e, 'reason', e)}); fetch it elsewhere and put it at {path}"
-        ) from None
-    return path
+    return download(url, path, partial(check_bit_file, name), f"fetch it elsewhere and put it at {path}")
+
+
+def check_bit_file(name, path):
+    """A WeightsError unless `path` is a complete BiT .npz of the architecture that `name` says: every array
+    readable with its CRC right (read_npz), every key of the backbone there with its shape (load_npz, into
+    the network built on PyTorch's meta device, which takes no memory)."""
+    with torch.device("meta"):
+        model = resnet_v2("r" + name.split("-R")[1], "gn")
+    load_npz(model, path)
 
 
 # ------------------------------------------------ before a second pretraining: reconstructions of Ciga et al.
@@ -365,7 +365,9 @@ def main():
         epilog=f"Cache: {CACHE_DIR} (set BIT_CACHE to move it).",
     )
     parser.add_argument(
-        "npz", nargs="?", help="a BiT .npz file, or a BiT name (BiT-M-R50x1) found in the cache"
+        "npz",
+        nargs="?",
+        help="a BiT .npz file, or a BiT name (BiT-M-R50x1), fetched into the cache if missing",
     )
     parser.add_argument("-o", "--output", help="the .pt file to write")
     parser.add_argument(
@@ -402,7 +404,7 @@ def main():
     if output:
         output_dir(output.parent, f"-o {output}: its directory")  # before the conversion
     if args.download:
-        print(bit_file(args.download, download=True))
+        print(bit_file(args.download))
     source = args.npz or args.download
     if source is None or output is None:
         if args.download and output is None:

@@ -1,17 +1,23 @@
 """The plumbing every file shares: errors a user can fix (one line, a non-zero exit), atomic writes that say
-when the disk is full, the flag types that refuse what every range check lets through, the input scaling and
-mixed precision.
+when the disk is full, resumable downloads, the flag types that refuse what every range check lets through,
+the input scaling and mixed precision.
 """
 
 import argparse
 import errno
+import fcntl
+import http.client
 import math
 import os
+import re
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 
 class UserError(ValueError):
@@ -65,6 +71,126 @@ def save_atomic(obj, path):
             torch.save(obj, f)
 
     write_atomic(path, save)
+
+
+# ------------------------------------------------------------------------------------------------ downloads
+
+# A connection silent for this long counts as broken: the download stops, resumable. Long enough for a slow
+# server to answer, short enough that a dead connection does not hang a script.
+DOWNLOAD_TIMEOUT_S = 60
+
+
+def download(url, path, check, by_hand):
+    """Fetch `url` into `path` with a progress bar, and keep it only once `check(file)` has passed.
+
+    The bytes go to PATH.part beside it, renamed onto `path` once complete and checked, so `path` never holds
+    a partial file. A transfer that stops (a broken connection, fewer bytes than Content-Length, a timeout,
+    Ctrl-C, a full disk) keeps PATH.part, and the next call asks for the rest alone (an HTTP Range request);
+    a server that ignores Range sends the whole file again, which replaces the part. A file that fails
+    `check` (a UserError) is deleted. Processes that fetch the same file at once (torchrun's, on a fresh
+    machine) take turns on a lock of PATH.part: the first fetches, the others find the file there. Written
+    here rather than torch.hub.download_url_to_file, which deletes its temporary file when the transfer breaks
+    (no resume) and keeps a body shorter than Content-Length. `by_hand`: what to do without network, ending
+    the errors that the network causes. Returns `path`."""
+    part = path.with_name(path.name + ".part")
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # removed if left empty
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(part, "ab") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another process that downloads {url} into {part}")
+                fcntl.flock(f, fcntl.LOCK_EX)
+            if path.exists():  # the process that held the lock fetched it
+                return path
+            if os.fstat(f.fileno()).st_nlink == 0:  # the holder deleted this part (nothing had arrived)
+                return download(url, path, check, by_hand)
+            transfer(url, f, part, by_hand)
+            try:
+                check(part)
+            except UserError as e:
+                part.unlink()
+                raise UserError(
+                    f"{url} arrived, but it is not what was asked for: {e}; it was deleted (run the same "
+                    f"command again to fetch it anew, or {by_hand})"
+                ) from None
+            os.replace(part, path)
+    except KeyboardInterrupt:
+        raise UserError(f"the download of {url} was stopped by Ctrl-C; run the same command again") from None
+    finally:
+        if part.exists() and part.stat().st_size == 0:  # nothing arrived: leave nothing behind
+            part.unlink()
+        for folder in made:
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
+    return path
+
+
+def transfer(url, f, part, by_hand):
+    """The bytes of `url` appended to the open file `f` (the part file `part`): the rest of them where `f`
+    holds the start already and the server answers the Range request (206), all of them otherwise."""
+    start = f.seek(0, os.SEEK_END)
+    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S)
+    except urllib.error.HTTPError as e:
+        if (
+            e.code == 416 and start
+        ):  # "range not satisfiable": the part is whole (RFC 9110 §15.5.17) or longer
+            if e.headers.get("Content-Range") == f"bytes */{start}":
+                return  # complete already: a run stopped between its last byte and its check
+            f.truncate(0)
+            return transfer(url, f, part, by_hand)
+        raise UserError(
+            f"cannot download {url}: the server answered {e.code} {e.reason}; {by_hand}"
+        ) from None
+    except (OSError, http.client.HTTPException) as e:  # URLError (no network, refused), a timeout
+        raise UserError(f"cannot download {url} ({getattr(e, 'reason', e)}); {by_hand}") from None
+    with response:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        if start and response.status == 206:
+            answered = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
+            if not answered or int(answered[1]) != start:
+                raise UserError(
+                    f"{url}: asked for the bytes from {start} on, the server answered Content-Range "
+                    f"{response.headers.get('Content-Range')!r}; delete {part} and run the same command again"
+                )
+            total = int(answered[2]) if answered[2] != "*" else None
+        else:
+            if start:
+                print(f"{url}: the server does not resume (it ignored the Range request); fetching it whole")
+                f.truncate(0)
+                start = 0
+        received, why = start, None
+        with tqdm(
+            total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=part.stem
+        ) as bar:
+            try:
+                while chunk := response.read1(1 << 20):  # what has arrived, up to 1 MiB
+                    f.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+                f.flush()
+            except KeyboardInterrupt:
+                why = "stopped by Ctrl-C"
+            except (OSError, http.client.HTTPException) as e:
+                if disk_full(e):
+                    raise UserError(
+                        f"cannot write {part}: the disk is full ({received:,} bytes kept); free some space "
+                        "and run the same command again to resume"
+                    ) from None
+                why = f"{type(e).__name__}: {e}"
+        if why is None and total is not None and received < total:
+            why = "the connection closed early"
+        if why:
+            of = f" of {total:,}" if total is not None else ""
+            raise UserError(
+                f"the download of {url} stopped after {received:,}{of} bytes ({why}); "
+                f"{part} is kept: run the same command again to resume"
+            )
 
 
 class ArgumentParser(argparse.ArgumentParser):

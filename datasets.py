@@ -6,6 +6,7 @@ groups (the lesion each HAM10000 image shows). Small sources live in memory; ima
 the working resolution, into a memory-mapped cache (image_cache.py). The split lives in splits.py, the views
 in views.py.
 
+    python datasets.py --data ham10000 --download          # fetch HAM10000 into HAM10000_ROOT (2.6 GB), once
     python datasets.py --data ham10000 --data-root PATH    # write (or check) the split, print its summary
 """
 
@@ -13,14 +14,18 @@ import argparse
 import csv
 import os
 import pickle
+import shutil
+import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torchvision
+from tqdm import tqdm
 
-from common import DataError, run
+from common import DataError, disk_full, download, run
 from image_cache import decode_all
 from splits import default_split_file, load_split, summary
 
@@ -29,6 +34,18 @@ DEFAULT_SIZE = {"digits": 8, "cifar10": 32, "dermamnist": 28, "ham10000": 224, "
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")  # alphabetical: DermaMNIST's label ids too
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CACHE_DIR = Path.home() / ".cache" / "bit-simsiam"
+# HAM10000's root when --data-root is not given, shared by every script; $HAM10000_ROOT moves it.
+HAM10000_ROOT = Path(os.environ.get("HAM10000_ROOT") or CACHE_DIR / "data" / "HAM10000")
+HAM_METADATA, ISIC_TRUTH = "HAM10000_metadata.csv", "ISIC2018_Task3_Training_GroundTruth.csv"
+# The ISIC 2018 Task 3 training release: HAM10000's 10,015 images, public, licence CC BY-NC 4.0, as the
+# challenge's data page lists them (challenge.isic-archive.com/data/#2018, whose source is the repository
+# ImageMarkup/stade, stade/core/templates/data/2018.html).
+# $ISIC2018_URL names a mirror instead; the count stays checked whatever the URL.
+ISIC2018_URL = os.environ.get("ISIC2018_URL") or "https://isic-challenge-data.s3.amazonaws.com/2018/"
+ISIC_IMAGES = "ISIC2018_Task3_Training_Input.zip"  # 2.6 GB: ISIC2018_Task3_Training_Input/ISIC_*.jpg
+ISIC_TRUTH_ZIP = "ISIC2018_Task3_Training_GroundTruth.zip"  # 36 KB: ISIC2018_Task3_Training_GroundTruth/*.csv
+ISIC_GROUPS = "ISIC2018_Task3_Training_LesionGroupings.csv"  # 481 KB: image, lesion_id, how dx was confirmed
+ISIC_IMAGE_COUNT = 10015
 
 
 @dataclass
@@ -145,10 +162,13 @@ def latin1_bytes(text, encoding):
     return text.encode("latin1")
 
 
-def load_ham10000(root, size, cache_dir, skip_bad=False):
-    """HAM10000_metadata.csv (or the ISIC 2018 Task 3 ground truth) and its images anywhere below `root`."""
+def load_ham10000(root, size, cache_dir, skip_bad=False, download=False):
+    """HAM10000_metadata.csv (or the ISIC 2018 Task 3 ground truth) and its images anywhere below `root`;
+    with download=True, the ISIC 2018 Task 3 release is fetched there first if neither file is there."""
+    if download and not any(find(root, name).exists() for name in (HAM_METADATA, ISIC_TRUTH)):
+        download_ham10000(root)
     ids, dx, lesions, source = read_ham_metadata(root)
-    found = {p.stem: p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
+    found = images_below(root)
     missing = [image_id for image_id in ids if image_id not in found]
     if missing and not skip_bad:
         raise DataError(
@@ -171,13 +191,15 @@ def load_ham10000(root, size, cache_dir, skip_bad=False):
     )
 
 
+def images_below(root):
+    """{image id: path} of every image file anywhere below `root`."""
+    return {p.stem: p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
 def read_ham_metadata(root):
     """(image ids, dx, lesion ids or None, the file read). Columns are found by name; CRLF, `80.0` ages and an
     extra `dataset` column, all seen in the wild, read fine."""
-    metadata, isic = (
-        find(root, "HAM10000_metadata.csv"),
-        find(root, "ISIC2018_Task3_Training_GroundTruth.csv"),
-    )
+    metadata, isic = find(root, HAM_METADATA), find(root, ISIC_TRUTH)
     if metadata.exists():
         rows = read_csv(metadata, ("image_id", "lesion_id", "dx"))
         for line, row in enumerate(rows, 2):
@@ -207,7 +229,7 @@ def read_ham_metadata(root):
                     f"{isic}: line {line}: expected exactly one class column equal to 1, found {hot}"
                 )
             dx.append(hot[0])
-        groupings = find(root, "ISIC2018_Task3_Training_LesionGroupings.csv")
+        groupings = find(root, ISIC_GROUPS)
         lesions = None
         if groupings.exists():
             lesion_of = {r["image"]: r["lesion_id"] for r in read_csv(groupings, ("image", "lesion_id"))}
@@ -216,11 +238,114 @@ def read_ham_metadata(root):
                 raise DataError(f"{groupings}: image {unknown[0]} has no lesion_id")
             lesions = [lesion_of.get(r["image"], r["image"]) for r in rows]
         return [r["image"] for r in rows], dx, lesions, isic
-    if not root.is_dir():
-        raise DataError(f"--data-root {root}: no such directory")
     raise DataError(
-        f"{root}: neither HAM10000_metadata.csv nor ISIC2018_Task3_Training_GroundTruth.csv is there"
+        f"no HAM10000 in {root} (neither {HAM_METADATA} nor {ISIC_TRUTH} there): --download fetches the ISIC "
+        f"2018 Task 3 training release into it (HAM10000's {ISIC_IMAGE_COUNT:,} images, 2.6 GB, licence CC "
+        f"BY-NC 4.0) from {ISIC2018_URL}, or --data-root names where a copy is"
     )
+
+
+def download_ham10000(root):
+    """The ISIC 2018 Task 3 training release fetched and unpacked into `root` (absent or empty): its two zips
+    and the lesion groupings, each resumable (common.download), kept in a hidden folder beside `root` until
+    the release is unpacked and checked, then deleted. `root` appears whole, by a rename, or not at all."""
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise DataError(
+            f"--data-root {root}: holds other files but no HAM10000 metadata; --download unpacks only into a "
+            "new or empty folder"
+        )
+    print(
+        f"HAM10000: downloading the ISIC 2018 Task 3 training release ({ISIC_IMAGE_COUNT:,} images, 2.6 GB; "
+        f"licence CC BY-NC 4.0, cite Tschandl et al., Sci. Data 2018) from {ISIC2018_URL} into {root}"
+    )
+    staging = root.parent / f".{root.name}.download"
+    by_hand = (
+        f"fetch it elsewhere, and unpack {ISIC_IMAGES} and {ISIC_TRUTH_ZIP} with {ISIC_GROUPS} into {root}"
+    )
+    for name, check in ((ISIC_IMAGES, open_zip), (ISIC_TRUTH_ZIP, open_zip), (ISIC_GROUPS, read_groups)):
+        if not (staging / name).exists():
+            download(ISIC2018_URL + name, staging / name, check, by_hand)
+    unpacked = Path(tempfile.mkdtemp(prefix=f".{root.name}.unpacking-", dir=root.parent))
+    try:
+        for name in (ISIC_IMAGES, ISIC_TRUTH_ZIP):
+            unzip(staging / name, unpacked)
+        shutil.copyfile(staging / ISIC_GROUPS, unpacked / ISIC_GROUPS)
+        check_release(unpacked)
+        unpacked.rename(root)  # onto an empty folder too (rename(2))
+    except KeyboardInterrupt:
+        raise DataError(
+            f"stopped by Ctrl-C while unpacking into {unpacked}; nothing was kept (the downloaded files are, "
+            f"in {staging}): run the same command again"
+        ) from None
+    except DataError as e:
+        shutil.rmtree(staging)  # the files as served do not make the release: a new run fetches them anew
+        raise DataError(f"{ISIC2018_URL}: {e}; nothing was kept") from None
+    finally:
+        shutil.rmtree(unpacked, ignore_errors=True)
+    shutil.rmtree(staging)
+    print(f"HAM10000: {ISIC_IMAGE_COUNT:,} images and their lesion groups in {root}")
+
+
+def open_zip(path):
+    """A DataError unless `path` opens as a zip archive (its central directory read, at its end): an HTML
+    page or a truncated file is refused before anything is unpacked."""
+    try:
+        zipfile.ZipFile(path).close()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DataError(f"{path.name} is not a zip archive ({e})") from None
+
+
+def read_groups(path):
+    """The image ids of the lesion groupings, a DataError unless it is their CSV."""
+    return {row["image"] for row in read_csv(path, ("image", "lesion_id"))}
+
+
+def unzip(archive, into):
+    """Unpack `archive` into the folder `into`, refusing first a member that would land outside it and an
+    archive that would expand more than 100 times or beyond the free space (a zip bomb: the sizes that its
+    directory declares bind what zipfile writes); every member's CRC is checked as it is written. The
+    release's JPEGs do not compress, and its CSV about 12 times."""
+    with zipfile.ZipFile(archive) as z:
+        members = z.infolist()
+        for member in members:
+            if member.filename.startswith("/") or ".." in PurePosixPath(member.filename).parts:
+                raise DataError(f"{archive.name}: member {member.filename} would land outside the data root")
+        size, packed = sum(m.file_size for m in members), archive.stat().st_size
+        free = shutil.disk_usage(into).free
+        if size > 100 * packed:
+            raise DataError(f"{archive.name}: {packed:,} bytes would unpack into {size:,} (a zip bomb?)")
+        if size > free:
+            raise DataError(
+                f"{archive.name} unpacks into {size / 1e9:.1f} GB, but {into} has {free / 1e9:.1f} GB free"
+            )
+        try:
+            for member in tqdm(members, desc=f"unpacking {archive.name}", unit="file"):
+                z.extract(member, into)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+            raise DataError(f"{archive.name} is corrupt ({e})") from None
+        except OSError as e:
+            if disk_full(e):
+                raise DataError(f"cannot unpack {archive.name} into {into}: the disk is full") from None
+            raise
+
+
+def check_release(root):
+    """A DataError unless the unpacked `root` is the whole release: every image of the ground truth there as a
+    JPEG and in a lesion group, nothing else, and ISIC_IMAGE_COUNT of them. The ground truth and the groupings
+    are read as every script reads them (read_ham_metadata)."""
+    if not find(root, ISIC_TRUTH).exists():
+        raise DataError(f"{ISIC_TRUTH_ZIP} holds no {ISIC_TRUTH}")
+    ids, _, _, truth = read_ham_metadata(root)
+    listed = set(ids)
+    for name, found in (
+        (ISIC_IMAGES, set(images_below(root))),
+        (ISIC_GROUPS, read_groups(root / ISIC_GROUPS)),
+    ):
+        for holder, lacker, extra in ((truth.name, name, listed - found), (name, truth.name, found - listed)):
+            if extra:
+                raise DataError(f"{holder} lists {min(extra)}, which {lacker} lacks ({len(extra)} such)")
+    if len(listed) != ISIC_IMAGE_COUNT:
+        raise DataError(f"{truth.name} lists {len(listed):,} images; the release has {ISIC_IMAGE_COUNT:,}")
 
 
 def find(root, name):
@@ -368,9 +493,15 @@ def check_classes(data, source):
 def add_data_args(parser):
     group = parser.add_argument_group("data")
     group.add_argument("--data", choices=SOURCES, default="digits", help="digits (default) needs no download")
-    group.add_argument("--data-root", type=Path, help="where the data lies (not needed for digits)")
     group.add_argument(
-        "--download", action="store_true", help="fetch what is missing (CIFAR-10, BiT weights)"
+        "--data-root",
+        type=Path,
+        help=f"where the data lies (not for digits; ham10000: $HAM10000_ROOT, default {HAM10000_ROOT})",
+    )
+    group.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch the data if missing (ham10000: the ISIC 2018 Task 3 release, 2.6 GB; cifar10)",
     )
     group.add_argument(
         "--image-size",
@@ -422,14 +553,14 @@ def load_data(source, root=None, image_size=None, cache_dir=CACHE_DIR, skip_bad=
     """The `Data` of one of SOURCES; image files are decoded at `image_size` into `cache_dir`."""
     if source == "digits":
         return load_digits()
+    if source == "ham10000":
+        return load_ham10000(root or HAM10000_ROOT, image_size, cache_dir, skip_bad, download)
     if root is None:
         raise DataError(f"--data {source} needs --data-root")
     if source != "cifar10" and not root.exists():
         raise DataError(f"--data-root {root}: no such file or directory")
     if source == "cifar10":
         return load_cifar10(root, download)
-    if source == "ham10000":
-        return load_ham10000(root, image_size, cache_dir, skip_bad)
     if source == "folder":
         return load_folder(root, image_size, cache_dir, skip_bad)
     return load_dermamnist(root)

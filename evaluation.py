@@ -180,11 +180,11 @@ def saved_backbone(ckpt):
     return backbone, meta, name, sha256(ckpt)
 
 
-def initial_backbone(init, arch, norm, cifar_stem, ws, seed, download=False):
+def initial_backbone(init, arch, norm, cifar_stem, ws, seed):
     """The same for the network that --init names (scratch, bit-s, bit-m, FILE.npz), as built before any
     pretraining; `seed` draws the scratch network."""
     torch.manual_seed(seed)  # the scratch floor is one random network
-    backbone = build_backbone(init, arch, norm, cifar_stem, ws, download=download)
+    backbone = build_backbone(init, arch, norm, cifar_stem, ws)
     name = {"bit-s": "BiT-S", "bit-m": "BiT-M"}.get(init, init) + (
         f" {norm}, untrained" if init == "scratch" else f" {norm}, as released"
     )

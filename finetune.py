@@ -456,7 +456,7 @@ def main(argv=None):
     )
     files = [args.ckpt] if args.ckpt else [Path(f) for f in args.combine or []]
     loaded = [saved_backbone(path) for path in files] or [
-        initial_backbone(args.init, args.arch, args.norm, args.cifar_stem, args.ws, args.seed, args.download)
+        initial_backbone(args.init, args.arch, args.norm, args.cifar_stem, args.ws, args.seed)
     ]
     metas = [meta for _, meta, _, _ in loaded]
     split, split_file = splits.pretraining_split(

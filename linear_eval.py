@@ -206,9 +206,7 @@ def main(argv=None):
     backbone, meta, name, identity = (
         saved_backbone(args.ckpt)
         if args.ckpt
-        else initial_backbone(
-            args.init, args.arch, args.norm, args.cifar_stem, args.ws, args.seed, args.download
-        )
+        else initial_backbone(args.init, args.arch, args.norm, args.cifar_stem, args.ws, args.seed)
     )
     backbone.to(device).requires_grad_(False)
     split, split_file = splits.pretraining_split(

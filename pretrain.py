@@ -1,7 +1,7 @@
 """Self-supervised pretraining of a BiT ResNet-V2: SimSiam (Chen & He, CVPR 2021) as in Lu, Jha & Huo (2021),
 or --method simclr | byol | mocov2 | swav (methods.py).
 
-    python pretrain.py --init bit-m --data ham10000 --data-root PATH --out runs/ham-bit-m   # one GPU or CPU
+    python pretrain.py --init bit-m --data ham10000 --download   # one GPU or CPU; the data and BiT-M once
     torchrun --nproc_per_node=4 pretrain.py --init bit-m --data ham10000 ...               # DDP, same flags
     python pretrain.py --out DIR --resume                                          # after a crash or Ctrl-C
 
@@ -205,9 +205,7 @@ def prepare_method(args, data, split, device):
     if args.select_filters:
         images = views.eval_images(data, splits.indices(data, split, "pretrain")[:1024], args.image_size)
     torch.manual_seed(args.seed)
-    backbone = build_backbone(
-        args.init, args.arch, args.norm, args.cifar_stem, args.ws, download=args.download
-    )
+    backbone = build_backbone(args.init, args.arch, args.norm, args.cifar_stem, args.ws)
     backbone.to(device)
     intervene(
         backbone,

@@ -90,8 +90,7 @@ def main(argv=None):
         args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
     )
     models = [saved_backbone(c) for c in args.ckpt] + [
-        initial_backbone(i, args.arch, args.norm, args.cifar_stem, args.ws, args.seed, args.download)
-        for i in args.init
+        initial_backbone(i, args.arch, args.norm, args.cifar_stem, args.ws, args.seed) for i in args.init
     ]
     split, split_file = splits.pretraining_split(
         data,

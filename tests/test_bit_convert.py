@@ -8,6 +8,7 @@ description.
 import hashlib
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -564,11 +565,20 @@ def test_build_backbone_refuses_a_pt_of_another_kind(saved_bn_pt, asked):
         backbones.build_backbone(str(saved_bn_pt), **asked)
 
 
-def test_build_backbone_bit_m_not_cached_names_url_and_cache_path(tmp_path, monkeypatch):
+def closed_port_url():
+    """A URL on localhost where nothing listens: a machine without network, and no request leaves it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/"
+
+
+def test_build_backbone_bit_m_not_cached_and_offline_names_url_and_cache_path(tmp_path, monkeypatch):
+    url = closed_port_url()
     monkeypatch.setattr(bc, "CACHE_DIR", tmp_path)
-    with pytest.raises(common.WeightsError) as e:
-        backbones.build_backbone("bit-m", download=False)
-    assert "https://storage.googleapis.com/bit_models/BiT-M-R50x1.npz" in str(e.value)
+    monkeypatch.setattr(bc, "BIT_MODELS_URL", url)
+    with pytest.raises(common.UserError) as e:
+        backbones.build_backbone("bit-m")
+    assert f"{url}BiT-M-R50x1.npz" in str(e.value)
     assert str(tmp_path / "BiT-M-R50x1.npz") in str(e.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -585,8 +595,8 @@ def test_build_backbone_bit_s_loads_the_cached_file(r50, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------- 10: the command line
 
 
-def cli(*args, cache):
-    env = dict(os.environ, BIT_CACHE=str(cache))
+def cli(*args, cache, url=None):
+    env = dict(os.environ, BIT_CACHE=str(cache), BIT_MODELS_URL=url or closed_port_url())
     return subprocess.run(
         [sys.executable, "bit_convert.py", *map(str, args)],
         cwd=REPO,
@@ -657,10 +667,10 @@ def test_cli_bad_input_leaves_no_output(tmp_path):
 
 
 def test_cli_download_offline_fails_naming_url_and_target(tmp_path):
-    cache = tmp_path / "cache"
-    run = cli("--download", "BiT-M-R50x1", cache=cache)
-    assert run.returncode != 0
-    assert "https://storage.googleapis.com/bit_models/BiT-M-R50x1.npz" in run.stderr
+    cache, url = tmp_path / "cache", closed_port_url()
+    run = cli("--download", "BiT-M-R50x1", cache=cache, url=url)
+    assert run.returncode != 0 and run.stderr.count("\n") == 1
+    assert f"{url}BiT-M-R50x1.npz" in run.stderr
     assert str(cache / "BiT-M-R50x1.npz") in run.stderr
     assert not cache.exists() or list(cache.iterdir()) == []
 
