@@ -81,7 +81,7 @@ def main():
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
     else:
-        machine = f"{torch.get_num_threads()} threads"
+        machine = f"CPU threads: {torch.get_num_threads()}"
     print(
         f"{args.batch_size} images of {args.size} px on {device} ({machine}), torch {torch.__version__}; "
         f"mean of {args.batches} batches after 1 to warm up"
