@@ -207,7 +207,9 @@ def resized_crops(images, params, out):
     """Every image's crop (top, left, height, width) resized to out x out and mirrored where flipped, as
     v2.functional.resized_crop (bilinear, antialias=True) then horizontal_flip on the image as float in
     [0, 1]: rows @ image @ columns^T with each image's own weights, the flip being the columns' order
-    reversed."""
+    reversed. The products need float32's full precision: with TF32 allowed for matrix products on a GPU
+    (torch.backends.cuda.matmul.allow_tf32, off by default), its 10-bit mantissas could move a pixel by up to
+    about half a grey level."""
     c = COLUMN
     height, width = images.shape[-2:]
     rows = resample_weights(params[:, c["top"]], params[:, c["height"]], height, out)
