@@ -159,11 +159,11 @@ def main():
         two_views = views.ImageSet(
             as_data(images), np.arange(len(paths)), [views.simsiam_view(args.size)] * 2
         )
-        per_item = milliseconds(two_views.__getitem__, range(64))
+        per_item = milliseconds(two_views.__getitem__, range(min(64, len(paths))))
     print(
-        f"{len(paths)} images of {source_size[0]}x{source_size[1]} -> two {args.size}-px SimSiam views, "
-        f"{args.workers} workers, batch {args.batch_size} ({batches} batches an epoch), "
-        f"{args.epochs} epochs, torch {torch.__version__}, {os.cpu_count()} CPUs"
+        f"{len(paths)} images of {source_size[0]}x{source_size[1]} -> two {args.size}-px SimSiam views; "
+        f"workers {args.workers}, batch {args.batch_size} ({batches} batches an epoch), "
+        f"{args.epochs} epochs; torch {torch.__version__}, {os.cpu_count()} CPUs"
     )
     print(f"{'images/s':26s} {'epoch 1':>10s} {'epochs 2-' + str(args.epochs):>12s}")
     print(row("decode-once cache", cached))
