@@ -38,6 +38,7 @@ def runs_a_script(function):
 # the modules of whole pretraining runs go first, the longest first, so that no worker is left alone with one
 # at the end. Their shares of a full run, measured with --durations=0: 268, 178, 125, 82 and 78 s.
 LONGEST_FIRST = [
+    "test_distributed.py",
     "test_methods_runs.py",
     "test_pretrain.py",
     "test_runs.py",
