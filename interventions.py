@@ -86,7 +86,7 @@ def synchronise_whitening(module, process_group=None):
     module."""
     for norm in module.modules():
         if isinstance(norm, IterNorm):
-            norm.process_group = process_group or dist.group.WORLD
+            norm.process_group = dist.group.WORLD if process_group is None else process_group
     return module
 
 
