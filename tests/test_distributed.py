@@ -20,7 +20,8 @@ from helpers import load_data, run_pretraining_over_gloo, tiny_args, write_pretr
 SPLIT = "0.05,0.05,0.05,0.85"  # 90 pretrain images, 45 a process: 3 steps of 30 (15 a process), 1 of 60
 INIT = "INIT"  # stands for a backbone file that the test writes: --shrink and --select-filters need one
 # Flags may share a run; each run is as short as it can be (one epoch; the monitor runs at epochs 0 and 1).
-# A 2048-channel IterNorm takes seconds a step on the CPU: the --whiten runs take one step of 60 images.
+# A 2048-channel IterNorm takes seconds a step on the CPU: the --whiten runs take one step of 60 images
+# (a flag given again overrides tiny_args').
 RUNS = {
     "simsiam-whiten-branch": ["--method", "simsiam", "--whiten", "branch", "--batch-size", "60"],
     "simclr-whiten-final": ["--method", "simclr", "--whiten", "final", "--batch-size", "60"],
@@ -29,7 +30,7 @@ RUNS = {
         *("--init", INIT, "--select-filters", "0.5", "--shrink", "0.5"),
     ],
     "byol": ["--method", "byol"],
-    # a SwAV queue of 2 batches; --multi-crop puts 8 crops of two sizes through the step
+    # a SwAV queue of 2 batches, full and in use at the third step; --multi-crop: 8 crops of two sizes
     "swav-multi-crop": [
         *("--method", "swav", "--queue-size", "60", "--queue-start", "1", "--prototypes", "10"),
         "--multi-crop",
@@ -46,6 +47,8 @@ def run_args(tmp, flags):
 @pytest.mark.script
 @pytest.mark.parametrize("name", list(RUNS))
 def test_two_processes_over_gloo_run_to_the_end(tmp_path, name):
+    """torchrun --nproc_per_node 2 on the CPU: the run finishes within the time limit (a collective that one
+    process never joins would hang it), and writes its metrics and a backbone.pt that records its flags."""
     flags = RUNS[name]
     if INIT in flags:
         write_pretrained_backbone(tmp_path / "init.pt")
