@@ -79,7 +79,9 @@ def run_pretraining_over_gloo(args, timeout=300):
             stdout, stderr = torchrun.communicate()
             hung = True
     if hung:
-        pytest.fail(f"pretrain.py over gloo did not finish in {timeout} s: {stderr[-3000:]}")
+        pytest.fail(
+            f"pretrain.py over gloo did not finish in {timeout} s; its output ended with: {stdout[-1500:]}"
+        )
     assert torchrun.returncode == 0, stderr[-3000:]
     return subprocess.CompletedProcess(torchrun.args, torchrun.returncode, stdout, stderr)
 
