@@ -35,11 +35,14 @@ def embed(backbone, images, device, batch_size=256):
 def estimate_bn_statistics(backbone, images, device, batch_size=256):
     """Fresh BatchNorm statistics (mean 0, var 1) make an untrained or BiT-initialised BN network meaningless
     in eval mode: replace them by their average over `images`, taken in train mode. Training itself never
-    reads them. Plain BatchNorm only: a SyncBatchNorm would all-gather, a collective that one process must not
-    start alone."""
+    reads them. Norms of one process only: a SyncBatchNorm would all-gather, a synchronised IterNorm
+    all-reduce, collectives that one process must not start alone."""
     norms = [m for m in backbone.modules() if hasattr(m, "reset_running_stats")]  # BatchNorm, IterNorm
-    if any(isinstance(m, nn.SyncBatchNorm) for m in norms):
-        raise ValueError("estimate_bn_statistics before convert_sync_batchnorm, not after")
+    if any(isinstance(m, nn.SyncBatchNorm) or getattr(m, "process_group", None) is not None for m in norms):
+        raise ValueError(
+            "estimate_bn_statistics before the model is distributed (convert_sync_batchnorm, "
+            "synchronise_whitening), not after"
+        )
     momenta, was_training = [m.momentum for m in norms], backbone.training
     for norm in norms:
         norm.reset_running_stats()
@@ -127,10 +130,17 @@ def write_results(out, results, trials):
     )
 
 
+def untrained_statistics(backbone, meta):
+    """Whether a backbone's BatchNorm statistics are not its own: a BatchNorm backbone that never trained
+    (scratch, BiT, a converted BiT file) has none yet. Pretrained ones record their epoch (`meta`: what the
+    backbone file records) and keep the statistics they trained with."""
+    return "epoch" not in meta and backbone.norm_kind == "bn"
+
+
 def estimate_statistics_if_untrained(backbone, meta, data, split, image_size, device):
-    """A BatchNorm backbone that never trained (--init ... --norm bn, a converted BiT file) has no statistics
-    yet: take them from the train part's images. Pretrained ones record their epoch and keep their own."""
-    if "epoch" not in meta and backbone.norm_kind == "bn":
+    """A backbone whose BatchNorm statistics are not its own (untrained_statistics) gets them from the train
+    part's images."""
+    if untrained_statistics(backbone, meta):
         estimate_bn_statistics(backbone, eval_images(data, indices(data, split, "train"), image_size), device)
 
 
@@ -215,8 +225,11 @@ class KnnMonitor:
             "rankme": rankme(bank),
         }
 
-    def initial(self, backbone):
-        """The network as initialised, the floor that training must rise above. An untrained BatchNorm has
-        fresh statistics, meaningless in eval mode: estimate them first, before any SyncBatchNorm exists."""
-        estimate_bn_statistics(backbone, self.bank_images, self.device)
+    def initial(self, backbone, meta):
+        """The network as initialised, the floor that training must rise above. One whose BatchNorm statistics
+        are not its own (untrained_statistics; `meta`: what its backbone file records) gets them estimated on
+        the bank first, before the model is distributed: fresh ones are meaningless in eval mode. A pretrained
+        one is measured with the statistics it trained with."""
+        if untrained_statistics(backbone, meta):
+            estimate_bn_statistics(backbone, self.bank_images, self.device)
         return self(backbone)

@@ -35,7 +35,9 @@ class IterNorm(nn.Module):
     Computed in float32 under autocast. Under DDP the mean and the covariance are those of the global batch,
     as SyncBatchNorm's statistics are (see batch_moments): 4 GPUs x 32 images x 49 positions of a 7 x 7 map
     give each process 1,568 samples for 2,048 channels, a covariance of deficient rank, and results would
-    change with the number of GPUs."""
+    change with the number of GPUs. As SyncBatchNorm, it all-reduces only once it is distributed
+    (synchronise_whitening gives it a process group, as convert_sync_batchnorm makes a SyncBatchNorm): before
+    that, when process 0 alone estimates the statistics of the epoch-0 row, it whitens its own batch."""
 
     def __init__(self, num_features, iterations=5, eps=1e-5, momentum=0.1):
         super().__init__()
@@ -45,6 +47,7 @@ class IterNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_whitening", torch.eye(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0))
+        self.process_group = None  # the processes whose batches it whitens together (synchronise_whitening)
 
     def reset_running_stats(self):
         self.running_mean.zero_()
@@ -56,7 +59,7 @@ class IterNorm(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             columns = x.float().transpose(0, 1).reshape(c, -1)  # (C, N*H*W): one column per position
             if self.training:
-                mean, centred, covariance = batch_moments(columns)
+                mean, centred, covariance = batch_moments(columns, self.process_group)
                 sigma = covariance + self.eps * torch.eye(c, device=x.device)
                 whitening = inverse_sqrt_newton(sigma, self.iterations)
                 self.update_running_stats(mean, whitening)
@@ -74,36 +77,49 @@ class IterNorm(nn.Module):
         self.running_whitening.lerp_(whitening, momentum)
 
 
+def synchronise_whitening(module, process_group=None):
+    """IterNorm's convert_sync_batchnorm: from now on every IterNorm in `module` whitens the batch of all the
+    processes of `process_group` (default: all of them). pretrain.distribute calls it as it makes the model
+    DDP, so that the IterNorm's collectives run only in the distributed model's forward, which every process
+    runs; code that process 0 runs alone (the epoch-0 row) meets an IterNorm that issues none, and
+    evaluation.estimate_bn_statistics refuses a synchronised one as it refuses a SyncBatchNorm. Returns the
+    module."""
+    for norm in module.modules():
+        if isinstance(norm, IterNorm):
+            norm.process_group = dist.group.WORLD if process_group is None else process_group
+    return module
+
+
 class AllReduce(torch.autograd.Function):
-    """The sum of a tensor over the processes; its gradient is the sum of the processes' gradients, since
-    every process's loss depends on the sum."""
+    """The sum of a tensor over the processes of `group`; its gradient is the sum of the processes'
+    gradients, since every process's loss depends on the sum."""
 
     @staticmethod
-    def forward(ctx, tensor):
+    def forward(ctx, tensor, group):
+        ctx.group = group
         tensor = tensor.clone()
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, group=group)
         return tensor
 
     @staticmethod
     def backward(ctx, grad):
-        return AllReduce.apply(grad)
+        return AllReduce.apply(grad, ctx.group), None
 
 
-def batch_moments(columns):
-    """(mean, centred columns, biased covariance) of the columns (C, M), over every process's columns when
-    torch.distributed runs more than one: the sums and the count, then the centred scatter matrix, are
-    all-reduced (two passes: no cancellation of E[xx^T] - mm^T). The all_reduce's backward all-reduces the
-    gradient (AllReduce), so each process's positions receive the gradient of every process's loss, as
-    SyncBatchNorm's backward does."""
+def batch_moments(columns, process_group=None):
+    """(mean, centred columns, biased covariance) of the columns (C, M), over the columns of every process of
+    `process_group` where one is given (None: this process's alone): the sums and the count, then the centred
+    scatter matrix, are all-reduced (two passes: no cancellation of E[xx^T] - mm^T). The all_reduce's backward
+    all-reduces the gradient (AllReduce), so each process's positions receive the gradient of every process's
+    loss, as SyncBatchNorm's backward does."""
     sums = torch.cat([columns.sum(1), columns.new_tensor([columns.shape[1]])])
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if distributed:
-        sums = AllReduce.apply(sums)
+    if process_group is not None:
+        sums = AllReduce.apply(sums, process_group)
     mean = (sums[:-1] / sums[-1])[:, None]
     centred = columns - mean
     scatter = centred @ centred.T
-    if distributed:
-        scatter = AllReduce.apply(scatter)
+    if process_group is not None:
+        scatter = AllReduce.apply(scatter, process_group)
     return mean, centred, scatter / sums[-1]
 
 

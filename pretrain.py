@@ -49,7 +49,7 @@ from common import (
     write_atomic,
 )
 from evaluation import KnnMonitor, normalised_std
-from interventions import WHITEN_AT, intervene, whiten_placement
+from interventions import WHITEN_AT, intervene, synchronise_whitening, whiten_placement
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -93,7 +93,8 @@ def main(argv=None):
         complete_finished_epoch(args, state, method, split)
         announce(args, data, split, split_file, world, device, steps_per_epoch, state)
         if not state.history:  # row 0: the network as initialised, the floor that training must rise above
-            state.history.append(dict.fromkeys(COLUMNS) | {"epoch": 0, **monitor.initial(method.backbone)})
+            initial = monitor.initial(method.backbone, starting_metadata(args))
+            state.history.append(dict.fromkeys(COLUMNS) | {"epoch": 0, **initial})
     model, stop = distribute(method, device), runs.StopSignal(dist.is_initialized(), device)
     start = state.epoch
     for epoch in range(start, args.epochs + 1):
@@ -222,6 +223,21 @@ def prepare_method(args, data, split, device):
     return method.to(memory_format=torch.channels_last) if device.type == "cuda" else method
 
 
+def starting_metadata(args):
+    """What the --init backbone file records ({} for scratch and BiT), for the epoch-0 row: a pretrained
+    network (its file records an epoch) is measured with the BatchNorm statistics it trained with
+    (evaluation.untrained_statistics), unless --select-filters, --shrink, a fresh --whiten or
+    --zero-init-last changed it: its statistics then describe the inputs of another network
+    (interventions.shrink), and the epoch is left out so that they are estimated again."""
+    if not args.init.endswith(".pt"):
+        return {}
+    recorded = {k: v for k, v in read_backbone_file(args.init).items() if k != "state_dict"}
+    fresh_whitening = args.whiten and not recorded.get("whiten")  # as interventions.intervene decides
+    if args.select_filters or args.shrink or fresh_whitening or args.zero_init_last:
+        recorded.pop("epoch", None)
+    return recorded
+
+
 def pretrain_loader(data, split, method, args, rank, world, device):
     """The `pretrain` part, each image through every view the method asks for, sharded over the processes."""
     transforms = [views.VIEWS[name](args.image_size) for name in method.views]
@@ -246,14 +262,20 @@ def pretrain_loader(data, split, method, args, rank, world, device):
 
 
 def distribute(method, device):
-    """DistributedDataParallel, with SyncBatchNorm on GPUs: SimSiam's BN statistics are over the global batch.
-    DDP's constructor broadcasts process 0's parameters and buffers, its BN statistics of row 0 included."""
+    """DistributedDataParallel, with SyncBatchNorm on GPUs: SimSiam's BN statistics are over the global batch;
+    a --whiten IterNorm whitens the global batch on every device (interventions.synchronise_whitening). The
+    norms' collectives start here, in the forward that every process runs: before it, process 0 computes the
+    epoch-0 row alone. DDP's constructor broadcasts process 0's parameters and buffers, its BN statistics of
+    row 0 included."""
     if not dist.is_initialized():
         return method
+    synchronise_whitening(method)
     if device.type == "cuda":
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
     elif dist.get_rank() == 0:
-        print("note: SyncBatchNorm runs on GPUs only; on the CPU each process normalises over its own batch")
+        print(
+            "note: SyncBatchNorm runs on GPUs only; on the CPU each process's BatchNorm normalises its batch"
+        )
     return nn.parallel.DistributedDataParallel(method, device_ids=[device] if device.type == "cuda" else None)
 
 

@@ -36,10 +36,12 @@ def runs_a_script(function):
 
 # pytest-xdist's loadscope hands out whole modules in collection order (--no-loadscope-reorder, pytest.ini):
 # the modules of whole pretraining runs go first, the longest first, so that no worker is left alone with one
-# at the end. Their shares of a full run, measured with --durations=0: 268, 178, 125, 82 and 78 s.
+# at the end. Their shares of a full run, measured with --durations=0 while other jobs loaded the 2 cores
+# (load average about 9, 33 min 39 s in all): 690, 579, 535, 510, 502 and 350 s.
 LONGEST_FIRST = [
-    "test_methods_runs.py",
     "test_pretrain.py",
+    "test_distributed.py",
+    "test_methods_runs.py",
     "test_runs.py",
     "test_gpu_check.py",
     "test_eval.py",

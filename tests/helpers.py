@@ -1,12 +1,18 @@
 """What several test files share: the scripts as subprocesses, the smallest pretraining run that still
-exercises everything, and the data flags as `datasets.load_data` takes them."""
+exercises everything, the data flags as `datasets.load_data` takes them, and a pretrained backbone file."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
+from subprocess import PIPE
+
+import pytest
+import torch
 
 import datasets
+from bit_convert import resnet_v2, save_backbone
+from evaluation import estimate_bn_statistics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,19 +62,28 @@ def run_script(script, *args, timeout=300, env=None, **popen):
     )
 
 
-def run_pretraining_over_gloo(args):
-    """pretrain.py as two processes (torchrun, gloo, one thread each); asserts that it ran through."""
+def run_pretraining_over_gloo(args, timeout=300):
+    """pretrain.py as two processes (torchrun, gloo, one thread each); asserts that it ran through. A hang
+    (a collective that one process never joins) fails the test after `timeout` seconds, its processes
+    stopped."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    run = subprocess.run(
-        [*command, "pretrain.py", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    hung = False
+    with subprocess.Popen(
+        [*command, "pretrain.py", *map(str, args)], cwd=REPO, stdout=PIPE, stderr=PIPE, text=True, env=env
+    ) as torchrun:
+        try:
+            stdout, stderr = torchrun.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            torchrun.terminate()  # torchrun stops its workers on SIGTERM; a SIGKILL would leave them waiting
+            stdout, stderr = torchrun.communicate()
+            hung = True
+    if hung:
+        pytest.fail(
+            f"pretrain.py over gloo did not finish in {timeout} s; its output ended with: {stdout[-1500:]}"
+        )
+    assert torchrun.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(torchrun.args, torchrun.returncode, stdout, stderr)
 
 
 def load_data(args):
@@ -76,3 +91,16 @@ def load_data(args):
     return datasets.load_data(
         args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
     )
+
+
+def write_pretrained_backbone(path, seed=0):
+    """A backbone file as a pretraining leaves one (it records its epoch): r50x1/bn with the cifar stem, for
+    8 px digits. Its BatchNorm statistics are those of random-noise images: real ones, as a trained network
+    has (fresh ones, mean 0 and variance 1, blow eval-mode features up), yet far from any estimate on the
+    digits, so that a test sees whether a script kept them."""
+    torch.manual_seed(seed)
+    backbone = resnet_v2("r50x1", "bn", cifar_stem=True)
+    noise = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    estimate_bn_statistics(backbone, noise, torch.device("cpu"))
+    save_backbone(backbone, path, epoch=3, init="scratch", data="digits", image_size=8, method="simsiam")
+    return path

@@ -304,26 +304,35 @@ def test_a_file_of_the_earlier_placement_still_loads_with_its_final_norm_whitene
 
 
 def whiten_half_batches(rank, init_file, x, g, out_dir):
-    """One of two gloo processes: an IterNorm on its half of x, the loss sum(out * g) of its half."""
+    """One of two gloo processes: a synchronised IterNorm on its half of x, the loss sum(out * g) of its half;
+    and an IterNorm that was not synchronised on the same half."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     half = slice(rank * len(x) // 2, (rank + 1) * len(x) // 2)
+    alone = interventions.IterNorm(x.shape[1])(x[half])
     part = x[half].clone().requires_grad_()
-    norm = interventions.IterNorm(x.shape[1])
+    norm = interventions.synchronise_whitening(interventions.IterNorm(x.shape[1]))
     out = norm(part)
     (out * g[half]).sum().backward()
-    torch.save(dict(out=out.detach(), grad=part.grad, **norm.state_dict()), out_dir / f"{rank}.pt")
+    saved = dict(out=out.detach(), grad=part.grad, alone=alone.detach(), **norm.state_dict())
+    torch.save(saved, out_dir / f"{rank}.pt")
     dist.destroy_process_group()
 
 
 def test_iternorm_over_two_processes_whitens_their_global_batch(tmp_path):
     """As SyncBatchNorm: two processes with half a batch each whiten it as one process whitens all of it,
-    give each half the gradient of the whole batch's loss, and agree on the running statistics."""
+    give each half the gradient of the whole batch's loss, and agree on the running statistics, once
+    synchronise_whitening has made the IterNorm distributed (pretrain.distribute). Before that it whitens
+    each process's own half and issues no collective, even with the process group up: code that one process
+    runs alone (the epoch-0 row) must not start one."""
     x, g = correlated_batch(n=16), torch.randn(16, 6, 4, 4, generator=torch.Generator().manual_seed(1))
     torch.multiprocessing.spawn(whiten_half_batches, (tmp_path / "init", x, g, tmp_path), nprocs=2)
     parts = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
+    for part, half in zip(parts, x.chunk(2)):
+        alone = interventions.IterNorm(6)(half).detach()
+        torch.testing.assert_close(part["alone"], alone, rtol=0, atol=1e-5)
     whole, norm = x.clone().requires_grad_(), interventions.IterNorm(6)
     out = norm(whole)
     (out * g).sum().backward()

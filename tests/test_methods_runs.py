@@ -1,6 +1,6 @@
 """pretrain.py --method simclr | byol | mocov2 | swav, whole runs on the CPU: every output, an exact resume
-after a SIGTERM (weights, momentum encoder, queue, prototypes, metrics), two processes over gloo, and (slow) a
-short run on the digits that raises kNN balanced accuracy."""
+after a SIGTERM (weights, momentum encoder, queue, prototypes, metrics), and (slow) a short run on the digits
+that raises kNN balanced accuracy; two processes over gloo are in test_distributed.py."""
 
 import os
 import signal
@@ -11,7 +11,7 @@ from test_pretrain import read_metrics, without_timing
 
 import pretrain
 from bit_convert import load_backbone
-from helpers import run_pretraining_over_gloo, run_script, tiny_args
+from helpers import run_script, tiny_args
 
 # small queues and prototypes: the SwAV queue (60 = 2 batches) is full, hence in use, from the third step,
 # and --multi-crop puts 8 crops of two sizes through the loop
@@ -21,7 +21,7 @@ FLAGS = {
     "mocov2": ["--queue-size", "64"],
     "swav": ["--queue-size", "60", "--queue-start", "1", "--prototypes", "10", "--multi-crop"],
 }
-SPLIT = "0.05,0.05,0.05,0.85"  # 89 pretrain images: 2 steps of 30 an epoch
+SPLIT = "0.05,0.05,0.05,0.85"  # 90 pretrain images: 3 steps of 30 an epoch
 
 
 def method_args(tmp, method, epochs=2, out="run"):
@@ -85,14 +85,6 @@ def test_a_run_writes_every_output_and_records_its_method(complete_run):
     assert ("queue" in state) == (method in ("mocov2", "swav"))
     if method == "swav":
         assert state["queue"][:, -1].abs().sum() > 0  # filled and in use
-
-
-@pytest.mark.parametrize("method", list(FLAGS))
-def test_two_processes_over_gloo(tmp_path, method):
-    run = run_pretraining_over_gloo(method_args(tmp_path, method, epochs=1))
-    assert f"{method}, scratch" in run.stdout and "2 process(es)" in run.stdout
-    assert [int(r["epoch"]) for r in read_metrics(tmp_path / "run")] == [0, 1]
-    assert load_backbone(tmp_path / "run" / "backbone.pt")[1]["method"] == method
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """pretrain.py: the schedule, the sampler, and whole runs on the CPU (outputs, the numbers of the code before
-it was reshaped, exact resume, two processes over gloo, the NaN stop, a collapse, bad arguments)."""
+it was reshaped, exact resume, the epoch-0 row, the NaN stop, a collapse, bad arguments); two processes over
+gloo are in test_distributed.py."""
 
 import csv
 import json
@@ -14,14 +15,18 @@ from argparse import Namespace
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import balanced_accuracy_score
 
 import common
+import datasets
 import evaluation
+import interventions
 import methods
 import pretrain
+import splits
 import views
 from bit_convert import load_backbone, resnet_v2, save_backbone
-from helpers import REPO, run_pretraining_over_gloo, run_script, tiny_args
+from helpers import REPO, run_script, tiny_args, write_pretrained_backbone
 
 TIMING = ("img_per_s", "data_wait", "epoch_s", "eta_s")
 
@@ -150,22 +155,15 @@ def test_the_same_seed_gives_the_same_run_and_a_stop_by_signal_resumes_exactly(c
     assert without_timing(read_metrics(tmp_path / "run")) == without_timing(read_metrics(complete_run[1]))
 
 
-def test_two_processes_over_gloo(tmp_path):
-    run = run_pretraining_over_gloo(tiny_args(tmp_path, epochs=1))
-    assert run.stdout.count("SyncBatchNorm runs on GPUs only") == 1  # said once, by process 0
-    assert "2 process(es)" in run.stdout and "6 steps per epoch" in run.stdout  # --batch-size 30 is global
-    assert [int(r["epoch"]) for r in read_metrics(tmp_path / "run")] == [0, 1]
-    assert load_backbone(tmp_path / "run" / "backbone.pt")[1]["epoch"] == 1
-
-
 def test_one_torchrun_process_still_runs_the_process_group_and_ddp(monkeypatch):
     """torchrun --nproc_per_node 1 (RANK and WORLD_SIZE set) takes the distributed path, as a machine with one
     GPU must to exercise NCCL; a plain `python pretrain.py` does not."""
     args = pretrain.parse_args(["--data", "digits", "--device", "cpu"])
     assert pretrain.init_process(args) == (0, 1, torch.device("cpu"))
     assert not torch.distributed.is_initialized()
-    layer = torch.nn.Linear(2, 2)
+    layer = torch.nn.Sequential(torch.nn.Linear(3, 3), interventions.IterNorm(3))
     assert pretrain.distribute(layer, torch.device("cpu")) is layer
+    assert layer[1].process_group is None  # no process group: it whitens its own batch
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
@@ -178,6 +176,7 @@ def test_one_torchrun_process_still_runs_the_process_group_and_ddp(monkeypatch):
         assert isinstance(
             pretrain.distribute(layer, torch.device("cpu")), torch.nn.parallel.DistributedDataParallel
         )
+        assert layer[1].process_group is torch.distributed.group.WORLD  # whitens the global batch
     finally:
         torch.distributed.destroy_process_group()
 
@@ -216,10 +215,63 @@ def test_bn_statistics_are_estimated_before_the_model_is_distributed(tmp_path, m
     pretrain.main(tiny_args(tmp_path, epochs=1))
     assert events == ["estimate", "distribute"]
     backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(resnet_v2("r50x1", "bn", cifar_stem=True))
-    with pytest.raises(ValueError, match="before convert_sync_batchnorm"):
+    with pytest.raises(ValueError, match="before the model is distributed"):
         evaluation.estimate_bn_statistics(
             backbone, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.device("cpu")
         )
+
+
+def test_epoch_0_of_a_pretrained_backbone_file_is_its_network_with_its_own_statistics(tmp_path):
+    """A backbone file that records its epoch (a pretraining's) carries the BatchNorm statistics it trained
+    with: the epoch-0 row measures that network as it is. Here against a weighted kNN vote and RankMe in
+    NumPy on the file's eval-mode features; statistics estimated on the bank instead give other numbers."""
+    init = write_pretrained_backbone(tmp_path / "pretrained.pt")
+    argv = tiny_args(tmp_path, epochs=1) + ["--init", str(init)]
+    argv[argv.index("--split") + 1] = "0.05,0.05,0.05,0.85"  # 90 pretrain images: 3 steps of 30
+    assert pretrain.main(argv) == 0
+    row = {k: float(v) for k, v in read_metrics(tmp_path / "run")[0].items() if v != ""}
+    backbone, data = load_backbone(init)[0].eval(), datasets.load_digits()
+    split = splits.load_split(data, tmp_path / "run" / "split.json")
+
+    def features(part):
+        index = splits.indices(data, split, part)
+        with torch.no_grad():  # BiT's inputs: [-1, 1]
+            x = backbone(views.eval_images(data, index, 8).float() / 127.5 - 1)
+        return x.double().numpy(), data.labels[index]
+
+    (bank, bank_labels), (queries, truth) = features("train"), features("val")
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    similarity = unit(queries) @ unit(bank).T
+    votes = np.zeros((len(queries), len(data.classes)))
+    for i, row_similarity in enumerate(similarity):  # k = 200 > 90 bank images: every one votes
+        np.add.at(votes[i], bank_labels, np.exp(row_similarity / 0.1))
+    predicted = votes.argmax(1)
+    sigma = np.linalg.svd(bank, compute_uv=False)
+    p = sigma / sigma.sum() + 1e-7
+    assert row["knn_acc"] == pytest.approx(np.mean(predicted == truth), abs=1e-9)
+    assert row["knn_bacc"] == pytest.approx(balanced_accuracy_score(truth, predicted), abs=1e-9)
+    assert row["rankme"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-4)
+
+
+def test_a_starting_network_keeps_its_statistics_only_if_it_pretrained_and_nothing_changed_it(tmp_path):
+    """The epoch-0 row's rule (evaluation.untrained_statistics, as linear_eval.py and tsne.py apply it):
+    statistics are estimated for scratch, BiT and a converted file (no epoch recorded), and for a pretrained
+    file that an intervention or --zero-init-last changes; a pretrained file whitened already keeps its own
+    with --whiten, which then changes nothing."""
+    pretrained = write_pretrained_backbone(tmp_path / "pretrained.pt")
+    save_backbone(resnet_v2("r50x1", "bn", cifar_stem=True), tmp_path / "converted.pt")  # as bit_convert.py
+    whitened = interventions.whiten(resnet_v2("r50x1", "bn", cifar_stem=True))
+    save_backbone(whitened, tmp_path / "whitened.pt", epoch=2)
+
+    def kept(*flags):
+        args = pretrain.parse_args(tiny_args(tmp_path) + list(map(str, flags)))
+        return not evaluation.untrained_statistics(whitened, pretrain.starting_metadata(args))
+
+    assert kept("--init", pretrained)
+    assert kept("--init", tmp_path / "whitened.pt", "--whiten")
+    assert not kept() and not kept("--init", "bit-m") and not kept("--init", tmp_path / "converted.pt")
+    for change in (["--shrink", "0.5"], ["--select-filters", "0.5"], ["--whiten"], ["--zero-init-last"]):
+        assert not kept("--init", pretrained, *change), change
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

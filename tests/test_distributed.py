@@ -1,0 +1,126 @@
+"""pretrain.py under torchrun, two processes over gloo: a whole run for every flag that changes the network or
+the loss (each --method, --whiten at both places, --local-weight, --shrink, --select-filters) must finish,
+and the code that process 0 runs alone (the monitor, the epoch-0 row) must issue no collective, which the
+other process would never join: a hang."""
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+from test_pretrain import read_metrics
+
+import evaluation
+import interventions
+import pretrain
+import splits
+from bit_convert import load_backbone
+from helpers import load_data, run_pretraining_over_gloo, tiny_args, write_pretrained_backbone
+
+SPLIT = "0.05,0.05,0.05,0.85"  # 90 pretrain images, 45 a process: 3 steps of 30 (15 a process), 1 of 60
+INIT = "INIT"  # stands for a backbone file that the test writes: --shrink and --select-filters need one
+# Flags may share a run; each run is as short as it can be (one epoch; the monitor runs at epochs 0 and 1).
+# A 2048-channel IterNorm takes seconds a step on the CPU: the --whiten runs take one step of 60 images
+# (a flag given again overrides tiny_args').
+RUNS = {
+    "simsiam-whiten-branch": ["--method", "simsiam", "--whiten", "branch", "--batch-size", "60"],
+    "simclr-whiten-final": ["--method", "simclr", "--whiten", "final", "--batch-size", "60"],
+    "mocov2-local-select-shrink": [
+        *("--method", "mocov2", "--queue-size", "64", "--local-weight", "0.5", "--local-grid", "2"),
+        *("--init", INIT, "--select-filters", "0.5", "--shrink", "0.5"),
+    ],
+    "byol": ["--method", "byol"],
+    # a SwAV queue of 2 batches, full and in use at the third step; --multi-crop: 8 crops of two sizes
+    "swav-multi-crop": [
+        *("--method", "swav", "--queue-size", "60", "--queue-start", "1", "--prototypes", "10"),
+        "--multi-crop",
+    ],
+}
+
+
+def run_args(tmp, flags):
+    args = tiny_args(tmp, epochs=1) + [str(tmp / "init.pt") if flag == INIT else flag for flag in flags]
+    args[args.index("--split") + 1] = SPLIT
+    return args
+
+
+@pytest.mark.script
+@pytest.mark.parametrize("name", list(RUNS))
+def test_two_processes_over_gloo_run_to_the_end(tmp_path, name):
+    """torchrun --nproc_per_node 2 on the CPU: the run finishes within the time limit (a collective that one
+    process never joins would hang it), and writes its metrics and a backbone.pt that records its flags."""
+    flags = RUNS[name]
+    if INIT in flags:
+        write_pretrained_backbone(tmp_path / "init.pt")
+    run = run_pretraining_over_gloo(run_args(tmp_path, flags), timeout=300)
+    assert "2 process(es) over gloo" in run.stdout
+    assert run.stdout.count("SyncBatchNorm runs on GPUs only") == 1  # said once, by process 0
+    batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 30
+    assert f"{45 // (batch // 2)} steps per epoch" in run.stdout  # --batch-size is global
+    assert [int(r["epoch"]) for r in read_metrics(tmp_path / "run")] == [0, 1]
+    _, meta = load_backbone(tmp_path / "run" / "backbone.pt")
+    method = flags[flags.index("--method") + 1]
+    whiten = flags[flags.index("--whiten") + 1] if "--whiten" in flags else False
+    assert (meta["epoch"], meta["method"], meta["whiten"]) == (1, method, whiten)
+    recorded = json.loads((tmp_path / "run" / "args.json").read_text())
+    for flag in ("--local-weight", "--select-filters", "--shrink"):
+        if flag in flags:
+            assert recorded[flag[2:].replace("-", "_")] == float(flags[flags.index(flag) + 1])
+
+
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_to_all",
+    "barrier",
+    "broadcast",
+    "broadcast_object_list",
+    "gather",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "scatter",
+)
+
+
+def test_the_monitor_that_process_0_runs_alone_issues_no_collective(tmp_path, monkeypatch):
+    """The epoch-0 row (BatchNorm and IterNorm statistics estimated in train mode) and a later row, as process
+    0 computes them under torchrun with two processes, of a whitened backbone inside a method whose forward
+    gathers (MoCo's key encoder): any collective there is one that the other process never joins."""
+    args = pretrain.parse_args(run_args(tmp_path, ["--method", "mocov2", "--whiten"]))
+    data, cpu = load_data(args), torch.device("cpu")
+    split = splits.load_split(data, args.split_file, args.split, args.split_seed, args.split_by)
+    method = pretrain.prepare_method(args, data, split, cpu)
+    monitor = evaluation.KnnMonitor(data, split, args.image_size, args.knn_k, args.knn_t, cpu)
+
+    def collective(*args, **kwargs):
+        raise AssertionError("a collective in code that process 0 runs alone")
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    for name in COLLECTIVES:
+        monkeypatch.setattr(dist, name, collective)
+    initial = monitor.initial(method.backbone, pretrain.starting_metadata(args))
+    later = monitor(method.backbone)
+    assert 0 <= initial["knn_bacc"] <= 1 and 0 <= later["knn_bacc"] <= 1
+    assert method.backbone.blocks[-1][-1].branch_norm.num_batches_tracked == 1  # estimated, in train mode
+
+
+def test_only_a_distributed_model_whitens_over_the_processes():
+    """pretrain.distribute synchronises every IterNorm (the backbone's and a momentum encoder's), as
+    convert_sync_batchnorm converts every BatchNorm; estimate_bn_statistics then refuses the model, as it
+    refuses a SyncBatchNorm."""
+    args = pretrain.parse_args(["--data", "digits", "--method", "byol", "--whiten", "--device", "cpu"])
+    method = pretrain.prepare_method(args, None, None, torch.device("cpu"))
+    norms = [m for m in method.modules() if isinstance(m, interventions.IterNorm)]
+    assert len(norms) == 2 and all(norm.process_group is None for norm in norms)  # backbone, target
+    group = object()  # stands for a process group: nothing here runs a collective
+    assert interventions.synchronise_whitening(method, group) is method
+    assert all(norm.process_group is group for norm in norms)
+    with pytest.raises(ValueError, match="before the model is distributed"):
+        evaluation.estimate_bn_statistics(
+            method.backbone, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.device("cpu")
+        )
