@@ -249,11 +249,14 @@ def pretrain_loader(data, split, method, args, rank, world, device):
 
 def distribute(method, device):
     """DistributedDataParallel, with SyncBatchNorm on GPUs: SimSiam's BN statistics are over the global batch.
-    DDP's constructor broadcasts process 0's parameters and buffers, its BN statistics of row 0 included."""
+    A method whose BatchNorm must stay per process (MoCo v2's shuffling BN) keeps it. DDP's constructor
+    broadcasts process 0's parameters and buffers, its BN statistics of row 0 included."""
     if not dist.is_initialized():
         return method
-    if device.type == "cuda":
+    if device.type == "cuda" and method.sync_batch_norm:
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    elif dist.get_rank() == 0 and not method.sync_batch_norm:
+        print("note: no SyncBatchNorm for this method: each process normalises over its own batch")
     elif dist.get_rank() == 0:
         print("note: SyncBatchNorm runs on GPUs only; on the CPU each process normalises over its own batch")
     return nn.parallel.DistributedDataParallel(method, device_ids=[device] if device.type == "cuda" else None)

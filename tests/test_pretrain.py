@@ -165,6 +165,7 @@ def test_one_torchrun_process_still_runs_the_process_group_and_ddp(monkeypatch):
     assert pretrain.init_process(args) == (0, 1, torch.device("cpu"))
     assert not torch.distributed.is_initialized()
     layer = torch.nn.Linear(2, 2)
+    layer.sync_batch_norm = True  # as a method says (methods.Method)
     assert pretrain.distribute(layer, torch.device("cpu")) is layer
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
