@@ -505,7 +505,14 @@ def resume_from(args, state, method, optimizer, scaler, split):
         raise UserError(
             f"--epochs {args.epochs}: the run in {args.out} trained {saved['progress']['epoch'] - 1}"
         )
-    method.load_state_dict(saved["model"])
+    try:
+        method.load_state_dict(saved["model"])
+    except RuntimeError as e:  # a missing or unexpected key: another version's method
+        raise UserError(
+            f"--resume: {args.out / 'last.pt'} does not hold the state of this version's --method "
+            f"{args.method} ({' '.join(line.strip() for line in str(e).splitlines()[1:])}); start the run "
+            "afresh"
+        ) from None
     optimizer.load_state_dict(saved["optimizer"])
     scaler.load_state_dict(saved["scaler"])
     state.load_state_dict(saved["progress"])
@@ -614,6 +621,7 @@ def parse_args(argv=None):
         extendable = {"epochs"} if saved.get("cosine_epochs") else set()  # the past schedule stays the same
         runs.refuse_changes(args, saved, MAY_CHANGE | extendable, HORIZON)
         check_epochs(args)
+        methods.resolve_method_args(args)  # a setting newer than the run's args.json takes its default
         return args
     recorded = read_backbone_file(args.init) if args.init.endswith(".pt") else None  # its arch, norm, stem
     resolve_backbone_args(args, "bn", datasets.DEFAULT_SIZE[args.data], recorded, args.init)
