@@ -355,7 +355,7 @@ def parse_args(argv=None):
     model.add_argument(
         "--tune",
         nargs="+",
-        default=["all"],
+        default=["all"],  # end-to-end, the "de-facto standard" Khan & Fang compare their strategies with
         help="all (end-to-end, default); q1, q2, q3, q4 (that quarter of the units by depth and the head "
         "train, the rest is frozen, its BatchNorm in eval mode; q1 holds the stem, q4 the final norm); "
         "quarters joined by commas (q1,q2); 0-75 (the last quarter removed, all the rest trains). With "

@@ -42,9 +42,7 @@ class Method(nn.Module):
     """The defaults of the interface above."""
 
     optimizer = "sgd"  # SGD with --momentum; "lars" for a method whose recipe is LARS's (SwAV)
-    sync_batch_norm = (
-        True  # BN statistics over the global batch on GPUs, as SimSiam (main_simsiam.py: SyncBN)
-    )
+    sync_batch_norm = True  # BN statistics over the global batch on GPUs, as main_simsiam.py's SyncBN
 
     def param_groups(self):
         return [{"params": [p for p in self.parameters() if p.requires_grad], "fixed_lr": False}]
@@ -253,10 +251,8 @@ class MoCoV2(Method):
     then record their crops, and the query's and the key's last feature maps are compared region by region
     (matched_regions, local_infonce below); the keys' map is the momentum encoder's, without gradient."""
 
-    views = (
-        "simsiam",
-        "simsiam",
-    )  # MoCo v2's augmentation (main_moco.py --aug-plus), which SimSiam took over
+    # MoCo v2's augmentation (main_moco.py --aug-plus), which SimSiam took over
+    views = ("simsiam", "simsiam")
     sync_batch_norm = False  # shuffling BN needs each process's own statistics (He et al. §3.3)
     # lr 0.06 at batch 128 (0.12 per 256), weight decay 5e-4, temperature 0.1, a queue of 4096 keys and a
     # constant momentum 0.99: lightly's CIFAR-10 benchmark (MocoModel: one GPU, batch 128), the one recipe
@@ -417,12 +413,8 @@ class SwAV(Method):
         self.prototypes = nn.Parameter(F.normalize(torch.randn(prototypes, dim), dim=1))  # on the sphere
         self.register_buffer("queue", torch.zeros(2, queue_size, dim))  # full once its last row is written
         self.views = ("swav", "swav") + ("swav_small",) * (6 if multi_crop else 0)
-        self.temperature, self.freeze_prototypes, self.queue_start = (
-            temperature,
-            freeze_prototypes,
-            queue_start,
-        )
-        self.queue_in_use = False
+        self.temperature, self.freeze_prototypes = temperature, freeze_prototypes
+        self.queue_start, self.queue_in_use = queue_start, False
 
     def forward(self, views):
         # as main_swav.py: the backbone once per resolution, the head once over all crops (its BN sees all)
