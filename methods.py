@@ -548,7 +548,7 @@ FLAG_HELP = {
     "queue_size": "keys or embeddings in the queue (swav: 0 for none)",
     "queue_start": "the epoch, counted from 1, from which SwAV's Sinkhorn uses its queue (once full)",
     "prototypes": "SwAV's number of prototypes K",
-    "freeze_prototypes": "the first epochs, this many, in which SwAV's prototypes stay frozen",
+    "freeze_prototypes": "SwAV's prototypes stay frozen for this many epochs from the start",
     "multi_crop": "6 small crops (96/224 of --image-size, scale 0.05-0.14) besides the 2 large ones",
     "local_weight": "Hassanpour et al.'s local loss: its weight w in L_global + w L_local (theirs: 0.5)",
     # our choice: on a 224-px view's 7 x 7 map a 3 x 3 grid of the crops' overlap gives regions of about 2 x 2
