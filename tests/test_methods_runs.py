@@ -16,13 +16,17 @@ import pretrain
 from bit_convert import load_backbone
 from helpers import run_pretraining_over_gloo, run_script, tiny_args
 
-# small queues and prototypes: the SwAV queue (60 = 2 batches) is full, hence in use, from the third step,
-# and --multi-crop puts 8 crops of two sizes through the loop
+# small queues and prototypes: the SwAV queue (60 = 2 batches) is full, hence in use, from the third step, its
+# prototypes frozen in the first epoch only (so that a resumed epoch 2 trains them), and --multi-crop puts 8
+# crops of two sizes through the loop
 FLAGS = {
     "simclr": [],
     "byol": [],
     "mocov2": ["--queue-size", "64"],
-    "swav": ["--queue-size", "60", "--queue-start", "1", "--prototypes", "10", "--multi-crop"],
+    "swav": [
+        *("--queue-size", "60", "--queue-start", "1", "--freeze-prototypes", "1"),
+        *("--prototypes", "10", "--multi-crop"),
+    ],
 }
 SPLIT = "0.05,0.05,0.05,0.85"  # 89 pretrain images: 2 steps of 30 an epoch
 
