@@ -1,10 +1,12 @@
 """Measuring a backbone: embedding with it frozen, BatchNorm statistics for a network that never trained,
 the weighted kNN monitor (the paper's Fig. 2), the embedding spectrum and RankMe (dimensional collapse),
-focal loss and the paper's scores (§4.4), the backbone files and initialisations that are evaluated, and the
-feature cache that lets linear_eval.py and tsne.py embed each part once."""
+focal loss, the classifiers' cosine schedule and the paper's scores (§4.4), the backbone files and
+initialisations that are evaluated, and the feature cache that lets linear_eval.py and tsne.py embed each
+part once."""
 
 import hashlib
 import json
+import math
 
 import numpy as np
 import torch
@@ -98,6 +100,12 @@ def focal_loss(logits, target, gamma=4.0):
     (Lin et al. 2017, Eq. 4); gamma = 0 is cross-entropy. Mean over the batch."""
     log_pt = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
     return (-((1 - log_pt.exp()) ** gamma) * log_pt).mean()
+
+
+def cosine_lr(peak, done, total):
+    """The lr of a step after `done` of `total` steps: a cosine from `peak` to 0 without warm-up (Loshchilov &
+    Hutter 2017), the schedule of the linear probe and of fine-tuning."""
+    return peak * 0.5 * (1 + math.cos(math.pi * done / total))
 
 
 def scores(truth, predictions, n_classes):

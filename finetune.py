@@ -55,6 +55,8 @@ from interventions import IterNorm
 # On --resume the run's own args.json is used, but for these, which come from the machine and the command line
 NOT_RESTORED = {"resume", "force", "device", "workers", "out"}
 MAY_CHANGE = NOT_RESTORED | {"download", "data_root", "cache_dir"}  # any other difference is an error
+# our choice, not tuned: BiT-HyperRule (Kolesnikov et al. §3.3; big_transfer bit_hyperrule.py and
+# bit_common.py) is SGD lr 0.003 at batch 512, 100 warm-up steps, then x0.1 at steps 200, 300 and 400 of 500
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-4}
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, IterNorm)  # every kind, frozen in eval
 
@@ -169,7 +171,9 @@ def train_subset(data, split, fraction, seed):
 
 
 def train_view(size):
-    """The usual augmentation of supervised training: a random resized crop and a horizontal flip."""
+    """The usual augmentation of supervised training: a random resized crop (scale 0.08-1) and a horizontal
+    flip, as the authors' classifier training (BiT-SimSiam augmentations/eval_aug.py, train=True); BiT's own
+    fine-tuning resizes, then crops at random (bit_pytorch/train.py)."""
     return v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()])
 
 
@@ -223,8 +227,8 @@ def make_optimizer(model, args):
 
 
 def learning_rate(done, total, args):
-    """A cosine from --lr to 0 over the trial's steps (Loshchilov & Hutter 2017), no warm-up."""
-    return args.lr * 0.5 * (1 + math.cos(math.pi * done / total))
+    """A cosine from --lr to 0 over the trial's steps, no warm-up."""
+    return evaluation.cosine_lr(args.lr, done, total)
 
 
 def train_step(model, images, labels, optimizer, scaler, args, device):
@@ -351,7 +355,7 @@ def parse_args(argv=None):
     model.add_argument(
         "--tune",
         nargs="+",
-        default=["all"],
+        default=["all"],  # end-to-end, the "de-facto standard" Khan & Fang compare their strategies with
         help="all (end-to-end, default); q1, q2, q3, q4 (that quarter of the units by depth and the head "
         "train, the rest is frozen, its BatchNorm in eval mode; q1 holds the stem, q4 the final norm); "
         "quarters joined by commas (q1,q2); 0-75 (the last quarter removed, all the rest trains). With "
@@ -365,20 +369,25 @@ def parse_args(argv=None):
         help="fine-tune on a stratified fraction of the train part, the same images for every strategy "
         "at one seed (default 1: all)",
     )
+    # 40 epochs of batches of 64: our choice, about 600 steps on HAM10000's train part (about 1000 images),
+    # the order of BiT-HyperRule's 500 steps for data sets below 20k images (bit_hyperrule.get_schedule)
     tuning.add_argument("--epochs", type=int, default=40)
     tuning.add_argument("--batch-size", type=int, default=64)
-    tuning.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    tuning.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")  # SGD: BiT-HyperRule's
     tuning.add_argument(
         "--lr",
         type=finite_float,
         help="peak of the cosine; default 0.01 for sgd (momentum 0.9), 1e-4 for adam",
     )
+    # momentum 0.9 and no weight decay: BiT-HyperRule's (bit_pytorch/train.py: SGD(lr, momentum=0.9))
     tuning.add_argument("--momentum", type=finite_float, default=0.9)
     tuning.add_argument("--weight-decay", type=finite_float, default=0.0)
     tuning.add_argument(
         "--gamma", type=finite_float, default=4.0, help="focal loss gamma (paper §4.4); 0: cross-entropy"
     )
-    tuning.add_argument("--trials", type=int, default=3, help="seeds --seed, --seed+1, ...")
+    tuning.add_argument(
+        "--trials", type=int, default=3, help="seeds --seed, --seed+1, ... (3: the paper's §4.4)"
+    )
     run_group = parser.add_argument_group("run (figures: linear_eval.py --compare .../results.json ...)")
     run_group.add_argument(
         "--out", type=Path, help="default: finetune-TUNE/ beside --ckpt, else runs/finetune-INIT-TUNE"

@@ -9,6 +9,8 @@ loop knows none of them by name:
                           a few thousand images; "lr" is the base lr per 256 images, "weight_decay" the
                           optimiser's
     optimizer             "sgd" or "lars" (LARS, below), both with --momentum
+    sync_batch_norm       whether pretrain.py makes its BatchNorms SyncBatchNorm on GPUs under torchrun (False
+                          for MoCo v2, whose shuffling BN needs each process's own statistics)
     forward(views)        -> (loss, z): z the output whose spread is the collapse signal (normalised_std)
     out_dim               the width of z
     param_groups()        the optimiser's groups; a group with fixed_lr keeps the peak lr (SimSiam)
@@ -19,7 +21,8 @@ loop knows none of them by name:
 Momentum encoders, queues and prototypes are parameters or buffers of the method, hence in its state dict and
 in every checkpoint; a momentum encoder never requires grad, so that neither the optimiser nor DDP sees it.
 Under torchrun, queues hold the embeddings of every process (the same on all of them, so process 0's
-checkpoint holds the whole queue), SimCLR's negatives come from every process, and Sinkhorn sums over all.
+checkpoint holds the whole queue), SimCLR's negatives come from every process, Sinkhorn sums over all, and
+MoCo's key encoder shuffles the global batch over the processes (encode_shuffled).
 """
 
 import copy
@@ -39,6 +42,7 @@ class Method(nn.Module):
     """The defaults of the interface above."""
 
     optimizer = "sgd"  # SGD with --momentum; "lars" for a method whose recipe is LARS's (SwAV)
+    sync_batch_norm = True  # BN statistics over the global batch on GPUs, as main_simsiam.py's SyncBN
 
     def param_groups(self):
         return [{"params": [p for p in self.parameters() if p.requires_grad], "fixed_lr": False}]
@@ -84,7 +88,9 @@ class SimSiam(Method):
     1-3)."""
 
     views = ("simsiam", "simsiam")
-    defaults = {"lr": 0.03, "weight_decay": 5e-4, "projector": "paper"}  # Lu et al. §4.1
+    # lr and weight decay: Lu et al. §4.1; the projector and the widths: the authors' code (BiT-SimSiam
+    # models/simsiam.py, proj_layers 2 in its HAM configs), whose predictor is Chen & He's (§4.4)
+    defaults = {"lr": 0.03, "weight_decay": 5e-4, "projector": "paper"}
 
     def __init__(self, backbone, projector="paper", dim=2048, pred_dim=512):
         super().__init__()
@@ -142,13 +148,15 @@ def simsiam_loss(p1, p2, z1, z2):
 class SimCLR(Method):
     """Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations" (ICML 2020): a
     projector g (2048-2048-128, §B.9) and NT-Xent over the 2N views of the batch (Alg. 1), its negatives
-    gathered from every process, as a global batch would hold them. The projector is google-research/simclr's
-    ProjectionHead (tf2/model.py): every layer Linear-BN, ReLU inside, the output BN scaled but not centred
-    (no bias, no ReLU)."""
+    gathered from every process, as a global batch would hold them. The projector is SimCLR v1's two layers
+    (google-research/simclr at tag 1.0, model_util.projection_head with num_nlh_layers 1): every layer
+    Linear-BN, ReLU inside, the output BN scaled but not centred (no bias, no ReLU). tf2/model.py's
+    ProjectionHead is SimCLR v2's, three such layers by default (num_proj_layers 3)."""
 
     views = ("simclr", "simclr")  # Chen et al. App. A (views.simclr_view)
-    # SGD lr and weight decay: lightly's CIFAR-10 benchmark (SimCLRModel, batch 128); temperature 0.5: the
-    # default of its NTXentLoss, and Chen et al.'s for CIFAR-10 (App. B.9)
+    # SGD lr 0.06 at batch 128 (0.12 per 256) and weight decay 5e-4: lightly's CIFAR-10 benchmark
+    # (SimCLRModel); temperature 0.5: the default of its NTXentLoss, and google-research/simclr's CIFAR-10
+    # command (README: --temperature=0.5; Chen et al. App. B.9)
     defaults = {"lr": 0.12, "weight_decay": 5e-4, "temperature": 0.5}
 
     def __init__(self, backbone, temperature=0.5, dim=128, hidden=2048):
@@ -193,8 +201,9 @@ class BYOL(Method):
     receives no gradient and its momentum rises from tau_0 to 1 along a cosine (§3.2)."""
 
     views = ("byol1", "byol2")  # asymmetric blur and solarisation (Table 6)
-    # SGD lr, weight decay and tau_0: lightly's CIFAR-10 benchmark (BYOLModel, batch 128), whose loss scale
-    # byol_loss takes
+    # SGD lr 0.06 at batch 128 (0.12 per 256) and weight decay 5e-4: lightly's CIFAR-10 benchmark (BYOLModel),
+    # whose loss scale byol_loss takes; tau_0 0.99: deepmind's preset for 100 and 300 epochs
+    # (byol/configs/byol.py, _EMA_PRESETS; lightly's benchmark keeps 0.99 constant)
     defaults = {"lr": 0.12, "weight_decay": 5e-4, "target_momentum": 0.99}
 
     def __init__(self, backbone, target_momentum=0.99, dim=256, hidden=4096):
@@ -235,18 +244,26 @@ class MoCoV2(Method):
     """Chen, Fan, Girshick & He, "Improved Baselines with Momentum Contrastive Learning" (2020), on MoCo (He
     et al., CVPR 2020, Alg. 1): a query q of view 1 by the encoder (backbone, MLP 2048-2048-128 without BN),
     its key k of view 2 by the momentum encoder, InfoNCE against a queue of earlier keys (Eq. 1-2), then the
-    keys of every process are enqueued. MoCo's shuffling BN is left out: with one process it shuffles nothing,
-    and with SyncBatchNorm the statistics are over the whole batch whatever the order.
+    keys of every process are enqueued. Under torchrun the key encoder runs MoCo's shuffling BN (§3.3,
+    encode_shuffled), each process with its own BatchNorm statistics (sync_batch_norm False: no SyncBatchNorm,
+    as main_moco.py has none); in one process the queries and the keys share the batch's statistics.
     local_weight > 0 adds Hassanpour et al.'s local loss (L = L_global + w L_local, their w = 0.5): the views
     then record their crops, and the query's and the key's last feature maps are compared region by region
     (matched_regions, local_infonce below); the keys' map is the momentum encoder's, without gradient."""
 
-    views = ("simsiam", "simsiam")  # MoCo v2's augmentation is the one SimSiam took over
-    final_momentum = 0.999  # solo-learn's mocov2plus (final_tau), whose tau_0 0.99 is ours
+    # MoCo v2's augmentation (main_moco.py --aug-plus), which SimSiam took over
+    views = ("simsiam", "simsiam")
+    sync_batch_norm = False  # shuffling BN needs each process's own statistics (He et al. §3.3)
+    # lr 0.06 at batch 128 (0.12 per 256), weight decay 5e-4, temperature 0.1, a queue of 4096 keys and a
+    # constant momentum 0.99: lightly's CIFAR-10 benchmark (MocoModel: one GPU, batch 128), the one recipe
+    # made for a setting like ours; FAIR's (main_moco.py at 132aea9 with MoCo v2's flags: lr 0.03 per 256,
+    # weight decay 1e-4, temperature 0.2, 65536 keys, momentum 0.999) is ImageNet's, whose queue alone holds
+    # 11 times HAM10000's pretrain part. local_weight: off unless asked (Hassanpour et al.'s is 0.5);
+    # local_grid 3: our choice, see FLAG_HELP
     defaults = {
-        "lr": 0.03,
+        "lr": 0.12,
         "weight_decay": 5e-4,
-        "temperature": 0.2,
+        "temperature": 0.1,
         "target_momentum": 0.99,
         "queue_size": 4096,
         "local_weight": 0.0,
@@ -256,7 +273,7 @@ class MoCoV2(Method):
     def __init__(
         self,
         backbone,
-        temperature=0.2,
+        temperature=0.1,
         target_momentum=0.99,
         queue_size=4096,
         local_weight=0.0,
@@ -268,6 +285,10 @@ class MoCoV2(Method):
         self.backbone, self.projector = backbone, mlp(backbone.num_features, hidden, dim, batch_norm=False)
         self.target = copy.deepcopy(nn.ModuleList([self.backbone, self.projector])).requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
+        # the generator of shuffling BN's permutations, seeded from the global one (pretrain.py seeds that
+        # with --seed); its state is a buffer, so that a resumed run draws the permutations it would have
+        seed = int(torch.randint(2**62, ()))
+        self.register_buffer("shuffle_state", torch.Generator().manual_seed(seed).get_state())
         self.temperature, self.target_momentum, self.out_dim = temperature, target_momentum, dim
         self.local_weight, self.local_grid = local_weight, local_grid
         if local_weight:
@@ -278,9 +299,7 @@ class MoCoV2(Method):
             return self.forward_with_regions(views)
         x1, x2 = views
         q = self.projector(self.backbone(x1))
-        with torch.no_grad():
-            key_backbone, key_projector = self.target
-            k = F.normalize(key_projector(key_backbone(x2)).float(), dim=1)
+        (k,) = self.keys(x2)
         return self.global_loss(q, k), q
 
     def global_loss(self, q, k):
@@ -292,18 +311,54 @@ class MoCoV2(Method):
         (x1, where1), (x2, where2) = views  # where: (x0, y0, x1, y1, flipped) of each view's crop
         query_map = self.backbone.feature_map(x1)
         q = self.projector(query_map.mean((2, 3)))
-        with torch.no_grad():
-            key_backbone, key_projector = self.target
-            key_map = key_backbone.feature_map(x2)
-            k = F.normalize(key_projector(key_map.mean((2, 3))).float(), dim=1)
+        k, key_map = self.keys(x2, with_map=True)
         regions = matched_regions(where1[:, :4], where1[:, 4], where2[:, :4], where2[:, 4], self.local_grid)
         local = local_infonce(query_map, key_map, *regions)
         return self.global_loss(q, k) + self.local_weight * local, q
 
+    @torch.no_grad()
+    def keys(self, x2, with_map=False):
+        """(k,) or, with_map, (k, its last feature map): the momentum encoder's L2-normalised keys of view 2.
+        Under torchrun through shuffling BN, so that each key's BatchNorm statistics come from another subset
+        of the global batch than its query's (He et al. §3.3)."""
+        key_backbone, key_projector = self.target
+
+        def encode(x):
+            key_map = key_backbone.feature_map(x) if with_map else None
+            features = key_backbone(x) if key_map is None else key_map.mean((2, 3))
+            k = F.normalize(key_projector(features).float(), dim=1)
+            return (k,) if key_map is None else (k, key_map)
+
+        if world() == 1:
+            return encode(x2)
+        return encode_shuffled(encode, x2, self.key_permutation(len(x2) * world(), x2.device))
+
+    def key_permutation(self, n, device):
+        """A random order of the global batch's n key images, drawn from the method's own generator and
+        broadcast from process 0, as moco's builder.py broadcasts its randperm."""
+        generator = torch.Generator()
+        generator.set_state(self.shuffle_state.cpu())
+        order = torch.randperm(n, generator=generator).to(device)
+        self.shuffle_state.copy_(generator.get_state())
+        dist.broadcast(order, src=0)
+        return order
+
     def after_step(self, progress):
+        """The key encoder follows the encoder with a constant momentum (MoCo Eq. 2)."""
         online = [*self.backbone.parameters(), *self.projector.parameters()]
-        momentum = cosine_momentum(self.target_momentum, progress, self.final_momentum)
-        momentum_update(online, self.target.parameters(), momentum)
+        momentum_update(online, self.target.parameters(), self.target_momentum)
+
+
+@torch.no_grad()
+def encode_shuffled(encode, x, order):
+    """MoCo's shuffling BN (He et al. §3.3; moco/builder.py at 132aea9, _batch_shuffle_ddp and
+    _batch_unshuffle_ddp): the images x of every process are gathered in rank order, this process encodes its
+    share of them in the random order `order` (the same on every process) with its own BatchNorm statistics,
+    and the outputs of all shares are gathered and put back in the original order, each process keeping those
+    of its own images. encode: images -> a tuple of tensors with a row per image."""
+    share = order.view(world(), -1)[rank()]
+    back = order.argsort().view(world(), -1)[rank()]
+    return tuple(gather(out)[back] for out in encode(gather(x)[share]))
 
 
 @float32
@@ -322,51 +377,63 @@ class SwAV(Method):
     """Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments" (NeurIPS
     2020): a projector (2048-2048-128, BN) onto the unit sphere, K prototypes (unit vectors), codes of the two
     large crops by Sinkhorn-Knopp (§3.1, Eq. 3), each crop predicting the codes of the others (Eq. 1-2), with
-    --multi-crop 6 small crops more (§3.2). The prototypes stay frozen in the first epoch (main_swav.py); from
-    epoch --queue-start, a queue of earlier embeddings joins Sinkhorn, for batches below 256 (App. A)."""
+    --multi-crop 6 small crops more (§3.2). The prototypes stay frozen for the first --freeze-prototypes
+    epochs; a queue of the large crops' earlier embeddings is filled from the first step and joins Sinkhorn
+    from epoch --queue-start on (as solo-learn's solo/methods/swav.py), once it is full (as main_swav.py: an
+    empty row would be a zero embedding in Sinkhorn)."""
 
-    # LARS, lr 0.6 per 256, weight decay 1e-6, 3000 prototypes: solo-learn's scripts/pretrain/cifar/swav.yaml;
-    # the queue of 3840 from epoch 15: main_swav.py's advice for batches below 256
+    # every number from one recipe, solo-learn's for CIFAR (scripts/pretrain/cifar/swav.yaml: batch 256 on
+    # one GPU): LARS, lr 0.6 per 256, weight decay 1e-6, temperature 0.1, 3000 prototypes frozen for 2 epochs,
+    # a queue of 3840 per large crop used from epoch_queue_starts 50, which counts epochs from 0: our epoch 51
     optimizer = "lars"
     defaults = {
         "lr": 0.6,
         "weight_decay": 1e-6,
         "temperature": 0.1,
         "prototypes": 3000,
+        "freeze_prototypes": 2,
         "queue_size": 3840,
-        "queue_start": 15,
+        "queue_start": 51,
         "multi_crop": False,
     }
 
     def __init__(
-        self, backbone, temperature=0.1, prototypes=3000, queue_size=3840, queue_start=15, multi_crop=False
+        self,
+        backbone,
+        temperature=0.1,
+        prototypes=3000,
+        freeze_prototypes=2,
+        queue_size=3840,
+        queue_start=51,
+        multi_crop=False,
     ):
         super().__init__()
         dim = self.out_dim = 128
         self.backbone, self.projector = backbone, mlp(backbone.num_features, 2048, dim)
         self.prototypes = nn.Parameter(F.normalize(torch.randn(prototypes, dim), dim=1))  # on the sphere
-        self.register_buffer("queue", torch.zeros(2, queue_size, dim))  # in use once full (a last row)
+        self.register_buffer("queue", torch.zeros(2, queue_size, dim))  # full once its last row is written
         self.views = ("swav", "swav") + ("swav_small",) * (6 if multi_crop else 0)
-        self.temperature, self.queue_start, self.filling = temperature, queue_start, False
+        self.temperature, self.freeze_prototypes = temperature, freeze_prototypes
+        self.queue_start, self.queue_in_use = queue_start, False
 
     def forward(self, views):
         # as main_swav.py: the backbone once per resolution, the head once over all crops (its BN sees all)
         large, small = views[:2], views[2:]
         features = torch.cat([self.backbone(torch.cat(crops)) for crops in (large, small) if crops])
         z = torch.stack(F.normalize(self.projector(features).float(), dim=1).chunk(len(views)))
-        in_use = self.queue.shape[1] and self.queue[:, -1].any()
+        in_use = self.queue_in_use and self.queue[:, -1].any()
         queued = self.queue[:, rank() :: world()] if in_use else None  # a share each: every embedding once
         loss = swav_loss(z, self.prototypes, self.temperature, queued)
-        if self.filling:
+        if self.queue.shape[1]:
             for queue, embeddings in zip(self.queue, z[:2]):
                 enqueue(queue, gather(embeddings.detach()))
         return loss, z[0]
 
     def start_epoch(self, epoch):
-        self.filling = epoch >= self.queue_start and self.queue.shape[1] > 0
+        self.queue_in_use = epoch >= self.queue_start
 
     def before_step(self, epoch):
-        if epoch == 1:  # frozen prototypes: SGD skips a parameter without a gradient, its weight decay too
+        if epoch <= self.freeze_prototypes:  # SGD skips a parameter without a gradient, its weight decay too
             self.prototypes.grad = None
 
     @torch.no_grad()
@@ -417,10 +484,10 @@ def momentum_update(online, target, momentum):
         t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
 
 
-def cosine_momentum(base, progress, final=1.0):
+def cosine_momentum(base, progress):
     """BYOL §3.2: tau = 1 - (1 - tau_0)(cos(pi k / K) + 1) / 2 after k of K steps: tau_0 at the start, 1 at
-    the end (progress = k / K); with final < 1, solo-learn's form, final - (final - tau_0)(cos + 1) / 2."""
-    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+    the end (progress = k / K)."""
+    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
 @torch.no_grad()
@@ -476,12 +543,18 @@ METHODS = {"simsiam": SimSiam, "simclr": SimCLR, "byol": BYOL, "mocov2": MoCoV2,
 FLAG_HELP = {
     "projector": "paper: the authors' 2-layer projector; simsiam: SimSiam's 3 layers",
     "temperature": "of the softmax (NT-Xent, InfoNCE, SwAV's prediction)",
-    "target_momentum": "tau_0 of the momentum encoder, rising by a cosine to 1 (mocov2: 0.999; BYOL §3.2)",
+    "target_momentum": "of the momentum encoder: byol's tau_0, rising by a cosine to 1 (Grill et al. §3.2); "
+    "mocov2's, constant (He et al. Eq. 2)",
     "queue_size": "keys or embeddings in the queue (swav: 0 for none)",
-    "queue_start": "the epoch from which SwAV fills its queue",
+    "queue_start": "the epoch, counted from 1, from which SwAV's Sinkhorn uses its queue (once full)",
     "prototypes": "SwAV's number of prototypes K",
+    "freeze_prototypes": "SwAV's prototypes stay frozen for this many epochs from the start",
     "multi_crop": "6 small crops (96/224 of --image-size, scale 0.05-0.14) besides the 2 large ones",
     "local_weight": "Hassanpour et al.'s local loss: its weight w in L_global + w L_local (theirs: 0.5)",
+    # our choice: on a 224-px view's 7 x 7 map a 3 x 3 grid of the crops' overlap gives regions of about 2 x 2
+    # cells (the median over random pairs of MoCo v2's crops; at least 1 x 1 for 99 % of them), each pooling
+    # cells of its own; Hassanpour et al.'s code (med_selfsup mmselfsup/models/algorithms/moco.py) cuts
+    # num_regions = 20 squares, a fraction of a cell each at that size
     "local_grid": "the local loss cuts the overlap of the two crops into GRID x GRID regions",
 }
 
@@ -531,6 +604,7 @@ def resolve_method_args(args):
         "queue_size": (lambda v: v >= (args.method == "mocov2"), f"too small for {args.method}"),
         "queue_start": (lambda v: v >= 1, "must be at least 1"),
         "prototypes": (lambda v: v >= 2, "must be at least 2"),
+        "freeze_prototypes": (lambda v: v >= 0, "must not be negative"),
         "local_weight": (lambda v: v >= 0, "must not be negative"),
         "local_grid": (lambda v: v >= 1, "must be at least 1"),
     }

@@ -263,15 +263,17 @@ def pretrain_loader(data, split, method, args, rank, world, device):
 
 def distribute(method, device):
     """DistributedDataParallel, with SyncBatchNorm on GPUs: SimSiam's BN statistics are over the global batch;
-    a --whiten IterNorm whitens the global batch on every device (interventions.synchronise_whitening). The
-    norms' collectives start here, in the forward that every process runs: before it, process 0 computes the
-    epoch-0 row alone. DDP's constructor broadcasts process 0's parameters and buffers, its BN statistics of
-    row 0 included."""
+    a --whiten IterNorm whitens the global batch on every device (interventions.synchronise_whitening). A
+    method whose BatchNorm must stay per process (MoCo v2's shuffling BN) keeps it. The norms' collectives
+    start here, in the forward that every process runs: before it, process 0 computes the epoch-0 row alone.
+    DDP's constructor broadcasts process 0's parameters and buffers, its BN statistics of row 0 included."""
     if not dist.is_initialized():
         return method
     synchronise_whitening(method)
-    if device.type == "cuda":
+    if device.type == "cuda" and method.sync_batch_norm:
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    elif dist.get_rank() == 0 and not method.sync_batch_norm:
+        print("note: no SyncBatchNorm for this method: each process normalises over its own batch")
     elif dist.get_rank() == 0:
         print(
             "note: SyncBatchNorm runs on GPUs only; on the CPU each process's BatchNorm normalises its batch"
@@ -522,7 +524,14 @@ def resume_from(args, state, method, optimizer, scaler, split):
         raise UserError(
             f"--epochs {args.epochs}: the run in {args.out} trained {saved['progress']['epoch'] - 1}"
         )
-    method.load_state_dict(saved["model"])
+    try:
+        method.load_state_dict(saved["model"])
+    except RuntimeError as e:  # a missing or unexpected key: another version's method
+        raise UserError(
+            f"--resume: {args.out / 'last.pt'} does not hold the state of this version's --method "
+            f"{args.method} ({' '.join(line.strip() for line in str(e).splitlines()[1:])}); start the run "
+            "afresh"
+        ) from None
     optimizer.load_state_dict(saved["optimizer"])
     scaler.load_state_dict(saved["scaler"])
     state.load_state_dict(saved["progress"])
@@ -631,6 +640,7 @@ def parse_args(argv=None):
         extendable = {"epochs"} if saved.get("cosine_epochs") else set()  # the past schedule stays the same
         runs.refuse_changes(args, saved, MAY_CHANGE | extendable, HORIZON)
         check_epochs(args)
+        methods.resolve_method_args(args)  # a setting newer than the run's args.json takes its default
         return args
     recorded = read_backbone_file(args.init) if args.init.endswith(".pt") else None  # its arch, norm, stem
     resolve_backbone_args(args, "bn", datasets.DEFAULT_SIZE[args.data], recorded, args.init)

@@ -24,7 +24,8 @@ class RandomGaussianBlur:
 
 def simsiam_view(size):
     """One SimSiam augmentation (Chen & He 2021, §4 and their main_simsiam.py) of a PIL image: no blur at <=
-    32 px, as in SimSiam's CIFAR recipe."""
+    32 px, as in SimSiam's CIFAR recipe (lightly's CIFAR-10 benchmark: SimSiamTransform with
+    gaussian_blur=0.0)."""
     blur = [v2.RandomApply([RandomGaussianBlur()], p=0.5)] if size > 32 else []
     return v2.Compose(
         [
@@ -39,15 +40,18 @@ def simsiam_view(size):
 
 def simclr_view(size):
     """One SimCLR augmentation (Chen et al. 2020, App. A; google-research/simclr data_util.py): a crop of
-    scale (0.08, 1), a flip, colour distortion of strength 1 (jitter 0.8, 0.8, 0.8, 0.2 with p = 0.8, grey
-    p = 0.2), blur with p = 0.5 (ImageNet's; none at <= 32 px, as for CIFAR-10, App. B.9, and in
-    simsiam_view)."""
-    blur = [v2.RandomApply([RandomGaussianBlur()], p=0.5)] if size > 32 else []
+    scale (0.08, 1), a flip, colour distortion of strength s (color_jitter: jitter 0.8 s, 0.8 s, 0.8 s, 0.2 s
+    with p = 0.8, grey p = 0.2), blur with p = 0.5. ImageNet's recipe has s = 1; at <= 32 px CIFAR-10's
+    (App. B.9; the repository's README trains CIFAR-10 with --color_jitter_strength=0.5 --use_blur=False):
+    s = 0.5 and no blur."""
+    cifar = size <= 32
+    strength = 0.5 if cifar else 1.0
+    blur = [] if cifar else [v2.RandomApply([RandomGaussianBlur()], p=0.5)]
     return v2.Compose(
         [
             v2.RandomResizedCrop(size, scale=(0.08, 1.0)),
             v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+            v2.RandomApply([v2.ColorJitter(*(0.8 * strength,) * 3, 0.2 * strength)], p=0.8),
             v2.RandomGrayscale(p=0.2),
             *blur,
         ]
@@ -56,8 +60,9 @@ def simclr_view(size):
 
 def byol_view(size, blur, solarise):
     """One of BYOL's two asymmetric augmentations (Grill et al. 2020, Table 6): view 1 blurred always and
-    never solarised, view 2 blurred with p = 0.1 and solarised with p = 0.2; no blur at <= 32 px, as in
-    simsiam_view."""
+    never solarised, view 2 blurred with p = 0.1 and solarised with p = 0.2; no blur at <= 32 px, as the CIFAR
+    recipes of lightly's benchmark (BYOLView1Transform and BYOLView2Transform with gaussian_blur=0.0) and of
+    solo-learn (scripts/pretrain/cifar/augmentations/asymmetric.yaml)."""
     blurred = [v2.RandomApply([RandomGaussianBlur()], p=blur)] if size > 32 else []
     return v2.Compose(
         [
@@ -72,9 +77,11 @@ def byol_view(size, blur, solarise):
 
 
 def swav_view(size, small=False):
-    """One SwAV crop (Caron et al. 2020, §3.2 and main_swav.py): a large crop of scale (0.14, 1) at the full
-    size, or a small one of scale (0.05, 0.14) at 96/224 of it (multi-crop); colour distortion of strength 1,
-    blur with p = 0.5 (none at <= 32 px, as in simsiam_view)."""
+    """One SwAV crop (Caron et al. 2020, §3.2; main_swav.py and src/multicropdataset.py): a large crop of
+    scale (0.14, 1) at the full size, or a small one of scale (0.05, 0.14) at 96/224 of it (multi-crop);
+    colour distortion of strength 1, blur with p = 0.5. No blur at <= 32 px: our choice, as the other
+    methods' CIFAR recipes (solo-learn's cifar/swav.yaml keeps it; lightly's CIFAR-10 SwaVTransform drops it
+    and halves the colour strength)."""
     blur = [v2.RandomApply([RandomGaussianBlur()], p=0.5)] if size > 32 else []
     crop_size, scale = (max(1, round(size * 96 / 224)), (0.05, 0.14)) if small else (size, (0.14, 1.0))
     return v2.Compose(
@@ -89,6 +96,9 @@ def swav_view(size, small=False):
 
 
 def eval_view(size):
+    """The whole image at `size` (the images are square already, resized as the paper's §3 resizes HAM10000,
+    so the centre crop takes all of it): our choice; the authors' code resizes to 8/7 of the size and
+    centre-crops (BiT-SimSiam augmentations/eval_aug.py)."""
     return v2.Compose([v2.Resize(size), v2.CenterCrop(size)])
 
 
@@ -146,7 +156,7 @@ class SeededSampler(torch.utils.data.DistributedSampler):
 def eval_images(data, index, size, workers=0):
     """The evaluation view of the images `index` as one uint8 tensor (N, 3, size, size): made once, then
     reused."""
-    loader = torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(  # any batch size gives the same tensor
         ImageSet(data, index, [eval_view(size)]), batch_size=256, num_workers=workers
     )
     if not len(index):
@@ -162,7 +172,7 @@ class LocatedCrop:
     float32 tensor, and flipped whether the view was mirrored. Flipping before the colour steps rather than
     after, as simsiam_view does, draws the same views: colour, grey and blur do not see left from right."""
 
-    def __init__(self, size, scale=(0.2, 1.0), then=None):
+    def __init__(self, size, scale=(0.2, 1.0), then=None):  # MoCo v2's and SimSiam's scale (main_simsiam.py)
         self.crop, self.size, self.then = v2.RandomResizedCrop(size, scale=scale), size, then
 
     def __call__(self, image):

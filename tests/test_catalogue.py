@@ -387,7 +387,9 @@ def test_zero_or_negative_pretrain_flag(tmp_path, capsys, before_data, flag, val
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("flag, value", [("--epochs", 0), ("--trials", 0), ("--lr", -0.001), ("--gamma", -1)])
+@pytest.mark.parametrize(
+    "flag, value", [("--epochs", 0), ("--trials", 0), ("--lr", -0.001), ("--gamma", -1), ("--momentum", -0.9)]
+)
 def test_zero_or_negative_linear_eval_flag(tmp_path, capsys, before_data, flag, value):
     assert flag in failure(
         lambda: linear_eval.main(eval_args(tmp_path, "--init", "scratch", flag, value)), capsys

@@ -120,6 +120,32 @@ def test_train_linear_returns_the_first_epoch_with_the_best_val_score(monkeypatc
         assert score(val[1].numpy(), classify(val[0]).argmax(1).numpy()) == max(s for _, s in seen)
 
 
+def test_the_probe_trains_with_the_authors_recipe(monkeypatch):
+    """The authors' evaluation code (BiT-SimSiam linear_re_eval.py with the eval section of its HAM configs):
+    SGD, momentum 0.9, no weight decay, base lr 3 x batch/256 = 1.5 at its batch of 128, 60 epochs, the lr a
+    cosine to 0 over all steps without warm-up: step k of K at 1.5 (1 + cos(pi k / K)) / 2. 300 images make
+    3 steps an epoch, the last of 44."""
+    args = linear_eval.parse_args(["--init", "scratch"])
+    recipe = (args.epochs, args.batch_size, args.lr, args.momentum, args.weight_decay)
+    assert recipe == (60, 128, 3.0, 0.9, 0.0)
+    args.epochs = 4
+    seen, step = [], torch.optim.SGD.step
+
+    def recording(optimiser, *rest, **options):
+        group = optimiser.param_groups[0]
+        seen.append((group["lr"], group["momentum"], group["weight_decay"]))
+        return step(optimiser, *rest, **options)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording)
+    linear_eval.train_linear(synthetic_features(0, n=300), synthetic_features(1), 4, args, seed=0)
+    total = 4 * 3
+    assert [lr for lr, *_ in seen] == pytest.approx(
+        [0.75 * (1 + np.cos(np.pi * k / total)) for k in range(total)]
+    )
+    assert {(momentum, decay) for _, momentum, decay in seen} == {(0.9, 0.0)}
+    assert len(seen) == total
+
+
 def test_features_are_cached_and_recomputed_when_the_checkpoint_changes(tmp_path, pretrained, monkeypatch):
     args = linear_eval.parse_args(eval_args(tmp_path, "--ckpt", pretrained / "run" / "backbone.pt"))
     data = load_data(args)

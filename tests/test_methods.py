@@ -179,18 +179,18 @@ def test_momentum_update_and_its_cosine_schedule():
     assert methods.cosine_momentum(0.99, 0.5) == pytest.approx(0.995)
     assert methods.cosine_momentum(0.99, 1.0) == pytest.approx(1.0)
     assert methods.cosine_momentum(0.99, 0.25) == pytest.approx(1 - 0.01 * (np.cos(np.pi / 4) + 1) / 2)
-    assert methods.cosine_momentum(0.99, 1.0, final=0.999) == pytest.approx(0.999)  # solo-learn's final_tau
 
 
-def test_moco_momentum_ends_at_solo_learns_final_tau():
-    """MoCo v2's tau_0 0.99 is solo-learn's mocov2plus, which ends at final_tau 0.999, not at 1: after the
-    last step the key encoder still moves by 0.001 of the query encoder."""
+@pytest.mark.parametrize("progress", [0.0, 0.5, 1.0])
+def test_moco_momentum_is_lightlys_constant_099(progress):
+    """MoCo Eq. 2 with lightly's CIFAR-10 benchmark's m = 0.99 at every step (update_momentum(..., 0.99)): the
+    key encoder moves by 0.01 of the way to the encoder, at the start, half-way and at the end alike."""
     model = build("mocov2")
     with torch.no_grad():
         model.backbone[0].weight.add_(1.0)
     online, target = model.backbone[0].weight.clone(), model.target[0][0].weight.clone()
-    model.after_step(1.0)
-    assert torch.allclose(model.target[0][0].weight, 0.999 * target + 0.001 * online, atol=1e-6)
+    model.after_step(progress)
+    assert torch.allclose(model.target[0][0].weight, 0.99 * target + 0.01 * online, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ the methods whole
@@ -249,6 +249,64 @@ def test_moco_enqueues_the_keys_of_the_momentum_encoder():
     assert torch.equal(model.queue[4:], before[:-4])
 
 
+def moco_step_in_one_of_two_processes(rank, init_file, state, x1, x2, out_dir):
+    """One of two gloo processes: a MoCo v2 step on its half of the batch; saves its queue (the keys of both
+    processes, gathered in rank order, hence those of the batch in its order) and its generator's state."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    model = build("mocov2")
+    model.load_state_dict(state)
+    model([x1.chunk(2)[rank], x2.chunk(2)[rank]])
+    torch.save(dict(queue=model.queue, state=model.shuffle_state), out_dir / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_moco_shuffles_the_key_encoders_batch_norm_over_two_processes(tmp_path):
+    """Shuffling BN (He et al. §3.3; moco/builder.py _batch_shuffle_ddp, _batch_unshuffle_ddp): the 8 key
+    images of two processes are permuted by the method's seeded generator, each process encodes its half of
+    that order with its own BatchNorm statistics, and each key returns to its image's process, in order: the
+    queue of both processes receives the 8 keys in the batch's own order. Computed here directly: the key
+    encoder in train mode on each shuffled half alone. Without the shuffle (each process's own half) the keys
+    differ."""
+    model = build("mocov2")
+    g = torch.Generator().manual_seed(15)
+    x1, x2 = torch.randn(2, 8, 3, 8, 8, generator=g)
+    torch.multiprocessing.spawn(
+        moco_step_in_one_of_two_processes, (tmp_path / "init", model.state_dict(), x1, x2, tmp_path), nprocs=2
+    )
+    parts = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
+    generator = torch.Generator()
+    generator.set_state(model.shuffle_state)
+    order = torch.randperm(8, generator=generator)
+
+    def keys_of(images):  # the key encoder in train mode: its BatchNorm over these images alone
+        key_backbone, key_projector = model.target
+        return F.normalize(key_projector(key_backbone(images)), dim=1).detach()
+
+    expected = torch.empty(8, model.out_dim)
+    for share in order.chunk(2):
+        expected[share] = keys_of(x2[share])
+    for part in parts:
+        torch.testing.assert_close(part["queue"][:8], expected, rtol=0, atol=1e-5)
+        assert torch.equal(part["state"], generator.get_state())  # drawn once, kept for a resumed run
+    unshuffled = torch.cat([keys_of(half) for half in x2.chunk(2)])
+    assert (unshuffled - expected).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name, synchronised", [("mocov2", False), ("simclr", True)])
+def test_on_gpus_every_method_but_moco_gets_sync_batch_norm(monkeypatch, name, synchronised):
+    """pretrain.distribute under torchrun on GPUs: SyncBatchNorm for the others, plain per-process BatchNorm
+    for MoCo v2, whose shuffling BN would shuffle nothing if the key encoder's statistics were global (its
+    main_moco.py has no SyncBatchNorm)."""
+    monkeypatch.setattr(pretrain.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(pretrain.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(pretrain.nn.parallel, "DistributedDataParallel", lambda module, device_ids: module)
+    norms = {type(m).__name__ for m in pretrain.distribute(build(name), torch.device("cuda")).modules()}
+    assert ("SyncBatchNorm" in norms) == synchronised and ("BatchNorm2d" in norms) != synchronised
+
+
 def test_byol_target_follows_the_online_network_by_the_cosine_momentum():
     model = build("byol")
     with torch.no_grad():
@@ -258,26 +316,32 @@ def test_byol_target_follows_the_online_network_by_the_cosine_momentum():
     assert torch.allclose(model.target[0][0].weight, 0.995 * target + 0.005 * online, atol=1e-6)
 
 
-def test_swav_freezes_its_prototypes_in_the_first_epoch_and_fills_its_queue():
-    model = build("swav", multi_crop=True)
+def test_swav_freezes_prototypes_two_epochs_and_queues_from_the_first_step(monkeypatch):
+    """solo-learn's solo/methods/swav.py with its cifar/swav.yaml: no gradient reaches the prototypes while
+    current_epoch < freeze_prototypes_epochs = 2 (our epochs 1 and 2), the queue takes the large crops'
+    embeddings at every step, and Sinkhorn uses it from --queue-start on (once full)."""
+    model = build("swav", multi_crop=True, queue_start=2)
     assert model.views == ("swav",) * 2 + ("swav_small",) * 6
+    with_queue, swav_loss = [], methods.swav_loss
+    monkeypatch.setattr(
+        methods,
+        "swav_loss",
+        lambda z, c, t, queue=None: with_queue.append(queue is not None) or swav_loss(z, c, t, queue),
+    )
     views = [torch.randn(4, 3, 8, 8)] * 2 + [torch.randn(4, 3, 3, 3)] * 6
-    model.start_epoch(1)
-    for epoch, batches in ((1, 3), (2, 1)):  # 12 queued embeddings: full after 3 batches of 4
+    for epoch, batches in ((1, 3), (2, 1), (3, 1)):  # 12 queued embeddings: full after 3 batches of 4
+        model.start_epoch(epoch)
         for _ in range(batches):
-            loss, _ = model(views)
+            loss, z = model(views)
             loss.backward()
             model.before_step(epoch)
-            assert (model.prototypes.grad is None) == (epoch == 1)
-    assert model.queue[:, -1].abs().sum() > 0
+            assert (model.prototypes.grad is None) == (epoch <= 2)
+    assert with_queue == [False, False, False, True, True]
+    assert torch.equal(model.queue[0, :4], z.detach())  # the newest first
     with torch.no_grad():
         model.prototypes.mul_(3)
     model.after_step(0.1)
     assert torch.allclose(model.prototypes.norm(dim=1), torch.ones(7))
-    model = build("swav", queue_start=2)
-    model.start_epoch(1)
-    model(views[:2])
-    assert not model.queue.any()  # before --queue-start nothing is queued
 
 
 def test_swav_head_runs_once_over_all_crops():
@@ -292,10 +356,23 @@ def test_swav_head_runs_once_over_all_crops():
     assert batches == [4 * 8]
 
 
+def test_simclr_views_at_32_px_and_below_are_the_cifar_recipe():
+    """google-research/simclr's CIFAR-10 command (--color_jitter_strength=0.5 --use_blur=False; Chen et al.
+    App. B.9): data_util.color_jitter's 0.8 s, 0.8 s, 0.8 s, 0.2 s at s = 0.5, and no blur; s = 1 above."""
+    for size, strength in ((8, 0.5), (32, 0.5), (33, 1.0)):
+        steps = views.VIEWS["simclr"](size).transforms
+        assert len(steps) == (4 if strength == 0.5 else 5)  # crop, flip, jitter, grey (, blur)
+        colour = steps[2].transforms[0]
+        ranges = [colour.brightness, colour.contrast, colour.saturation, colour.hue]
+        s = strength
+        assert np.allclose(ranges, [(1 - 0.8 * s, 1 + 0.8 * s)] * 3 + [(-0.2 * s, 0.2 * s)])
+
+
 def test_simclr_views_and_head_are_chen_et_als():
     """App. A: crop scale 0.08-1, a flip, colour jitter (0.8, 0.8, 0.8, 0.2) with p = 0.8, grey p = 0.2, blur
-    p = 0.5 (none at <= 32 px); google-research/simclr's ProjectionHead: Linear-BN-ReLU, then Linear-BN with
-    neither bias nor ReLU; temperature 0.5 (App. B.9, lightly's NTXentLoss)."""
+    p = 0.5; SimCLR v1's projection head (google-research/simclr 1.0, model_util.projection_head):
+    Linear-BN-ReLU, then Linear-BN with neither bias nor ReLU; temperature 0.5 (App. B.9, lightly's
+    NTXentLoss)."""
     model = build("simclr")
     assert model.views == ("simclr", "simclr") and model.temperature == 0.5
     crop, flip, jitter, grey, blur = views.VIEWS["simclr"](224).transforms
@@ -304,7 +381,6 @@ def test_simclr_views_and_head_are_chen_et_als():
     ranges = [colour.brightness, colour.contrast, colour.saturation, colour.hue]
     assert np.allclose(ranges, [(1 - 0.8, 1 + 0.8)] * 3 + [(-0.2, 0.2)])
     assert isinstance(blur.transforms[0], views.RandomGaussianBlur)
-    assert len(views.VIEWS["simclr"](32).transforms) == 4  # no blur at 32 px
     layers = list(model.projector)
     assert [type(m).__name__ for m in layers] == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
     assert all(m.bias is None for m in layers if isinstance(m, torch.nn.Linear))  # a BN follows each
@@ -360,8 +436,12 @@ def test_each_method_takes_its_own_defaults():
         3000,
         0,
     )
+    assert (args.queue_start, args.freeze_prototypes) == (51, 2)  # solo-learn's 50, counted from 0; 2
     assert args.multi_crop is False
     assert args.target_momentum is None and args.projector is None
+    args = parser.parse_args(["--method", "mocov2"])
+    methods.resolve_method_args(args)  # lightly's MocoModel, the rest of the recipe in the optimiser's test
+    assert (args.temperature, args.queue_size, args.target_momentum) == (0.1, 4096, 0.99)
     args = parser.parse_args([])
     methods.resolve_method_args(args)
     assert (args.method, args.lr, args.projector, args.temperature) == ("simsiam", 0.03, "paper", None)
@@ -370,11 +450,17 @@ def test_each_method_takes_its_own_defaults():
 
 @pytest.mark.parametrize(
     "method, optimizer, lr, weight_decay",
-    [("swav", "LARS", 0.3, 1e-6), ("byol", "SGD", 0.06, 5e-4), ("simclr", "SGD", 0.06, 5e-4)],
+    [
+        ("swav", "LARS", 0.3, 1e-6),
+        ("byol", "SGD", 0.06, 5e-4),
+        ("simclr", "SGD", 0.06, 5e-4),
+        ("mocov2", "SGD", 0.06, 5e-4),
+    ],
 )
 def test_each_method_trains_with_the_optimiser_of_its_source(tmp_path, method, optimizer, lr, weight_decay):
     """At batch 128: solo-learn's cifar/swav.yaml, LARS lr 0.6 x 128/256, weight decay 1e-6, 3000 prototypes;
-    lightly's CIFAR-10 benchmark, BYOLModel and SimCLRModel: SGD lr 0.06, momentum 0.9, weight decay 5e-4."""
+    lightly's CIFAR-10 benchmark, BYOLModel, SimCLRModel and MocoModel: SGD lr 0.06, momentum 0.9, weight
+    decay 5e-4."""
     args = pretrain.parse_args(["--method", method, "--batch-size", "128", "--out", str(tmp_path)])
     optimiser = pretrain.make_optimizer(build(method), args)
     assert type(optimiser).__name__ == optimizer and optimiser.defaults["momentum"] == 0.9

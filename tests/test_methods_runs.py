@@ -2,24 +2,31 @@
 after a SIGTERM (weights, momentum encoder, queue, prototypes, metrics), and (slow) a short run on the digits
 that raises kNN balanced accuracy; two processes over gloo are in test_distributed.py."""
 
+import json
 import os
+import shutil
 import signal
 
 import pytest
 import torch
 from test_pretrain import read_metrics, without_timing
 
+import common
 import pretrain
 from bit_convert import load_backbone
 from helpers import run_script, tiny_args
 
-# small queues and prototypes: the SwAV queue (60 = 2 batches) is full, hence in use, from the third step,
-# and --multi-crop puts 8 crops of two sizes through the loop
+# small queues and prototypes: the SwAV queue (60 = 2 batches) is full, hence in use, from the third step, its
+# prototypes frozen in the first epoch only (so that a resumed epoch 2 trains them), and --multi-crop puts 8
+# crops of two sizes through the loop
 FLAGS = {
     "simclr": [],
     "byol": [],
     "mocov2": ["--queue-size", "64"],
-    "swav": ["--queue-size", "60", "--queue-start", "1", "--prototypes", "10", "--multi-crop"],
+    "swav": [
+        *("--queue-size", "60", "--queue-start", "1", "--freeze-prototypes", "1"),
+        *("--prototypes", "10", "--multi-crop"),
+    ],
 }
 SPLIT = "0.05,0.05,0.05,0.85"  # 90 pretrain images: 3 steps of 30 an epoch
 
@@ -87,12 +94,45 @@ def test_a_run_writes_every_output_and_records_its_method(complete_run):
         assert state["queue"][:, -1].abs().sum() > 0  # filled and in use
 
 
+@pytest.mark.script
+@pytest.mark.parametrize("complete_run", ["mocov2"], indirect=True)
+def test_a_last_pt_without_a_buffer_of_this_version_is_refused_in_one_line(complete_run, tmp_path):
+    """A MoCo v2 run saved before shuffling BN holds no shuffle generator: --resume says so in one line,
+    naming the file and the key, and changes no file."""
+    out = tmp_path / "earlier"
+    shutil.copytree(complete_run[2], out)
+    state = torch.load(out / "last.pt", weights_only=True)
+    del state["model"]["shuffle_state"]
+    torch.save(state, out / "last.pt")
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    with pytest.raises(common.UserError) as error:
+        pretrain.main(["--out", str(out), "--resume", "--workers", "0"])
+    assert f"{out / 'last.pt'} does not hold the state of this version's --method mocov2" in str(error.value)
+    assert '"shuffle_state"' in str(error.value) and "\n" not in str(error.value)
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
+
+
+@pytest.mark.script
+@pytest.mark.parametrize("complete_run", ["swav"], indirect=True)
+def test_a_run_saved_before_a_method_setting_existed_resumes_with_its_default(complete_run, tmp_path):
+    out = tmp_path / "earlier"
+    shutil.copytree(complete_run[2], out)
+    saved = json.loads((out / "args.json").read_text())
+    del saved["freeze_prototypes"]
+    (out / "args.json").write_text(json.dumps(saved))
+    assert pretrain.parse_args(["--out", str(out), "--resume"]).freeze_prototypes == 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(FLAGS))
 def test_pretraining_on_digits_raises_knn_balanced_accuracy(tmp_path, method):
     """The README's demonstration for each method: three epochs from scratch on the embedded digits, the
-    method's own defaults but for a queue that fits 1080 images."""
-    queue = {"mocov2": ["--queue-size", "512"], "swav": ["--queue-size", "256", "--queue-start", "2"]}
+    method's own defaults but for a queue that fits 1080 images, and SwAV's prototypes frozen for its first
+    epoch only (its default 2 would be 2 of the 3)."""
+    queue = {
+        "mocov2": ["--queue-size", "512"],
+        "swav": ["--queue-size", "256", "--queue-start", "2", "--freeze-prototypes", "1"],
+    }
     run = run_script(
         "pretrain.py",
         *("--data", "digits", "--method", method, *queue.get(method, [])),

@@ -162,6 +162,7 @@ def test_one_torchrun_process_still_runs_the_process_group_and_ddp(monkeypatch):
     assert pretrain.init_process(args) == (0, 1, torch.device("cpu"))
     assert not torch.distributed.is_initialized()
     layer = torch.nn.Sequential(torch.nn.Linear(3, 3), interventions.IterNorm(3))
+    layer.sync_batch_norm = True  # as a method says (methods.Method)
     assert pretrain.distribute(layer, torch.device("cpu")) is layer
     assert layer[1].process_group is None  # no process group: it whitens its own batch
     with socket.socket() as free:
