@@ -152,8 +152,8 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{state.loss_sum.item() / state.step:.4f}")
             if stop.requested(state.step, steps_per_epoch):
                 state.seconds += time.perf_counter() - tic
+                on_process_0(rank, lambda: save_checkpoint(args, state, method, optimizer, scaler, split))
                 if rank == 0:
-                    save_checkpoint(args, state, method, optimizer, scaler, split)
                     where = f"epoch {epoch}, step {state.step}"
                     print(f"stopped by signal in {where}; saved; continue with --resume")
                 return 128 + stop.signum
@@ -162,8 +162,10 @@ def main(argv=None):
             torch.cuda.synchronize()
         state.seconds += time.perf_counter() - tic
         row = state.end_epoch(optimizer.param_groups[0]["lr"], args.batch_size)
-        if rank == 0:
-            finish_epoch(row, args, state, method, optimizer, scaler, monitor, split, first=epoch == start)
+        first = epoch == start
+        on_process_0(
+            rank, lambda: finish_epoch(row, args, state, method, optimizer, scaler, monitor, split, first)
+        )
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
@@ -216,10 +218,15 @@ def join_process_group(backend):
             time.sleep(1)
     try:
         store, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=JOIN_TIMEOUT_S)))
-    except dist.DistError as e:
+    except dist.DistNetworkError as e:  # process 0 cannot listen on the port: another program has it
         raise UserError(
-            f"RANK={rank}: the {world} processes did not all join {waited_for} within {JOIN_TIMEOUT_S} s "
-            f"({' '.join(str(e).split())[:120]}); start every process of the run (torchrun does)"
+            f"RANK={rank}: cannot serve the run at MASTER_ADDR:MASTER_PORT = {address}:{port} "
+            f"({' '.join(str(e).split())[:100]}); choose a free MASTER_PORT (torchrun --master-port)"
+        ) from None
+    except dist.DistError:  # DistStoreError: the others did not come in time
+        raise UserError(
+            f"RANK={rank}: the {world} processes did not all join {waited_for} within {JOIN_TIMEOUT_S} s; "
+            "start every process of the run (torchrun does)"
         ) from None
     store.set_timeout(dist.constants.default_pg_timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world)

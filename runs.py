@@ -51,17 +51,21 @@ def lock_output(args):
     try:
         args.out.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise UserError(
-                f"--out {args.out}: {path} is a symbolic link; a run writes its pid there, into "
-                "no other file: remove the link"
+                f"--out {args.out}: {path} is a symbolic link; a run writes its pid there, into no other "
+                "file: remove the link"
             ) from None
-        raise UserError(f"--out {args.out}: cannot write there ({e.strerror})") from None
-    lock = os.fdopen(fd, "r+")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        lock.close()
+        if e.errno != errno.EISDIR:
+            raise UserError(f"--out {args.out}: cannot write there ({e.strerror})") from None
+        fd, regular = None, False
+    if not regular:  # a directory, a FIFO, a device
+        if fd is not None:
+            os.close(fd)
         raise UserError(f"--out {args.out}: {path} is not a regular file; remove it")
+    lock = os.fdopen(fd, "r+")
     try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -97,7 +101,7 @@ def set_aside_earlier_run(out, run_files, keep=None):
     found = {path for pattern in run_files for path in out.glob(pattern) if path.resolve() != kept}
     found = sorted(found, key=lambda path: path.name != "last.pt")
     if found and found[0].name == "last.pt":
-        shutil.rmtree(out / REPLACED, ignore_errors=True)  # one whose replacement had written its last.pt
+        remove_replaced(out)  # one whose replacement had written its last.pt
         (out / REPLACED).mkdir()
         for path in found:
             os.replace(path, out / REPLACED / path.name)
@@ -110,7 +114,17 @@ def save_last(state, out):
     """DIR/last.pt, atomically. The first one of a run that replaced another commits it: the replaced run,
     kept aside until now (set_aside_earlier_run), is deleted."""
     save_atomic(state, out / "last.pt")
-    shutil.rmtree(out / REPLACED, ignore_errors=True)
+    remove_replaced(out)
+
+
+def remove_replaced(out):
+    """DIR/.replaced and what it holds; one that is not a directory (a link planted there) is removed
+    itself, and nothing it points to."""
+    aside = out / REPLACED
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside)
+    else:
+        aside.unlink(missing_ok=True)
 
 
 def write_args(args):

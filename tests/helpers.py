@@ -56,18 +56,33 @@ def run_script(script, *args, timeout=300, env=None, **popen):
     )
 
 
-def run_pretraining_over_gloo(args):
-    """pretrain.py as two processes (torchrun, gloo, one thread each); asserts that it ran through."""
+def run_patched(script, patch, *args, **kwargs):
+    """run_script, after `patch` (Python code, run once the script's module is imported as its name, e.g.
+    `pretrain`) has changed what it needs: a failure or a signal at one chosen moment, from outside the code
+    under test. The script then runs as from its command line, through common.run."""
+    module = Path(script).stem
+    code = f"import sys\nsys.argv = [{script!r}, *sys.argv[1:]]\nimport common, {module}\n{patch}\n"
+    return run_script("-c", code + f"common.run({module}.main)\n", *args, **kwargs)
+
+
+def run_pretraining_over_gloo(args, patch=None, check=True, env=None, timeout=300):
+    """pretrain.py as two processes (torchrun, gloo, one thread each), after `patch` where given (see
+    run_patched); asserts that it ran through unless not `check`."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    if patch is not None:
+        code = f"import sys\nsys.argv = ['pretrain.py', *sys.argv[1:]]\nimport common, pretrain\n{patch}\n"
+        command += ["--no-python", sys.executable, "-c", code + "common.run(pretrain.main)\n"]
+    else:
+        command.append("pretrain.py")
     run = subprocess.run(
-        [*command, "pretrain.py", *args],
+        [*command, *map(str, args)],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0 or not check, run.stderr[-3000:]
     return run
 
 
