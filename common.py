@@ -5,6 +5,7 @@ mixed precision.
 
 import argparse
 import errno
+import functools
 import math
 import multiprocessing
 import os
@@ -44,7 +45,7 @@ def run(main):
         stream and OutputThatCannotStopARun(stream) for stream in (sys.stdout, sys.stderr)
     )
     for signum in stop_signals():
-        signal.signal(signum, stop)
+        signal.signal(signum, functools.partial(stop, os.getpid()))
     try:
         status = main()
     except SystemExit as e:  # argparse's one line, --help
@@ -70,9 +71,14 @@ def stop_signals():
     return [signal.SIGINT, signal.SIGTERM] + [signal.SIGHUP] * hangup
 
 
-def stop(signum, _frame):
+def stop(main_pid, signum, _frame):
     """The handler of stop_signals outside a training loop (runs.StopSignal's inside): the script ends at
-    once, through Stopped. Further signals are ignored, so that none interrupts the clean-up."""
+    once, through Stopped. Further signals are ignored, so that none interrupts the clean-up. A process
+    forked from the script's (a DataLoader worker, which Ctrl-C at a terminal reaches too) inherits the
+    handler, and leaves the signal to the main process, as the training loaders' workers do
+    (runs.ignore_signals)."""
+    if os.getpid() != main_pid:
+        return
     for s in stop_signals():
         signal.signal(s, signal.SIG_IGN)
     raise Stopped(signum)

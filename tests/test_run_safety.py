@@ -649,6 +649,47 @@ def test_a_signal_at_any_moment_is_one_line_and_128_plus_its_number(tmp_path, sc
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+SLOW_WORKERS = """
+import time, torch, views
+get = views.ImageSet.__getitem__
+def slowly(self, key):
+    if torch.utils.data.get_worker_info() is not None:
+        time.sleep(0.1)
+    return get(self, key)
+views.ImageSet.__getitem__ = slowly
+"""
+
+
+@pytest.mark.script
+def test_ctrl_c_at_a_terminal_reaches_the_loader_workers_too_and_is_one_line(tmp_path, tag):
+    """Row 17, next to it: Ctrl-C at a terminal signals every process of its foreground group, the loader
+    workers of views.eval_images included, which inherit the script's handler: each would have printed its
+    traceback. They leave the signal to the main process, which ends with its one line."""
+    module = "linear_eval"
+    code = f"import sys\nsys.argv = ['{module}.py', *sys.argv[1:]]\nimport common, {module}\n{SLOW_WORKERS}"
+    args = evaluation_args(tmp_path, "linear") + ["--init", "scratch", "--workers", "2"]
+    process = subprocess.Popen(
+        [sys.executable, "-c", code + f"common.run({module}.main)\n", *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+        env={**os.environ, "OMP_NUM_THREADS": "1", TAG: tag},
+    )
+    deadline = time.monotonic() + 600
+    while len(tagged(tag)) < 3 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(tagged(tag)) == 3, "the script and its two workers never were"
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 128 + signal.SIGINT
+    assert stderr.strip() == "linear_eval.py: stopped by SIGINT; no file was left half-written", stderr[
+        -3000:
+    ]
+    assert not tagged(tag)
+
+
 def test_nohup_keeps_sighup_ignored(monkeypatch):
     """Row 17, next to it: SIGHUP (the terminal closed) stops a run as SIGTERM does, but one started with
     nohup, which ignores it, must keep ignoring it: neither common.run nor a training loop takes it over."""
