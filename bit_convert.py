@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import ArgumentParser, WeightsError, download, output_dir, run, save_atomic
+from common import ArgumentParser, WeightsError, download, output_dir, require_regular_file, run, save_atomic
 from interventions import whiten, whiten_placement
 
 ARCHS = {  # name: (units in each of the four blocks, width factor)
@@ -197,6 +197,7 @@ def bit_keys(model, copy_norm, load_head):
 
 def read_npz(path):
     """All arrays of a .npz file, or WeightsError for anything that is not a readable, uncorrupted one."""
+    require_regular_file(path, WeightsError)
     try:
         npz = np.load(path, allow_pickle=False)
         if isinstance(npz, np.lib.npyio.NpzFile):
@@ -285,6 +286,7 @@ def save_backbone(model, path, **meta):
 def read_backbone_file(path):
     """The dict that save_backbone wrote. weights_only: a .pt is a pickle, and one from elsewhere must not run
     code; mmap: reading the metadata of a large file costs no more than its header."""
+    require_regular_file(path, WeightsError)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:

@@ -6,12 +6,18 @@ the input scaling and mixed precision.
 import argparse
 import errno
 import fcntl
+import functools
 import http.client
 import math
+import multiprocessing
 import os
 import re
+import signal
+import socket
+import stat
 import sys
 import tempfile
+import traceback
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,21 +30,122 @@ class UserError(ValueError):
     """Something the user gave (a flag, a file, a key in it) that cannot be used; the message names it."""
 
 
+class Stopped(BaseException):
+    """A signal that ends a script where it stands (a BaseException, as KeyboardInterrupt: no `except
+    Exception` may take it for an error to recover from). The atomic writes under way remove their temporary
+    files as it passes; run() says so in one line."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def run(main):
-    """A script's entry point: a UserError, or a loss that stopped being finite, ends it with one line."""
+    """A script's entry point. Its end, however it comes, is one of: main's exit status; one line for a
+    UserError, a loss that stopped being finite, or a signal (exit 128 + signum, as a shell reports a process
+    that a signal ended); a traceback for anything else, a bug (exit 1). Each ends the DataLoader workers
+    first, which would otherwise keep the process alive for ever (end_workers)."""
+    prog = Path(sys.argv[0]).name
+    sys.stdout, sys.stderr = (
+        stream and OutputThatCannotStopARun(stream) for stream in (sys.stdout, sys.stderr)
+    )
+    for signum in stop_signals():
+        signal.signal(signum, functools.partial(stop, os.getpid()))
     try:
-        sys.exit(main())
+        status = main()
+    except SystemExit as e:  # argparse's one line, --help
+        status = e.code
     except (UserError, FloatingPointError) as e:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
+        status = f"{prog}: error: {e}"
+    except Stopped as e:
+        status = 128 + e.signum
+        print(f"{prog}: stopped by {e}; no file was left half-written", file=sys.stderr)
+    except BaseException:  # a bug: its traceback, and an end
+        traceback.print_exc()
+        status = 1
+    finally:
+        end_workers()
+    sys.exit(status)
+
+
+def stop_signals():
+    """The signals that stop a script cleanly: Ctrl-C, SIGTERM (a scheduler's stop or preemption) and SIGHUP
+    (the terminal closed), but not a SIGHUP that the process started out ignoring (`nohup`), which must stay
+    ignored."""
+    hangup = signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
+    return [signal.SIGINT, signal.SIGTERM] + [signal.SIGHUP] * hangup
+
+
+def stop(main_pid, signum, _frame):
+    """The handler of stop_signals outside a training loop (runs.StopSignal's inside): the script ends at
+    once, through Stopped. Further signals are ignored, so that none interrupts the clean-up. A process
+    forked from the script's (a DataLoader worker, which Ctrl-C at a terminal reaches too) inherits the
+    handler, and leaves the signal to the main process, as the training loaders' workers do
+    (runs.ignore_signals)."""
+    if os.getpid() != main_pid:
+        return
+    for s in stop_signals():
+        signal.signal(s, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+def end_workers():
+    """Kill the DataLoader worker processes that are still alive. They ignore SIGINT and SIGTERM (runs.
+    ignore_signals: the main process decides when a run stops), so multiprocessing's exit handler, which
+    sends SIGTERM and then waits for them, would wait for ever after an exception; they hold nothing that must
+    be saved. PyTorch's SIGCHLD handler, which raises when a worker dies by a signal, is removed first."""
+    children = multiprocessing.active_children()
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+        child.join()
+
+
+class OutputThatCannotStopARun:
+    """sys.stdout or sys.stderr, whose failures are not the run's: once its reader is gone (`pretrain.py |
+    head -1`: BrokenPipeError) or its disk is full, what the script prints goes to /dev/null and the script
+    goes on. The redirection is the one the Python documentation gives for a closed pipe (the signal module,
+    "Note on SIGPIPE"), so that Python's own flush at exit fails no more either."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError:
+            self.lost()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except OSError:
+            self.lost()
+
+    def lost(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self.stream.fileno())
+        except OSError:  # a stream without a file descriptor: nothing of it for Python to flush at exit
+            self.stream = open(os.devnull, "w")
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def write_atomic(path, write):
     """Create or replace `path` whole or not at all: `write(tmp)` fills a temporary file beside it, which is
-    renamed onto `path` once complete. A crash or a full disk leaves whatever was at `path` as it was; a full
-    disk is a UserError that names `path`."""
+    renamed onto `path` once complete (a rename replaces a symbolic link at `path`; it never writes through
+    one). A crash or a full disk leaves whatever was at `path` as it was; a full disk is a UserError that
+    names `path`. The temporary files that killed processes left in that folder are removed first."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove_stale_temporaries(path.parent)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:
+        tmp.unlink(missing_ok=True)  # a link planted at that name would have write() write through it
         write(tmp)
         os.replace(tmp, path)
     except Exception as e:
@@ -50,6 +157,45 @@ def write_atomic(path, write):
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder):
+    """Remove the temporary files of write_atomic whose process, on this machine, no longer exists: those that
+    a kill -9 or a power cut left behind (a last.pt's is as large as the run's checkpoint). Those of a live
+    process, and those of another machine (a --cache-dir on a shared disk), are left alone."""
+    pattern = re.compile(rf"\..+\.{re.escape(socket.gethostname())}\.(\d+)\.tmp")
+    try:
+        names = os.listdir(folder)
+    except OSError:  # no such folder yet: write() says what is wrong with it
+        return
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match and not process_exists(int(match[1])):
+            Path(folder, name).unlink(missing_ok=True)
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: the checks of kill(2), nothing sent
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def require_regular_file(path, error=UserError):
+    """Refuse, with `error` naming it, an existing `path` that is not a regular file (after links): opening a
+    FIFO waits for a writer, and no signal ends that wait; a device or a socket is not a file to read either.
+    A path that does not exist is left to the caller, who says so in its own words."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = {stat.S_ISFIFO: "a FIFO", stat.S_ISDIR: "a directory", stat.S_ISSOCK: "a socket"}
+        found = next((name for test, name in kind.items() if test(mode)), "a device")
+        raise error(f"{path}: {found}, not a regular file")
 
 
 def disk_full(error):
@@ -239,6 +385,14 @@ def output_dir(path, flag="--out"):
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot write there ({e.strerror})") from None
     return path
+
+
+def path_arg(text):
+    """argparse type of every path flag: a path, but not an empty one. `--out ""` (a shell variable that was
+    never set, `--out "$RUN"`) would mean the current folder, and a whole run written into it."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, not an empty string")
+    return Path(text)
 
 
 def to_json(args):

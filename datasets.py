@@ -25,7 +25,7 @@ import numpy as np
 import torchvision
 from tqdm import tqdm
 
-from common import DataError, disk_full, download, run
+from common import DataError, disk_full, download, path_arg, require_regular_file, run
 from image_cache import decode_all
 from splits import default_split_file, load_split, summary
 
@@ -113,6 +113,7 @@ def load_cifar10(root, download=False):
 
 def read_pickle(path, keys):
     """A CIFAR-10 batch, through CifarUnpickler: a pickle that asks for anything else is refused unrun."""
+    require_regular_file(path, DataError)
     try:
         with open(path, "rb") as f:
             batch = CifarUnpickler(f, encoding="latin1").load()
@@ -355,6 +356,7 @@ def find(root, name):
 
 def read_csv(path, required):
     """The rows of a CSV file whose first required column names each image once."""
+    require_regular_file(path, DataError)
     # newline="": CRLF files; utf-8-sig: a leading BOM
     with open(path, newline="", encoding="utf-8-sig") as f:
         try:
@@ -412,6 +414,7 @@ def load_dermamnist(root):
         raise DataError(
             f"--data-root {root}: expected a dermamnist .npz file or a directory with exactly one"
         )
+    require_regular_file(files[0], DataError)
     try:
         with np.load(files[0]) as npz:
             parts = [(npz[f"{p}_images"], npz[f"{p}_labels"].reshape(-1)) for p in ("train", "val", "test")]
@@ -495,7 +498,7 @@ def add_data_args(parser):
     group.add_argument("--data", choices=SOURCES, default="digits", help="digits (default) needs no download")
     group.add_argument(
         "--data-root",
-        type=Path,
+        type=path_arg,
         help=f"where the data lies (not for digits; ham10000: $HAM10000_ROOT, default {HAM10000_ROOT})",
     )
     group.add_argument(
@@ -510,7 +513,7 @@ def add_data_args(parser):
     )
     group.add_argument(
         "--split-file",
-        type=Path,
+        type=path_arg,
         help="the split every script shares; default splits/DATA-BY-FRACTIONS-seedN.json",
     )
     group.add_argument(
@@ -537,7 +540,10 @@ def add_data_args(parser):
         help="data loading processes (per GPU in pretrain.py)",
     )
     group.add_argument(
-        "--cache-dir", type=Path, default=CACHE_DIR, help=f"decoded images and features (default {CACHE_DIR})"
+        "--cache-dir",
+        type=path_arg,
+        default=CACHE_DIR,
+        help=f"decoded images and features (default {CACHE_DIR})",
     )
 
 

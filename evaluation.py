@@ -16,7 +16,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score,
 
 from backbones import build_backbone
 from bit_convert import load_backbone, sha256
-from common import DataError, autocast, save_atomic, to_input, write_atomic
+from common import DataError, autocast, require_regular_file, save_atomic, to_input, write_atomic
 from splits import indices, split_digest
 from views import eval_images
 
@@ -179,6 +179,7 @@ def cached_features(path, labels):
     cache is embedded again, never read. torch.load does not check the bytes of a tensor, hence the SHA-256
     recorded beside them."""
     try:
+        require_regular_file(path)  # a FIFO there: embedded again, not waited on
         cached = torch.load(path, weights_only=True)
         features, whole = cached["features"], torch.equal(cached["labels"], labels)
         return features if whole and cached["sha256"] == checksum(features) else None

@@ -44,8 +44,8 @@ from common import (
     autocast,
     device_name,
     finite_float,
+    path_arg,
     run,
-    save_atomic,
     to_input,
     to_json,
 )
@@ -55,6 +55,7 @@ from interventions import IterNorm
 # On --resume the run's own args.json is used, but for these, which come from the machine and the command line
 NOT_RESTORED = {"resume", "force", "device", "workers", "out"}
 MAY_CHANGE = NOT_RESTORED | {"download", "data_root", "cache_dir"}  # any other difference is an error
+RUN_FILES = ("args.json", "last.pt", "metrics.csv", "results.json")  # set aside by a new run in --out
 # our choice, not tuned: BiT-HyperRule (Kolesnikov et al. §3.3; big_transfer bit_hyperrule.py and
 # bit_common.py) is SGD lr 0.003 at batch 512, 100 warm-up steps, then x0.1 at steps 200, 300 and 400 of 500
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-4}
@@ -271,7 +272,7 @@ def save_checkpoint(args, progress, model, optimizer, scaler):
         "progress": progress.state_dict(),
         "args": to_json(args),
     }
-    save_atomic(state, args.out / "last.pt")
+    runs.save_last(state, args.out)
 
 
 def train_trial(model, data, split, parts, args, progress, stop, device, resumed=None):
@@ -343,7 +344,9 @@ def parse_args(argv=None):
     datasets.add_data_args(parser)
     add_backbone_args(parser, norm_default="gn")
     model = parser.add_argument_group("model: --ckpt, --init for a network as released, or --combine")
-    model.add_argument("--ckpt", type=Path, help="backbone.pt or a backbone_epN.pt snapshot from pretrain.py")
+    model.add_argument(
+        "--ckpt", type=path_arg, help="backbone.pt or a backbone_epN.pt snapshot from pretrain.py"
+    )
     model.add_argument("--init", choices=("bit-s", "bit-m", "scratch"), help="instead of --ckpt")
     model.add_argument(
         "--combine",
@@ -390,7 +393,7 @@ def parse_args(argv=None):
     )
     run_group = parser.add_argument_group("run (figures: linear_eval.py --compare .../results.json ...)")
     run_group.add_argument(
-        "--out", type=Path, help="default: finetune-TUNE/ beside --ckpt, else runs/finetune-INIT-TUNE"
+        "--out", type=path_arg, help="default: finetune-TUNE/ beside --ckpt, else runs/finetune-INIT-TUNE"
     )
     run_group.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     run_group.add_argument(
@@ -471,7 +474,7 @@ def main(argv=None):
     split, split_file = splits.pretraining_split(
         data, args.split_file, files[0] if files else None, metas, args.split, args.split_seed, args.split_by
     )
-    lock = runs.claim_output(args)  # noqa: F841 (held until the process ends)
+    lock = runs.claim_output(args, RUN_FILES)  # noqa: F841 (held until the process ends)
     backbones = [backbone.to(device) for backbone, _, _, _ in loaded]
     for backbone, meta in zip(backbones, metas):
         evaluation.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)

@@ -6,21 +6,19 @@ read; a signal or a full disk while writing it leaves nothing behind."""
 import hashlib
 import json
 import os
-import signal
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from common import DataError, write_atomic
+from common import DataError, require_regular_file, write_atomic
 
 
 def read_rgb(path, size):
     """An image file as a (size, size, 3) uint8 array: every mode becomes RGB, 16-bit and float images are
     stretched from their own min..max, and the image is resized to a square, as the paper resized HAM10000
     (§3)."""
+    require_regular_file(path, OSError)  # a FIFO named .jpg would block the decoding for ever
     with Image.open(path) as img:
         img.draft("RGB", (size, size))  # JPEG: let libjpeg decode at the smallest scale that is still >= size
         # the EXIF orientation of a photo taken with the camera turned (phones, dermatoscopes on phones): the
@@ -59,17 +57,16 @@ def decode_all(paths, size, cache_dir, skip_bad):
             pool = ThreadPoolExecutor(os.cpu_count())  # PIL decodes with the GIL released
             try:
                 broken.update(b for b in pool.map(decode, range(len(paths))) if b)
-            finally:  # stopped: the images not yet begun are not decoded
+            finally:  # stopped (common.Stopped, a signal): the images not yet begun are not decoded
                 pool.shutdown(cancel_futures=True)
             images.flush()
             digest["sha256"] = hashlib.sha256(images).hexdigest()
 
         try:
-            with stopped_by_signals(cache_dir):
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(cache, decode_into)
-                record = json.dumps({"size": size, "count": len(paths), "bad": broken, **digest}, indent=1)
-                write_atomic(index, lambda tmp: tmp.write_text(record))  # last: the array is complete
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(cache, decode_into)
+            record = json.dumps({"size": size, "count": len(paths), "bad": broken, **digest}, indent=1)
+            write_atomic(index, lambda tmp: tmp.write_text(record))  # last: the array is complete
         except OSError as e:
             raise DataError(f"--cache-dir {cache_dir}: cannot write the decoded images there ({e})") from None
         entry = cached(cache, index, shape)
@@ -101,41 +98,14 @@ def preallocate(path):
         os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
 
 
-class Stopped(Exception):
-    """A signal that stops the decoding into the cache."""
-
-
-@contextmanager
-def stopped_by_signals(cache_dir):
-    """Ctrl-C or SIGTERM while the cache is written: a one-line DataError, and no temporary file left behind
-    (write_atomic removes it as the exception passes). A second signal cannot interrupt that clean-up."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-
-    def stop(signum, _frame):
-        for s in saved:
-            signal.signal(s, signal.SIG_IGN)
-        raise Stopped(signal.Signals(signum).name)
-
-    saved = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    except Stopped as e:
-        raise DataError(
-            f"--cache-dir {cache_dir}: stopped by {e} while decoding the images into it; nothing was kept"
-        ) from None
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-
-
 def cached(cache, index, shape):
     """(images, {position: reason}) of a complete cache entry, or None where it is absent or damaged (a .npy
     truncated, overwritten or replaced after it was written, an unreadable index): such an entry is built
     again, never read. The SHA-256 of the pixels, recorded when the entry was written, is checked once here
     (measured: 0.26 - 0.6 s for 450 MB on a 2-core machine)."""
     try:
+        for path in (index, cache):  # a FIFO planted there: rebuilt over, not waited on
+            require_regular_file(path, OSError)
         record = json.loads(index.read_text())
         broken = {int(j): reason for j, reason in record["bad"].items()}
         images = np.load(cache, mmap_mode="r")  # numpy refuses a file shorter than its header says

@@ -35,6 +35,8 @@ from common import (
     device_name,
     finite_float,
     output_dir,
+    path_arg,
+    require_regular_file,
     run,
     to_json,
     write_atomic,
@@ -105,6 +107,7 @@ def compare(paths, out):
     trials."""
     results = []
     for path in paths:
+        require_regular_file(path)
         try:
             results.append(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -159,7 +162,9 @@ def parse_args(argv=None):
     datasets.add_data_args(parser)
     add_backbone_args(parser, norm_default="gn")
     model = parser.add_argument_group("model: --ckpt, or --init for a network as released")
-    model.add_argument("--ckpt", type=Path, help="backbone.pt or a backbone_epN.pt snapshot from pretrain.py")
+    model.add_argument(
+        "--ckpt", type=path_arg, help="backbone.pt or a backbone_epN.pt snapshot from pretrain.py"
+    )
     model.add_argument("--init", choices=("bit-s", "bit-m", "scratch"), help="instead of --ckpt")
     # the paper gives the loss, the metrics and the trials (§4.4); the optimiser and its schedule are those
     # of the authors' evaluation code (BiT-SimSiam linear_re_eval.py, the eval section of its HAM configs:
@@ -189,11 +194,11 @@ def parse_args(argv=None):
         "(slow; off by default: the features of the evaluation view, embedded once)",
     )
     run = parser.add_argument_group("run")
-    run.add_argument("--out", type=Path, help="default: linear/ beside --ckpt, else runs/linear-INIT")
+    run.add_argument("--out", type=path_arg, help="default: linear/ beside --ckpt, else runs/linear-INIT")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument(
-        "--compare", nargs="+", type=Path, metavar="RESULTS", help="draw results.json files side by side"
+        "--compare", nargs="+", type=path_arg, metavar="RESULTS", help="draw results.json files side by side"
     )
     args = parser.parse_args(argv)
     datasets.check_data_args(args)

@@ -19,7 +19,9 @@ import argparse
 import math
 import os
 import shutil
+import socket
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import matplotlib
@@ -42,8 +44,8 @@ from common import (
     autocast,
     device_name,
     finite_float,
+    path_arg,
     run,
-    save_atomic,
     to_input,
     to_json,
     write_atomic,
@@ -73,13 +75,27 @@ COLUMNS = (
 )
 COLUMNS += ("eta_s",)  # metrics.csv
 HORIZON = " (the cosine's horizon is --epochs: with an explicit --cosine-epochs, a run can be extended)"
+# What a run writes into --out, which a new run there sets aside first (runs.set_aside_earlier_run)
+RUN_FILES = (
+    "args.json",
+    "split.json",
+    "last.pt",
+    "metrics.csv",
+    "curves.png",
+    "backbone.pt",
+    "backbone_ep*.pt",
+)
+# How long the processes of a distributed run wait for each other to join before they give up with one line:
+# as long as torchrun's own rendezvous (join_timeout, "Defaults to 600 seconds": PyTorch's
+# torch/distributed/elastic/rendezvous/dynamic_rendezvous.py, create_handler)
+JOIN_TIMEOUT_S = 600
 
 
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = init_process(args)
-    lock = runs.lock_output(args) if rank == 0 else None  # noqa: F841 (held until the process ends)
-    data, split, split_file = load_data_and_split(args, rank, world)
+    lock = on_process_0(rank, lambda: runs.lock_output(args))  # noqa: F841 (held until the process ends)
+    data, split, split_file = load_data_and_split(args, rank)
     monitor = KnnMonitor(data, split, args.image_size, args.knn_k, args.knn_t, device) if rank == 0 else None
     method = prepare_method(args, data, split, device)
     loader, sampler, steps_per_epoch = pretrain_loader(data, split, method, args, rank, world, device)
@@ -88,13 +104,16 @@ def main(argv=None):
     state = RunState(device)
     if args.resume and (args.out / "last.pt").exists():
         resume_from(args, state, method, optimizer, scaler, split)
-    if rank == 0:  # all checked: now the run may write into --out
+
+    def begin():  # all checked: now the run may write into --out
         record_run(args, split_file)
         complete_finished_epoch(args, state, method, split)
         announce(args, data, split, split_file, world, device, steps_per_epoch, state)
         if not state.history:  # row 0: the network as initialised, the floor that training must rise above
             initial = monitor.initial(method.backbone, starting_metadata(args))
             state.history.append(dict.fromkeys(COLUMNS) | {"epoch": 0, **initial})
+
+    on_process_0(rank, begin)
     model, stop = distribute(method, device), runs.StopSignal(dist.is_initialized(), device)
     start = state.epoch
     for epoch in range(start, args.epochs + 1):
@@ -109,11 +128,11 @@ def main(argv=None):
             leave=False,
             dynamic_ncols=True,
         )
-        batches, first_step, waited, tic = iter(loader), state.step, 0.0, time.perf_counter()
-        while state.step < steps_per_epoch:
+        batches, tic = iter(loader), time.perf_counter()
+        while state.step < steps_per_epoch:  # a run stopped at an epoch's last step resumes past this loop
             wait = time.perf_counter()
             *batch, _ = next(batches)
-            waited += time.perf_counter() - wait
+            state.waited += time.perf_counter() - wait
             done = (epoch - 1) * steps_per_epoch + state.step  # steps before this one
             for group in optimizer.param_groups:
                 fixed = group["fixed_lr"]
@@ -133,18 +152,21 @@ def main(argv=None):
                 check_finite(state, epoch, args)
                 bar.set_postfix(loss=f"{state.loss_sum.item() / state.step:.4f}")
             if stop.requested(state.step, steps_per_epoch):
+                state.seconds += time.perf_counter() - tic
+                on_process_0(rank, lambda: save_checkpoint(args, state, method, optimizer, scaler, split))
                 if rank == 0:
-                    save_checkpoint(args, state, method, optimizer, scaler, split)
                     where = f"epoch {epoch}, step {state.step}"
                     print(f"stopped by signal in {where}; saved; continue with --resume")
                 return 128 + stop.signum
         bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - tic
-        row = state.end_epoch(optimizer.param_groups[0]["lr"], seconds, waited, first_step, args.batch_size)
-        if rank == 0:
-            finish_epoch(row, args, state, method, optimizer, scaler, monitor, split, first=epoch == start)
+        state.seconds += time.perf_counter() - tic
+        row = state.end_epoch(optimizer.param_groups[0]["lr"], args.batch_size)
+        first = epoch == start
+        on_process_0(
+            rank, lambda: finish_epoch(row, args, state, method, optimizer, scaler, monitor, split, first)
+        )
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
@@ -159,42 +181,123 @@ def init_process(args):
     are made whatever the count, so that `--nproc_per_node 1` runs the same NCCL path as eight."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if distributed:
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        join_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     device = torch.device(args.device)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", launch_number("LOCAL_RANK", 0))
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     return (dist.get_rank(), dist.get_world_size(), device) if distributed else (0, 1, device)
 
 
-def load_data_and_split(args, rank, world):
+def join_process_group(backend):
+    """The process group of the RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT that torchrun (or a scheduler)
+    set, each checked first. No process waits longer than JOIN_TIMEOUT_S for the others: one started by hand
+    without its process 0, or a process 0 whose others never came, ends with a line that says what it waited
+    for. Process 0's port is tried from Python before PyTorch connects to it, whose retries print a C++ stack
+    each; once joined, the store keeps PyTorch's usual timeout (process 0 may build the image cache for a long
+    time while the others wait)."""
+    rank, world = launch_number("RANK"), launch_number("WORLD_SIZE")
+    address, port = launch_variable("MASTER_ADDR"), launch_number("MASTER_PORT")
+    if not 0 <= rank < world or not 0 < port < 65536:
+        raise UserError(
+            f"RANK={rank}, WORLD_SIZE={world}, MASTER_PORT={port}: expected 0 <= RANK < WORLD_SIZE and a "
+            "port from 1 to 65535"
+        )
+    waited_for = f"process 0 of WORLD_SIZE={world} at MASTER_ADDR:MASTER_PORT = {address}:{port}"
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while rank > 0:
+        try:
+            socket.create_connection((address, port), timeout=5).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise UserError(
+                    f"RANK={rank}: no {waited_for} within {JOIN_TIMEOUT_S} s; start every process of the "
+                    "run (torchrun does), or correct MASTER_ADDR and MASTER_PORT"
+                ) from None
+            time.sleep(1)
+    try:
+        store, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=JOIN_TIMEOUT_S)))
+    except dist.DistNetworkError as e:  # process 0 cannot listen on the port: another program has it
+        raise UserError(
+            f"RANK={rank}: cannot serve the run at MASTER_ADDR:MASTER_PORT = {address}:{port} "
+            f"({' '.join(str(e).split())[:100]}); choose a free MASTER_PORT (torchrun --master-port)"
+        ) from None
+    except dist.DistError:  # DistStoreError: the others did not come in time
+        raise UserError(
+            f"RANK={rank}: the {world} processes did not all join {waited_for} within {JOIN_TIMEOUT_S} s; "
+            "start every process of the run (torchrun does)"
+        ) from None
+    store.set_timeout(dist.constants.default_pg_timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+
+
+def launch_variable(name):
+    value = os.environ.get(name)
+    if not value:
+        raise UserError(
+            f"RANK and WORLD_SIZE are set (one process of a distributed run), but {name} is not: start the "
+            "processes with torchrun, or set MASTER_ADDR and MASTER_PORT too"
+        )
+    return value
+
+
+def launch_number(name, default=None):
+    text = launch_variable(name) if default is None else os.environ.get(name, str(default))
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{name}={text!r}: expected a whole number (torchrun sets it)") from None
+
+
+def on_process_0(rank, work):
+    """work() on process 0; a UserError of its is every process's, each ending with its one line. Under
+    torchrun the others wait meanwhile (the broadcast is their barrier): left waiting on a process 0 that had
+    gone, they would die of the process group's error. Returns work()'s result on process 0, None on the
+    others."""
+    result, error = None, [None]
+    if rank == 0:
+        try:
+            result = work()
+        except UserError as e:
+            error = [str(e)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise UserError(error[0])
+    return result
+
+
+def load_data_and_split(args, rank):
     """The data and the split, with the kNN bank (train) and queries (val) that the monitor needs; process 0
     writes the decoded-image cache and the split file before the others read them."""
-    if rank > 0:
-        dist.barrier()
-    data = datasets.load_data(
-        args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
-    )
-    split_file = (
-        args.out / "split.json"
-        if args.resume
-        else args.split_file
-        or splits.default_split_file(args.data, args.split, args.split_seed, args.split_by)
-    )
-    split = splits.load_split(data, split_file, args.split, args.split_seed, args.split_by)
-    splits.check_scored_parts(data, split, split_file, ("train", "val"))
-    if world > 1 and rank == 0:
-        dist.barrier()
-    return data, split, split_file
+
+    def load():
+        data = datasets.load_data(
+            args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
+        )
+        split_file = (
+            args.out / "split.json"
+            if args.resume
+            else args.split_file
+            or splits.default_split_file(args.data, args.split, args.split_seed, args.split_by)
+        )
+        split = splits.load_split(data, split_file, args.split, args.split_seed, args.split_by)
+        splits.check_scored_parts(data, split, split_file, ("train", "val"))
+        return data, split, split_file
+
+    return on_process_0(rank, load) or load()
 
 
 def record_run(args, split_file):
     """Once everything is checked: DIR/args.json, what --resume restores, and DIR/split.json, the split
-    that linear_eval.py and tsne.py then use. An --out whose run is replaced (--force) keeps its files
-    until then."""
-    if Path(split_file).resolve() != (args.out / "split.json").resolve():
-        write_atomic(args.out / "split.json", lambda tmp: shutil.copyfile(split_file, tmp))
+    that linear_eval.py and tsne.py then use. A new run first sets aside the files of the run it replaces
+    (--force; runs.set_aside_earlier_run), which it left as they were until then."""
+    if not args.resume:
+        runs.set_aside_earlier_run(args.out, RUN_FILES, keep=split_file)
+        if Path(split_file).resolve() != (args.out / "split.json").resolve():
+            write_atomic(args.out / "split.json", lambda tmp: shutil.copyfile(split_file, tmp))
     runs.write_args(args)
 
 
@@ -321,11 +424,11 @@ def momentum_progress(steps_done, steps_per_epoch, horizon_epochs):
 
 class RunState:
     """Where the run stands, saved in last.pt beside the modules: the next epoch and step, the metrics so far,
-    and the running sums of this epoch's loss and output std (kept on the device: no host sync at every
-    step)."""
+    the running sums of this epoch's loss and output std (kept on the device: no host sync at every step),
+    and the seconds it has trained and waited for data so far, over every process that trained it."""
 
     def __init__(self, device):
-        self.epoch, self.step, self.history = 1, 0, []
+        self.epoch, self.step, self.history, self.seconds, self.waited = 1, 0, [], 0.0, 0.0
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.z_std_sum = torch.zeros((), dtype=torch.float64, device=device)
 
@@ -342,14 +445,15 @@ class RunState:
         self.z_std_sum += z_std.double()
         self.step += 1
 
-    def end_epoch(self, lr, seconds, waited, first_step, batch_size):
+    def end_epoch(self, lr, batch_size):
         """The epoch's row of metrics.csv (the monitor's columns empty); the sums restart for the next
-        epoch."""
-        steps, trained = self.step, self.step - first_step  # a resumed epoch trained only its last steps here
-        row = dict.fromkeys(COLUMNS) | {"epoch": self.epoch, "lr": lr, "data_wait": waited / seconds}
+        epoch. Its time is the sum over the processes that trained it: a run stopped at the epoch's last step
+        resumes with no step left to train, and measures the epoch all the same."""
+        steps, seconds = self.step, self.seconds
+        row = dict.fromkeys(COLUMNS) | {"epoch": self.epoch, "lr": lr, "data_wait": self.waited / seconds}
         row |= {"loss": (self.loss_sum / steps).item(), "z_std": (self.z_std_sum / steps).item()}
-        row |= {"img_per_s": trained * batch_size / seconds, "epoch_s": seconds * steps / trained}
-        self.epoch, self.step = self.epoch + 1, 0
+        row |= {"img_per_s": steps * batch_size / seconds, "epoch_s": seconds}
+        self.epoch, self.step, self.seconds, self.waited = self.epoch + 1, 0, 0.0, 0.0
         self.loss_sum.zero_(), self.z_std_sum.zero_()
         return row
 
@@ -507,7 +611,7 @@ def save_checkpoint(args, state, method, optimizer, scaler, split):
         "split_digest": splits.split_digest(split),
     }
     try:
-        save_atomic(checkpoint, args.out / "last.pt")
+        runs.save_last(checkpoint, args.out)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as either
         raise UserError(f"cannot write {args.out / 'last.pt'} ({e}); the previous one is kept") from None
 
@@ -605,7 +709,7 @@ def make_parser():
         "with --resume --epochs N, as the authors' 800-epoch horizon stopped at 400",
     )
     run_group = parser.add_argument_group("run")
-    run_group.add_argument("--out", type=Path, help="output directory (default runs/DATA-INIT-NORM)")
+    run_group.add_argument("--out", type=path_arg, help="output directory (default runs/DATA-INIT-NORM)")
     run_group.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     run_group.add_argument(
         "--force", action="store_true", help="start afresh in an --out that holds another run"

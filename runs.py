@@ -4,46 +4,78 @@ that --resume continues exactly, a clean stop on Ctrl-C or SIGTERM, and metrics 
     DIR/.lock       held by the process that writes DIR, released by the OS when it dies (kill -9 included)
     DIR/args.json   the run's arguments; --resume restores them
     DIR/last.pt     everything to resume, written atomically: a crash leaves the previous one
+    DIR/.replaced/  the run that --force replaces, until the new one has written its first last.pt
 """
 
 import csv
+import errno
 import fcntl
 import json
 import os
+import shutil
 import signal
+import stat
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from common import UserError, to_json, write_atomic
+from common import UserError, require_regular_file, save_atomic, stop_signals, to_json, write_atomic
+
+REPLACED = ".replaced"
 
 
-def claim_output(args):
-    """Make --out the run's own (lock_output), then write DIR/args.json. Returns the open lock file: keep a
-    reference to it."""
+def claim_output(args, run_files):
+    """Make --out the run's own (lock_output); a new run then sets aside the files (`run_files`, names and
+    patterns) of the run it replaces and writes DIR/args.json. Returns the open lock file: keep a reference
+    to it."""
     lock = lock_output(args)
     if not args.resume:  # at once: a run killed while it starts can be resumed
+        set_aside_earlier_run(args.out, run_files)
         write_args(args)
     return lock
 
 
 def lock_output(args):
     """An exclusive lock on DIR/.lock for as long as this process lives, and a refusal to replace another
-    run's last.pt without --resume or --force; nothing else of DIR is touched. Returns the open lock file."""
+    run's last.pt without --resume or --force; nothing else of DIR is touched. Returns the open lock file.
+
+    The lock is a POSIX record lock (lockf): the process's own, which the DataLoader workers that it forks do
+    not inherit (an flock would be theirs too, and outlive a kill -9 of the run by as long as they take to
+    notice it), released by the OS when the process dies, however it dies. DIR/.lock is opened without
+    following a symbolic link (O_NOFOLLOW) and must be a regular file: the pid written into it goes nowhere
+    else."""
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out}: a file, not a directory")
+    path = args.out / ".lock"
     try:
         args.out.mkdir(parents=True, exist_ok=True)
-        lock = open(args.out / ".lock", "a+")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
     except OSError as e:
-        raise UserError(f"--out {args.out}: cannot write there ({e.strerror})") from None
+        if e.errno == errno.ELOOP:
+            raise UserError(
+                f"--out {args.out}: {path} is a symbolic link; a run writes its pid there, into no other "
+                "file: remove the link"
+            ) from None
+        if e.errno != errno.EISDIR:
+            raise UserError(f"--out {args.out}: cannot write there ({e.strerror})") from None
+        fd, regular = None, False
+    if not regular:  # a directory, a FIFO, a device
+        if fd is not None:
+            os.close(fd)
+        raise UserError(f"--out {args.out}: {path} is not a regular file; remove it")
+    lock = os.fdopen(fd, "r+")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):  # lockf(3) reports a held lock as either
+            raise
+        holder = lock.read().strip() or "?"
+        lock.close()
         raise UserError(
-            f"--out {args.out} is in use by process {lock.read().strip() or '?'}: another run is writing "
-            "there (--force does not override a live run); wait for it, or choose another --out"
+            f"--out {args.out} is in use by process {holder}: another run is writing there (--force does "
+            "not override a live run); wait for it, or choose another --out"
         ) from None
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
@@ -56,6 +88,45 @@ def lock_output(args):
     return lock
 
 
+def set_aside_earlier_run(out, run_files, keep=None):
+    """Before a new run writes into DIR: the files of an earlier run there (`run_files`: names and glob
+    patterns; but for `keep`, the split file the new run reads) go, so that none passes for the new run's (an
+    old backbone_ep1.pt for its epoch 1, an old last.pt beside its args.json). A run that wrote a last.pt
+    (replaced with --force) is moved into DIR/.replaced/, last.pt first, and stays there until the new run
+    writes its first last.pt (save_last): a new run killed before that leaves DIR with its own args.json,
+    which --resume starts over, and the old run intact beside it. Files without a last.pt are those of a run
+    killed before its first one, with nothing to resume: they are deleted, and a run set aside earlier is
+    kept."""
+    kept = keep and Path(keep).resolve()
+    found = {path for pattern in run_files for path in out.glob(pattern) if path.resolve() != kept}
+    found = sorted(found, key=lambda path: path.name != "last.pt")
+    if found and found[0].name == "last.pt":
+        remove_replaced(out)  # one whose replacement had written its last.pt
+        (out / REPLACED).mkdir()
+        for path in found:
+            os.replace(path, out / REPLACED / path.name)
+    else:
+        for path in found:
+            path.unlink()
+
+
+def save_last(state, out):
+    """DIR/last.pt, atomically. The first one of a run that replaced another commits it: the replaced run,
+    kept aside until now (set_aside_earlier_run), is deleted."""
+    save_atomic(state, out / "last.pt")
+    remove_replaced(out)
+
+
+def remove_replaced(out):
+    """DIR/.replaced and what it holds; one that is not a directory (a link planted there) is removed
+    itself, and nothing it points to."""
+    aside = out / REPLACED
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside)
+    else:
+        aside.unlink(missing_ok=True)
+
+
 def write_args(args):
     """DIR/args.json, what --resume restores. A resumed run writes it once its last.pt has proved good."""
     text = json.dumps(to_json(args), indent=1) + "\n"
@@ -66,6 +137,7 @@ def restored_args(parser, argv, out, not_restored):
     """--resume: (the arguments in DIR/args.json, with the command line's for the keys in `not_restored`, and
     the saved dict itself)."""
     try:
+        require_regular_file(out / "args.json")
         saved = json.loads((out / "args.json").read_text())
     except FileNotFoundError:
         raise UserError(f"--resume: {out} holds no run to resume (no args.json)") from None
@@ -103,6 +175,7 @@ def read_checkpoint(args, may_change):
     """DIR/last.pt, checked: it loads (weights_only: a pickle from elsewhere must not run code) and was
     trained with the arguments of DIR/args.json, but for those in `may_change`."""
     path = args.out / "last.pt"
+    require_regular_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -134,13 +207,13 @@ def write_csv(path, rows):
 
 
 class StopSignal:
-    """Ctrl-C and SIGTERM ask the run to stop: the current step finishes, the run saves, and exits 128 +
-    signum. Under DDP the processes agree every 20 steps (an all-reduce), so that they stop at the same
-    step."""
+    """Ctrl-C, SIGTERM and SIGHUP (common.stop_signals) ask the run to stop: the current step finishes, the
+    run saves, and exits 128 + signum. Under DDP the processes agree every 20 steps and at the end of an epoch
+    (an all-reduce), so that they stop at the same step."""
 
     def __init__(self, distributed=False, device=None):
         self.signum, self.distributed, self.device = None, distributed, device
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in stop_signals():
             signal.signal(signum, self.catch)
 
     def catch(self, signum, _frame):
@@ -158,6 +231,8 @@ class StopSignal:
 
 
 def ignore_signals(_worker_id):
-    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which finishes its step and saves."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """DataLoader workers leave Ctrl-C, SIGTERM and SIGHUP to the main process, which finishes its step and
+    saves (a terminal sends them to every process of its foreground group, workers included); it kills them
+    when it ends (common.end_workers)."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from common import DataError, write_atomic
+from common import DataError, require_regular_file, write_atomic
 
 PARTS = ("pretrain", "train", "val", "test")
 
@@ -145,6 +145,7 @@ def load_split(data, path, fractions="0.6,0.1,0.1,0.2", seed=0, by="lesion"):
         except OSError as e:
             raise DataError(f"split file {path}: cannot write it ({e.strerror})") from None
         return split
+    require_regular_file(path, DataError)
     try:
         split = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

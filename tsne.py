@@ -22,7 +22,7 @@ import evaluation
 import splits
 from backbones import add_backbone_args, resolve_backbone_args
 from bit_convert import read_backbone_file
-from common import ArgumentParser, UserError, device_name, output_dir, run, write_atomic
+from common import ArgumentParser, UserError, device_name, output_dir, path_arg, run, write_atomic
 from evaluation import covariance_spectrum, initial_backbone, rankme, saved_backbone
 
 matplotlib.use("Agg")
@@ -53,7 +53,9 @@ def parse_args(argv=None):
     datasets.add_data_args(parser)
     add_backbone_args(parser, norm_default="gn")
     models = parser.add_argument_group("models: any number of --ckpt files and --init networks")
-    models.add_argument("--ckpt", type=Path, nargs="*", default=[], help="backbone files from pretrain.py")
+    models.add_argument(
+        "--ckpt", type=path_arg, nargs="*", default=[], help="backbone files from pretrain.py"
+    )
     models.add_argument(
         "--init",
         nargs="*",
@@ -62,7 +64,7 @@ def parse_args(argv=None):
         help="networks as released (with the backbone flags)",
     )
     parser.add_argument("--spectrum", action="store_true", help="also draw spectrum.png")
-    parser.add_argument("--out", type=Path, default=Path("figures"))
+    parser.add_argument("--out", type=path_arg, default=Path("figures"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)

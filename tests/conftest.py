@@ -14,9 +14,9 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def restore_signal_handlers():
-    """pretrain.main() installs SIGINT/SIGTERM handlers; a test that calls it in-process must not keep
-    them."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    """pretrain.main() installs SIGINT/SIGTERM/SIGHUP handlers, common.end_workers resets SIGCHLD's; a test
+    that calls them in-process must not keep them."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD)}
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
@@ -24,7 +24,7 @@ def restore_signal_handlers():
 
 # What a script run looks like in a test, its own code or a fixture's: these tests take seconds each, and
 # `-m "not script"` leaves them out of a developer's unit run.
-RUNS_A_SCRIPT = ("run_script(", ".main(", "run_pretraining_over_gloo(", "tiny_args(")
+RUNS_A_SCRIPT = ("run_script(", "run_patched(", ".main(", "run_pretraining_over_gloo(", "tiny_args(")
 
 
 def runs_a_script(function):
@@ -39,6 +39,7 @@ def runs_a_script(function):
 # at the end. Their shares of a full run, measured with --durations=0 while other jobs loaded the 2 cores
 # (load average about 9, 33 min 39 s in all): 690, 579, 535, 510, 502 and 350 s.
 LONGEST_FIRST = [
+    "test_run_safety.py",
     "test_pretrain.py",
     "test_distributed.py",
     "test_methods_runs.py",

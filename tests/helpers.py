@@ -62,15 +62,29 @@ def run_script(script, *args, timeout=300, env=None, **popen):
     )
 
 
-def run_pretraining_over_gloo(args, timeout=300):
-    """pretrain.py as two processes (torchrun, gloo, one thread each); asserts that it ran through. A hang
-    (a collective that one process never joins) fails the test after `timeout` seconds, its processes
-    stopped."""
+def run_patched(script, patch, *args, **kwargs):
+    """run_script, after `patch` (Python code, run once the script's module is imported as its name, e.g.
+    `pretrain`) has changed what it needs: a failure or a signal at one chosen moment, from outside the code
+    under test. The script then runs as from its command line, through common.run."""
+    module = Path(script).stem
+    code = f"import sys\nsys.argv = [{script!r}, *sys.argv[1:]]\nimport common, {module}\n{patch}\n"
+    return run_script("-c", code + f"common.run({module}.main)\n", *args, **kwargs)
+
+
+def run_pretraining_over_gloo(args, patch=None, check=True, env=None, timeout=300):
+    """pretrain.py as two processes (torchrun, gloo, one thread each), after `patch` where given (see
+    run_patched); asserts that it ran through unless not `check`. A hang (a collective that one process never
+    joins) fails the test after `timeout` seconds, its processes stopped."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if patch is not None:
+        code = f"import sys\nsys.argv = ['pretrain.py', *sys.argv[1:]]\nimport common, pretrain\n{patch}\n"
+        command += ["--no-python", sys.executable, "-c", code + "common.run(pretrain.main)\n"]
+    else:
+        command.append("pretrain.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     hung = False
     with subprocess.Popen(
-        [*command, "pretrain.py", *map(str, args)], cwd=REPO, stdout=PIPE, stderr=PIPE, text=True, env=env
+        [*command, *map(str, args)], cwd=REPO, stdout=PIPE, stderr=PIPE, text=True, env=env
     ) as torchrun:
         try:
             stdout, stderr = torchrun.communicate(timeout=timeout)
@@ -82,7 +96,7 @@ def run_pretraining_over_gloo(args, timeout=300):
         pytest.fail(
             f"pretrain.py over gloo did not finish in {timeout} s; its output ended with: {stdout[-1500:]}"
         )
-    assert torchrun.returncode == 0, stderr[-3000:]
+    assert torchrun.returncode == 0 or not check, stderr[-3000:]
     return subprocess.CompletedProcess(torchrun.args, torchrun.returncode, stdout, stderr)
 
 

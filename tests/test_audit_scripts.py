@@ -29,6 +29,7 @@ import datasets
 import finetune
 import linear_eval
 import pretrain
+import runs
 import splits
 import tsne
 from bit_convert import resnet_v2, save_backbone
@@ -95,14 +96,15 @@ def test_a_kill_while_the_last_epoch_saves_resumes_to_the_complete_run(tmp_path,
     """Killed just before the final epoch's `killed_at` is written: --resume ends with every file, and the
     backbones are those of the run that was never interrupted."""
     saves = {"backbone_ep2.pt": "save_backbone", "backbone.pt": "save_backbone", "last.pt": "save_atomic"}
-    real = getattr(pretrain, saves[killed_at])
+    module = runs if killed_at == "last.pt" else pretrain  # last.pt: runs.save_last's save_atomic
+    real = getattr(module, saves[killed_at])
 
     def save(obj, path, *args, **kwargs):
         if path.name == killed_at and (killed_at != "last.pt" or obj["progress"]["epoch"] == 3):
             raise Killed
         return real(obj, path, *args, **kwargs)
 
-    with mock.patch.object(pretrain, saves[killed_at], save):
+    with mock.patch.object(module, saves[killed_at], save):
         try:
             pretrain_tiny(tmp_path, "--save-at", "2")
         except Killed:

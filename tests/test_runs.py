@@ -1,7 +1,6 @@
 """A run's output directory (runs.py, pretrain.py): one run at a time, exact resume after kill -9 at any
 moment, a warm-up that fits the run, extending a finished run, and the estimated time."""
 
-import fcntl
 import json
 import os
 import signal
@@ -29,21 +28,26 @@ def backbone_tensors(out):
 
 
 def test_a_live_run_keeps_its_directory_and_a_dead_one_does_not(tmp_path):
-    """The lock is an flock on DIR/.lock: a second run, even with --force, fails at once naming the holder's
-    pid; once the holder is gone (here: its file closed, as the OS does when a process dies), the stale lock
-    file is no obstacle."""
+    """The lock is a POSIX record lock (lockf) on DIR/.lock, held here by another process: a second run, even
+    with --force, fails at once naming the holder's pid; once the holder is gone, as when a process dies, the
+    stale lock file is no obstacle."""
     out = tmp_path / "run"
     out.mkdir()
-    holder = open(out / ".lock", "a+")
-    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    holder.write("4242\n")
-    holder.flush()
+    hold = "import fcntl, sys; f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX); f.write('4242\\n')"
+    hold += "; f.flush(); print('held', flush=True); sys.stdin.read()"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(out / ".lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline() == "held\n"
     args = Namespace(out=out, resume=False, force=True, data="digits")
     with pytest.raises(common.UserError, match=f"--out {out} is in use by process 4242"):
-        runs.claim_output(args)
+        runs.claim_output(args, pretrain.RUN_FILES)
     assert not (out / "args.json").exists()
-    holder.close()
-    lock = runs.claim_output(args)
+    holder.communicate("")
+    lock = runs.claim_output(args, pretrain.RUN_FILES)
     assert (out / ".lock").read_text() == f"{os.getpid()}\n"
     assert json.loads((out / "args.json").read_text())["data"] == "digits"
     lock.close()
