@@ -12,6 +12,7 @@ image size), so the classifier trains in seconds. Writes results.json and confus
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -29,10 +30,14 @@ import views
 from backbones import add_backbone_args, resolve_backbone_args
 from bit_convert import read_backbone_file
 from common import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
     ArgumentParser,
     UserError,
+    check_trial_seeds,
     device_name,
-    finite_float,
     output_dir,
     run,
     to_json,
@@ -88,7 +93,9 @@ def augmented_features(backbone, data, split, args, device):
     view = v2.Compose([v2.RandomResizedCrop(args.image_size), v2.RandomHorizontalFlip()])
     train_set = views.ImageSet(data, splits.indices(data, split, "train"), [view])
     loader = torch.utils.data.DataLoader(train_set, batch_size=256, num_workers=args.workers)
-    return lambda: embed(backbone, torch.cat([images for images, _ in loader]), device).cpu()
+    return lambda: evaluation.check_features(
+        embed(backbone, torch.cat([images for images, _ in loader]), device).cpu(), "train"
+    )
 
 
 def compare(paths, out):
@@ -111,11 +118,11 @@ def compare(paths, out):
             scores_of = results[-1][key]
             drawn = ("balanced_accuracy", "macro_f1")
             if not isinstance(scores_of, dict) or not all(
-                isinstance(scores_of.get(m), (int, float)) for m in drawn
+                isinstance(scores_of.get(m), (int, float)) and math.isfinite(scores_of[m]) for m in drawn
             ):
                 raise UserError(
                     f"--compare {path}: {key} is not a dict with the numbers {key}.balanced_accuracy and "
-                    f"{key}.macro_f1"
+                    f"{key}.macro_f1, both finite"
                 )
     output_dir(out)
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(results), 3.8))
@@ -154,13 +161,13 @@ def parse_args(argv=None):
     model.add_argument("--init", choices=("bit-s", "bit-m", "scratch"), help="instead of --ckpt")
     probe = parser.add_argument_group("linear classifier")
     probe.add_argument(
-        "--gamma", type=finite_float, default=4.0, help="focal loss gamma (paper §4.4); 0: cross-entropy"
+        "--gamma", type=NON_NEGATIVE, default=4.0, help="focal loss gamma (paper §4.4); 0: cross-entropy"
     )
-    probe.add_argument("--epochs", type=int, default=100)
-    probe.add_argument("--batch-size", type=int, default=256)
-    probe.add_argument("--lr", type=finite_float, default=1e-3, help="Adam")
-    probe.add_argument("--weight-decay", type=finite_float, default=0.0)
-    probe.add_argument("--trials", type=int, default=3, help="seeds --seed, --seed+1, ...")
+    probe.add_argument("--epochs", type=POSITIVE_INT, default=100)
+    probe.add_argument("--batch-size", type=POSITIVE_INT, default=256)
+    probe.add_argument("--lr", type=POSITIVE, default=1e-3, help="Adam")
+    probe.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0)
+    probe.add_argument("--trials", type=POSITIVE_INT, default=3, help="seeds --seed, --seed+1, ...")
     probe.add_argument(
         "--augment",
         action="store_true",
@@ -169,23 +176,18 @@ def parse_args(argv=None):
     )
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=Path, help="default: linear/ beside --ckpt, else runs/linear-INIT")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=SEED, default=0)
     run.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument(
         "--compare", nargs="+", type=Path, metavar="RESULTS", help="draw results.json files side by side"
     )
     args = parser.parse_args(argv)
-    datasets.check_data_args(args)
     if args.compare:
         args.out = args.out or Path("figures")
         return args
     if (args.ckpt is None) == (args.init is None):
         raise UserError("give either --ckpt FILE or --init bit-s|bit-m|scratch (or --compare)")
-    for flag in ("epochs", "trials", "batch_size", "lr"):
-        if getattr(args, flag) <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
-    if min(args.gamma, args.weight_decay) < 0:
-        raise UserError(f"--gamma {args.gamma:g}, --weight-decay {args.weight_decay:g}: must not be negative")
+    check_trial_seeds(args.seed, args.trials)
     recorded = read_backbone_file(args.ckpt) if args.ckpt else None
     resolve_backbone_args(args, "gn", datasets.DEFAULT_SIZE[args.data], recorded, args.ckpt)
     args.out = args.out or (
@@ -214,6 +216,7 @@ def main(argv=None):
     split, split_file = splits.pretraining_split(
         data, args.split_file, args.ckpt, [meta], args.split, args.split_seed, args.split_by
     )
+    args.split, args.split_seed, args.split_by = splits.settings(split)  # results.json records those used
     evaluation.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
     train, val, test = (
         evaluation.part_features(
