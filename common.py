@@ -19,7 +19,11 @@ class UserError(ValueError):
 
 
 def run(main):
-    """A script's entry point: a UserError, or a loss that stopped being finite, ends it with one line."""
+    """A script's entry point: a UserError, or a loss that stopped being finite, ends it with one line. What
+    it prints may hold file names that are not UTF-8 (os.fsdecode keeps their bytes as lone surrogates):
+    printed escaped, as stderr prints them, not a UnicodeEncodeError."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         sys.exit(main())
     except (UserError, FloatingPointError) as e:
@@ -113,6 +117,9 @@ def bounded(kind, least=None, above=None, below=None, most=None):
 POSITIVE_INT = bounded(int, least=1)  # epochs, batch sizes, trials, k of the kNN
 NON_NEGATIVE_INT = bounded(int, least=0)  # --workers
 POSITIVE = bounded(float, above=0)  # learning rates, temperatures
+# --knn-t: the kNN's votes are exp(cosine / t) in float32, whose largest number is e^88.7 (IEEE 754): from
+# t = 0.02 up, k votes of at most e^50 each stay finite for any bank below 10^16 images
+KNN_TEMPERATURE = bounded(float, least=0.02)
 NON_NEGATIVE = bounded(float, least=0)  # weight decay, focal loss gamma, warm-up epochs
 FRACTION = bounded(float, above=0, most=1)  # --train-fraction, --shrink, --select-filters
 # SGD's velocity is v <- momentum * v + gradient (torch.optim.SGD, LARS too): below 1 old gradients fade; at

@@ -22,7 +22,7 @@ import torchvision
 
 from common import IMAGE_SIZE, MAX_IMAGE_SIZE, NON_NEGATIVE_INT, SEED, DataError, run
 from image_cache import decode_all
-from splits import DEFAULT_FRACTIONS, default_split_file, load_split, summary
+from splits import DEFAULT_FRACTIONS, default_split_file, fractions_text, load_split, summary
 
 SOURCES = ("digits", "cifar10", "ham10000", "folder", "dermamnist")
 DEFAULT_SIZE = {"digits": 8, "cifar10": 32, "dermamnist": 28, "ham10000": 224, "folder": 224}
@@ -275,7 +275,9 @@ def load_folder(root, size, cache_dir, skip_bad=False):
         paths,
         [p.relative_to(root).as_posix() for p in paths],
         [k for _, k in samples],
-        classes,
+        # a class's name is a label that figures draw: a folder name's bytes that are not UTF-8 are shown as
+        # \xNN (matplotlib cannot draw the lone surrogates that os.fsdecode keeps them as)
+        [os.fsencode(c).decode("utf-8", "backslashreplace") for c in classes],
         None,
         size,
         cache_dir,
@@ -287,27 +289,32 @@ def load_folder(root, size, cache_dir, skip_bad=False):
 def folder_images(root, classes):
     """(path, class index) of every image below each class folder, in the order of torchvision's
     make_dataset (os.walk following symbolic links, sorted), which this replaces: a folder reached twice (a
-    link back up such as a/up -> .., a loop, two links to one folder) or an image file reached twice would
-    count images twice, perhaps under another class's label, and is an error naming the link."""
-    folders, files, samples = {os.path.realpath(root): root}, {}, []
+    link back up such as a/up -> .., a loop, two links to one folder) or an image file reached twice (a link
+    or a hard link to another) would count images twice, perhaps under another class's label, and is an error
+    naming it."""
+    seen, samples = {}, []
 
-    def reached(real, path, seen, what):
-        if real in seen:
+    def reached(path, what):
+        try:
+            stat = os.stat(path)
+            identity = (stat.st_dev, stat.st_ino)  # the same for every link to one file or folder
+        except OSError:  # a broken link: its decoding fails later, and says so
+            identity = os.path.realpath(path)
+        if identity in seen:
             raise DataError(
-                f"{path}: the same {what} as {seen[real]} (a symbolic link to {real}); its images would "
-                "count twice: remove the link"
+                f"{path}: the same {what} as {seen[identity]} (a link); its images would count twice: "
+                "remove the link"
             )
-        seen[real] = path
+        seen[identity] = path
 
+    reached(root, "folder")
     for k, name in enumerate(classes):
         top = os.path.join(root, name)
-        reached(os.path.realpath(top), top, folders, "folder")
+        reached(top, "folder")
         walked = []
         for folder, subfolders, names in os.walk(top, followlinks=True):
             for sub in subfolders:  # before os.walk goes down into it
-                reached(
-                    os.path.realpath(os.path.join(folder, sub)), os.path.join(folder, sub), folders, "folder"
-                )
+                reached(os.path.join(folder, sub), "folder")
             walked.append((folder, names))
         images = [
             os.path.join(folder, n)
@@ -323,7 +330,7 @@ def folder_images(root, classes):
                 f"({', '.join(torchvision.datasets.folder.IMG_EXTENSIONS)})"
             )
         for path in images:
-            reached(os.path.realpath(path), path, files, "image file")
+            reached(path, "image file")
             samples.append((path, k))
     return samples
 
@@ -436,6 +443,7 @@ def add_data_args(parser):
     # its own, and a flag that contradicts it is an error (splits.load_split): hence no default here
     group.add_argument(
         "--split",
+        type=fractions_text,
         help=f"fractions pretrain,train,val,test (default {DEFAULT_FRACTIONS} as paper §3); a source "
         "with an official test set keeps it and shares the rest by the first three. 'official': "
         "that source's own protocol (CIFAR-10: pretrain on all 50k, kNN queries = the test set)",

@@ -61,6 +61,7 @@ from interventions import IterNorm
 # On --resume the run's own args.json is used, but for these, which come from the machine and the command line
 NOT_RESTORED = {"resume", "force", "device", "workers", "out"}
 MAY_CHANGE = NOT_RESTORED | {"download", "data_root", "cache_dir"}  # any other difference is an error
+RESOLVED = {"arch", "norm", "cifar_stem", "ws", "image_size", "lr"}  # a run records a value for each
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-4}
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, IterNorm)  # every kind, frozen in eval
 
@@ -284,7 +285,8 @@ def read_checkpoint(args, progress, files, identities):
     weights finite), made with the very backbone files given (a file replaced since is refused: the later
     trials would start from other weights); its progress loaded into `progress`."""
     path = args.out / "last.pt"
-    saved = runs.read_checkpoint(args, MAY_CHANGE, ("model", "optimizer", "scaler", "progress", "args"))
+    keys = ("model", "optimizer", "scaler", "progress", "args")
+    saved = runs.read_checkpoint(args, MAY_CHANGE | splits.SETTINGS, keys)
     runs.check_progress(saved["progress"], progress.state_dict(), path)
     changed = [f for f, a, b in zip(files, saved.get("backbones", identities), identities) if a != b]
     if changed:
@@ -292,9 +294,15 @@ def read_checkpoint(args, progress, files, identities):
             f"--resume: {changed[0]} is not the backbone file the run in {args.out} started from (its "
             "SHA-256 differs: replaced since?); put the original back, or start afresh with --force"
         )
-    best = saved["progress"]["best_state"]
+    best, epoch, seed = (saved["progress"][k] for k in ("best_state", "epoch", "seed"))
     if best is not None and not (isinstance(best, dict) and all(map(torch.is_tensor, best.values()))):
         raise UserError(f"--resume: {path}: its progress best_state is not a dict of tensors")
+    if epoch - 1 > args.epochs or (best is None) != (epoch == 1) or not 0 <= seed - args.seed < args.trials:
+        raise UserError(
+            f"--resume: {path}: progress at trial seed {seed}, epoch {epoch}, best weights "
+            f"{'absent' if best is None else 'present'}: not a point of a run of --seed {args.seed}, "
+            f"--trials {args.trials}, --epochs {args.epochs}"
+        )
     check_finite(best or {}, f"--resume: {path}: best_state")
     progress.load_state_dict(saved["progress"])
     return saved
@@ -310,14 +318,12 @@ def train_trial(model, data, split, parts, args, progress, stop, device, identit
     optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     if resumed:  # the best weights first: loaded into the model, they show that they fit it
-        best = [("best_state", lambda: model.load_state_dict(progress.best_state))] * (
-            progress.best_state is not None
-        )
+        best = [("best_state", lambda: runs.load_module(model, progress.best_state))]
         runs.load_parts(
             args.out / "last.pt",
-            best
+            best * (progress.best_state is not None)
             + [
-                ("model", lambda: model.load_state_dict(resumed["model"])),
+                ("model", lambda: runs.load_module(model, resumed["model"])),
                 ("optimizer", lambda: runs.load_optimizer(optimizer, resumed["optimizer"])),
                 ("scaler", lambda: scaler.load_state_dict(resumed["scaler"])),
             ],
@@ -434,7 +440,7 @@ def parse_args(argv=None):
     if args.resume:  # the run's own arguments, but for those the command line may change
         if args.out is None:
             raise UserError("--resume needs --out DIR, the directory of the run to continue")
-        args, saved = runs.restored_args(parser, argv, args.out, NOT_RESTORED)
+        args, saved = runs.restored_args(parser, argv, args.out, NOT_RESTORED, RESOLVED)
         runs.refuse_changes(args, saved, MAY_CHANGE)
         check_args(args)  # the same checks as a new run's
         return args

@@ -12,7 +12,6 @@ image size), so the classifier trains in seconds. Writes results.json and confus
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import matplotlib
@@ -107,22 +106,24 @@ def compare(paths, out):
             results.append(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"--compare {path}: not a readable results.json ({type(e).__name__})") from None
-        if not isinstance(results[-1], dict) or any(
-            k not in results[-1] for k in ("model", "data", "mean", "std")
+        if (
+            not isinstance(results[-1], dict)
+            or any(k not in results[-1] for k in ("model", "data", "mean", "std"))
+            or not all(isinstance(results[-1][k], str) for k in ("model", "data"))
         ):
             raise UserError(
                 f"--compare {path}: not a results.json of linear_eval.py or finetune.py (expected the "
-                "keys model, data, mean, std)"
+                "keys model, data (strings), mean, std)"
             )
         for key in ("mean", "std"):
             scores_of = results[-1][key]
             drawn = ("balanced_accuracy", "macro_f1")
             if not isinstance(scores_of, dict) or not all(
-                isinstance(scores_of.get(m), (int, float)) and math.isfinite(scores_of[m]) for m in drawn
-            ):
+                type(scores_of.get(m)) in (int, float) and 0 <= scores_of[m] <= 1 for m in drawn
+            ):  # scores and their std lie in [0, 1]; NaN lies nowhere
                 raise UserError(
                     f"--compare {path}: {key} is not a dict with the numbers {key}.balanced_accuracy and "
-                    f"{key}.macro_f1, both finite"
+                    f"{key}.macro_f1, both finite, from 0 to 1"
                 )
     output_dir(out)
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(results), 3.8))

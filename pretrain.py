@@ -37,6 +37,7 @@ from backbones import add_backbone_args, build_backbone, resolve_backbone_args
 from bit_convert import read_backbone_file, save_backbone, zero_init_last
 from common import (
     FRACTION,
+    KNN_TEMPERATURE,
     MOMENTUM,
     NON_NEGATIVE,
     POSITIVE,
@@ -65,6 +66,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 NOT_RESTORED = {"resume", "force", "device", "workers", "out"}
 # ... and the command line may change these; any other difference from the saved run is an error.
 MAY_CHANGE = NOT_RESTORED | {"eval_every", "save_at", "download", "data_root", "cache_dir"}
+# A run records a value for these whatever the command line said (from an --init .pt, or the defaults)
+RESOLVED = {"arch", "norm", "cifar_stem", "ws", "image_size", "lr", "weight_decay"}
 COLUMNS = (
     "epoch",
     "loss",
@@ -93,7 +96,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     state = RunState(device)
     if args.resume and (args.out / "last.pt").exists():
-        resume_from(args, state, method, optimizer, scaler, split)
+        resume_from(args, state, method, optimizer, scaler, split, steps_per_epoch)
     if rank == 0:  # all checked: now the run may write into --out
         record_run(args, split_file)
         complete_finished_epoch(args, state, method, split)
@@ -499,9 +502,9 @@ def save_checkpoint(args, state, method, optimizer, scaler, split):
         raise UserError(f"cannot write {args.out / 'last.pt'} ({e}); the previous one is kept") from None
 
 
-def resume_from(args, state, method, optimizer, scaler, split):
+def resume_from(args, state, method, optimizer, scaler, split, steps_per_epoch):
     """--resume: the modules, optimiser, scaler, progress and random state of DIR/last.pt, checked first."""
-    may_change = MAY_CHANGE | ({"epochs"} if args.cosine_epochs else set())
+    may_change = MAY_CHANGE | splits.SETTINGS | ({"epochs"} if args.cosine_epochs else set())
     saved = runs.read_checkpoint(
         args, may_change, ("model", "optimizer", "scaler", "progress", "rng", "args")
     )
@@ -516,10 +519,15 @@ def resume_from(args, state, method, optimizer, scaler, split):
         raise UserError(
             f"--epochs {args.epochs}: the run in {args.out} trained {saved['progress']['epoch'] - 1}"
         )
+    if saved["progress"]["step"] > steps_per_epoch:
+        raise UserError(
+            f"--resume: {path}: progress step = {saved['progress']['step']}, beyond the {steps_per_epoch} "
+            "steps of an epoch"
+        )
     runs.load_parts(
         path,
         [
-            ("model", lambda: method.load_state_dict(saved["model"])),
+            ("model", lambda: runs.load_module(method, saved["model"])),
             ("optimizer", lambda: runs.load_optimizer(optimizer, saved["optimizer"])),
             ("scaler", lambda: scaler.load_state_dict(saved["scaler"])),
             ("progress", lambda: state.load_state_dict(saved["progress"])),
@@ -621,7 +629,7 @@ def make_parser():
         help="epochs at which to keep a backbone snapshot, e.g. 25,400",
     )
     run_group.add_argument("--knn-k", type=POSITIVE_INT, default=200)
-    run_group.add_argument("--knn-t", type=POSITIVE, default=0.1)
+    run_group.add_argument("--knn-t", type=KNN_TEMPERATURE, default=0.1, help="at least 0.02 (default 0.1)")
     return parser
 
 
@@ -633,7 +641,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.out = args.out or Path("runs") / f"{args.data}-{Path(args.init).stem}-{args.norm or 'bn'}"
     if args.resume:  # the run's own arguments, but for those the command line may change
-        args, saved = runs.restored_args(parser, argv, args.out, NOT_RESTORED)
+        args, saved = runs.restored_args(parser, argv, args.out, NOT_RESTORED, RESOLVED)
         extendable = {"epochs"} if saved.get("cosine_epochs") else set()  # the past schedule stays the same
         runs.refuse_changes(args, saved, MAY_CHANGE | extendable, HORIZON)
     else:

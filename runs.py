@@ -65,11 +65,12 @@ def write_args(args):
     write_atomic(args.out / "args.json", lambda tmp: tmp.write_text(text))
 
 
-def restored_args(parser, argv, out, not_restored):
+def restored_args(parser, argv, out, not_restored, resolved):
     """--resume: (the arguments in DIR/args.json, with the command line's for the keys in `not_restored`, and
     the saved dict itself). Every saved value is checked by its flag's own type and choices, the code that
     checks the flag on a command line (restored_value): an args.json edited to a value that no flag takes is
-    an error, as that flag would be."""
+    an error, as that flag would be. The keys in `resolved` are those a run always records a value for (a new
+    run fills them in from the checkpoint or the defaults): null is not one."""
     path = out / "args.json"
     try:
         saved = json.loads(path.read_text())
@@ -89,14 +90,18 @@ def restored_args(parser, argv, out, not_restored):
             f"--resume: {path} lacks {missing[0]} (written by another version of the script?); add the "
             "value the run used, or start afresh with --force"
         )
-    restored = {k: restored_value(flags[k], v, path) for k, v in saved.items() if k not in not_restored}
+    restored = {
+        k: restored_value(flags[k], v, path, k not in resolved)
+        for k, v in saved.items()
+        if k not in not_restored
+    }
     parser.set_defaults(**restored)
     args = parser.parse_args(argv)
     args.out = out
     return args, saved
 
 
-def restored_value(action, value, path):
+def restored_value(action, value, path, may_be_none):
     """A value of args.json, checked as argparse checks its flag (argparse checks the command line, not the
     defaults that --resume sets): the flag's choices, and its type applied to the value as text. Returns the
     value the type makes of it."""
@@ -104,7 +109,7 @@ def restored_value(action, value, path):
     def refuse(reason):
         raise UserError(f"--resume: {path}: {action.dest} = {json.dumps(value)[:60]}: {reason}")
 
-    if value is None and action.default is None:  # a flag that no value was resolved for (another --method's)
+    if value is None and action.default is None and may_be_none:  # a flag not given (another --method's)
         return None
     if action.choices and (isinstance(value, list) or value not in action.choices):
         refuse(f"expected one of {', '.join(map(str, action.choices))}")
@@ -122,14 +127,16 @@ def restored_value(action, value, path):
 def restored_item(action, value, refuse):
     if action.type in (None, str, Path):  # a flag that takes any text
         return value if isinstance(value, str) else refuse("expected a string")
-    if isinstance(value, (str, bool)) or (isinstance(value, list) and not all(type(v) is int for v in value)):
-        refuse(f"expected a value of --{action.dest.replace('_', '-')}, not a {type(value).__name__}")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, list)):
+        refuse(f"expected a value of --{action.dest.replace('_', '-')}")
     text = ",".join(map(str, value)) if isinstance(value, list) else str(value)  # --save-at: 25,400
     try:
         converted = action.type(text)
     except (argparse.ArgumentTypeError, ValueError) as e:
         refuse(str(e) or "not a value of the flag")
-    return converted if converted == value else refuse(f"expected {converted!r}")
+    if converted != value or isinstance(converted, str) != isinstance(value, str):  # "2" for 2, 2.5 for 2
+        refuse(f"expected {json.dumps(converted)}")
+    return converted
 
 
 def refuse_changes(args, saved, may_change, reason=""):
@@ -183,20 +190,38 @@ def read_checkpoint(args, may_change, keys):
 
 def check_progress(saved, fresh, path):
     """last.pt's record of where the run stands against a fresh run's (`fresh`: its state_dict): the same
-    keys, each of the same kind where the fresh one is not None (a float may be whole), counts not negative,
-    epochs from 1."""
+    keys, each of the same kind where the fresh one is not None (a float may be whole; a tensor of the same
+    shape and dtype; a list of dicts, the metrics rows and trials), counts not negative, epochs from 1."""
     if not isinstance(saved, dict) or set(saved) != set(fresh):
         raise UserError(f"--resume: {path}: its progress is not a dict with the keys {', '.join(fresh)}")
     for key, value in saved.items():
+        if fresh[key] is None:
+            continue
         kinds = {float: (int, float)}.get(type(fresh[key]), type(fresh[key]))
-        if fresh[key] is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+        if (
+            not isinstance(value, kinds)
+            or isinstance(value, bool)
+            or (torch.is_tensor(value) and (value.shape, value.dtype) != (fresh[key].shape, fresh[key].dtype))
+            or (isinstance(value, list) and not all(isinstance(row, dict) for row in value))
+        ):
+            shape = f" of shape {tuple(value.shape)}" if torch.is_tensor(value) else ""
             raise UserError(
-                f"--resume: {path}: progress {key} is a {type(value).__name__}, not a "
-                f"{type(fresh[key]).__name__}"
+                f"--resume: {path}: progress {key} is a {type(value).__name__}{shape}, not what a run "
+                "records there"
             )
         least = 1 if key == "epoch" else 0
         if type(fresh[key]) is int and value < least:
             raise UserError(f"--resume: {path}: progress {key} = {value}, below {least}")
+
+
+def load_module(module, state):
+    """module.load_state_dict, and what it does not check: every tensor of the dtype the module holds there
+    (an integer tensor would be cast into a float parameter without a word)."""
+    own = module.state_dict()
+    for name, tensor in state.items():
+        if name in own and tensor.dtype != own[name].dtype:
+            raise ValueError(f"{name} is {tensor.dtype}, the module's {own[name].dtype}")
+    module.load_state_dict(state)
 
 
 def load_optimizer(optimizer, state):

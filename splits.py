@@ -10,6 +10,7 @@ that records the data it was made from; a backbone records the split's digest, s
 split it was pretrained with.
 """
 
+import argparse
 import hashlib
 import json
 import warnings
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from common import DataError, write_atomic
+from common import SEED_LIMIT, DataError, write_atomic
 
 PARTS = ("pretrain", "train", "val", "test")
 DEFAULT_FRACTIONS = "0.6,0.1,0.1,0.2"  # paper §3: 60 % pretrain, 10 % train, 10 % val, 20 % test
@@ -49,6 +50,16 @@ def parse_fractions(text):
             f"the first three positive, adding up to 1 (these add up to {float(sum(fractions)):g})"
         )
     return fractions
+
+
+def fractions_text(text):
+    """argparse type of --split: the text, once parse_fractions accepts it (checked as a flag, and as a value
+    that --resume restores from args.json)."""
+    try:
+        parse_fractions(text)
+    except DataError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def official_split(data):
@@ -170,7 +181,7 @@ def load_split(data, path, fractions=None, seed=None, by=None):
     known, seen = set(data.ids), {}
     for part in PARTS:
         for image_id in split[part]:
-            if not isinstance(image_id, (str, int)) or image_id not in known:
+            if type(image_id) not in (str, int) or image_id not in known:  # true or 3.0 would pass for 1, 3
                 raise DataError(
                     f"split file {path}: part {part} lists image {image_id!r}, which the data lacks"
                 )
@@ -187,16 +198,31 @@ def load_split(data, path, fractions=None, seed=None, by=None):
     return split
 
 
+# The arguments that settings() fills in from the split file: a run's args.json records the file's, which
+# runs written before it did may not have (--split-by lesion on digits, which has no lesions: the file says
+# image). The split itself is checked by its digest (last.pt, a backbone file), not by these.
+SETTINGS = {"split", "split_seed", "split_by"}
+
+
 def settings(split):
-    """(--split, --split-seed, --split-by) as the split file records them (None where it does not): what
-    a script that used the file records in its args.json and results.json."""
-    fractions = split.get("fractions")
-    if isinstance(fractions, dict) and all(isinstance(fractions.get(p), str) for p in PARTS):
+    """(--split, --split-seed, --split-by) as the split file records them, each None where it records none
+    that the flag takes: what a script that used the file records in its args.json and results.json."""
+    fractions, seed, by = split.get("fractions"), split.get("seed"), split.get("split_by")
+    if isinstance(fractions, dict):  # {"pretrain": "3/5", ...}
         try:
             fractions = ",".join(f"{float(Fraction(fractions[p])):g}" for p in PARTS)
-        except (ValueError, ZeroDivisionError):
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
             fractions = None
-    return (fractions if isinstance(fractions, str) else None), split.get("seed"), split.get("split_by")
+    if isinstance(fractions, str):
+        try:
+            parse_fractions(fractions)
+        except DataError:
+            fractions = None
+    return (
+        fractions if isinstance(fractions, str) else None,
+        seed if type(seed) is int and 0 <= seed < SEED_LIMIT else None,
+        by if by in ("lesion", "image") else None,
+    )
 
 
 def check_settings(data, split, path, fractions, seed, by):

@@ -38,7 +38,7 @@ import splits
 import tsne
 import views
 from bit_convert import resnet_v2, save_backbone
-from helpers import REPO, load_data, tiny_args
+from helpers import REPO, load_data, run_script, tiny_args
 
 SIZE = 16
 SAMPLE = REPO / "tests" / "data" / "HAM10000_metadata_sample.csv"
@@ -90,6 +90,7 @@ BAD_FLAGS = [
     ("pretrain", "--batch-size", "2.5"),
     ("pretrain", "--seed", str(2**64 + 1)),
     ("pretrain", "--image-size", "100000"),
+    ("pretrain", "--knn-t", "0.01"),
     ("linear_eval", "--gamma", "-3"),
     ("linear_eval", "--seed", "-1"),
     ("finetune", "--momentum", "5"),
@@ -119,6 +120,14 @@ def test_the_bounds_of_momentum_and_seed():
             kind(text)
 
 
+def test_the_knn_temperature_bound_keeps_the_votes_finite():
+    """KNN_TEMPERATURE: a vote is exp(cosine / t) in float32; from t = 0.02, 10**16 votes of cosine 1 sum to a
+    finite number; at t = 0.01 one vote is already infinite (the control)."""
+    assert common.KNN_TEMPERATURE("0.02") == 0.02
+    assert torch.isfinite(torch.tensor(1 / 0.02).exp() * 1e16)
+    assert not torch.isfinite(torch.tensor(1 / 0.01).exp())
+
+
 def test_the_largest_seed_seeds_every_view_of_a_long_run():
     """SEED_LIMIT: a SeededSampler of the largest seed, in a run's millionth epoch, gives view seeds that
     torch.manual_seed takes (2**64 would overflow it: the control)."""
@@ -146,29 +155,45 @@ def test_resume_checks_the_flags_it_may_change_as_a_new_run_does(run_copy, capsy
     assert flag in message
 
 
-@pytest.mark.parametrize(
-    "key, value, expected",
-    [
-        ("lr", -1.0, "lr = -1.0: -1.0: expected a number in (0, inf)"),
-        ("epochs", 0, "epochs = 0: 0: expected a whole number in [1, inf)"),
-        ("epochs", 2.5, "epochs = 2.5: expected a whole number"),
-        ("momentum", 1.5, "momentum = 1.5: 1.5: expected a number in [0, 1)"),
-        ("seed", "0", 'seed = "0": expected a value of --seed, not a str'),
-        ("cifar_stem", "yes", 'cifar_stem = "yes": expected true or false'),
-        ("save_at", [0], "--save-at 0: expected epochs from 1"),
-        ("init", 5, "init = 5: expected a string"),
-        ("temperature", 0.5, "--temperature 0.5: --method simsiam has no such setting"),
-        ("warmup_epochs", float("nan"), "warmup_epochs = NaN: expected a finite number, not 'nan'"),
-        ("learning_rate", 0.1, "'learning_rate' is not an argument of this script"),
-    ],
-)
-def test_args_json_edited_to_a_value_no_flag_takes_is_refused_as_the_flag_is(run_copy, key, value, expected):
+ARGS_JSON_EDITS = {  # id: (key, value, what the error says)
+    "lr": ("lr", -1.0, "lr = -1.0: -1.0: expected a number in (0, inf)"),
+    "epochs_0": ("epochs", 0, "epochs = 0: 0: expected a whole number in [1, inf)"),
+    "epochs_2.5": ("epochs", 2.5, "epochs = 2.5: expected a whole number"),
+    "momentum": ("momentum", 1.5, "momentum = 1.5: 1.5: expected a number in [0, 1)"),
+    "seed_a_string": ("seed", "0", 'seed = "0": expected 0'),
+    "split": ("split", "0.1,0.1", 'split = "0.1,0.1": --split 0.1,0.1: expected four fractions'),
+    "cifar_stem": ("cifar_stem", "yes", 'cifar_stem = "yes": expected true or false'),
+    "save_at": ("save_at", [0], "--save-at 0: expected epochs from 1"),
+    "init": ("init", 5, "init = 5: expected a string"),
+    "another_method": ("temperature", 0.5, "--temperature 0.5: --method simsiam has no such setting"),
+    "nan": ("warmup_epochs", float("nan"), "warmup_epochs = NaN: expected a finite number, not 'nan'"),
+    "unknown_key": ("learning_rate", 0.1, "'learning_rate' is not an argument of this script"),
+    "arch_null": ("arch", None, "arch = null: expected one of r50x1"),
+    "ws_null": ("ws", None, "ws = null: expected true or false"),  # would build plain convs: null is falsy
+    "lr_null": ("lr", None, "lr = null: expected a value of --lr"),
+}
+
+
+@pytest.mark.parametrize("edit", ARGS_JSON_EDITS)
+def test_args_json_edited_to_a_value_no_flag_takes_is_refused_as_the_flag_is(run_copy, edit):
     """Rows 12 and 24: args.json's values go through the flags' own types and the checks of a new run."""
+    key, value, expected = ARGS_JSON_EDITS[edit]
     edit_json(run_copy / "args.json", **{key: value})
     (run_copy / "last.pt").unlink()  # "epochs": 0 before the first last.pt exited 0 with no outputs
     with untouched(run_copy):
         message = failure(lambda: pretrain.main(resume_argv(run_copy)))
     assert expected in message
+
+
+def test_a_run_recorded_by_the_earlier_code_still_resumes(run_copy):
+    """The code before issue 26 recorded the --split-by flag (lesion, on digits that have no lesions), not
+    the split file's (image), in args.json and last.pt: such a run resumes, and then records the file's."""
+    edit_json(run_copy / "args.json", split_by="lesion")
+    state = torch.load(run_copy / "last.pt", weights_only=True)
+    state["args"]["split_by"] = "lesion"
+    torch.save(state, run_copy / "last.pt")
+    assert pretrain.main(resume_argv(run_copy)) == 0
+    assert json.loads((run_copy / "args.json").read_text())["split_by"] == "image"
 
 
 def test_args_json_missing_a_key_is_refused(run_copy):
@@ -207,27 +232,42 @@ def last_pt_of_another_kind(run, kind):
         torch.save({**state, "progress": {**state["progress"], "step": "0"}}, last)
     elif kind == "rng_of_another_size":
         torch.save({**state, "rng": torch.zeros(3, dtype=torch.uint8)}, last)
+    elif kind == "weights_as_integers":  # load_state_dict would cast them into the float weights
+        model = dict(state["model"])
+        model["backbone.conv.weight"] = model["backbone.conv.weight"].long()
+        torch.save({**state, "model": model}, last)
+    elif kind in ("history_not_rows", "loss_sum_of_another_shape", "step_beyond_the_epoch"):
+        change = {
+            "history_not_rows": {"history": [1, 2]},
+            "loss_sum_of_another_shape": {"loss_sum": torch.zeros(3, dtype=torch.float64)},
+            "step_beyond_the_epoch": {"step": 7},
+        }[kind]
+        torch.save({**state, "progress": {**state["progress"], **change}}, last)
     return last
 
 
-@pytest.mark.parametrize(
-    "kind, expected",
-    [
-        ("backbone", "is not a last.pt of this script"),
-        ("list", "is not a last.pt of this script"),
-        ("args_a_string", "is not a last.pt of this script"),
-        ("wrong_shape", "its model does not fit this run"),
-        ("nan_weight", "backbone.conv.weight holds 432 value(s) that are NaN or infinite"),
-        ("momentum_buffer_shape", "its optimizer does not fit this run"),
-        ("progress_step_a_string", "progress step is a str, not a int"),
-        ("rng_of_another_size", "its random state does not fit this run"),
-    ],
-)
-def test_a_last_pt_of_another_kind_is_one_line(run_copy, kind, expected):
+LAST_PT_KINDS = {  # what last_pt_of_another_kind writes: what the error says
+    "backbone": "is not a last.pt of this script",
+    "list": "is not a last.pt of this script",
+    "args_a_string": "is not a last.pt of this script",
+    "wrong_shape": "its model does not fit this run",
+    "nan_weight": "backbone.conv.weight holds 432 value(s) that are NaN or infinite",
+    "momentum_buffer_shape": "its optimizer does not fit this run",
+    "progress_step_a_string": "progress step is a str, not what a run records there",
+    "rng_of_another_size": "its random state does not fit this run",
+    "history_not_rows": "progress history is a list, not what a run records there",
+    "loss_sum_of_another_shape": "progress loss_sum is a Tensor of shape (3,), not what a run records there",
+    "step_beyond_the_epoch": "progress step = 7, beyond the 6 steps of an epoch",
+    "weights_as_integers": "its model does not fit this run (ValueError: backbone.conv.weight is torch.int64",
+}
+
+
+@pytest.mark.parametrize("kind", LAST_PT_KINDS)
+def test_a_last_pt_of_another_kind_is_one_line(run_copy, kind):
     last = last_pt_of_another_kind(run_copy, kind)
     with untouched(run_copy):
         message = failure(lambda: pretrain.main(resume_argv(run_copy)))
-    assert str(last) in message and expected in message
+    assert str(last) in message and LAST_PT_KINDS[kind] in message
 
 
 # ------------------------------------------------------------------------ rows 12, 23, 27: finetune's own run
@@ -301,7 +341,7 @@ def test_finetune_args_json_edited_to_a_value_no_flag_takes(finetuned_copy, edit
     assert expected in message
 
 
-@pytest.mark.parametrize("kind", ["list", "args_a_string", "best_state_nan"])
+@pytest.mark.parametrize("kind", ["list", "args_a_string", "best_state_nan", "epoch_beyond_the_run"])
 def test_finetune_last_pt_of_another_kind_is_one_line(finetuned_copy, kind):
     _, out = finetuned_copy
     state = torch.load(out / "last.pt", weights_only=True)
@@ -309,6 +349,8 @@ def test_finetune_last_pt_of_another_kind_is_one_line(finetuned_copy, kind):
         torch.save([state], out / "last.pt")
     elif kind == "args_a_string":
         torch.save({**state, "args": "x"}, out / "last.pt")
+    elif kind == "epoch_beyond_the_run":  # its best weights then never came: a traceback at the trial's end
+        torch.save({**state, "progress": {**state["progress"], "epoch": 5}}, out / "last.pt")
     else:
         best = {
             k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
@@ -423,12 +465,21 @@ def test_linear_eval_refuses_features_that_are_not_finite(tmp_path):
     assert not (tmp_path / "run" / "linear" / "results.json").exists()
 
 
-def test_compare_of_a_nan_mean_is_one_line(tmp_path):
-    scores = {"balanced_accuracy": float("nan"), "macro_f1": 0.4}
+def test_compare_of_a_model_name_that_is_not_text_is_one_line(tmp_path):
+    scores = {"balanced_accuracy": 0.5, "macro_f1": 0.4}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"model": ["m"], "data": "digits", "mean": scores, "std": scores}))
+    message = failure(lambda: linear_eval.main(["--compare", str(path), "--out", str(tmp_path / "fig")]))
+    assert f"--compare {path}: not a results.json" in message and "data (strings)" in message
+
+
+@pytest.mark.parametrize("score", [float("nan"), -5.0, 1.5])
+def test_compare_of_a_score_that_is_not_one_is_one_line(tmp_path, score):
+    scores = {"balanced_accuracy": score, "macro_f1": 0.4}
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"model": "m", "data": "digits", "mean": scores, "std": scores}))
     message = failure(lambda: linear_eval.main(["--compare", str(path), "--out", str(tmp_path / "fig")]))
-    assert f"--compare {path}: mean is not a dict with the numbers" in message and "both finite" in message
+    assert f"--compare {path}: mean is not a dict with the numbers" in message and "from 0 to 1" in message
     assert not (tmp_path / "fig").exists()
 
 
@@ -478,6 +529,20 @@ def test_a_split_flag_that_contradicts_the_ckpt_split_is_refused(tmp_path, scrip
     assert not list(tmp_path.glob("out/*"))  # linear_eval and tsne make --out before computing; nothing in it
 
 
+def test_what_a_split_file_records_is_recorded_only_where_a_flag_takes_it():
+    """A hand-made split file's settings must not reach args.json as values that --resume would refuse."""
+    made = {"fractions": {"pretrain": "3/5", "train": "1/10", "val": "1/10", "test": "1/5"}, "seed": 3}
+    assert splits.settings({**made, "split_by": "image"}) == ("0.6,0.1,0.1,0.2", 3, "image")
+    assert splits.settings({"fractions": "official", "seed": 0, "split_by": "lesion"}) == (
+        "official",
+        0,
+        "lesion",
+    )
+    odd = {"fractions": "x", "seed": "0", "split_by": "diagonal"}
+    assert splits.settings(odd) == splits.settings({}) == (None, None, None)
+    assert splits.settings({"fractions": {"pretrain": "1/2"}, "seed": True})[:2] == (None, None)
+
+
 def test_pretrain_records_the_split_settings_the_file_holds(tmp_path, digits_split):
     _, _, path = digits_split
     args = pretrain.parse_args(tiny_args(tmp_path) + ["--split-file", str(path)])
@@ -502,6 +567,19 @@ def test_a_split_file_that_leaves_images_out_is_refused(digits_split, edit):
         message = failure(lambda: splits.load_split(data, path))
     assert f"split file {path}: image {min(lost, key=data.ids.index)!r} is in no part" in message
     assert f"{len(lost)} of the data's {len(data.ids)} images are missing" in message
+
+
+@pytest.mark.parametrize("stand_in", [True, 3.0])
+def test_a_split_id_of_another_type_is_refused(digits_split, stand_in):
+    """true == 1 and 3.0 == 3 in Python: they would stand in for the ids 1 and 3."""
+    data, _, path = digits_split
+    on_disk = json.loads(path.read_text())
+    real = int(stand_in)
+    part = next(p for p in splits.PARTS if real in on_disk[p])
+    on_disk[part] = [stand_in if i == real else i for i in on_disk[part]]
+    path.write_text(json.dumps(on_disk))
+    message = failure(lambda: splits.load_split(data, path))
+    assert f"part {part} lists image {stand_in!r}, which the data lacks" in message
 
 
 def test_images_skipped_as_bad_need_no_part(tmp_path):
@@ -549,12 +627,40 @@ def test_a_file_name_that_is_not_utf8_loads(tmp_path):
     assert splits.load_split(data, tmp_path / "split.json") is not None
 
 
-@pytest.mark.parametrize("link", ["a/up -> ..", "a/loop -> .", "b/copy -> ../a", "a/same.png -> 0.png"])
+@pytest.mark.script
+def test_names_that_are_not_utf8_print_and_draw(tmp_path):
+    """A class folder and a skipped image whose names are not UTF-8: datasets.py prints its summary on a
+    stdout that refuses lone surrogates (PYTHONIOENCODING=utf-8, as under an en_US.UTF-8 locale), and the
+    class's label is drawable text."""
+    folder_of(tmp_path / "images", per_class=5, classes=("b", os.fsdecode(b"caf\xe9")))
+    (tmp_path / "images" / "b" / os.fsdecode(b"bad\xff.png")).write_bytes(b"not a png")
+    argv = ["--data", "folder", "--data-root", tmp_path / "images", "--image-size", SIZE, "--skip-bad-images"]
+    argv += [
+        "--cache-dir",
+        tmp_path / "cache",
+        "--split-file",
+        tmp_path / "s.json",
+        "--split",
+        "0.4,0.2,0.2,0.2",
+    ]
+    done = run_script("datasets.py", *argv, env={"PYTHONIOENCODING": "utf-8"})
+    assert done.returncode == 0, done.stderr
+    assert "caf\\xe9" in done.stdout and "bad\\udcff.png" in done.stdout
+    assert folder_data(tmp_path / "images", tmp_path, "--skip-bad-images").classes == ("b", "caf\\xe9")
+
+
+@pytest.mark.parametrize(
+    "link", ["a/up -> ..", "a/loop -> .", "b/copy -> ../a", "a/same.png -> 0.png", "b/hard.png => ../a/1.png"]
+)
 def test_a_link_that_reaches_images_twice_is_refused(tmp_path, link):
-    """Row 19: a/up -> .. made class a grow from 20 to 2,420 images, the others' under its label."""
+    """Row 19: a/up -> .. made class a grow from 20 to 2,420 images, the others' under its label. (=>: a
+    hard link.)"""
     folder_of(tmp_path / "images")
-    name, target = link.split(" -> ")
-    os.symlink(target, tmp_path / "images" / name)
+    name, target = re.split(" -> | => ", link)
+    if "=>" in link:
+        os.link((tmp_path / "images" / name).parent / target, tmp_path / "images" / name)
+    else:
+        os.symlink(target, tmp_path / "images" / name)
     with untouched(tmp_path / "images"):
         message = failure(lambda: folder_data(tmp_path / "images", tmp_path))
     assert f"{tmp_path / 'images' / name}" in message and "would count twice" in message
