@@ -26,7 +26,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import ArgumentParser, WeightsError, download, output_dir, require_regular_file, run, save_atomic
+from common import (
+    MAX_IMAGE_SIZE,
+    ArgumentParser,
+    WeightsError,
+    download,
+    output_dir,
+    require_regular_file,
+    run,
+    save_atomic,
+)
 from interventions import whiten, whiten_placement
 
 ARCHS = {  # name: (units in each of the four blocks, width factor)
@@ -255,6 +264,7 @@ def load_npz(model, path, copy_norm=None, load_head=False):
             found = arrays[key].shape
             raise WeightsError(f"{path}: key {key} has shape {found}, {model.arch} expects {expected}")
         tensors[key] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    check_finite(tensors, path)
     extra = sorted(
         k for k in arrays if k.startswith("resnet/block") and k not in bit_keys(model, True, False)
     )
@@ -276,16 +286,86 @@ def sha256(path):
     return digest.hexdigest()
 
 
+HEX_DIGEST = set("0123456789abcdef")
+# The fields a backbone file records (save_backbone), what each may hold, and what that is in words: checked
+# once here, as a file is written and as it is read, for every script that reads one.
+BACKBONE_FIELDS = {
+    "arch": (lambda v: v in ARCHS, f"one of {', '.join(ARCHS)}"),
+    "norm": (lambda v: v in ("bn", "gn"), "bn or gn"),
+    "cifar_stem": (lambda v: isinstance(v, bool), "true or false"),
+    "ws": (lambda v: isinstance(v, bool), "true or false"),
+    "whiten": (lambda v: v in (False, True, "branch", "final"), "branch, final, true or false"),
+    # the largest head BiT released: BiT-M's, ImageNet-21k's 21,843 classes (bit_pytorch/models.py, head_size)
+    "head_size": (lambda v: type(v) is int and 0 <= v <= 21843, "a whole number from 0 to 21843"),
+    "image_size": (
+        lambda v: type(v) is int and 1 <= v <= MAX_IMAGE_SIZE,
+        f"a whole number from 1 to {MAX_IMAGE_SIZE}",
+    ),
+    "epoch": (lambda v: type(v) is int and v >= 0, "a whole number >= 0"),
+    "init": (lambda v: isinstance(v, str), "a string"),
+    "data": (lambda v: isinstance(v, str), "a string"),
+    "method": (lambda v: isinstance(v, str), "a string"),
+    "split_digest": (
+        lambda v: isinstance(v, str) and len(v) == 64 and set(v) <= HEX_DIGEST,
+        "a SHA-256 in hex",
+    ),
+    "source": (lambda v: isinstance(v, str), "a string"),
+    "sha256": (lambda v: isinstance(v, str) and len(v) == 64 and set(v) <= HEX_DIGEST, "a SHA-256 in hex"),
+    "copy_norm": (lambda v: isinstance(v, bool), "true or false"),
+    "zero_init_last": (lambda v: isinstance(v, bool), "true or false"),
+    "state_dict": (
+        lambda v: (
+            isinstance(v, dict) and all(isinstance(k, str) and torch.is_tensor(t) for k, t in v.items())
+        ),
+        "a dict of tensors",
+    ),
+}
+NEEDED = ("arch", "norm", "cifar_stem", "head_size", "ws", "state_dict")
+
+
+def check_backbone_fields(ckpt, path):
+    """A backbone file's dict: the keys that rebuild the network present, every key one that save_backbone
+    writes, every value of its kind and within its bounds."""
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in NEEDED):
+        raise WeightsError(
+            f"{path}: not a backbone file from bit_convert.py or pretrain.py "
+            f"(expected the keys {', '.join(NEEDED)})"
+        )
+    unknown = [k for k in ckpt if k not in BACKBONE_FIELDS]
+    if unknown:
+        raise WeightsError(f"{path}: {str(unknown[0])[:60]!r} is not a field of a backbone file")
+    for key, value in ckpt.items():
+        fits, expected = BACKBONE_FIELDS[key]
+        if not fits(value):
+            shown = type(value).__name__ if key == "state_dict" else repr(value)
+            raise WeightsError(f"{path}: {key} = {shown[:60]}, expected {expected}")
+
+
+def check_finite(tensors, where):
+    """Weights (a dict of name: tensor or array) with a NaN or an infinity make every output NaN: refused,
+    naming the first such tensor."""
+    for name, tensor in tensors.items():
+        tensor = torch.as_tensor(tensor)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise WeightsError(f"{where}: {name} holds {bad} value(s) that are NaN or infinite")
+
+
 def save_backbone(model, path, **meta):
-    """The model's state dict with what is needed to rebuild it (see load_backbone), written atomically."""
+    """The model's state dict with what is needed to rebuild it (see load_backbone), written atomically; a
+    record that read_backbone_file would refuse is never written."""
     arch = dict(arch=model.arch, norm=model.norm_kind, cifar_stem=model.cifar_stem, head_size=model.head_size)
     arch |= dict(ws=model.ws, whiten=getattr(model, "whitened", False))
-    save_atomic({**arch, **meta, "state_dict": model.state_dict()}, path)
+    ckpt = {**arch, **meta, "state_dict": model.state_dict()}
+    check_backbone_fields(ckpt, f"cannot write {path}")
+    check_finite(ckpt["state_dict"], f"cannot write {path}")
+    save_atomic(ckpt, path)
 
 
 def read_backbone_file(path):
-    """The dict that save_backbone wrote. weights_only: a .pt is a pickle, and one from elsewhere must not run
-    code; mmap: reading the metadata of a large file costs no more than its header."""
+    """The dict that save_backbone wrote, its fields checked (check_backbone_fields). weights_only: a .pt is a
+    pickle, and one from elsewhere must not run code; mmap: reading the metadata of a large file costs no more
+    than its header."""
     require_regular_file(path, WeightsError)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -295,36 +375,15 @@ def read_backbone_file(path):
         raise WeightsError(
             f"{path}: not a readable .pt file ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
         ) from None
-    needed = ("arch", "norm", "cifar_stem", "head_size", "ws", "state_dict")
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
-        raise WeightsError(
-            f"{path}: not a backbone file from bit_convert.py or pretrain.py "
-            f"(expected the keys {', '.join(needed)})"
-        )
-    kinds = {  # what resnet_v2 and load_state_dict take, checked once here for every script that reads one
-        "arch": (lambda v: v in ARCHS, f"one of {', '.join(ARCHS)}"),
-        "norm": (lambda v: v in ("bn", "gn"), "bn or gn"),
-        "cifar_stem": (lambda v: isinstance(v, bool), "true or false"),
-        "ws": (lambda v: isinstance(v, bool), "true or false"),
-        "whiten": (lambda v: v in (False, True, "branch", "final"), "branch, final, true or false"),
-        "head_size": (lambda v: type(v) is int and v >= 0, "a whole number >= 0"),
-        "image_size": (lambda v: type(v) is int and v >= 1, "a whole number >= 1"),
-        "state_dict": (
-            lambda v: isinstance(v, dict) and all(torch.is_tensor(t) for t in v.values()),
-            "a dict of tensors",
-        ),
-    }
-    for key, (fits, expected) in kinds.items():
-        if key in ckpt and not fits(ckpt[key]):
-            shown = type(ckpt[key]).__name__ if key == "state_dict" else repr(ckpt[key])
-            raise WeightsError(f"{path}: {key} = {shown[:60]}, expected {expected}")
+    check_backbone_fields(ckpt, path)
     return ckpt
 
 
 def load_backbone(path):
     """(model, metadata) from a file written by save_backbone (bit_convert.py -o, pretrain.py's
-    backbone.pt)."""
+    backbone.pt); weights that are not finite are refused."""
     ckpt = read_backbone_file(path)
+    check_finite(ckpt["state_dict"], path)
     model = resnet_v2(ckpt["arch"], ckpt["norm"], ckpt["cifar_stem"], ckpt["head_size"], ckpt["ws"])
     if ckpt.get("whiten"):
         whiten(model, at=whiten_placement(ckpt["whiten"]))

@@ -46,6 +46,10 @@ def run(main):
     that a signal ended); a traceback for anything else, a bug (exit 1). Each ends the DataLoader workers
     first, which would otherwise keep the process alive for ever (end_workers)."""
     prog = Path(sys.argv[0]).name
+    # what it prints may hold file names that are not UTF-8 (os.fsdecode keeps their bytes as lone
+    # surrogates): printed escaped, as stderr prints them, not a UnicodeEncodeError
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     sys.stdout, sys.stderr = (
         stream and OutputThatCannotStopARun(stream) for stream in (sys.stdout, sys.stderr)
     )
@@ -354,6 +358,65 @@ def finite_float(text):
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
     return value
+
+
+def bounded(kind, least=None, above=None, below=None, most=None):
+    """An argparse type: a whole number (kind int) or a finite one (kind float) within the bounds given, least
+    <= value, above < value, value < below, value <= most. The same function checks the flag on the command
+    line and the value that --resume restores from args.json (runs.restored_args)."""
+    low = f"[{least}" if least is not None else f"({above}" if above is not None else "(-inf"
+    high = f"{most}]" if most is not None else f"{below})" if below is not None else "inf)"
+    expected = f"{'a whole number' if kind is int else 'a number'} in {low}, {high}"
+
+    def check(text):
+        try:
+            value = finite_float(text) if kind is float else int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, not {text!r}") from None
+        if not (
+            (least is None or value >= least)
+            and (above is None or value > above)
+            and (below is None or value < below)
+            and (most is None or value <= most)
+        ):
+            raise argparse.ArgumentTypeError(f"{text}: expected {expected}")
+        return value
+
+    check.__name__ = "int" if kind is int else "float"  # argparse's word for the type in its own messages
+    return check
+
+
+POSITIVE_INT = bounded(int, least=1)  # epochs, batch sizes, trials, k of the kNN
+NON_NEGATIVE_INT = bounded(int, least=0)  # --workers
+POSITIVE = bounded(float, above=0)  # learning rates, temperatures
+# --knn-t: the kNN's votes are exp(cosine / t) in float32, whose largest number is e^88.7 (IEEE 754): from
+# t = 0.02 up, k votes of at most e^50 each stay finite for any bank below 10^16 images
+KNN_TEMPERATURE = bounded(float, least=0.02)
+NON_NEGATIVE = bounded(float, least=0)  # weight decay, focal loss gamma, warm-up epochs
+FRACTION = bounded(float, above=0, most=1)  # --train-fraction, --shrink, --select-filters
+# SGD's velocity is v <- momentum * v + gradient (torch.optim.SGD, LARS too): below 1 old gradients fade; at
+# 1 or above they never do, and the steps grow without bound
+MOMENTUM = bounded(float, least=0, below=1)
+# Every seed of the scripts: a run's view of image i in epoch e is seeded with
+# (seed * 100_003 + e) * 10_000_019 + i (views.SeededSampler), which must stay below 2**64, the limit of
+# torch.manual_seed: seeds below 2**24 leave room for 10**11 epochs. Below 2**32, scikit-learn's limit, too.
+SEED_LIMIT = 2**24
+SEED = bounded(int, least=0, below=SEED_LIMIT)
+# --image-size: every image is decoded at SIZE x SIZE into the cache, N * SIZE**2 * 3 bytes (31.5 GB for the
+# 10,015 images of HAM10000 at 1024 px). Our cap: twice the largest resolution of BiT's own transfer recipe,
+# 512 px resized then 480 cropped (google-research/big_transfer, bit_hyperrule.py get_resolution), and above
+# HAM10000's 600x450 originals.
+MAX_IMAGE_SIZE = 1024
+IMAGE_SIZE = bounded(int, least=1, most=MAX_IMAGE_SIZE)
+
+
+def check_trial_seeds(seed, trials):
+    """--seed and --trials: the trials run with the seeds seed .. seed + trials - 1, each a valid --seed."""
+    if seed + trials > SEED_LIMIT:
+        raise UserError(
+            f"--seed {seed} --trials {trials}: the last trial's seed {seed + trials - 1} is above "
+            f"{SEED_LIMIT - 1}, the largest seed"
+        )
 
 
 def device_name(text):

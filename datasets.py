@@ -25,9 +25,20 @@ import numpy as np
 import torchvision
 from tqdm import tqdm
 
-from common import DataError, disk_full, download, path_arg, require_regular_file, run
+from common import (
+    IMAGE_SIZE,
+    MAX_IMAGE_SIZE,
+    NON_NEGATIVE_INT,
+    SEED,
+    DataError,
+    disk_full,
+    download,
+    path_arg,
+    require_regular_file,
+    run,
+)
 from image_cache import decode_all
-from splits import default_split_file, load_split, summary
+from splits import DEFAULT_FRACTIONS, default_split_file, fractions_text, load_split, summary
 
 SOURCES = ("digits", "cifar10", "ham10000", "folder", "dermamnist")
 DEFAULT_SIZE = {"digits": 8, "cifar10": 32, "dermamnist": 28, "ham10000": 224, "folder": 224}
@@ -169,7 +180,7 @@ def load_ham10000(root, size, cache_dir, skip_bad=False, download=False):
     if download and not any(find(root, name).exists() for name in (HAM_METADATA, ISIC_TRUTH)):
         download_ham10000(root)
     ids, dx, lesions, source = read_ham_metadata(root)
-    found = images_below(root)
+    found = images_below(root, ids)
     missing = [image_id for image_id in ids if image_id not in found]
     if missing and not skip_bad:
         raise DataError(
@@ -192,9 +203,18 @@ def load_ham10000(root, size, cache_dir, skip_bad=False, download=False):
     )
 
 
-def images_below(root):
-    """{image id: path} of every image file anywhere below `root`."""
-    return {p.stem: p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
+def images_below(root, ids=None):
+    """{image id: path} of the image files anywhere below `root` (of `ids` alone, where given). An id found
+    twice is an error: a stale copy (old_backup/ISIC_0000007.png) must not stand in for the image."""
+    found, listed = {}, None if ids is None else set(ids)
+    for path in sorted(root.rglob("*")):  # rglob does not follow links to folders: no loops, no copies
+        if path.suffix.lower() in IMAGE_SUFFIXES and (listed is None or path.stem in listed):
+            if path.stem in found:
+                raise DataError(
+                    f"{root}: image {path.stem} is both {found[path.stem]} and {path}; keep one of them"
+                )
+            found[path.stem] = path
+    return found
 
 
 def read_ham_metadata(root):
@@ -385,25 +405,74 @@ def load_folder(root, size, cache_dir, skip_bad=False):
     if not root.is_dir():
         raise DataError(f"--data-root {root}: no such directory")
     try:
-        classes, class_to_idx = torchvision.datasets.folder.find_classes(root)
-        samples = torchvision.datasets.folder.make_dataset(
-            root, class_to_idx, extensions=torchvision.datasets.folder.IMG_EXTENSIONS
-        )
-    except FileNotFoundError as e:  # a class folder without images, or no class folders at all
+        classes, _ = torchvision.datasets.folder.find_classes(root)
+    except FileNotFoundError as e:  # no class folders at all
         raise DataError(f"{root}: {e}") from None
+    samples = folder_images(root, classes)
     paths = [Path(p) for p, _ in samples]
     return from_files(
         "folder",
         paths,
         [p.relative_to(root).as_posix() for p in paths],
         [k for _, k in samples],
-        classes,
+        # a class's name is a label that figures draw: a folder name's bytes that are not UTF-8 are shown as
+        # \xNN (matplotlib cannot draw the lone surrogates that os.fsdecode keeps them as)
+        [os.fsencode(c).decode("utf-8", "backslashreplace") for c in classes],
         None,
         size,
         cache_dir,
         skip_bad,
         root,
     )
+
+
+def folder_images(root, classes):
+    """(path, class index) of every image below each class folder, in the order of torchvision's
+    make_dataset (os.walk following symbolic links, sorted), which this replaces: a folder reached twice (a
+    link back up such as a/up -> .., a loop, two links to one folder) or an image file reached twice (a link
+    or a hard link to another) would count images twice, perhaps under another class's label, and is an error
+    naming it."""
+    seen, samples = {}, []
+
+    def reached(path, what):
+        try:
+            stat = os.stat(path)
+            identity = (stat.st_dev, stat.st_ino)  # the same for every link to one file or folder
+        except OSError:  # a broken link: its decoding fails later, and says so
+            identity = os.path.realpath(path)
+        if identity in seen:
+            raise DataError(
+                f"{path}: the same {what} as {seen[identity]} (a link); its images would count twice: "
+                "remove the link"
+            )
+        seen[identity] = path
+
+    reached(root, "folder")
+    for k, name in enumerate(classes):
+        top = os.path.join(root, name)
+        reached(top, "folder")
+        walked = []
+        for folder, subfolders, names in os.walk(top, followlinks=True):
+            for sub in subfolders:  # before os.walk goes down into it
+                reached(os.path.join(folder, sub), "folder")
+            walked.append((folder, names))
+        images = [
+            os.path.join(folder, n)
+            for folder, names in sorted(walked)
+            for n in sorted(names)
+            if torchvision.datasets.folder.has_file_allowed_extension(
+                n, torchvision.datasets.folder.IMG_EXTENSIONS
+            )
+        ]
+        if not images:
+            raise DataError(
+                f"{root}: class folder {name} holds no image "
+                f"({', '.join(torchvision.datasets.folder.IMG_EXTENSIONS)})"
+            )
+        for path in images:
+            reached(path, "image file")
+            samples.append((path, k))
+    return samples
 
 
 def load_dermamnist(root):
@@ -508,26 +577,28 @@ def add_data_args(parser):
     )
     group.add_argument(
         "--image-size",
-        type=int,
-        help="pixels; default " + ", ".join(f"{s} for {d}" for d, s in DEFAULT_SIZE.items()),
+        type=IMAGE_SIZE,
+        help=f"pixels, at most {MAX_IMAGE_SIZE}; default "
+        + ", ".join(f"{s} for {d}" for d, s in DEFAULT_SIZE.items()),
     )
     group.add_argument(
         "--split-file",
         type=path_arg,
         help="the split every script shares; default splits/DATA-BY-FRACTIONS-seedN.json",
     )
+    # --split, --split-seed and --split-by make a split file that does not exist yet; an existing one records
+    # its own, and a flag that contradicts it is an error (splits.load_split): hence no default here
     group.add_argument(
         "--split",
-        default="0.6,0.1,0.1,0.2",
-        help="fractions pretrain,train,val,test (default 0.6,0.1,0.1,0.2 as paper §3); a source "
+        type=fractions_text,
+        help=f"fractions pretrain,train,val,test (default {DEFAULT_FRACTIONS} as paper §3); a source "
         "with an official test set keeps it and shares the rest by the first three. 'official': "
         "that source's own protocol (CIFAR-10: pretrain on all 50k, kNN queries = the test set)",
     )
-    group.add_argument("--split-seed", type=int, default=0)
+    group.add_argument("--split-seed", type=SEED, help="default 0")
     group.add_argument(
         "--split-by",
         choices=("lesion", "image"),
-        default="lesion",
         help="lesion: no lesion in two parts (default); image: the paper's image-level split",
     )
     group.add_argument(
@@ -535,7 +606,7 @@ def add_data_args(parser):
     )
     group.add_argument(
         "--workers",
-        type=int,
+        type=NON_NEGATIVE_INT,
         default=min(16, os.cpu_count()),
         help="data loading processes (per GPU in pretrain.py)",
     )
@@ -545,14 +616,6 @@ def add_data_args(parser):
         default=CACHE_DIR,
         help=f"decoded images and features (default {CACHE_DIR})",
     )
-
-
-def check_data_args(args):
-    """The data flags that must be at least some number, checked before anything is read."""
-    for flag, least in (("image_size", 1), ("workers", 0), ("split_seed", 0)):
-        value = getattr(args, flag)
-        if value is not None and value < least:
-            raise DataError(f"--{flag.replace('_', '-')} {value}: must be at least {least}")
 
 
 def load_data(source, root=None, image_size=None, cache_dir=CACHE_DIR, skip_bad=False, download=False):
@@ -578,7 +641,6 @@ def main():
     )
     add_data_args(parser)
     args = parser.parse_args()
-    check_data_args(args)
     args.image_size = args.image_size or DEFAULT_SIZE[args.data]
     data = load_data(
         args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download

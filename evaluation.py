@@ -16,7 +16,15 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score,
 
 from backbones import build_backbone
 from bit_convert import load_backbone, sha256
-from common import DataError, autocast, require_regular_file, save_atomic, to_input, write_atomic
+from common import (
+    DataError,
+    WeightsError,
+    autocast,
+    require_regular_file,
+    save_atomic,
+    to_input,
+    write_atomic,
+)
 from splits import indices, split_digest
 from views import eval_images
 
@@ -162,15 +170,27 @@ def part_features(backbone, identity, data, split, part, image_size, cache_dir, 
     labels = torch.as_tensor(data.labels[index])
     features = cached_features(path, labels)
     if features is not None:
-        return features, labels
+        return check_features(features, part), labels
     images = eval_images(data, index, image_size, workers)
-    features = embed(backbone, images, device).cpu()
+    features = check_features(embed(backbone, images, device).cpu(), part)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_atomic({"features": features, "labels": labels, "sha256": checksum(features)}, path)
     except OSError as e:  # a full disk is a UserError of save_atomic's already
         raise DataError(f"--cache-dir {cache_dir}: cannot write the features there ({e.strerror})") from None
     return features, labels
+
+
+def check_features(features, part):
+    """Features with a NaN or an infinity would train and score a classifier on nothing (a balanced accuracy
+    of one class in n, as if it were a result): refused."""
+    bad = int((~torch.isfinite(features)).sum())
+    if bad:
+        raise WeightsError(
+            f"the backbone's features of the {part} part hold {bad} value(s) that are NaN or infinite "
+            "(weights or BatchNorm statistics that overflow?): nothing to evaluate"
+        )
+    return features
 
 
 def cached_features(path, labels):

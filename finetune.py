@@ -36,14 +36,20 @@ import runs
 import splits
 import views
 from backbones import add_backbone_args, check_flags_against, resolve_backbone_args
-from bit_convert import read_backbone_file
+from bit_convert import check_finite, read_backbone_file
 from common import (
+    FRACTION,
+    MOMENTUM,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
     ArgumentParser,
     UserError,
     amp_dtype,
     autocast,
+    check_trial_seeds,
     device_name,
-    finite_float,
     path_arg,
     run,
     to_input,
@@ -58,6 +64,7 @@ MAY_CHANGE = NOT_RESTORED | {"download", "data_root", "cache_dir"}  # any other 
 RUN_FILES = ("args.json", "last.pt", "metrics.csv", "results.json")  # set aside by a new run in --out
 # our choice, not tuned: BiT-HyperRule (Kolesnikov et al. §3.3; big_transfer bit_hyperrule.py and
 # bit_common.py) is SGD lr 0.003 at batch 512, 100 warm-up steps, then x0.1 at steps 200, 300 and 400 of 500
+RESOLVED = {"arch", "norm", "cifar_stem", "ws", "image_size", "lr"}  # a run records a value for each
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-4}
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, IterNorm)  # every kind, frozen in eval
 
@@ -264,18 +271,49 @@ class Progress:
         vars(self).update(state)
 
 
-def save_checkpoint(args, progress, model, optimizer, scaler):
+def save_checkpoint(args, progress, model, optimizer, scaler, identities):
+    """DIR/last.pt, with the identity (SHA-256) of each backbone file, which --resume checks the files
+    against."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "progress": progress.state_dict(),
         "args": to_json(args),
+        "backbones": identities,
     }
     runs.save_last(state, args.out)
 
 
-def train_trial(model, data, split, parts, args, progress, stop, device, resumed=None):
+def read_checkpoint(args, progress, files, identities):
+    """--resume: DIR/last.pt checked (runs.read_checkpoint, the progress against a fresh one's, the best
+    weights finite), made with the very backbone files given (a file replaced since is refused: the later
+    trials would start from other weights); its progress loaded into `progress`."""
+    path = args.out / "last.pt"
+    keys = ("model", "optimizer", "scaler", "progress", "args")
+    saved = runs.read_checkpoint(args, MAY_CHANGE | splits.SETTINGS, keys)
+    runs.check_progress(saved["progress"], progress.state_dict(), path)
+    changed = [f for f, a, b in zip(files, saved.get("backbones", identities), identities) if a != b]
+    if changed:
+        raise UserError(
+            f"--resume: {changed[0]} is not the backbone file the run in {args.out} started from (its "
+            "SHA-256 differs: replaced since?); put the original back, or start afresh with --force"
+        )
+    best, epoch, seed = (saved["progress"][k] for k in ("best_state", "epoch", "seed"))
+    if best is not None and not (isinstance(best, dict) and all(map(torch.is_tensor, best.values()))):
+        raise UserError(f"--resume: {path}: its progress best_state is not a dict of tensors")
+    if epoch - 1 > args.epochs or (best is None) != (epoch == 1) or not 0 <= seed - args.seed < args.trials:
+        raise UserError(
+            f"--resume: {path}: progress at trial seed {seed}, epoch {epoch}, best weights "
+            f"{'absent' if best is None else 'present'}: not a point of a run of --seed {args.seed}, "
+            f"--trials {args.trials}, --epochs {args.epochs}"
+        )
+    check_finite(best or {}, f"--resume: {path}: best_state")
+    progress.load_state_dict(saved["progress"])
+    return saved
+
+
+def train_trial(model, data, split, parts, args, progress, stop, device, identities, resumed=None):
     """Fine-tune for --epochs, choosing the epoch by balanced accuracy on `val` (the last epoch where `val` is
     the test set, under an official protocol), then score `test` once with it. Returns the trial's record, or
     None when a signal stopped the run (last.pt then holds everything to continue)."""
@@ -284,10 +322,17 @@ def train_trial(model, data, split, parts, args, progress, stop, device, resumed
     loader, sampler, steps = train_loader(data, index, progress.seed, args, device)
     optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
-    if resumed:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scaler.load_state_dict(resumed["scaler"])
+    if resumed:  # the best weights first: loaded into the model, they show that they fit it
+        best = [("best_state", lambda: runs.load_module(model, progress.best_state))]
+        runs.load_parts(
+            args.out / "last.pt",
+            best * (progress.best_state is not None)
+            + [
+                ("model", lambda: runs.load_module(model, resumed["model"])),
+                ("optimizer", lambda: runs.load_optimizer(optimizer, resumed["optimizer"])),
+                ("scaler", lambda: scaler.load_state_dict(resumed["scaler"])),
+            ],
+        )
     for epoch in range(progress.epoch, args.epochs + 1):
         model.train()
         sampler.set_epoch(epoch, start=progress.step * args.batch_size)
@@ -301,14 +346,14 @@ def train_trial(model, data, split, parts, args, progress, stop, device, resumed
             if not math.isfinite(progress.loss_sum):
                 raise FloatingPointError(f"the loss became {progress.loss_sum} in epoch {epoch}; stopped")
             if stop.requested(progress.step, steps):
-                save_checkpoint(args, progress, model, optimizer, scaler)
+                save_checkpoint(args, progress, model, optimizer, scaler, identities)
                 print(
                     f"stopped by signal in epoch {epoch}, step {progress.step}; saved; continue with --resume"
                 )
                 return None
         val_score = float(balanced_accuracy_score(val_labels, predict(model, val_images, device)))
         end_epoch(progress, epoch, val_score, steps, time.perf_counter() - tic, model, args, split)
-        save_checkpoint(args, progress, model, optimizer, scaler)
+        save_checkpoint(args, progress, model, optimizer, scaler, identities)
         runs.write_csv(args.out / "metrics.csv", progress.history)
     model.load_state_dict(progress.best_state)
     return {
@@ -367,29 +412,29 @@ def parse_args(argv=None):
     tuning = parser.add_argument_group("fine-tuning")
     tuning.add_argument(
         "--train-fraction",
-        type=finite_float,
+        type=FRACTION,
         default=1.0,
         help="fine-tune on a stratified fraction of the train part, the same images for every strategy "
         "at one seed (default 1: all)",
     )
     # 40 epochs of batches of 64: our choice, about 600 steps on HAM10000's train part (about 1000 images),
     # the order of BiT-HyperRule's 500 steps for data sets below 20k images (bit_hyperrule.get_schedule)
-    tuning.add_argument("--epochs", type=int, default=40)
-    tuning.add_argument("--batch-size", type=int, default=64)
+    tuning.add_argument("--epochs", type=POSITIVE_INT, default=40)
+    tuning.add_argument(
+        "--batch-size", type=POSITIVE_INT, default=64, help="two or more for a BatchNorm backbone"
+    )
     tuning.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")  # SGD: BiT-HyperRule's
     tuning.add_argument(
-        "--lr",
-        type=finite_float,
-        help="peak of the cosine; default 0.01 for sgd (momentum 0.9), 1e-4 for adam",
+        "--lr", type=POSITIVE, help="peak of the cosine; default 0.01 for sgd (momentum 0.9), 1e-4 for adam"
     )
     # momentum 0.9 and no weight decay: BiT-HyperRule's (bit_pytorch/train.py: SGD(lr, momentum=0.9))
-    tuning.add_argument("--momentum", type=finite_float, default=0.9)
-    tuning.add_argument("--weight-decay", type=finite_float, default=0.0)
+    tuning.add_argument("--momentum", type=MOMENTUM, default=0.9, help="SGD's, in [0, 1)")
+    tuning.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0)
     tuning.add_argument(
-        "--gamma", type=finite_float, default=4.0, help="focal loss gamma (paper §4.4); 0: cross-entropy"
+        "--gamma", type=NON_NEGATIVE, default=4.0, help="focal loss gamma (paper §4.4); 0: cross-entropy"
     )
     tuning.add_argument(
-        "--trials", type=int, default=3, help="seeds --seed, --seed+1, ... (3: the paper's §4.4)"
+        "--trials", type=POSITIVE_INT, default=3, help="seeds --seed, --seed+1, ... (3: the paper's §4.4)"
     )
     run_group = parser.add_argument_group("run (figures: linear_eval.py --compare .../results.json ...)")
     run_group.add_argument(
@@ -399,17 +444,17 @@ def parse_args(argv=None):
     run_group.add_argument(
         "--force", action="store_true", help="start afresh in an --out that holds another run"
     )
-    run_group.add_argument("--seed", type=int, default=0)
+    run_group.add_argument("--seed", type=SEED, default=0)
     run_group.add_argument(
         "--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu"
     )
     args = parser.parse_args(argv)
-    datasets.check_data_args(args)
     if args.resume:  # the run's own arguments, but for those the command line may change
         if args.out is None:
             raise UserError("--resume needs --out DIR, the directory of the run to continue")
-        args, saved = runs.restored_args(parser, argv, args.out, NOT_RESTORED)
+        args, saved = runs.restored_args(parser, argv, args.out, NOT_RESTORED, RESOLVED)
         runs.refuse_changes(args, saved, MAY_CHANGE)
+        check_args(args)  # the same checks as a new run's
         return args
     check_args(args)
     resolve_backbones(args)
@@ -424,6 +469,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
+    """What the flags' types cannot check alone, for a new run and a resumed one alike."""
     args.tune = [tune_strategy(text) for text in args.tune]
     if sum(x is not None for x in (args.ckpt, args.init, args.combine)) != 1:
         raise UserError("give one of --ckpt FILE, --init bit-s|bit-m|scratch, --combine FILE FILE ...")
@@ -434,13 +480,7 @@ def check_args(args):
             f"--tune {' '.join(args.tune)}: give one strategy, or one for each --combine file "
             f"({len(args.combine or [None])})"
         )
-    if not 0 < args.train_fraction <= 1:
-        raise UserError(f"--train-fraction {args.train_fraction:g}: must be above 0 and at most 1")
-    for flag in ("epochs", "trials", "batch_size", "lr", "image_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
-    if min(args.workers, args.weight_decay, args.momentum) < 0:
-        raise UserError("--workers, --weight-decay and --momentum must not be negative")
+    check_trial_seeds(args.seed, args.trials)
 
 
 def resolve_backbones(args):
@@ -448,7 +488,7 @@ def resolve_backbones(args):
     that contradicts any of the checkpoints is refused (e.g. --norm bn for a GroupNorm file)."""
     files = [args.ckpt] if args.ckpt else [Path(f) for f in args.combine or []]
     records = [read_backbone_file(path) for path in files]
-    given = (args.arch, args.norm, args.cifar_stem)  # the flags, before the first file fills them in
+    given = (args.arch, args.norm, args.cifar_stem, args.ws)  # the flags, before the first file fills them
     default_size = datasets.DEFAULT_SIZE[args.data]
     resolve_backbone_args(
         args, "gn", default_size, records[0] if files else None, files[0] if files else None
@@ -471,9 +511,14 @@ def main(argv=None):
         initial_backbone(args.init, args.arch, args.norm, args.cifar_stem, args.ws, args.seed)
     ]
     metas = [meta for _, meta, _, _ in loaded]
+    if args.batch_size < 2 and any(backbone.norm_kind == "bn" for backbone, _, _, _ in loaded):
+        raise UserError(
+            f"--batch-size {args.batch_size}: a BatchNorm backbone trains on batches of two images or more"
+        )
     split, split_file = splits.pretraining_split(
         data, args.split_file, files[0] if files else None, metas, args.split, args.split_seed, args.split_by
     )
+    args.split, args.split_seed, args.split_by = splits.settings(split)  # args.json records those used
     lock = runs.claim_output(args, RUN_FILES)  # noqa: F841 (held until the process ends)
     backbones = [backbone.to(device) for backbone, _, _, _ in loaded]
     for backbone, meta in zip(backbones, metas):
@@ -483,16 +528,16 @@ def main(argv=None):
         index = splits.indices(data, split, part)
         parts.append((views.eval_images(data, index, args.image_size, args.workers), data.labels[index]))
     progress, resumed = Progress(args.seed), None
+    identities = [identity for _, _, _, identity in loaded]
     if args.resume and (args.out / "last.pt").exists():
-        resumed = runs.read_checkpoint(args, MAY_CHANGE)
-        progress.load_state_dict(resumed["progress"])
+        resumed = read_checkpoint(args, progress, files, identities)
     print(splits.summary(data, split, split_file))
     stop = runs.StopSignal()
     while progress.seed < args.seed + args.trials:
         model = build_model(backbones, args, len(data.classes), progress.seed, device)
         if progress.seed == args.seed and not resumed:
             announce(model, args, device)
-        trial = train_trial(model, data, split, parts, args, progress, stop, device, resumed)
+        trial = train_trial(model, data, split, parts, args, progress, stop, device, identities, resumed)
         if trial is None:
             return 128 + stop.signum
         progress.trials.append(trial)

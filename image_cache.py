@@ -6,6 +6,7 @@ read; a signal or a full disk while writing it leaves nothing behind."""
 import hashlib
 import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -26,6 +27,8 @@ def read_rgb(path, size):
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             a = np.asarray(img, dtype=np.float64)
+            if not np.isfinite(a).all():  # a float image: NaN or inf would make the stretch meaningless
+                raise ValueError(f"{int((~np.isfinite(a)).sum())} pixel value(s) are NaN or infinite")
             img = Image.fromarray(
                 np.round((a - a.min()) / max(a.max() - a.min(), 1e-12) * 255).astype(np.uint8)
             )
@@ -37,11 +40,13 @@ def decode_all(paths, size, cache_dir, skip_bad):
     Returns (images, {position: reason} of unreadable files). Unreadable files are an error unless
     skip_bad."""
     stamp = "\n".join(map(file_stamp, paths))
-    key = hashlib.sha256(f"{size}\n{stamp}".encode()).hexdigest()[:20]
+    # surrogateescape: a file name's bytes that are not UTF-8 (os.fsdecode keeps them as lone surrogates)
+    key = hashlib.sha256(f"{size}\n{stamp}".encode("utf-8", "surrogateescape")).hexdigest()[:20]
     cache, index = cache_dir / "images" / f"{size}px-{key}.npy", cache_dir / "images" / f"{size}px-{key}.json"
     shape = (len(paths), size, size, 3)
     entry = cached(cache, index, shape)
     if entry is None:  # absent, or damaged since it was written
+        check_free_space(cache_dir, cache, shape)
         broken, digest = {}, {}
 
         def decode_into(tmp):
@@ -78,6 +83,23 @@ def decode_all(paths, size, cache_dir, skip_bad):
             "--skip-bad-images skips them"
         )
     return images, broken
+
+
+def check_free_space(cache_dir, cache, shape):
+    """The cache's size against the free space of --cache-dir, before anything is written: filling the disk
+    would fail, and take the space that every other writer (the error line itself, on a full disk) needs."""
+    folder = next((p for p in (cache.parent, *cache.parents) if p.exists()), None)
+    need = int(np.prod(shape, dtype=np.int64))
+    try:
+        free = shutil.disk_usage(folder).free if folder is not None else need
+    except OSError:
+        return  # not measurable here: the write itself will say what fails
+    if need > free:
+        raise DataError(
+            f"--cache-dir {cache_dir}: the decoded images need {need} bytes ({need / 1e9:.1f} GB: "
+            f"{shape[0]} images at {shape[1]} px) for {cache.name}, and only {free} bytes are free there "
+            f"({free / 1e9:.1f} GB); choose a smaller --image-size or another --cache-dir"
+        )
 
 
 def file_stamp(path):

@@ -30,10 +30,15 @@ import views
 from backbones import add_backbone_args, resolve_backbone_args
 from bit_convert import read_backbone_file
 from common import (
+    MOMENTUM,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
     ArgumentParser,
     UserError,
+    check_trial_seeds,
     device_name,
-    finite_float,
     output_dir,
     path_arg,
     require_regular_file,
@@ -99,7 +104,9 @@ def augmented_features(backbone, data, split, args, device):
     view = v2.Compose([v2.RandomResizedCrop(args.image_size), v2.RandomHorizontalFlip()])
     train_set = views.ImageSet(data, splits.indices(data, split, "train"), [view])
     loader = torch.utils.data.DataLoader(train_set, batch_size=256, num_workers=args.workers)
-    return lambda: embed(backbone, torch.cat([images for images, _ in loader]), device).cpu()
+    return lambda: evaluation.check_features(
+        embed(backbone, torch.cat([images for images, _ in loader]), device).cpu(), "train"
+    )
 
 
 def compare(paths, out):
@@ -112,22 +119,24 @@ def compare(paths, out):
             results.append(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"--compare {path}: not a readable results.json ({type(e).__name__})") from None
-        if not isinstance(results[-1], dict) or any(
-            k not in results[-1] for k in ("model", "data", "mean", "std")
+        if (
+            not isinstance(results[-1], dict)
+            or any(k not in results[-1] for k in ("model", "data", "mean", "std"))
+            or not all(isinstance(results[-1][k], str) for k in ("model", "data"))
         ):
             raise UserError(
                 f"--compare {path}: not a results.json of linear_eval.py or finetune.py (expected the "
-                "keys model, data, mean, std)"
+                "keys model, data (strings), mean, std)"
             )
         for key in ("mean", "std"):
             scores_of = results[-1][key]
             drawn = ("balanced_accuracy", "macro_f1")
             if not isinstance(scores_of, dict) or not all(
-                isinstance(scores_of.get(m), (int, float)) for m in drawn
-            ):
+                type(scores_of.get(m)) in (int, float) and 0 <= scores_of[m] <= 1 for m in drawn
+            ):  # scores and their std lie in [0, 1]; NaN lies nowhere
                 raise UserError(
                     f"--compare {path}: {key} is not a dict with the numbers {key}.balanced_accuracy and "
-                    f"{key}.macro_f1"
+                    f"{key}.macro_f1, both finite, from 0 to 1"
                 )
     output_dir(out)
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(results), 3.8))
@@ -172,20 +181,20 @@ def parse_args(argv=None):
     # batch 128, 60 epochs)
     probe = parser.add_argument_group("linear classifier (the authors' evaluation recipe)")
     probe.add_argument(
-        "--gamma", type=finite_float, default=4.0, help="focal loss gamma (paper §4.4); 0: cross-entropy"
+        "--gamma", type=NON_NEGATIVE, default=4.0, help="focal loss gamma (paper §4.4); 0: cross-entropy"
     )
-    probe.add_argument("--epochs", type=int, default=60)
-    probe.add_argument("--batch-size", type=int, default=128)
+    probe.add_argument("--epochs", type=POSITIVE_INT, default=60)
+    probe.add_argument("--batch-size", type=POSITIVE_INT, default=128)
     probe.add_argument(
         "--lr",
-        type=finite_float,
+        type=POSITIVE,
         default=3.0,
         help="SGD's base lr, scaled by batch-size/256 (default 3: 1.5 at batch 128), a cosine to 0",
     )
-    probe.add_argument("--momentum", type=finite_float, default=0.9, help="SGD's (default 0.9)")
-    probe.add_argument("--weight-decay", type=finite_float, default=0.0)
+    probe.add_argument("--momentum", type=MOMENTUM, default=0.9, help="SGD's (default 0.9)")
+    probe.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0)
     probe.add_argument(
-        "--trials", type=int, default=3, help="seeds --seed, --seed+1, ... (3: the paper's §4.4)"
+        "--trials", type=POSITIVE_INT, default=3, help="seeds --seed, --seed+1, ... (3: the paper's §4.4)"
     )
     probe.add_argument(
         "--augment",
@@ -195,26 +204,18 @@ def parse_args(argv=None):
     )
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=path_arg, help="default: linear/ beside --ckpt, else runs/linear-INIT")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=SEED, default=0)
     run.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument(
         "--compare", nargs="+", type=path_arg, metavar="RESULTS", help="draw results.json files side by side"
     )
     args = parser.parse_args(argv)
-    datasets.check_data_args(args)
     if args.compare:
         args.out = args.out or Path("figures")
         return args
     if (args.ckpt is None) == (args.init is None):
         raise UserError("give either --ckpt FILE or --init bit-s|bit-m|scratch (or --compare)")
-    for flag in ("epochs", "trials", "batch_size", "lr"):
-        if getattr(args, flag) <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
-    if min(args.gamma, args.weight_decay, args.momentum) < 0:
-        raise UserError(
-            f"--gamma {args.gamma:g}, --weight-decay {args.weight_decay:g}, --momentum {args.momentum:g}: "
-            "must not be negative"
-        )
+    check_trial_seeds(args.seed, args.trials)
     recorded = read_backbone_file(args.ckpt) if args.ckpt else None
     resolve_backbone_args(args, "gn", datasets.DEFAULT_SIZE[args.data], recorded, args.ckpt)
     args.out = args.out or (
@@ -241,6 +242,7 @@ def main(argv=None):
     split, split_file = splits.pretraining_split(
         data, args.split_file, args.ckpt, [meta], args.split, args.split_seed, args.split_by
     )
+    args.split, args.split_seed, args.split_by = splits.settings(split)  # results.json records those used
     evaluation.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
     train, val, test = (
         evaluation.part_features(

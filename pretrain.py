@@ -38,6 +38,13 @@ import views
 from backbones import add_backbone_args, build_backbone, resolve_backbone_args
 from bit_convert import read_backbone_file, save_backbone, zero_init_last
 from common import (
+    FRACTION,
+    KNN_TEMPERATURE,
+    MOMENTUM,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
     ArgumentParser,
     UserError,
     amp_dtype,
@@ -61,6 +68,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 NOT_RESTORED = {"resume", "force", "device", "workers", "out"}
 # ... and the command line may change these; any other difference from the saved run is an error.
 MAY_CHANGE = NOT_RESTORED | {"eval_every", "save_at", "download", "data_root", "cache_dir"}
+# A run records a value for these whatever the command line said (from an --init .pt, or the defaults)
+RESOLVED = {"arch", "norm", "cifar_stem", "ws", "image_size", "lr", "weight_decay"}
 COLUMNS = (
     "epoch",
     "loss",
@@ -103,7 +112,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     state = RunState(device)
     if args.resume and (args.out / "last.pt").exists():
-        resume_from(args, state, method, optimizer, scaler, split)
+        resume_from(args, state, method, optimizer, scaler, split, steps_per_epoch)
 
     def begin():  # all checked: now the run may write into --out
         record_run(args, split_file)
@@ -277,17 +286,20 @@ def load_data_and_split(args, rank):
         data = datasets.load_data(
             args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
         )
-        split_file = (
-            args.out / "split.json"
-            if args.resume
-            else args.split_file
-            or splits.default_split_file(args.data, args.split, args.split_seed, args.split_by)
-        )
-        split = splits.load_split(data, split_file, args.split, args.split_seed, args.split_by)
+        if args.resume:  # the run's own split, which last.pt's digest is checked against
+            split_file, settings = args.out / "split.json", (None, None, None)
+        else:
+            split_file = args.split_file or splits.default_split_file(
+                args.data, args.split, args.split_seed, args.split_by
+            )
+            settings = (args.split, args.split_seed, args.split_by)
+        split = splits.load_split(data, split_file, *settings)
         splits.check_scored_parts(data, split, split_file, ("train", "val"))
         return data, split, split_file
 
-    return on_process_0(rank, load) or load()
+    data, split, split_file = on_process_0(rank, load) or load()
+    args.split, args.split_seed, args.split_by = splits.settings(split)  # what args.json records: those used
+    return data, split, split_file
 
 
 def record_run(args, split_file):
@@ -345,9 +357,10 @@ def pretrain_loader(data, split, method, args, rank, world, device):
     """The `pretrain` part, each image through every view the method asks for, sharded over the processes."""
     transforms = [views.VIEWS[name](args.image_size) for name in method.views]
     images = views.ImageSet(data, splits.indices(data, split, "pretrain"), transforms)
-    if args.batch_size % world or len(images) < args.batch_size:
+    if args.batch_size % world or len(images) < args.batch_size or args.batch_size // world < 2:
         raise UserError(
-            f"--batch-size {args.batch_size}: must divide among {world} process(es) and not exceed the "
+            f"--batch-size {args.batch_size}: must divide among {world} process(es), two images or more "
+            f"each (the heads' BatchNorm normalises over a process's batch), and not exceed the "
             f"{len(images)} images of the pretrain part"
         )
     sampler = views.SeededSampler(images, world, rank, shuffle=True, seed=args.seed, drop_last=True)
@@ -616,9 +629,14 @@ def save_checkpoint(args, state, method, optimizer, scaler, split):
         raise UserError(f"cannot write {args.out / 'last.pt'} ({e}); the previous one is kept") from None
 
 
-def resume_from(args, state, method, optimizer, scaler, split):
+def resume_from(args, state, method, optimizer, scaler, split, steps_per_epoch):
     """--resume: the modules, optimiser, scaler, progress and random state of DIR/last.pt, checked first."""
-    saved = runs.read_checkpoint(args, MAY_CHANGE | ({"epochs"} if args.cosine_epochs else set()))
+    may_change = MAY_CHANGE | splits.SETTINGS | ({"epochs"} if args.cosine_epochs else set())
+    saved = runs.read_checkpoint(
+        args, may_change, ("model", "optimizer", "scaler", "progress", "rng", "args")
+    )
+    path = args.out / "last.pt"
+    runs.check_progress(saved["progress"], state.state_dict(), path)
     if saved.get("split_digest", splits.split_digest(split)) != splits.split_digest(split):
         raise UserError(
             f"--resume: {args.out / 'split.json'} is not the split the run started with (its parts differ "
@@ -628,18 +646,21 @@ def resume_from(args, state, method, optimizer, scaler, split):
         raise UserError(
             f"--epochs {args.epochs}: the run in {args.out} trained {saved['progress']['epoch'] - 1}"
         )
-    try:
-        method.load_state_dict(saved["model"])
-    except RuntimeError as e:  # a missing or unexpected key: another version's method
+    if saved["progress"]["step"] > steps_per_epoch:
         raise UserError(
-            f"--resume: {args.out / 'last.pt'} does not hold the state of this version's --method "
-            f"{args.method} ({' '.join(line.strip() for line in str(e).splitlines()[1:])}); start the run "
-            "afresh"
-        ) from None
-    optimizer.load_state_dict(saved["optimizer"])
-    scaler.load_state_dict(saved["scaler"])
-    state.load_state_dict(saved["progress"])
-    torch.set_rng_state(saved["rng"])
+            f"--resume: {path}: progress step = {saved['progress']['step']}, beyond the {steps_per_epoch} "
+            "steps of an epoch"
+        )
+    runs.load_parts(
+        path,
+        [
+            ("model", lambda: runs.load_module(method, saved["model"])),
+            ("optimizer", lambda: runs.load_optimizer(optimizer, saved["optimizer"])),
+            ("scaler", lambda: scaler.load_state_dict(saved["scaler"])),
+            ("progress", lambda: state.load_state_dict(saved["progress"])),
+            ("random state", lambda: torch.set_rng_state(saved["rng"])),
+        ],
+    )
 
 
 # -------------------------------------------------------------------------------------------------- arguments
@@ -662,14 +683,14 @@ def make_parser():
     related = parser.add_argument_group("interventions of related studies, on the backbone (any method)")
     related.add_argument(
         "--shrink",
-        type=finite_float,
+        type=FRACTION,
         metavar="LAMBDA",
         help="Ciga et al.'s weight scaling, as reconstructed (their definition is unpublished): Ash & "
         "Adams's shrink, every backbone parameter times LAMBDA in (0, 1]; not with --init scratch",
     )
     related.add_argument(
         "--select-filters",
-        type=finite_float,
+        type=FRACTION,
         metavar="FRACTION",
         help="Ciga et al.'s filter selection, as reconstructed: keep the FRACTION most responsive filters of "
         "each unit's conv1 and conv2 on the pretrain images, re-initialise the rest; not with --init scratch",
@@ -684,20 +705,27 @@ def make_parser():
         "this project's earlier placement, which whitens the pooled features themselves",
     )
     optim = parser.add_argument_group("optimisation (paper §4.1)")
-    optim.add_argument("--epochs", type=int, default=400)
-    optim.add_argument("--batch-size", type=int, default=128, help="global, over all processes")
+    optim.add_argument("--epochs", type=POSITIVE_INT, default=400)
+    optim.add_argument(
+        "--batch-size",
+        type=POSITIVE_INT,
+        default=128,
+        help="global, over all processes; two images or more per process (BatchNorm)",
+    )
     optim.add_argument(
         "--lr",
-        type=finite_float,
+        type=POSITIVE,
         help=f"base lr, scaled by batch-size/256 (default: {methods.defaults_of('lr')})",
     )
     optim.add_argument(
-        "--weight-decay", type=finite_float, help=f"(default: {methods.defaults_of('weight_decay')})"
+        "--weight-decay", type=NON_NEGATIVE, help=f"(default: {methods.defaults_of('weight_decay')})"
     )
-    optim.add_argument("--momentum", type=finite_float, default=0.9, help="SGD's and LARS's (default 0.9)")
+    optim.add_argument(
+        "--momentum", type=MOMENTUM, default=0.9, help="SGD's and LARS's, in [0, 1) (default 0.9)"
+    )
     optim.add_argument(
         "--warmup-epochs",
-        type=finite_float,
+        type=NON_NEGATIVE,
         default=10,
         help="linear warm-up (default 10); one that would not end before the cosine's horizon is "
         "shortened to a tenth of it, and the log says so",
@@ -714,12 +742,12 @@ def make_parser():
     run_group.add_argument(
         "--force", action="store_true", help="start afresh in an --out that holds another run"
     )
-    run_group.add_argument("--seed", type=int, default=0)
+    run_group.add_argument("--seed", type=SEED, default=0)
     run_group.add_argument(
         "--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu"
     )
     run_group.add_argument(
-        "--eval-every", type=int, default=10, help="epochs between kNN evaluations (and the end)"
+        "--eval-every", type=POSITIVE_INT, default=10, help="epochs between kNN evaluations (and the end)"
     )
     run_group.add_argument(
         "--save-at",
@@ -727,50 +755,49 @@ def make_parser():
         default=[],
         help="epochs at which to keep a backbone snapshot, e.g. 25,400",
     )
-    run_group.add_argument("--knn-k", type=int, default=200)
-    run_group.add_argument("--knn-t", type=finite_float, default=0.1)
+    run_group.add_argument("--knn-k", type=POSITIVE_INT, default=200)
+    run_group.add_argument("--knn-t", type=KNN_TEMPERATURE, default=0.1, help="at least 0.02 (default 0.1)")
     return parser
 
 
 def parse_args(argv=None):
     """The arguments, with every default resolved here: the backbone flags (from an --init .pt where given),
-    --out, a warm-up that fits the run; on --resume, the run's own, checked against the command line."""
+    --out, a warm-up that fits the run; on --resume, the run's own, checked against the command line. Either
+    way they pass the same checks (check_args)."""
     parser = make_parser()
     args = parser.parse_args(argv)
-    datasets.check_data_args(args)
     args.out = args.out or Path("runs") / f"{args.data}-{Path(args.init).stem}-{args.norm or 'bn'}"
     if args.resume:  # the run's own arguments, but for those the command line may change
-        args, saved = runs.restored_args(parser, argv, args.out, NOT_RESTORED)
+        args, saved = runs.restored_args(parser, argv, args.out, NOT_RESTORED, RESOLVED)
         extendable = {"epochs"} if saved.get("cosine_epochs") else set()  # the past schedule stays the same
         runs.refuse_changes(args, saved, MAY_CHANGE | extendable, HORIZON)
-        check_epochs(args)
-        methods.resolve_method_args(args)  # a setting newer than the run's args.json takes its default
-        return args
-    recorded = read_backbone_file(args.init) if args.init.endswith(".pt") else None  # its arch, norm, stem
-    resolve_backbone_args(args, "bn", datasets.DEFAULT_SIZE[args.data], recorded, args.init)
+    else:
+        recorded = read_backbone_file(args.init) if args.init.endswith(".pt") else None  # its arch, norm, ...
+        resolve_backbone_args(args, "bn", datasets.DEFAULT_SIZE[args.data], recorded, args.init)
+        found = whiten_placement((recorded or {}).get("whiten"))
+        if found and args.whiten not in (None, found):
+            raise UserError(
+                f"--whiten {args.whiten}: {args.init} is whitened at {found} already; leave --whiten out"
+            )
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """What the flags' types cannot check alone, for a new run and a resumed one alike (before any file is
+    written): each method flag for its method, the interventions for a pretrained --init, the epochs, and a
+    warm-up that ends before the cosine's horizon (shortened to a tenth of it, as the log says)."""
     methods.resolve_method_args(args)
     for flag in ("shrink", "select_filters"):
-        value, name = getattr(args, flag), "--" + flag.replace("_", "-")
-        if value is not None and not 0 < value <= 1:
-            raise UserError(f"{name} {value}: expected a number in (0, 1]")
-        if value is not None and args.init == "scratch":
+        if getattr(args, flag) is not None and args.init == "scratch":
             raise UserError(
-                f"{name}: changes pretrained weights before a second pretraining; --init is scratch"
+                f"--{flag.replace('_', '-')}: changes pretrained weights before a second pretraining; "
+                "--init is scratch"
             )
-    if args.whiten not in (None, *WHITEN_AT):
+    if whiten_placement(args.whiten) not in (None, False, *WHITEN_AT):
         raise UserError(f"--whiten {args.whiten}: expected {' or '.join(WHITEN_AT)} (or nothing: branch)")
     if args.whiten and args.norm == "gn":
         raise UserError("--whiten: needs a BatchNorm backbone (--norm bn); --norm gn is BiT as released")
-    found = whiten_placement((recorded or {}).get("whiten"))
-    if found and args.whiten not in (None, found):
-        raise UserError(
-            f"--whiten {args.whiten}: {args.init} is whitened at {found} already; leave --whiten out"
-        )
-    for flag in ("epochs", "batch_size", "eval_every", "lr", "image_size", "knn_k", "knn_t"):  # before files
-        if getattr(args, flag) <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
-    if min(args.workers, args.weight_decay, args.momentum, args.warmup_epochs) < 0:
-        raise UserError("--workers, --weight-decay, --momentum and --warmup-epochs must not be negative")
     check_epochs(args)
     horizon = args.cosine_epochs or args.epochs
     if args.warmup_epochs >= horizon:
@@ -779,7 +806,6 @@ def parse_args(argv=None):
             f"({horizon:g} epochs): warm-up shortened to {horizon / 10:g} epochs"
         )
         args.warmup_epochs = horizon / 10
-    return args
 
 
 def check_epochs(args):

@@ -7,6 +7,7 @@ that --resume continues exactly, a clean stop on Ctrl-C or SIGTERM, and metrics 
     DIR/.replaced/  the run that --force replaces, until the new one has written its first last.pt
 """
 
+import argparse
 import csv
 import errno
 import fcntl
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bit_convert import check_finite
 from common import UserError, require_regular_file, save_atomic, stop_signals, to_json, write_atomic
 
 REPLACED = ".replaced"
@@ -133,29 +135,79 @@ def write_args(args):
     write_atomic(args.out / "args.json", lambda tmp: tmp.write_text(text))
 
 
-def restored_args(parser, argv, out, not_restored):
+def restored_args(parser, argv, out, not_restored, resolved):
     """--resume: (the arguments in DIR/args.json, with the command line's for the keys in `not_restored`, and
-    the saved dict itself)."""
+    the saved dict itself). Every saved value is checked by its flag's own type and choices, the code that
+    checks the flag on a command line (restored_value): an args.json edited to a value that no flag takes is
+    an error, as that flag would be. The keys in `resolved` are those a run always records a value for (a new
+    run fills them in from the checkpoint or the defaults): null is not one."""
+    path = out / "args.json"
     try:
-        require_regular_file(out / "args.json")
-        saved = json.loads((out / "args.json").read_text())
+        require_regular_file(path)
+        saved = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"--resume: {out} holds no run to resume (no args.json)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"--resume: {out / 'args.json'} is not readable JSON ({type(e).__name__})") from None
+        raise UserError(f"--resume: {path} is not readable JSON ({type(e).__name__})") from None
     if not isinstance(saved, dict):
-        raise UserError(f"--resume: {out / 'args.json'} is not a dict of arguments")
-    for action in parser._actions:  # argparse checks the command line, not defaults: check the saved values
-        value = saved.get(action.dest)
-        if action.choices and value is not None and value not in action.choices:
-            raise UserError(
-                f"--resume: {out / 'args.json'}: {action.dest} = {saved[action.dest]!r} is not one of "
-                f"{', '.join(map(str, action.choices))}"
-            )
-    parser.set_defaults(**{k: v for k, v in saved.items() if k not in not_restored})
+        raise UserError(f"--resume: {path} is not a dict of arguments")
+    flags = {action.dest: action for action in parser._actions if action.dest != "help"}
+    unknown = [key for key in saved if key not in flags]
+    if unknown:
+        raise UserError(f"--resume: {path}: {unknown[0][:60]!r} is not an argument of this script")
+    missing = [key for key in flags if key not in saved and key not in not_restored]
+    if missing:
+        raise UserError(
+            f"--resume: {path} lacks {missing[0]} (written by another version of the script?); add the "
+            "value the run used, or start afresh with --force"
+        )
+    restored = {
+        k: restored_value(flags[k], v, path, k not in resolved)
+        for k, v in saved.items()
+        if k not in not_restored
+    }
+    parser.set_defaults(**restored)
     args = parser.parse_args(argv)
     args.out = out
     return args, saved
+
+
+def restored_value(action, value, path, may_be_none):
+    """A value of args.json, checked as argparse checks its flag (argparse checks the command line, not the
+    defaults that --resume sets): the flag's choices, and its type applied to the value as text. Returns the
+    value the type makes of it."""
+
+    def refuse(reason):
+        raise UserError(f"--resume: {path}: {action.dest} = {json.dumps(value)[:60]}: {reason}")
+
+    if value is None and action.default is None and may_be_none:  # a flag not given (another --method's)
+        return None
+    if action.choices and (isinstance(value, list) or value not in action.choices):
+        refuse(f"expected one of {', '.join(map(str, action.choices))}")
+    if isinstance(action, (argparse._StoreConstAction, argparse.BooleanOptionalAction)):
+        return value if isinstance(value, bool) else refuse("expected true or false")
+    if action.nargs == "?":  # --whiten: a placement, or true/false as runs written before placements record
+        return value if isinstance(value, (str, bool)) else refuse("expected a string, true or false")
+    if action.nargs in ("+", "*"):
+        if not isinstance(value, list) or (action.nargs == "+" and not value):
+            refuse("expected a list")
+        return [restored_item(action, item, refuse) for item in value]
+    return restored_item(action, value, refuse)
+
+
+def restored_item(action, value, refuse):
+    if action.type in (None, str, Path):  # a flag that takes any text
+        return value if isinstance(value, str) else refuse("expected a string")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, list)):
+        refuse(f"expected a value of --{action.dest.replace('_', '-')}")
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)  # --save-at: 25,400
+    try:
+        converted = action.type(text)
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        refuse(str(e) or "not a value of the flag")
+    if converted != value or isinstance(converted, str) != isinstance(value, str):  # "2" for 2, 2.5 for 2
+        refuse(f"expected {json.dumps(converted)}")
+    return converted
 
 
 def refuse_changes(args, saved, may_change, reason=""):
@@ -171,9 +223,10 @@ def refuse_changes(args, saved, may_change, reason=""):
         )
 
 
-def read_checkpoint(args, may_change):
-    """DIR/last.pt, checked: it loads (weights_only: a pickle from elsewhere must not run code) and was
-    trained with the arguments of DIR/args.json, but for those in `may_change`."""
+def read_checkpoint(args, may_change, keys):
+    """DIR/last.pt, checked: it loads (weights_only: a pickle from elsewhere must not run code), it is a dict
+    with the `keys` the script saves, its model's weights are finite, and it was trained with the arguments
+    of DIR/args.json, but for those in `may_change`."""
     path = args.out / "last.pt"
     require_regular_file(path)
     try:
@@ -183,6 +236,19 @@ def read_checkpoint(args, may_change):
             f"--resume: {path} is not a readable checkpoint ({type(e).__name__}); it is written atomically, "
             "so it was damaged after the run wrote it"
         ) from None
+    if (
+        not isinstance(state, dict)
+        or any(k not in state for k in keys)
+        or not isinstance(state["args"], dict)
+    ):
+        raise UserError(
+            f"--resume: {path} is not a last.pt of this script (expected a dict with the keys "
+            f"{', '.join(keys)}, args a dict)"
+        )
+    model = state["model"]
+    if not isinstance(model, dict) or not all(torch.is_tensor(t) for t in model.values()):
+        raise UserError(f"--resume: {path}: its model is not a dict of tensors")
+    check_finite(model, f"--resume: {path}")
     current = to_json(args)
     edited = [k for k, v in state["args"].items() if k not in may_change and current.get(k) != v]
     if edited:
@@ -192,6 +258,69 @@ def read_checkpoint(args, may_change):
             f"with {state['args'][key]!r} (args.json edited by hand?)"
         )
     return state
+
+
+def check_progress(saved, fresh, path):
+    """last.pt's record of where the run stands against a fresh run's (`fresh`: its state_dict): the same
+    keys, each of the same kind where the fresh one is not None (a float may be whole; a tensor of the same
+    shape and dtype; a list of dicts, the metrics rows and trials), counts not negative, epochs from 1."""
+    if not isinstance(saved, dict) or set(saved) != set(fresh):
+        raise UserError(f"--resume: {path}: its progress is not a dict with the keys {', '.join(fresh)}")
+    for key, value in saved.items():
+        if fresh[key] is None:
+            continue
+        kinds = {float: (int, float)}.get(type(fresh[key]), type(fresh[key]))
+        if (
+            not isinstance(value, kinds)
+            or isinstance(value, bool)
+            or (torch.is_tensor(value) and (value.shape, value.dtype) != (fresh[key].shape, fresh[key].dtype))
+            or (isinstance(value, list) and not all(isinstance(row, dict) for row in value))
+        ):
+            shape = f" of shape {tuple(value.shape)}" if torch.is_tensor(value) else ""
+            raise UserError(
+                f"--resume: {path}: progress {key} is a {type(value).__name__}{shape}, not what a run "
+                "records there"
+            )
+        least = 1 if key == "epoch" else 0
+        if type(fresh[key]) is int and value < least:
+            raise UserError(f"--resume: {path}: progress {key} = {value}, below {least}")
+
+
+def load_module(module, state):
+    """module.load_state_dict, and what it does not check: every tensor of the dtype the module holds there
+    (an integer tensor would be cast into a float parameter without a word)."""
+    own = module.state_dict()
+    for name, tensor in state.items():
+        if name in own and tensor.dtype != own[name].dtype:
+            raise ValueError(f"{name} is {tensor.dtype}, the module's {own[name].dtype}")
+    module.load_state_dict(state)
+
+
+def load_optimizer(optimizer, state):
+    """optimizer.load_state_dict, and then what it does not check: every tensor of a parameter's state
+    (momentum buffers, Adam's moments) of that parameter's shape, which would otherwise fail at the first
+    step."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.dim() and value.shape != param.shape:
+                    raise ValueError(
+                        f"{name} of shape {tuple(value.shape)} for a parameter {tuple(param.shape)}"
+                    )
+
+
+def load_parts(path, parts):
+    """Load each (name, load) of `parts`, the pieces of last.pt into the run's modules: a piece that does not
+    fit them (a tensor of another shape, a missing key, an optimiser of other parameters) is one line."""
+    for name, load in parts:
+        try:
+            load()
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise UserError(
+                f"--resume: {path}: its {name} does not fit this run ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:160]})"
+            ) from None
 
 
 def write_csv(path, rows):

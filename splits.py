@@ -10,6 +10,7 @@ that records the data it was made from; a backbone records the split's digest, s
 split it was pretrained with.
 """
 
+import argparse
 import hashlib
 import json
 import warnings
@@ -19,9 +20,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from common import DataError, require_regular_file, write_atomic
+from common import SEED_LIMIT, DataError, require_regular_file, write_atomic
 
 PARTS = ("pretrain", "train", "val", "test")
+DEFAULT_FRACTIONS = "0.6,0.1,0.1,0.2"  # paper §3: 60 % pretrain, 10 % train, 10 % val, 20 % test
 
 
 OFFICIAL = "official"  # --split official: the source's own train/test protocol (see official_split)
@@ -48,6 +50,16 @@ def parse_fractions(text):
             f"the first three positive, adding up to 1 (these add up to {float(sum(fractions)):g})"
         )
     return fractions
+
+
+def fractions_text(text):
+    """argparse type of --split: the text, once parse_fractions accepts it (checked as a flag, and as a value
+    that --resume restores from args.json)."""
+    try:
+        parse_fractions(text)
+    except DataError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def official_split(data):
@@ -116,20 +128,24 @@ def split_digest(split):
     return hashlib.sha256(json.dumps([split[p] for p in PARTS]).encode()).hexdigest()
 
 
-def default_split_file(source, fractions="0.6,0.1,0.1,0.2", seed=0, by="lesion"):
-    """splits/SOURCE-BY-FRACTIONS-seedN.json: where a split made with these settings is kept by default."""
-    parsed = parse_fractions(fractions)
+def default_split_file(source, fractions=None, seed=None, by=None):
+    """splits/SOURCE-BY-FRACTIONS-seedN.json: where a split made with these settings (None: the defaults of
+    --split, --split-seed and --split-by) is kept by default."""
+    parsed, seed, by = parse_fractions(fractions or DEFAULT_FRACTIONS), seed or 0, by or "lesion"
     shares = OFFICIAL if parsed == OFFICIAL else "-".join(str(round(float(f) * 100)) for f in parsed)
     by = by if source == "ham10000" else "image"  # only HAM10000 has lesions to group by
     return Path("splits") / f"{source}-{by}-{shares}-seed{seed}.json"
 
 
-def load_split(data, path, fractions="0.6,0.1,0.1,0.2", seed=0, by="lesion"):
-    """The split in `path`, made and written there first if the file does not exist. An existing file is used
-    as it is (its own seed and fractions), after checking that it was made from this very data."""
+def load_split(data, path, fractions=None, seed=None, by=None):
+    """The split in `path`, made and written there first if the file does not exist, with `fractions`,
+    `seed` and `by` (None: the defaults of --split, --split-seed, --split-by). An existing file is used as it
+    is, after checking that it was made from this very data, that it puts every image in one part, and that
+    the settings given (not None) are those it records: the file decides the split, and a flag that says
+    otherwise is an error, not ignored."""
     path = Path(path)
     if not path.exists():
-        parsed = parse_fractions(fractions)
+        parsed, seed, by = parse_fractions(fractions or DEFAULT_FRACTIONS), seed or 0, by or "lesion"
         shares = OFFICIAL if parsed == OFFICIAL else dict(zip(PARTS, map(str, parsed)))
         split = {
             "data": data.name,
@@ -158,6 +174,7 @@ def load_split(data, path, fractions="0.6,0.1,0.1,0.2", seed=0, by="lesion"):
             f"split file {path} was made from other data than this {data.name} (the ids, labels or "
             f"lesions differ); pass a new --split-file to make a split for this data"
         )
+    check_settings(data, split, path, fractions, seed, by)
     if split.get("fractions") == OFFICIAL:
         if split != {**split, **official_split(data)}:
             raise DataError(f"split file {path}: not the official split of {data.name} (hand-edited?)")
@@ -165,7 +182,7 @@ def load_split(data, path, fractions="0.6,0.1,0.1,0.2", seed=0, by="lesion"):
     known, seen = set(data.ids), {}
     for part in PARTS:
         for image_id in split[part]:
-            if not isinstance(image_id, (str, int)) or image_id not in known:
+            if type(image_id) not in (str, int) or image_id not in known:  # true or 3.0 would pass for 1, 3
                 raise DataError(
                     f"split file {path}: part {part} lists image {image_id!r}, which the data lacks"
                 )
@@ -173,7 +190,61 @@ def load_split(data, path, fractions="0.6,0.1,0.1,0.2", seed=0, by="lesion"):
                 where = "twice" if seen[image_id] == part else f"in another part too ({seen[image_id]})"
                 raise DataError(f"split file {path}: part {part} lists image {image_id!r} {where}")
             seen[image_id] = part
+    if len(seen) < len(known):  # --skip-bad-images leaves images out of the data, and so of its fingerprint
+        lost = next(image_id for image_id in data.ids if image_id not in seen)
+        raise DataError(
+            f"split file {path}: image {lost!r} is in no part ({len(known) - len(seen)} of the data's "
+            f"{len(known)} images are missing; every image belongs to exactly one part: hand-edited?)"
+        )
     return split
+
+
+# The arguments that settings() fills in from the split file: a run's args.json records the file's, which
+# runs written before it did may not have (--split-by lesion on digits, which has no lesions: the file says
+# image). The split itself is checked by its digest (last.pt, a backbone file), not by these.
+SETTINGS = {"split", "split_seed", "split_by"}
+
+
+def settings(split):
+    """(--split, --split-seed, --split-by) as the split file records them, each None where it records none
+    that the flag takes: what a script that used the file records in its args.json and results.json."""
+    fractions, seed, by = split.get("fractions"), split.get("seed"), split.get("split_by")
+    if isinstance(fractions, dict):  # {"pretrain": "3/5", ...}
+        try:
+            fractions = ",".join(f"{float(Fraction(fractions[p])):g}" for p in PARTS)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            fractions = None
+    if isinstance(fractions, str):
+        try:
+            parse_fractions(fractions)
+        except DataError:
+            fractions = None
+    return (
+        fractions if isinstance(fractions, str) else None,
+        seed if type(seed) is int and 0 <= seed < SEED_LIMIT else None,
+        by if by in ("lesion", "image") else None,
+    )
+
+
+def check_settings(data, split, path, fractions, seed, by):
+    """--split, --split-seed and --split-by, where given, against what the existing split file `path`
+    records."""
+    recorded = dict(zip(("split", "split_seed", "split_by"), settings(split)))
+    given = {
+        "split": fractions,
+        "split_seed": seed,
+        "split_by": by if by is None or data.groups is not None else "image",  # no lesions: split by image
+    }
+    for flag, value in given.items():
+        same = value == recorded[flag]
+        if flag == "split" and value is not None and recorded[flag] is not None:
+            same = parse_fractions(value) == parse_fractions(recorded[flag])
+        if value is not None and not same:
+            raise DataError(
+                f"--{flag.replace('_', '-')} {value}: the split file {path} decides the split, and it was "
+                f"made with {recorded[flag] if recorded[flag] is not None else 'no such setting recorded'}; "
+                "leave the flag out to use the file, or pass a new --split-file"
+            )
 
 
 def selects_on_val(split):
@@ -182,7 +253,7 @@ def selects_on_val(split):
     return split.get("fractions") != OFFICIAL
 
 
-def pretraining_split(data, path, ckpt=None, metas=(), fractions="0.6,0.1,0.1,0.2", seed=0, by="lesion"):
+def pretraining_split(data, path, ckpt=None, metas=(), fractions=None, seed=None, by=None):
     """The split that the backbones were pretrained with: `path` (--split-file) where given, else split.json
     beside the first checkpoint `ckpt`, else the default split file, made with `fractions`, `seed` and `by`
     if absent. It must be the one every checkpoint in `metas` records, and hold a usable train/val/test."""

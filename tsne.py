@@ -22,7 +22,7 @@ import evaluation
 import splits
 from backbones import add_backbone_args, resolve_backbone_args
 from bit_convert import read_backbone_file
-from common import ArgumentParser, UserError, device_name, output_dir, path_arg, run, write_atomic
+from common import SEED, ArgumentParser, UserError, device_name, output_dir, path_arg, run, write_atomic
 from evaluation import covariance_spectrum, initial_backbone, rankme, saved_backbone
 
 matplotlib.use("Agg")
@@ -65,10 +65,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--spectrum", action="store_true", help="also draw spectrum.png")
     parser.add_argument("--out", type=path_arg, default=Path("figures"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=SEED, default=0)
     parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    datasets.check_data_args(args)
     if not args.ckpt and not args.init:
         raise UserError("give at least one --ckpt FILE or --init bit-s|bit-m|scratch")
     records = [read_backbone_file(c) for c in args.ckpt]

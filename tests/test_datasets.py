@@ -507,7 +507,7 @@ def test_load_split_reuses_an_existing_file_unchanged(tmp_path, sample_data):
     path = tmp_path / "split.json"
     splits.load_split(sample_data, path, SPLIT, 0)
     before, stamp = path.read_bytes(), path.stat().st_mtime_ns
-    again = splits.load_split(sample_data, path, "0.7,0.1,0.1,0.1", 5, "image")  # the file's own split wins
+    again = splits.load_split(sample_data, path)  # no flags: the file's own split
     assert path.read_bytes() == before and path.stat().st_mtime_ns == stamp
     assert {p: again[p] for p in PARTS} == {p: json.loads(before)[p] for p in PARTS}
 
