@@ -40,6 +40,11 @@ class Stopped(BaseException):
         self.signum = signum
 
 
+def what_stopped(e):
+    """What a KeyboardInterrupt or a Stopped names in a message: Ctrl-C, or the signal."""
+    return str(e) if isinstance(e, Stopped) and e.signum != signal.SIGINT else "Ctrl-C"
+
+
 def run(main):
     """A script's entry point. Its end, however it comes, is one of: main's exit status; one line for a
     UserError, a loss that stopped being finite, or a signal (exit 128 + signum, as a shell reports a process
@@ -266,8 +271,9 @@ def download(url, path, check, by_hand):
                     f"command again to fetch it anew, or {by_hand})"
                 ) from None
             os.replace(part, path)
-    except KeyboardInterrupt:
-        raise UserError(f"the download of {url} was stopped by Ctrl-C; run the same command again") from None
+    except (KeyboardInterrupt, Stopped) as e:
+        why = what_stopped(e)
+        raise UserError(f"the download of {url} was stopped by {why}; run the same command again") from None
     finally:
         if part.exists() and part.stat().st_size == 0:  # nothing arrived: leave nothing behind
             part.unlink()
@@ -324,8 +330,8 @@ def transfer(url, f, part, by_hand):
                     received += len(chunk)
                     bar.update(len(chunk))
                 f.flush()
-            except KeyboardInterrupt:
-                why = "stopped by Ctrl-C"
+            except (KeyboardInterrupt, Stopped) as e:
+                why = f"stopped by {what_stopped(e)}"
             except (OSError, http.client.HTTPException) as e:
                 if disk_full(e):
                     raise UserError(

@@ -31,11 +31,13 @@ from common import (
     NON_NEGATIVE_INT,
     SEED,
     DataError,
+    Stopped,
     disk_full,
     download,
     path_arg,
     require_regular_file,
     run,
+    what_stopped,
 )
 from image_cache import decode_all
 from splits import DEFAULT_FRACTIONS, default_split_file, fractions_text, load_split, summary
@@ -293,10 +295,10 @@ def download_ham10000(root):
         shutil.copyfile(staging / ISIC_GROUPS, unpacked / ISIC_GROUPS)
         check_release(unpacked)
         unpacked.rename(root)  # onto an empty folder too (rename(2))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped) as e:
         raise DataError(
-            f"stopped by Ctrl-C while unpacking into {unpacked}; nothing was kept (the downloaded files are, "
-            f"in {staging}): run the same command again"
+            f"stopped by {what_stopped(e)} while unpacking into {unpacked}; nothing was kept (the downloaded "
+            f"files are, in {staging}): run the same command again"
         ) from None
     except DataError as e:
         shutil.rmtree(staging)  # the files as served do not make the release: a new run fetches them anew

@@ -77,7 +77,7 @@ STRENGTH_1 = (0.8, 0.8, 0.8, 0.2)  # SimCLR's colour distortion of strength 1 (C
 RECIPES = {  # by the names of views.VIEWS, which methods.py's views tuples use
     "simsiam": SIMSIAM,
     # Chen et al. 2020, App. A; google-research/simclr data_util.py; views.simclr_view
-    "simclr": Recipe(scale=(0.08, 1.0), jitter=STRENGTH_1, blur_p=0.5),
+    "simclr": Recipe(scale=(0.08, 1.0), jitter=STRENGTH_1, blur_p=0.5, small_strength=0.5),
     # Grill et al. 2020, Table 6: view 1 always blurred, never solarised; view 2 blurred with p = 0.1,
     # solarised with p = 0.2; views.byol_view
     "byol1": Recipe(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0),

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from bit_convert import check_finite
-from common import UserError, require_regular_file, save_atomic, stop_signals, to_json, write_atomic
+from common import UserError, path_arg, require_regular_file, save_atomic, stop_signals, to_json, write_atomic
 
 REPLACED = ".replaced"
 
@@ -155,7 +155,14 @@ def restored_args(parser, argv, out, not_restored, resolved):
     unknown = [key for key in saved if key not in flags]
     if unknown:
         raise UserError(f"--resume: {path}: {unknown[0][:60]!r} is not an argument of this script")
-    missing = [key for key in flags if key not in saved and key not in not_restored]
+    # a method's setting added since the run was written (its default None: the method's value) takes it
+    missing = [
+        key
+        for key in flags
+        if key not in saved
+        and key not in not_restored
+        and (flags[key].default is not None or key in resolved)
+    ]
     if missing:
         raise UserError(
             f"--resume: {path} lacks {missing[0]} (written by another version of the script?); add the "
@@ -196,8 +203,10 @@ def restored_value(action, value, path, may_be_none):
 
 
 def restored_item(action, value, refuse):
-    if action.type in (None, str, Path):  # a flag that takes any text
-        return value if isinstance(value, str) else refuse("expected a string")
+    if action.type in (None, str, Path, path_arg):  # a flag that takes text (a path: not an empty one)
+        if not isinstance(value, str) or (action.type is path_arg and not value):
+            refuse("expected a path" if action.type is path_arg else "expected a string")
+        return value  # argparse applies the type to a default given as text
     if isinstance(value, bool) or not isinstance(value, (str, int, float, list)):
         refuse(f"expected a value of --{action.dest.replace('_', '-')}")
     text = ",".join(map(str, value)) if isinstance(value, list) else str(value)  # --save-at: 25,400

@@ -73,7 +73,8 @@ def synthetic_features(seed, n=120, d=16, classes=4, noise=2.0):
 
 def test_model_selection_uses_val_alone(tmp_path, monkeypatch, pretrained):
     """Run the whole evaluation twice, the second time with the test labels scrambled: if test took any part
-    in choosing the epoch, the choice would move."""
+    in choosing the epoch, the choice would move. One step an epoch: a small --lr, so that the val accuracy
+    still moves after the first."""
     parts = {"train": synthetic_features(0), "val": synthetic_features(1), "test": synthetic_features(2)}
     chosen = []
     for scramble in (False, True):
@@ -92,6 +93,8 @@ def test_model_selection_uses_val_alone(tmp_path, monkeypatch, pretrained):
                 pretrained / "run" / "backbone.pt",
                 "--epochs",
                 "30",
+                "--lr",
+                "0.05",
                 "--trials",
                 "2",
                 "--out",

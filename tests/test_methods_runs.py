@@ -107,7 +107,7 @@ def test_a_last_pt_without_a_buffer_of_this_version_is_refused_in_one_line(compl
     before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
     with pytest.raises(common.UserError) as error:
         pretrain.main(["--out", str(out), "--resume", "--workers", "0"])
-    assert f"{out / 'last.pt'} does not hold the state of this version's --method mocov2" in str(error.value)
+    assert f"{out / 'last.pt'}: its model does not fit this run" in str(error.value)
     assert '"shuffle_state"' in str(error.value) and "\n" not in str(error.value)
     assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
 
