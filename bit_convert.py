@@ -14,6 +14,7 @@ paper's fix.
     features = model(images)                  # (N, 2048), images scaled to [-1, 1] as BiT expects
 """
 
+import argparse
 import hashlib
 import os
 import zipfile
@@ -23,20 +24,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (
+from bit_common import (
     MAX_IMAGE_SIZE,
     ArgumentParser,
+    DataError,
+    UserError,
     WeightsError,
+    autocast,
+    check_finite,
+    checksum,
     download,
     output_dir,
     require_regular_file,
     run,
     save_atomic,
+    sha256,
+    to_input,
 )
-from interventions import whiten, whiten_placement
+from datasets import eval_images, indices, split_digest
 
 ARCHS = {  # name: (units in each of the four blocks, width factor)
     "r50x1": ((3, 4, 6, 3), 1),
@@ -46,10 +55,16 @@ ARCHS = {  # name: (units in each of the four blocks, width factor)
     "r152x2": ((3, 8, 36, 3), 2),
     "r152x4": ((3, 8, 36, 3), 4),
 }
+
+
 BIT_NAMES = [f"BiT-{s}-R{a[1:]}" for s in "SM" for a in ARCHS]  # BiT-S: ImageNet-1k, BiT-M: ImageNet-21k
+
+
 # Where the released .npz files are (google-research/big_transfer, README, "How to fine-tune BiT");
 # $BIT_MODELS_URL names a mirror instead.
 BIT_MODELS_URL = os.environ.get("BIT_MODELS_URL") or "https://storage.googleapis.com/bit_models/"
+
+
 CACHE_DIR = Path(os.environ.get("BIT_CACHE") or Path.home() / ".cache" / "bit-simsiam" / "weights")
 
 
@@ -278,15 +293,9 @@ def load_npz(model, path, copy_norm=None, load_head=False):
     return model
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 HEX_DIGEST = set("0123456789abcdef")
+
+
 # The fields a backbone file records (save_backbone), what each may hold, and what that is in words: checked
 # once here, as a file is written and as it is read, for every script that reads one.
 BACKBONE_FIELDS = {
@@ -320,6 +329,8 @@ BACKBONE_FIELDS = {
         "a dict of tensors",
     ),
 }
+
+
 NEEDED = ("arch", "norm", "cifar_stem", "head_size", "ws", "state_dict")
 
 
@@ -339,16 +350,6 @@ def check_backbone_fields(ckpt, path):
         if not fits(value):
             shown = type(value).__name__ if key == "state_dict" else repr(value)
             raise WeightsError(f"{path}: {key} = {shown[:60]}, expected {expected}")
-
-
-def check_finite(tensors, where):
-    """Weights (a dict of name: tensor or array) with a NaN or an infinity make every output NaN: refused,
-    naming the first such tensor."""
-    for name, tensor in tensors.items():
-        tensor = torch.as_tensor(tensor)
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise WeightsError(f"{where}: {name} holds {bad} value(s) that are NaN or infinite")
 
 
 def save_backbone(model, path, **meta):
@@ -379,16 +380,19 @@ def read_backbone_file(path):
     return ckpt
 
 
-def load_backbone(path):
+def load_backbone(path, head=True):
     """(model, metadata) from a file written by save_backbone (bit_convert.py -o, pretrain.py's
-    backbone.pt); weights that are not finite are refused."""
+    backbone.pt): the file's own network, its IterNorm included, built once; without its classifier head
+    where `head` is False. Weights that are not finite are refused."""
     ckpt = read_backbone_file(path)
     check_finite(ckpt["state_dict"], path)
-    model = resnet_v2(ckpt["arch"], ckpt["norm"], ckpt["cifar_stem"], ckpt["head_size"], ckpt["ws"])
+    head_size = ckpt["head_size"] if head else 0
+    model = resnet_v2(ckpt["arch"], ckpt["norm"], ckpt["cifar_stem"], head_size, ckpt["ws"])
     if ckpt.get("whiten"):
         whiten(model, at=whiten_placement(ckpt["whiten"]))
+    state = {k: v for k, v in ckpt["state_dict"].items() if head or not k.startswith("head.")}
     try:
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise WeightsError(
             f"{path}: its state_dict does not fit a {ckpt['arch']}/{ckpt['norm']}: {' '.join(str(e).split())}"
@@ -417,7 +421,364 @@ def check_bit_file(name, path):
     load_npz(model, path)
 
 
-# ------------------------------------------------ before a second pretraining: reconstructions of Ciga et al.
+WHITEN_AT = ("branch", "final")  # where whiten puts the IterNorm
+
+
+class IterNorm(nn.Module):
+    """Iterative Normalization (Huang et al., CVPR 2019, Algorithm 1): ZCA whitening of a (N, C, H, W) input
+    over all N*H*W positions, one group of all C channels (Hassanpour et al.'s code, Jamshidhsp/med_selfsup:
+    IterNorm(2048) with its defaults num_groups=1, T=5, eps 1e-5, momentum 0.1), then a
+    learnable per-channel affine. Sigma = cov + eps I is divided by its trace, so that Newton's iterations
+    P_(k+1) = 1.5 P_k - 0.5 P_k^3 Sigma_N from P_0 = I converge (every eigenvalue of Sigma_N is in (0, 1]);
+    Sigma^(-1/2) ~ P_T / sqrt(tr Sigma). With T = 5 the whitening is partial along the smallest eigenvalues, a
+    trade-off Huang et al. chose: only matrix products, whose gradient stays stable where an
+    eigendecomposition's does not, and no exact whitening of a small batch. Keep T small: this (uncoupled)
+    Newton iteration amplifies rounding errors; in float32, on a 6 x 6 covariance of condition number 6, its
+    error fell to 1e-5 after 10 iterations, rose to 0.08 after 20 and was NaN after 40; at condition number
+    430 it blew up within 10 (measured). Eval mode uses running averages of the mean and of the whitening
+    matrix (momentum 0.1; None: a cumulative average, as BatchNorm's, for estimating them over a dataset).
+    Computed in float32 under autocast. Under DDP the mean and the covariance are those of the global batch,
+    as SyncBatchNorm's statistics are (see batch_moments): 4 GPUs x 32 images x 49 positions of a 7 x 7 map
+    give each process 1,568 samples for 2,048 channels, a covariance of deficient rank, and results would
+    change with the number of GPUs. As SyncBatchNorm, it all-reduces only once it is distributed
+    (synchronise_whitening gives it a process group, as convert_sync_batchnorm makes a SyncBatchNorm): before
+    that, when process 0 alone estimates the statistics of the epoch-0 row, it whitens its own batch."""
+
+    def __init__(self, num_features, iterations=5, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.num_features, self.iterations, self.eps, self.momentum = num_features, iterations, eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_whitening", torch.eye(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0))
+        self.process_group = None  # the processes whose batches it whitens together (synchronise_whitening)
+
+    def reset_running_stats(self):
+        self.running_mean.zero_()
+        self.running_whitening.copy_(torch.eye(self.num_features))
+        self.num_batches_tracked.zero_()
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        with torch.autocast(x.device.type, enabled=False):
+            columns = x.float().transpose(0, 1).reshape(c, -1)  # (C, N*H*W): one column per position
+            if self.training:
+                mean, centred, covariance = batch_moments(columns, self.process_group)
+                sigma = covariance + self.eps * torch.eye(c, device=x.device)
+                whitening = inverse_sqrt_newton(sigma, self.iterations)
+                self.update_running_stats(mean, whitening)
+            else:
+                centred = columns - self.running_mean[:, None]
+                whitening = self.running_whitening
+            out = (whitening @ centred).reshape(c, n, h, w).transpose(0, 1)
+        return (out * self.weight[:, None, None] + self.bias[:, None, None]).to(x.dtype)
+
+    @torch.no_grad()
+    def update_running_stats(self, mean, whitening):
+        self.num_batches_tracked += 1
+        momentum = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
+        self.running_mean.lerp_(mean[:, 0], momentum)
+        self.running_whitening.lerp_(whitening, momentum)
+
+
+def synchronise_whitening(module, process_group=None):
+    """IterNorm's convert_sync_batchnorm: from now on every IterNorm in `module` whitens the batch of all the
+    processes of `process_group` (default: all of them). pretrain.distribute calls it as it makes the model
+    DDP, so that the IterNorm's collectives run only in the distributed model's forward, which every process
+    runs; code that process 0 runs alone (the epoch-0 row) meets an IterNorm that issues none, and
+    estimate_bn_statistics refuses a synchronised one as it refuses a SyncBatchNorm. Returns the
+    module."""
+    for norm in module.modules():
+        if isinstance(norm, IterNorm):
+            norm.process_group = dist.group.WORLD if process_group is None else process_group
+    return module
+
+
+class AllReduce(torch.autograd.Function):
+    """The sum of a tensor over the processes of `group`; its gradient is the sum of the processes'
+    gradients, since every process's loss depends on the sum."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, group=group)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllReduce.apply(grad, ctx.group), None
+
+
+def batch_moments(columns, process_group=None):
+    """(mean, centred columns, biased covariance) of the columns (C, M), over the columns of every process of
+    `process_group` where one is given (None: this process's alone): the sums and the count, then the centred
+    scatter matrix, are all-reduced (two passes: no cancellation of E[xx^T] - mm^T). The all_reduce's backward
+    all-reduces the gradient (AllReduce), so each process's positions receive the gradient of every process's
+    loss, as SyncBatchNorm's backward does."""
+    sums = torch.cat([columns.sum(1), columns.new_tensor([columns.shape[1]])])
+    if process_group is not None:
+        sums = AllReduce.apply(sums, process_group)
+    mean = (sums[:-1] / sums[-1])[:, None]
+    centred = columns - mean
+    scatter = centred @ centred.T
+    if process_group is not None:
+        scatter = AllReduce.apply(scatter, process_group)
+    return mean, centred, scatter / sums[-1]
+
+
+def inverse_sqrt_newton(sigma, iterations):
+    """Sigma^(-1/2) by Newton's iterations on the trace-normalised Sigma (Huang et al. 2019, Algorithm 1)."""
+    trace = sigma.diagonal().sum()
+    sigma_n, p = sigma / trace, torch.eye(len(sigma), device=sigma.device, dtype=sigma.dtype)
+    for _ in range(iterations):
+        p = 1.5 * p - 0.5 * torch.linalg.matrix_power(p, 3) @ sigma_n
+    return p / trace.sqrt()
+
+
+def whiten(backbone, iterations=5, at="branch"):
+    """Hassanpour et al.'s feature decorrelation, an IterNorm in the backbone. Their code (Jamshidhsp/
+    med_selfsup, mmselfsup/models/backbones/resnet.py: `self.layer4[-1].bn3 = IterNorm(2048)`) replaces the
+    last BatchNorm of the last bottleneck's residual branch of a post-activation ResNet-50: that unit outputs
+    relu(IterNorm(branch) + identity). BiT's units are pre-activation: the branch ends with conv3, whose
+    output is added to the shortcut un-normalised, and the norm in front of conv3 (norm3) normalises the
+    512-channel middle of the branch, not its 2048-channel output. at="branch" (the default, the source's
+    placement mapped onto BiT) puts the IterNorm at the end of the last unit's branch, on conv3's output:
+    the unit outputs IterNorm(branch) + shortcut, the same tensor of the same width whitened as in the source,
+    and the final norm (BatchNorm) and ReLU follow as in every BiT. at="final" (this project's earlier
+    placement, kept to load the files it wrote) replaces the final norm, so that the pooled features
+    themselves are whitened. A GroupNorm backbone is refused: --norm gn means BiT as released, whose features
+    depend on each image alone, in train and eval mode alike; a whitening layer brings batch statistics and
+    running averages into it, which is the BatchNorm network's way (--norm bn: the kind Hassanpour et al.
+    whiten)."""
+    if backbone.norm_kind == "gn":
+        raise UserError("--whiten: needs a BatchNorm backbone (--norm bn); --norm gn is BiT as released")
+    device = backbone.norm.weight.device
+    if at == "branch":
+        last = backbone.blocks[-1][-1]
+        last.branch_norm = IterNorm(last.conv3.out_channels, iterations).to(device)
+    elif at == "final":
+        backbone.norm = IterNorm(backbone.num_features, iterations).to(device)
+    else:
+        raise UserError(f"--whiten {at}: expected one of {', '.join(WHITEN_AT)}")
+    backbone.whitened = at  # recorded by save_backbone, so that load_backbone builds the same network
+    return backbone
+
+
+def whiten_placement(recorded):
+    """Where a backbone file's or a run's `whiten` puts the IterNorm: files and runs written before the
+    placement could be chosen record True, and whitened the final norm."""
+    return "final" if recorded is True else recorded
+
+
+def build_backbone(init="scratch", arch="r50x1", norm="bn", cifar_stem=False, ws=True, zero_init=False):
+    """The backbone that `--init scratch | bit-s | bit-m | FILE.npz | FILE.pt` names, for every script; BiT-S
+    and BiT-M are fetched into $BIT_CACHE when they are not there (bit_file)."""
+    if init.endswith(".pt"):  # the file's own network (a whitened one with its IterNorm)
+        model, meta = load_backbone(init, head=False)
+        found = (meta["arch"], meta["norm"], meta["cifar_stem"], meta["ws"])
+        asked = (arch, norm, cifar_stem, ws)
+        if found != asked:
+            raise WeightsError(
+                f"{init} holds (arch, norm, cifar_stem, ws) = {found}, but {asked} was asked for"
+            )
+        return zero_init_last(model) if zero_init else model
+    model = resnet_v2(arch, norm, cifar_stem, ws=ws)
+    if init in ("bit-s", "bit-m"):
+        load_npz(model, bit_file(f"BiT-{init[-1].upper()}-R{arch[1:]}"))
+    elif init.endswith(".npz"):
+        load_npz(model, init)
+    elif init != "scratch":
+        raise WeightsError(
+            f"--init {init!r}: expected scratch, bit-s, bit-m, a BiT .npz or a .pt backbone file"
+        )
+    return zero_init_last(model) if zero_init else model
+
+
+def add_backbone_args(parser, norm_default):
+    """--arch, --norm, --cifar-stem, --no-ws: the same flags, with the same meaning, in every script. A
+    checkpoint records its own; see resolve_backbone_args. Each is None where not given, so that a flag can be
+    told from the checkpoint's value."""
+    group = parser.add_argument_group("backbone")
+    group.add_argument("--arch", choices=ARCHS, help="BiT size (default r50x1, or the checkpoint's)")
+    group.add_argument(
+        "--norm",
+        choices=("bn", "gn"),
+        help=f"default {norm_default} (or the checkpoint's). bn: the paper's fix; gn: BiT as released, "
+        "which collapses inside SimSiam (paper Fig. 1)",
+    )
+    group.add_argument(
+        "--cifar-stem",
+        action=argparse.BooleanOptionalAction,
+        help="3x3 stride-1 root conv, no max-pool (paper §4.2); default: on for images <= 64 px",
+    )
+    group.add_argument(
+        "--no-ws",
+        dest="ws",
+        action="store_const",
+        const=False,
+        help="plain convs instead of weight-standardised (default: standardised, or the checkpoint's)",
+    )
+
+
+def resolve_backbone_args(args, norm_default, default_size, recorded=None, source=None):
+    """Fill in --arch, --norm, --cifar-stem, --no-ws and --image-size: what the flag says, else what the
+    checkpoint `source` records (`recorded`: its metadata), else the script's default."""
+    recorded = recorded or {}
+    check_flags_against(recorded, source, args.arch, args.norm, args.cifar_stem, args.ws, args.image_size)
+    if args.image_size is None:
+        args.image_size = recorded.get("image_size", default_size)
+    args.arch = args.arch or recorded.get("arch", "r50x1")
+    args.norm = args.norm or recorded.get("norm", norm_default)
+    if args.cifar_stem is None:
+        args.cifar_stem = recorded.get("cifar_stem", args.image_size <= 64)
+    if args.ws is None:  # BiT standardises every conv (google-research/big_transfer, bit_pytorch/models.py)
+        args.ws = recorded.get("ws", True)
+
+
+def check_flags_against(recorded, source, arch=None, norm=None, cifar_stem=None, ws=None, image_size=None):
+    """The backbone flags given (None: not given) against what the checkpoint `source` records: one that
+    contradicts it is an error for the network's shape; for the image size, a warning (evaluating at another
+    resolution can be deliberate)."""
+    for flag, given in (("arch", arch), ("norm", norm), ("cifar_stem", cifar_stem), ("ws", ws)):
+        if flag in recorded and given is not None and given != recorded[flag]:
+            spelt = {"cifar_stem": f"--{'' if given else 'no-'}cifar-stem", "ws": "--no-ws"}
+            raise WeightsError(
+                f"{spelt.get(flag, f'--{flag} {given}')}: {source} holds a backbone with "
+                f"{flag} = {recorded[flag]}; leave the flag out to use it"
+            )
+    if image_size is not None and recorded.get("image_size", image_size) != image_size:
+        print(
+            f"warning: --image-size {image_size}, but {source} was pretrained at {recorded['image_size']} px"
+        )
+
+
+@torch.no_grad()
+def embed(backbone, images, device, batch_size=256):
+    """Backbone features (N, D), float32, of uint8 images (N, 3, H, W), in eval mode."""
+    backbone.eval()
+    with autocast(device):
+        features = [
+            backbone(to_input(images[i : i + batch_size], device)).float()
+            for i in range(0, len(images), batch_size)
+        ]
+    return torch.cat(features)
+
+
+@torch.no_grad()
+def estimate_bn_statistics(backbone, images, device, batch_size=256):
+    """Fresh BatchNorm statistics (mean 0, var 1) make an untrained or BiT-initialised BN network meaningless
+    in eval mode: replace them by their average over `images`, taken in train mode. Training itself never
+    reads them. Norms of one process only: a SyncBatchNorm would all-gather, a synchronised IterNorm
+    all-reduce, collectives that one process must not start alone."""
+    norms = [m for m in backbone.modules() if hasattr(m, "reset_running_stats")]  # BatchNorm, IterNorm
+    if any(isinstance(m, nn.SyncBatchNorm) or getattr(m, "process_group", None) is not None for m in norms):
+        raise ValueError(
+            "estimate_bn_statistics before the model is distributed (convert_sync_batchnorm, "
+            "synchronise_whitening), not after"
+        )
+    momenta, was_training = [m.momentum for m in norms], backbone.training
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches
+    backbone.train()
+    with autocast(device):
+        for i in range(0, len(images), batch_size):
+            backbone(to_input(images[i : i + batch_size], device))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    backbone.train(was_training)
+
+
+def rankme(features, eps=1e-7):
+    """RankMe (Garrido et al., ICML 2023, Eq. 1): exp(entropy of p), p_k = sigma_k / sum(sigma) + eps, sigma
+    the singular values of the raw embedding matrix (neither centred nor normalised). About 1 when every
+    embedding lies on one line (collapse), up to min(N, D) when they fill every dimension."""
+    sigma = torch.linalg.svdvals(features.double())
+    p = sigma / sigma.sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def untrained_statistics(backbone, meta):
+    """Whether a backbone's BatchNorm statistics are not its own: a BatchNorm backbone that never trained
+    (scratch, BiT, a converted BiT file) has none yet. Pretrained ones record their epoch (`meta`: what the
+    backbone file records) and keep the statistics they trained with."""
+    return "epoch" not in meta and backbone.norm_kind == "bn"
+
+
+def estimate_statistics_if_untrained(backbone, meta, data, split, image_size, device):
+    """A backbone whose BatchNorm statistics are not its own (untrained_statistics) gets them from the train
+    part's images."""
+    if untrained_statistics(backbone, meta):
+        estimate_bn_statistics(backbone, eval_images(data, indices(data, split, "train"), image_size), device)
+
+
+def part_features(backbone, identity, data, split, part, image_size, cache_dir, workers, device):
+    """(features, labels) of one part with the evaluation view, from the cache when the same backbone
+    (`identity`), split and image size were embedded before; a changed checkpoint has other bytes, hence
+    another key."""
+    key = hashlib.sha256(f"{identity} {split_digest(split)} {image_size}".encode()).hexdigest()[:24]
+    path = cache_dir / "features" / f"{key}-{part}.pt"
+    index = indices(data, split, part)
+    labels = torch.as_tensor(data.labels[index])
+    features = cached_features(path, labels)
+    if features is not None:
+        return check_features(features, part), labels
+    images = eval_images(data, index, image_size, workers)
+    features = check_features(embed(backbone, images, device).cpu(), part)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic({"features": features, "labels": labels, "sha256": checksum(features)}, path)
+    except OSError as e:  # a full disk is a UserError of save_atomic's already
+        raise DataError(f"--cache-dir {cache_dir}: cannot write the features there ({e.strerror})") from None
+    return features, labels
+
+
+def check_features(features, part):
+    """Features with a NaN or an infinity would train and score a classifier on nothing (a balanced accuracy
+    of one class in n, as if it were a result): refused."""
+    bad = int((~torch.isfinite(features)).sum())
+    if bad:
+        raise WeightsError(
+            f"the backbone's features of the {part} part hold {bad} value(s) that are NaN or infinite "
+            "(weights or BatchNorm statistics that overflow?): nothing to evaluate"
+        )
+    return features
+
+
+def cached_features(path, labels):
+    """The features cached at `path` for images with these `labels`, or None where the file is absent or
+    damaged (truncated, overwritten, a pickle that would run code: weights_only refuses it unread): such a
+    cache is embedded again, never read. torch.load does not check the bytes of a tensor, hence the SHA-256
+    recorded beside them."""
+    try:
+        require_regular_file(path)  # a FIFO there: embedded again, not waited on
+        cached = torch.load(path, weights_only=True)
+        features, whole = cached["features"], torch.equal(cached["labels"], labels)
+        return features if whole and cached["sha256"] == checksum(features) else None
+    except Exception:  # noqa: BLE001 (a damaged file fails in many ways; each means "embed again")
+        return None
+
+
+def saved_backbone(ckpt):
+    """(backbone, metadata, a name for figures, what identifies it for the feature cache) of a backbone file
+    that pretrain.py or bit_convert.py wrote."""
+    backbone, meta = load_backbone(ckpt)
+    name = f"{ckpt.parent.name}/{ckpt.stem}" + (f", epoch {meta['epoch']}" if "epoch" in meta else "")
+    return backbone, meta, name, sha256(ckpt)
+
+
+def initial_backbone(init, arch, norm, cifar_stem, ws, seed):
+    """The same for the network that --init names (scratch, bit-s, bit-m, FILE.npz), as built before any
+    pretraining; `seed` draws the scratch network."""
+    torch.manual_seed(seed)  # the scratch floor is one random network
+    backbone = build_backbone(init, arch, norm, cifar_stem, ws)
+    name = {"bit-s": "BiT-S", "bit-m": "BiT-M"}.get(init, init) + (
+        f" {norm}, untrained" if init == "scratch" else f" {norm}, as released"
+    )
+    identity = hashlib.sha256(repr((init, arch, norm, cifar_stem, ws, seed)).encode())
+    return backbone, {"init": init}, name, identity.hexdigest()
 
 
 def main():

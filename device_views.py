@@ -1,6 +1,6 @@
 """Each method's views drawn in batches on the device that holds the images (a GPU, or the CPU), with the
-augmentations of views.py: the same recipes, torchvision's distribution of every random parameter, and
-torchvision's tensor operations' pixels.
+augmentations of the loader's views (datasets.py, ssl_methods.py): the same recipes, torchvision's
+distribution of every random parameter, and torchvision's tensor operations' pixels.
 
 Two halves. `draw_params` draws each view's random parameters on the CPU, one row per image, from a generator
 seeded by (image seed, draw) alone, by torchvision's own `make_params` (RandomResizedCrop, ColorJitter,
@@ -24,30 +24,37 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-# ------------------------------------------------------------------------------------------------ the recipes
-
-# Images of this size or smaller get no blur: views.py's rule for every method (SimSiam's CIFAR recipe).
+# Images of this size or smaller get no blur: the loader's rule for every method (SimSiam's CIFAR recipe).
 SMALL_IMAGE = 32
-# torchvision's RandomHorizontalFlip() default, as views.py (and SimSiam's main_simsiam.py) use it.
+
+
+# torchvision's RandomHorizontalFlip() default, as the loader's views (and SimSiam's main_simsiam.py) use it.
 FLIP_P = 0.5
-# The blur's sigma range, in pixels: SimSiam's loader.py GaussianBlur([.1, 2.]) (views.RandomGaussianBlur) and
-# SimCLR's data_util.py random_blur (tf.random.uniform([], 0.1, 2.0)).
+
+
+# The blur's sigma range, in pixels: SimSiam's loader.py GaussianBlur([.1, 2.]) (datasets.RandomGaussianBlur)
+# and SimCLR's data_util.py random_blur (tf.random.uniform([], 0.1, 2.0)).
 BLUR_SIGMA = (0.1, 2.0)
-# Taps on each side of the blur kernel: 4 sigma at sigma's largest (2.0). views.py blurs with PIL's
-# untruncated Gaussian; a kernel cut at 4 sigma drops 2 * Phi(-4) = 6e-5 of its weight, under 0.02 of a grey
-# level. (At 224 px SimCLR's data_util.py and SwAV's src/multicropdataset.py cut theirs at 23 taps.)
+
+
+# Taps on each side of the blur kernel: 4 sigma at sigma's largest (2.0). The loader's views (datasets.py,
+# ssl_methods.py) blur with PIL's untruncated Gaussian; a kernel cut at 4 sigma drops 2 * Phi(-4) = 6e-5 of
+# its weight, under 0.02 of a grey level. (At 224 px SimCLR's data_util.py and SwAV's src/multicropdataset.py
+# cut theirs at 23 taps.)
 BLUR_RADIUS = 8
-# BYOL's solarisation threshold (Grill et al. 2020, Table 6; views.byol_view's RandomSolarize(128)), on the
-# 0..255 scale: pixels at or above it are inverted.
+
+
+# BYOL's solarisation threshold (Grill et al. 2020, Table 6; ssl_methods.byol_view's RandomSolarize(128)), on
+# the 0..255 scale: pixels at or above it are inverted.
 SOLARISE_THRESHOLD = 128
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """One augmentation of views.py as numbers: crop, flip (FLIP_P), colour jitter applied with jitter_p in a
-    random order, greyscale, blur, solarisation, in that order. views.simsiam_view flips last rather than
-    second; a flip commutes with every step after it (pointwise, or a symmetric kernel with symmetric
-    padding), so the views are the same."""
+    """One augmentation of the loader's views (datasets.py, ssl_methods.py) as numbers: crop, flip (FLIP_P),
+    colour jitter applied with jitter_p in a random order, greyscale, blur, solarisation, in that order.
+    datasets.simsiam_view flips last rather than second; a flip commutes with every step after it (pointwise,
+    or a symmetric kernel with symmetric padding), so the views are the same."""
 
     scale: tuple  # RandomResizedCrop's range of the crop's area, as a fraction of the image's
     jitter: tuple  # ColorJitter's (brightness, contrast, saturation, hue) strengths
@@ -57,10 +64,10 @@ class Recipe:
     solarise_p: float = 0.0
     size_ratio: tuple = (1, 1)  # the view's size / the image size (SwAV's small crops: 96/224)
     small_strength: float = 1.0  # the jitter strengths are multiplied by this at or below SMALL_IMAGE px
-    located: bool = False  # also return where the view came from (views.LocatedCrop)
+    located: bool = False  # also return where the view came from (ssl_methods.LocatedCrop)
 
     def output_size(self, size):
-        """The view's side in pixels for images of `size` (views.swav_view rounds it the same way)."""
+        """The view's side in pixels for images of `size` (ssl_methods.swav_view rounds it the same way)."""
         return max(1, round(size * self.size_ratio[0] / self.size_ratio[1]))
 
     def jitter_at(self, size):
@@ -70,27 +77,30 @@ class Recipe:
         return self.blur_p if size > SMALL_IMAGE else 0.0
 
 
-SIMSIAM = Recipe(  # Chen & He 2021, §4; facebookresearch/simsiam main_simsiam.py; views.simsiam_view
+SIMSIAM = Recipe(  # Chen & He 2021, §4; facebookresearch/simsiam main_simsiam.py; datasets.simsiam_view
     scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5
 )
+
+
 STRENGTH_1 = (0.8, 0.8, 0.8, 0.2)  # SimCLR's colour distortion of strength 1 (Chen et al. 2020, App. A)
-RECIPES = {  # by the names of views.VIEWS, which methods.py's views tuples use
+
+
+RECIPES = {  # by the names of ssl_methods.VIEWS, which the methods' views tuples use
     "simsiam": SIMSIAM,
-    # Chen et al. 2020, App. A; google-research/simclr data_util.py; views.simclr_view
+    # Chen et al. 2020, App. A; google-research/simclr data_util.py; ssl_methods.simclr_view
     "simclr": Recipe(scale=(0.08, 1.0), jitter=STRENGTH_1, blur_p=0.5, small_strength=0.5),
     # Grill et al. 2020, Table 6: view 1 always blurred, never solarised; view 2 blurred with p = 0.1,
-    # solarised with p = 0.2; views.byol_view
+    # solarised with p = 0.2; ssl_methods.byol_view
     "byol1": Recipe(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0),
     "byol2": Recipe(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.1, solarise_p=0.2),
     # Caron et al. 2020, §3.2; facebookresearch/swav main_swav.py (crops 224 and 96, scales (0.14, 1) and
-    # (0.05, 0.14)) and src/multicropdataset.py (strength 1, blur p = 0.5); views.swav_view
+    # (0.05, 0.14)) and src/multicropdataset.py (strength 1, blur p = 0.5); ssl_methods.swav_view
     "swav": Recipe(scale=(0.14, 1.0), jitter=STRENGTH_1, blur_p=0.5),
     "swav_small": Recipe(scale=(0.05, 0.14), jitter=STRENGTH_1, blur_p=0.5, size_ratio=(96, 224)),
-    # MoCo v2's view (SimSiam's) with its crop box and flip, for the local loss; views.located_view
+    # MoCo v2's view (SimSiam's) with its crop box and flip, for the local loss; ssl_methods.located_view
     "located": dataclasses.replace(SIMSIAM, located=True),
 }
 
-# ------------------------------------------------------------------------------ the random parameters (CPU)
 
 # One row of parameters per view. order_1..4: the jitter's operations in the order applied (0 brightness,
 # 1 contrast, 2 saturation, 3 hue: ColorJitter's fn_idx); the four factors are 1, 1, 1, 0 (no change) where
@@ -99,7 +109,11 @@ COLUMNS = (
     "top", "left", "height", "width", "flipped", "jittered", "order_1", "order_2", "order_3", "order_4",
     "brightness", "contrast", "saturation", "hue", "grey", "sigma", "solarised",
 )  # fmt: skip
+
+
 COLUMN = {name: i for i, name in enumerate(COLUMNS)}
+
+
 NO_JITTER = [0, 0, 1, 2, 3, 1.0, 1.0, 1.0, 0.0]  # jittered, order_1..4, brightness..hue
 
 
@@ -121,7 +135,9 @@ def draw_params(name, size, image_seeds, draw, height, width):
     probability tests (`torch.rand(1) < p`, as RandomApply and the Random* transforms skip when `>= p`). The
     caller's random state is left as it was."""
     recipe = RECIPES[name]
-    crop = v2.RandomResizedCrop(recipe.output_size(size), scale=recipe.scale)  # ratio (3/4, 4/3): views.py's
+    crop = v2.RandomResizedCrop(
+        recipe.output_size(size), scale=recipe.scale
+    )  # ratio (3/4, 4/3): the loader's
     jitter = v2.ColorJitter(*recipe.jitter_at(size))
     blur = v2.GaussianBlur(2 * BLUR_RADIUS + 1, BLUR_SIGMA)
     blur_p = recipe.blur_at(size)
@@ -155,16 +171,13 @@ def draw_params(name, size, image_seeds, draw, height, width):
     return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(COLUMNS))
 
 
-# ----------------------------------------------------------------------------------- the pixels (any device)
-
-
 def render(images, params, name, size):
     """The views of a batch: `images` uint8 (N, 3, H, W) on any device, `params` their draw_params rows (on
     the CPU). Returns uint8 (N, 3, S, S) views on the images' device, S the recipe's output size; a located
     recipe returns (views, where), where float32 (N, 5) = (x0, y0, x1, y1, flipped), the crop box in the
-    source image's normalised coordinates, as views.LocatedCrop gives it. Computed in float32 in [0, 1] as
-    torchvision's tensor operations compute float images, rounded to uint8 once at the end (views.py's PIL
-    steps round at every step)."""
+    source image's normalised coordinates, as ssl_methods.LocatedCrop gives it. Computed in float32 in [0, 1]
+    as torchvision's tensor operations compute float images, rounded to uint8 once at the end (the loader's
+    PIL steps round at every step)."""
     recipe, device = RECIPES[name], images.device
     on_device = (params.pin_memory() if device.type == "cuda" else params).to(device, non_blocking=True)
     x = resized_crops(images, on_device, recipe.output_size(size))
@@ -177,7 +190,7 @@ def render(images, params, name, size):
 
 
 def draw_views(images, image_seeds, names, size):
-    """One method's views of a batch (`names`: its views tuple, methods.py), view d from draw d: draw_params
+    """One method's views of a batch (`names`: its views tuple), view d from draw d: draw_params
     then render, as a training step would call them."""
     height, width = images.shape[-2:]
     return [

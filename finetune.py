@@ -30,14 +30,11 @@ from sklearn.model_selection import train_test_split
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+import bit_common
+import bit_convert
 import datasets
-import evaluation
-import runs
-import splits
-import views
-from backbones import add_backbone_args, check_flags_against, resolve_backbone_args
-from bit_convert import check_finite, read_backbone_file
-from common import (
+import linear_eval
+from bit_common import (
     FRACTION,
     MOMENTUM,
     NON_NEGATIVE,
@@ -48,6 +45,7 @@ from common import (
     UserError,
     amp_dtype,
     autocast,
+    check_finite,
     check_trial_seeds,
     device_name,
     path_arg,
@@ -55,21 +53,36 @@ from common import (
     to_input,
     to_json,
 )
-from evaluation import focal_loss, initial_backbone, saved_backbone, scores, write_results
-from interventions import IterNorm
+from bit_convert import (
+    IterNorm,
+    add_backbone_args,
+    check_flags_against,
+    initial_backbone,
+    read_backbone_file,
+    resolve_backbone_args,
+    saved_backbone,
+)
+from linear_eval import focal_loss, scores, write_results
 
 # On --resume the run's own args.json is used, but for these, which come from the machine and the command line
 NOT_RESTORED = {"resume", "force", "device", "workers", "out"}
+
+
 MAY_CHANGE = NOT_RESTORED | {"download", "data_root", "cache_dir"}  # any other difference is an error
+
+
 RUN_FILES = ("args.json", "last.pt", "metrics.csv", "results.json")  # set aside by a new run in --out
+
+
 # our choice, not tuned: BiT-HyperRule (Kolesnikov et al. §3.3; big_transfer bit_hyperrule.py and
 # bit_common.py) is SGD lr 0.003 at batch 512, 100 warm-up steps, then x0.1 at steps 200, 300 and 400 of 500
 RESOLVED = {"arch", "norm", "cifar_stem", "ws", "image_size", "lr"}  # a run records a value for each
+
+
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-4}
+
+
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, IterNorm)  # every kind, frozen in eval
-
-
-# ------------------------------------------------------------------------------------ quarters and strategies
 
 
 def quarter_bounds(units_per_block):
@@ -159,13 +172,10 @@ class FineTuned(nn.Module):
         return self.head(torch.cat([body(x) for body in self.bodies], 1))
 
 
-# ----------------------------------------------------------------------------------------------------- data
-
-
 def train_subset(data, split, fraction, seed):
     """--train-fraction: a stratified subset of the `train` part (scikit-learn's train_test_split), drawn from
     the trial's seed alone, so that every strategy at that seed trains on the same images."""
-    index = splits.indices(data, split, "train")
+    index = datasets.indices(data, split, "train")
     if fraction == 1:
         return index
     try:
@@ -188,12 +198,12 @@ def train_view(size):
 def train_loader(data, index, seed, args, device):
     """Batches of augmented train images in the order and with the views that the trial's seed and the epoch
     fix (SeededSampler): a resumed run sees the batches it would have seen."""
-    images = views.ImageSet(data, index, [train_view(args.image_size)])
+    images = datasets.ImageSet(data, index, [train_view(args.image_size)])
     if len(images) < args.batch_size:
         raise UserError(
             f"--batch-size {args.batch_size}: more than the {len(images)} train images fine-tuned on"
         )
-    sampler = views.SeededSampler(images, 1, 0, shuffle=True, seed=seed)
+    sampler = datasets.SeededSampler(images, 1, 0, shuffle=True, seed=seed)
     loader = torch.utils.data.DataLoader(
         images,
         args.batch_size,
@@ -201,7 +211,7 @@ def train_loader(data, index, seed, args, device):
         num_workers=args.workers,
         drop_last=True,  # a batch of one would break BatchNorm in train mode
         pin_memory=device.type == "cuda",
-        worker_init_fn=runs.ignore_signals,
+        worker_init_fn=bit_common.ignore_signals,
     )
     return loader, sampler, len(images) // args.batch_size
 
@@ -214,9 +224,6 @@ def predict(model, images, device, batch_size=256):
             model(to_input(images[i : i + batch_size], device)) for i in range(0, len(images), batch_size)
         ]
     return torch.cat(logits).argmax(1).cpu().numpy()
-
-
-# --------------------------------------------------------------------------------------------------- training
 
 
 def build_model(backbones, args, n_classes, seed, device):
@@ -236,7 +243,7 @@ def make_optimizer(model, args):
 
 def learning_rate(done, total, args):
     """A cosine from --lr to 0 over the trial's steps, no warm-up."""
-    return evaluation.cosine_lr(args.lr, done, total)
+    return linear_eval.cosine_lr(args.lr, done, total)
 
 
 def train_step(model, images, labels, optimizer, scaler, args, device):
@@ -282,17 +289,17 @@ def save_checkpoint(args, progress, model, optimizer, scaler, identities):
         "args": to_json(args),
         "backbones": identities,
     }
-    runs.save_last(state, args.out)
+    bit_common.save_last(state, args.out)
 
 
 def read_checkpoint(args, progress, files, identities):
-    """--resume: DIR/last.pt checked (runs.read_checkpoint, the progress against a fresh one's, the best
+    """--resume: DIR/last.pt checked (bit_common.read_checkpoint, the progress against a fresh one's, the best
     weights finite), made with the very backbone files given (a file replaced since is refused: the later
     trials would start from other weights); its progress loaded into `progress`."""
     path = args.out / "last.pt"
     keys = ("model", "optimizer", "scaler", "progress", "args")
-    saved = runs.read_checkpoint(args, MAY_CHANGE | splits.SETTINGS, keys)
-    runs.check_progress(saved["progress"], progress.state_dict(), path)
+    saved = bit_common.read_checkpoint(args, MAY_CHANGE | datasets.SETTINGS, keys)
+    bit_common.check_progress(saved["progress"], progress.state_dict(), path)
     changed = [f for f, a, b in zip(files, saved.get("backbones", identities), identities) if a != b]
     if changed:
         raise UserError(
@@ -323,13 +330,13 @@ def train_trial(model, data, split, parts, args, progress, stop, device, identit
     optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     if resumed:  # the best weights first: loaded into the model, they show that they fit it
-        best = [("best_state", lambda: runs.load_module(model, progress.best_state))]
-        runs.load_parts(
+        best = [("best_state", lambda: bit_common.load_module(model, progress.best_state))]
+        bit_common.load_parts(
             args.out / "last.pt",
             best * (progress.best_state is not None)
             + [
-                ("model", lambda: runs.load_module(model, resumed["model"])),
-                ("optimizer", lambda: runs.load_optimizer(optimizer, resumed["optimizer"])),
+                ("model", lambda: bit_common.load_module(model, resumed["model"])),
+                ("optimizer", lambda: bit_common.load_optimizer(optimizer, resumed["optimizer"])),
                 ("scaler", lambda: scaler.load_state_dict(resumed["scaler"])),
             ],
         )
@@ -354,7 +361,7 @@ def train_trial(model, data, split, parts, args, progress, stop, device, identit
         val_score = float(balanced_accuracy_score(val_labels, predict(model, val_images, device)))
         end_epoch(progress, epoch, val_score, steps, time.perf_counter() - tic, model, args, split)
         save_checkpoint(args, progress, model, optimizer, scaler, identities)
-        runs.write_csv(args.out / "metrics.csv", progress.history)
+        bit_common.write_csv(args.out / "metrics.csv", progress.history)
     model.load_state_dict(progress.best_state)
     return {
         "seed": progress.seed,
@@ -368,7 +375,7 @@ def train_trial(model, data, split, parts, args, progress, stop, device, identit
 def end_epoch(progress, epoch, val_score, steps, seconds, model, args, split):
     """The epoch's metrics row; the model's weights kept if its val score is the best so far (the first epoch
     of the best score), or always where val may not select."""
-    score = val_score if splits.selects_on_val(split) else epoch
+    score = val_score if datasets.selects_on_val(split) else epoch
     if score > progress.best_score:
         progress.best_score, progress.best_epoch, progress.best_val = score, epoch, val_score
         progress.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -379,9 +386,6 @@ def end_epoch(progress, epoch, val_score, steps, seconds, model, args, split):
         f"trial {progress.seed}, epoch {epoch}: loss {row['loss']:.4f}, val balanced accuracy {val_score:.4f}"
     )
     progress.epoch, progress.step, progress.loss_sum = epoch + 1, 0, 0.0
-
-
-# -------------------------------------------------------------------------------------------------- arguments
 
 
 def parse_args(argv=None):
@@ -452,8 +456,8 @@ def parse_args(argv=None):
     if args.resume:  # the run's own arguments, but for those the command line may change
         if args.out is None:
             raise UserError("--resume needs --out DIR, the directory of the run to continue")
-        args, saved = runs.restored_args(parser, argv, args.out, NOT_RESTORED, RESOLVED)
-        runs.refuse_changes(args, saved, MAY_CHANGE)
+        args, saved = bit_common.restored_args(parser, argv, args.out, NOT_RESTORED, RESOLVED)
+        bit_common.refuse_changes(args, saved, MAY_CHANGE)
         check_args(args)  # the same checks as a new run's
         return args
     check_args(args)
@@ -497,9 +501,6 @@ def resolve_backbones(args):
         check_flags_against(record, path, *given, args.image_size)
 
 
-# ------------------------------------------------------------------------------------------------------- main
-
-
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -515,24 +516,24 @@ def main(argv=None):
         raise UserError(
             f"--batch-size {args.batch_size}: a BatchNorm backbone trains on batches of two images or more"
         )
-    split, split_file = splits.pretraining_split(
+    split, split_file = datasets.pretraining_split(
         data, args.split_file, files[0] if files else None, metas, args.split, args.split_seed, args.split_by
     )
-    args.split, args.split_seed, args.split_by = splits.settings(split)  # args.json records those used
-    lock = runs.claim_output(args, RUN_FILES)  # noqa: F841 (held until the process ends)
+    args.split, args.split_seed, args.split_by = datasets.settings(split)  # args.json records those used
+    lock = bit_common.claim_output(args, RUN_FILES)  # noqa: F841 (held until the process ends)
     backbones = [backbone.to(device) for backbone, _, _, _ in loaded]
     for backbone, meta in zip(backbones, metas):
-        evaluation.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
+        bit_convert.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
     parts = []
     for part in ("val", "test"):
-        index = splits.indices(data, split, part)
-        parts.append((views.eval_images(data, index, args.image_size, args.workers), data.labels[index]))
+        index = datasets.indices(data, split, part)
+        parts.append((datasets.eval_images(data, index, args.image_size, args.workers), data.labels[index]))
     progress, resumed = Progress(args.seed), None
     identities = [identity for _, _, _, identity in loaded]
     if args.resume and (args.out / "last.pt").exists():
         resumed = read_checkpoint(args, progress, files, identities)
-    print(splits.summary(data, split, split_file))
-    stop = runs.StopSignal()
+    print(datasets.summary(data, split, split_file))
+    stop = bit_common.StopSignal()
     while progress.seed < args.seed + args.trials:
         model = build_model(backbones, args, len(data.classes), progress.seed, device)
         if progress.seed == args.seed and not resumed:

@@ -16,20 +16,24 @@ import math
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 import torch
 import torch.nn as nn
-from sklearn.metrics import ConfusionMatrixDisplay, balanced_accuracy_score
+import torch.nn.functional as F
+from sklearn.metrics import (
+    ConfusionMatrixDisplay,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    recall_score,
+)
 from sklearn.preprocessing import StandardScaler
 from torchvision.transforms import v2
 
+import bit_convert
 import datasets
-import evaluation
-import splits
-import views
-from backbones import add_backbone_args, resolve_backbone_args
-from bit_convert import read_backbone_file
-from common import (
+from bit_common import (
     MOMENTUM,
     NON_NEGATIVE,
     POSITIVE,
@@ -46,10 +50,16 @@ from common import (
     to_json,
     write_atomic,
 )
-from evaluation import cosine_lr, embed, focal_loss, initial_backbone, saved_backbone, scores, write_results
+from bit_convert import (
+    add_backbone_args,
+    embed,
+    initial_backbone,
+    read_backbone_file,
+    resolve_backbone_args,
+    saved_backbone,
+)
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 def standardiser(features):
@@ -102,9 +112,9 @@ def augmented_features(backbone, data, split, args, device):
     """--augment: a function giving new features of randomly cropped and flipped train images at every
     call."""
     view = v2.Compose([v2.RandomResizedCrop(args.image_size), v2.RandomHorizontalFlip()])
-    train_set = views.ImageSet(data, splits.indices(data, split, "train"), [view])
+    train_set = datasets.ImageSet(data, datasets.indices(data, split, "train"), [view])
     loader = torch.utils.data.DataLoader(train_set, batch_size=256, num_workers=args.workers)
-    return lambda: evaluation.check_features(
+    return lambda: bit_convert.check_features(
         embed(backbone, torch.cat([images for images, _ in loader]), device).cpu(), "train"
     )
 
@@ -239,13 +249,13 @@ def main(argv=None):
         else initial_backbone(args.init, args.arch, args.norm, args.cifar_stem, args.ws, args.seed)
     )
     backbone.to(device).requires_grad_(False)
-    split, split_file = splits.pretraining_split(
+    split, split_file = datasets.pretraining_split(
         data, args.split_file, args.ckpt, [meta], args.split, args.split_seed, args.split_by
     )
-    args.split, args.split_seed, args.split_by = splits.settings(split)  # results.json records those used
-    evaluation.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
+    args.split, args.split_seed, args.split_by = datasets.settings(split)  # results.json records those used
+    bit_convert.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
     train, val, test = (
-        evaluation.part_features(
+        bit_convert.part_features(
             backbone, identity, data, split, part, args.image_size, args.cache_dir, args.workers, device
         )
         for part in ("train", "val", "test")
@@ -255,7 +265,7 @@ def main(argv=None):
     trials = []
     for seed in range(args.seed, args.seed + args.trials):
         classify, epoch = train_linear(
-            train, val, n_classes, args, seed, augmented, splits.selects_on_val(split)
+            train, val, n_classes, args, seed, augmented, datasets.selects_on_val(split)
         )
         with torch.no_grad():
             val_predictions, test_predictions = classify(val[0]).argmax(1), classify(test[0]).argmax(1)
@@ -288,6 +298,49 @@ def main(argv=None):
     display.figure_.tight_layout()
     write_atomic(args.out / "confusion.png", lambda tmp: display.figure_.savefig(tmp, dpi=110, format="png"))
     print(summary)
+
+
+def focal_loss(logits, target, gamma=4.0):
+    """Multi-class focal loss, FL = -(1 - p_t)^gamma log p_t, p_t the softmax probability of the true class
+    (Lin et al. 2017, Eq. 4); gamma = 0 is cross-entropy. Mean over the batch."""
+    log_pt = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
+    return (-((1 - log_pt.exp()) ** gamma) * log_pt).mean()
+
+
+def cosine_lr(peak, done, total):
+    """The lr of a step after `done` of `total` steps: a cosine from `peak` to 0 without warm-up (Loshchilov &
+    Hutter 2017), the schedule of the linear probe and of fine-tuning."""
+    return peak * 0.5 * (1 + math.cos(math.pi * done / total))
+
+
+def scores(truth, predictions, n_classes):
+    """The paper's metrics (§4.4: balanced accuracy, macro F1) and what explains them, from scikit-learn."""
+    labels = list(range(n_classes))
+    return {
+        "balanced_accuracy": float(balanced_accuracy_score(truth, predictions)),
+        "macro_f1": float(f1_score(truth, predictions, labels=labels, average="macro", zero_division=0)),
+        "accuracy": float(np.mean(truth == predictions)),
+        "per_class_recall": recall_score(
+            truth, predictions, labels=labels, average=None, zero_division=0
+        ).tolist(),
+        "confusion": confusion_matrix(truth, predictions, labels=labels).tolist(),
+    }
+
+
+def write_results(out, results, trials):
+    """OUT/results.json, the file `linear_eval.py --compare` draws: `results` (model, checkpoint, data, ...),
+    the trials, and the mean and sample std of their test scores. Returns the line that summarises it."""
+    metrics = ("balanced_accuracy", "macro_f1", "accuracy")
+    mean = {m: float(np.mean([t[m] for t in trials])) for m in metrics}
+    std = {m: float(np.std([t[m] for t in trials], ddof=1)) if len(trials) > 1 else 0.0 for m in metrics}
+    text = json.dumps({**results, "trials": trials, "mean": mean, "std": std}, indent=1) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "results.json", lambda tmp: tmp.write_text(text))
+    return (
+        f"{results['model']}: test balanced accuracy {mean['balanced_accuracy']:.4f} ± "
+        f"{std['balanced_accuracy']:.4f}, macro F1 {mean['macro_f1']:.4f} ± {std['macro_f1']:.4f} over "
+        f"{len(trials)} trial(s); wrote {out / 'results.json'}"
+    )
 
 
 if __name__ == "__main__":

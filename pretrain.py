@@ -1,5 +1,5 @@
 """Self-supervised pretraining of a BiT ResNet-V2: SimSiam (Chen & He, CVPR 2021) as in Lu, Jha & Huo (2021),
-or --method simclr | byol | mocov2 | swav (methods.py).
+or --method simclr | byol | mocov2 | swav (the add-on ssl_methods.py, read only by such a run).
 
     python pretrain.py --init bit-m --data ham10000 --download   # one GPU or CPU; the data and BiT-M once
     torchrun --nproc_per_node=4 pretrain.py --init bit-m --data ham10000 ...               # DDP, same flags
@@ -9,11 +9,10 @@ Every --eval-every epochs a weighted kNN classifier (bank: the `train` part, que
 the representation, as the paper's Fig. 2; `test` is never read here. DIR receives metrics.csv, curves.png,
 args.json, split.json, last.pt (everything to resume), backbone.pt and backbone_epN.pt snapshots (for
 linear_eval.py, tsne.py).
-"""
 
-# The method itself is methods.SimSiam (Chen & He, Eq. 1-3 and Algorithm 1); this file is the loop around it.
-# Reading order: main, the whole run; then its setup, the schedule, the end of an epoch, saving and resuming,
-# and the flags.
+Reading order: SimSiam (its heads and loss; its view is datasets.simsiam_view), main (the whole run), then
+its setup, the schedule, the end of an epoch, saving and resuming, the flags, and the kNN monitor.
+"""
 
 import argparse
 import math
@@ -25,19 +24,17 @@ from datetime import timedelta
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score
 from tqdm import tqdm
 
+import bit_common
 import datasets
-import methods
-import runs
-import splits
-import views
-from backbones import add_backbone_args, build_backbone, resolve_backbone_args
-from bit_convert import read_backbone_file, save_backbone, zero_init_last
-from common import (
+from bit_common import (
     FRACTION,
     KNN_TEMPERATURE,
     MOMENTUM,
@@ -46,6 +43,7 @@ from common import (
     POSITIVE_INT,
     SEED,
     ArgumentParser,
+    Method,
     UserError,
     amp_dtype,
     autocast,
@@ -57,19 +55,100 @@ from common import (
     to_json,
     write_atomic,
 )
-from evaluation import KnnMonitor, normalised_std
-from interventions import WHITEN_AT, intervene, synchronise_whitening, whiten_placement
+from bit_convert import (
+    WHITEN_AT,
+    add_backbone_args,
+    build_backbone,
+    embed,
+    estimate_bn_statistics,
+    rankme,
+    read_backbone_file,
+    resolve_backbone_args,
+    save_backbone,
+    synchronise_whitening,
+    untrained_statistics,
+    whiten,
+    whiten_placement,
+    zero_init_last,
+)
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+
+class SimSiam(Method):
+    """Chen & He, "Exploring Simple Siamese Representation Learning" (CVPR 2021): backbone f, projector and
+    predictor h (Fig. 1, §4.4); L = D(p1, z2)/2 + D(p2, z1)/2 with D(p, z) = -cos(p, stopgrad(z)) (Eq.
+    1-3)."""
+
+    views = ("simsiam", "simsiam")
+    # lr and weight decay: Lu et al. §4.1; the projector and the widths: the authors' code (BiT-SimSiam
+    # models/simsiam.py, proj_layers 2 in its HAM configs), whose predictor is Chen & He's (§4.4)
+    defaults = {"lr": 0.03, "weight_decay": 5e-4, "projector": "paper"}
+
+    def __init__(self, backbone, projector="paper", dim=2048, pred_dim=512):
+        super().__init__()
+        self.backbone, width = backbone, backbone.num_features
+        if projector == "paper":  # what the paper's authors ran (BiT-SimSiam): two layers
+            self.projector = nn.Sequential(
+                nn.Linear(width, dim, bias=False),
+                nn.BatchNorm1d(dim),
+                nn.ReLU(inplace=True),  # no bias before a BN
+                nn.Linear(dim, dim, bias=False),
+                nn.BatchNorm1d(dim),
+            )
+        else:  # SimSiam's builder.py: three layers, the output BN without affine
+            self.projector = nn.Sequential(
+                nn.Linear(width, dim, bias=False),
+                nn.BatchNorm1d(dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(dim, dim, bias=False),
+                nn.BatchNorm1d(dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(dim, dim, bias=False),
+                nn.BatchNorm1d(dim, affine=False),
+            )
+        self.predictor = nn.Sequential(
+            nn.Linear(dim, pred_dim, bias=False),
+            nn.BatchNorm1d(pred_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(pred_dim, dim),
+        )
+        self.out_dim = dim
+
+    def forward(self, views):
+        x1, x2 = views
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        return simsiam_loss(p1, p2, z1, z2), z1
+
+    def param_groups(self):
+        """The predictor keeps a constant lr (Chen & He §4.4: it works better than a decaying one)."""
+        predictor = {id(p) for p in self.predictor.parameters()}
+        return [
+            {"params": [p for p in self.parameters() if id(p) not in predictor], "fixed_lr": False},
+            {"params": list(self.predictor.parameters()), "fixed_lr": True},
+        ]
+
+
+def simsiam_loss(p1, p2, z1, z2):
+    """Chen & He Eq. 3: the symmetric negative cosine, the stop-gradient on z where D puts it. Minimum -1."""
+    return -(F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean()) / 2
+
+
 # On --resume the run's own args.json is used, but for these, which come from the machine and the command line
 # ...
 NOT_RESTORED = {"resume", "force", "device", "workers", "out"}
+
+
 # ... and the command line may change these; any other difference from the saved run is an error.
 MAY_CHANGE = NOT_RESTORED | {"eval_every", "save_at", "download", "data_root", "cache_dir"}
+
+
 # A run records a value for these whatever the command line said (from an --init .pt, or the defaults)
 RESOLVED = {"arch", "norm", "cifar_stem", "ws", "image_size", "lr", "weight_decay"}
+
+
 COLUMNS = (
     "epoch",
     "loss",
@@ -82,9 +161,15 @@ COLUMNS = (
     "data_wait",
     "epoch_s",
 )
+
+
 COLUMNS += ("eta_s",)  # metrics.csv
+
+
 HORIZON = " (the cosine's horizon is --epochs: with an explicit --cosine-epochs, a run can be extended)"
-# What a run writes into --out, which a new run there sets aside first (runs.set_aside_earlier_run)
+
+
+# What a run writes into --out, which a new run there sets aside first (bit_common.set_aside_earlier_run)
 RUN_FILES = (
     "args.json",
     "split.json",
@@ -94,6 +179,8 @@ RUN_FILES = (
     "backbone.pt",
     "backbone_ep*.pt",
 )
+
+
 # How long the processes of a distributed run wait for each other to join before they give up with one line:
 # as long as torchrun's own rendezvous (join_timeout, "Defaults to 600 seconds": PyTorch's
 # torch/distributed/elastic/rendezvous/dynamic_rendezvous.py, create_handler)
@@ -103,7 +190,7 @@ JOIN_TIMEOUT_S = 600
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = init_process(args)
-    lock = on_process_0(rank, lambda: runs.lock_output(args))  # noqa: F841 (held until the process ends)
+    lock = on_process_0(rank, lambda: bit_common.lock_output(args))  # noqa: F841 (held until the process ends)
     data, split, split_file = load_data_and_split(args, rank)
     monitor = KnnMonitor(data, split, args.image_size, args.knn_k, args.knn_t, device) if rank == 0 else None
     method = prepare_method(args, data, split, device)
@@ -123,7 +210,7 @@ def main(argv=None):
             state.history.append(dict.fromkeys(COLUMNS) | {"epoch": 0, **initial})
 
     on_process_0(rank, begin)
-    model, stop = distribute(method, device), runs.StopSignal(dist.is_initialized(), device)
+    model, stop = distribute(method, device), bit_common.StopSignal(dist.is_initialized(), device)
     start = state.epoch
     for epoch in range(start, args.epochs + 1):
         model.train()
@@ -179,9 +266,6 @@ def main(argv=None):
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
-
-
-# ------------------------------------------------------------------------------------------------------ setup
 
 
 def init_process(args):
@@ -289,28 +373,30 @@ def load_data_and_split(args, rank):
         if args.resume:  # the run's own split, which last.pt's digest is checked against
             split_file, settings = args.out / "split.json", (None, None, None)
         else:
-            split_file = args.split_file or splits.default_split_file(
+            split_file = args.split_file or datasets.default_split_file(
                 args.data, args.split, args.split_seed, args.split_by
             )
             settings = (args.split, args.split_seed, args.split_by)
-        split = splits.load_split(data, split_file, *settings)
-        splits.check_scored_parts(data, split, split_file, ("train", "val"))
+        split = datasets.load_split(data, split_file, *settings)
+        datasets.check_scored_parts(data, split, split_file, ("train", "val"))
         return data, split, split_file
 
     data, split, split_file = on_process_0(rank, load) or load()
-    args.split, args.split_seed, args.split_by = splits.settings(split)  # what args.json records: those used
+    args.split, args.split_seed, args.split_by = datasets.settings(
+        split
+    )  # what args.json records: those used
     return data, split, split_file
 
 
 def record_run(args, split_file):
     """Once everything is checked: DIR/args.json, what --resume restores, and DIR/split.json, the split
     that linear_eval.py and tsne.py then use. A new run first sets aside the files of the run it replaces
-    (--force; runs.set_aside_earlier_run), which it left as they were until then."""
+    (--force; bit_common.set_aside_earlier_run), which it left as they were until then."""
     if not args.resume:
-        runs.set_aside_earlier_run(args.out, RUN_FILES, keep=split_file)
+        bit_common.set_aside_earlier_run(args.out, RUN_FILES, keep=split_file)
         if Path(split_file).resolve() != (args.out / "split.json").resolve():
             write_atomic(args.out / "split.json", lambda tmp: shutil.copyfile(split_file, tmp))
-    runs.write_args(args)
+    bit_common.write_args(args)
 
 
 def prepare_method(args, data, split, device):
@@ -319,51 +405,57 @@ def prepare_method(args, data, split, device):
     convs)."""
     images = None  # target-domain images to score the filters on (before the seed: a loader draws)
     if args.select_filters:
-        images = views.eval_images(data, splits.indices(data, split, "pretrain")[:1024], args.image_size)
+        images = datasets.eval_images(data, datasets.indices(data, split, "pretrain")[:1024], args.image_size)
     torch.manual_seed(args.seed)
     backbone = build_backbone(args.init, args.arch, args.norm, args.cifar_stem, args.ws)
     backbone.to(device)
-    intervene(
-        backbone,
-        device,
-        select_fraction=args.select_filters,
-        images=images,
-        shrink_factor=args.shrink,
-        whiten_at=whiten_placement(args.whiten),
-        seed=args.seed,
-    )
+    if args.select_filters or args.shrink:
+        import interventions  # an add-on: only these flags read it
+
+        interventions.intervene(backbone, device, args.select_filters, images, args.shrink, args.seed)
+    if args.whiten and not getattr(backbone, "whitened", False):  # a file whitened already stays as it is
+        whiten(backbone, at=whiten_placement(args.whiten))
     if args.zero_init_last:
         zero_init_last(backbone)
-    method = methods.METHODS[args.method](backbone, **methods.settings(args)).to(device)
+    method = method_class(args.method)(backbone, **method_settings(args)).to(device)
     return method.to(memory_format=torch.channels_last) if device.type == "cuda" else method
 
 
 def starting_metadata(args):
     """What the --init backbone file records ({} for scratch and BiT), for the epoch-0 row: a pretrained
     network (its file records an epoch) is measured with the BatchNorm statistics it trained with
-    (evaluation.untrained_statistics), unless --select-filters, --shrink, a fresh --whiten or
+    (bit_convert.untrained_statistics), unless --select-filters, --shrink, a fresh --whiten or
     --zero-init-last changed it: its statistics then describe the inputs of another network
     (interventions.shrink), and the epoch is left out so that they are estimated again."""
     if not args.init.endswith(".pt"):
         return {}
     recorded = {k: v for k, v in read_backbone_file(args.init).items() if k != "state_dict"}
-    fresh_whitening = args.whiten and not recorded.get("whiten")  # as interventions.intervene decides
+    fresh_whitening = args.whiten and not recorded.get("whiten")  # as prepare_method decides
     if args.select_filters or args.shrink or fresh_whitening or args.zero_init_last:
         recorded.pop("epoch", None)
     return recorded
 
 
+def view_transform(name, size):
+    """SimSiam's view (datasets.simsiam_view), or another method's (ssl_methods.VIEWS)."""
+    if name == "simsiam":
+        return datasets.simsiam_view(size)
+    import ssl_methods  # an add-on
+
+    return ssl_methods.VIEWS[name](size)
+
+
 def pretrain_loader(data, split, method, args, rank, world, device):
     """The `pretrain` part, each image through every view the method asks for, sharded over the processes."""
-    transforms = [views.VIEWS[name](args.image_size) for name in method.views]
-    images = views.ImageSet(data, splits.indices(data, split, "pretrain"), transforms)
+    transforms = [view_transform(name, args.image_size) for name in method.views]
+    images = datasets.ImageSet(data, datasets.indices(data, split, "pretrain"), transforms)
     if args.batch_size % world or len(images) < args.batch_size or args.batch_size // world < 2:
         raise UserError(
             f"--batch-size {args.batch_size}: must divide among {world} process(es), two images or more "
             f"each (the heads' BatchNorm normalises over a process's batch), and not exceed the "
             f"{len(images)} images of the pretrain part"
         )
-    sampler = views.SeededSampler(images, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    sampler = datasets.SeededSampler(images, world, rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(
         images,
         args.batch_size // world,
@@ -372,14 +464,14 @@ def pretrain_loader(data, split, method, args, rank, world, device):
         drop_last=True,
         pin_memory=device.type == "cuda",
         persistent_workers=args.workers > 0,
-        worker_init_fn=runs.ignore_signals,
+        worker_init_fn=bit_common.ignore_signals,
     )
     return loader, sampler, len(sampler) // (args.batch_size // world)
 
 
 def distribute(method, device):
     """DistributedDataParallel, with SyncBatchNorm on GPUs: SimSiam's BN statistics are over the global batch;
-    a --whiten IterNorm whitens the global batch on every device (interventions.synchronise_whitening). A
+    a --whiten IterNorm whitens the global batch on every device (bit_convert.synchronise_whitening). A
     method whose BatchNorm must stay per process (MoCo v2's shuffling BN) keeps it. The norms' collectives
     start here, in the forward that every process runs: before it, process 0 computes the epoch-0 row alone.
     DDP's constructor broadcasts process 0's parameters and buffers, its BN statistics of row 0 included."""
@@ -400,13 +492,14 @@ def distribute(method, device):
 def make_optimizer(method, args):
     """SGD with --momentum (the paper §4.1), or LARS for a method whose recipe is LARS's (SwAV);
     --weight-decay is the method's default unless given."""
-    kind = methods.LARS if method.optimizer == "lars" else torch.optim.SGD
+    kind = torch.optim.SGD
+    if method.optimizer == "lars":
+        from ssl_methods import LARS  # an add-on
+
+        kind = LARS
     return kind(
         method.param_groups(), lr=peak_lr(args), momentum=args.momentum, weight_decay=args.weight_decay
     )
-
-
-# --------------------------------------------------------------------------------------------------- schedule
 
 
 def peak_lr(args):
@@ -430,9 +523,6 @@ def momentum_progress(steps_done, steps_per_epoch, horizon_epochs):
     §3.2): over the lr cosine's horizon (--cosine-epochs, else --epochs), so that the momentum reaches its end
     where the lr reaches 0, and a run extended with --resume --epochs N goes on where it stopped."""
     return min(steps_done / (horizon_epochs * steps_per_epoch), 1.0)
-
-
-# ---------------------------------------------------------------------------------------- the end of an epoch
 
 
 class RunState:
@@ -491,7 +581,7 @@ def write_epoch_files(args, state, method, split, epoch, only_missing=False):
         "epoch": epoch,
         "init": args.init,
         "data": args.data,
-        "split_digest": splits.split_digest(split),
+        "split_digest": datasets.split_digest(split),
         "image_size": args.image_size,
         "method": args.method,
     }
@@ -516,7 +606,7 @@ def complete_finished_epoch(args, state, method, split):
 def write_metrics(out, history, dim):
     """metrics.csv, a row per epoch (row 0: the network before training), and curves.png, both replaced
     whole."""
-    runs.write_csv(out / "metrics.csv", history)
+    bit_common.write_csv(out / "metrics.csv", history)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     trained = [row for row in history if row["epoch"] > 0]
     evaluated = [row for row in history if row["knn_bacc"] is not None]
@@ -562,7 +652,7 @@ def duration(seconds):
 def announce(args, data, split, split_file, world, device, steps_per_epoch, state):
     """What a user reads before a long run: the split's table and the run's configuration."""
     keep_finished_backbone(args, state.epoch)
-    print(splits.summary(data, split, split_file))
+    print(datasets.summary(data, split, split_file))
     stem, precision = " cifar-stem" if args.cifar_stem else "", str(amp_dtype(device)).removeprefix("torch.")
     processes = f"{world} process(es)" + (f" over {dist.get_backend()}" if dist.is_initialized() else "")
     print(
@@ -575,7 +665,7 @@ def announce(args, data, split, split_file, world, device, steps_per_epoch, stat
 
 def on_device(view, device):
     """One view of a batch on `device`: its images scaled to [-1, 1], with their crop geometry where the view
-    records it (views.located_view)."""
+    records it (ssl_methods.located_view)."""
     if isinstance(view, list):
         images, geometry = view
         return to_input(images, device), geometry.to(device)
@@ -608,9 +698,6 @@ def keep_finished_backbone(args, start_epoch):
         os.replace(finished, args.out / f"backbone_ep{start_epoch - 1}.pt")
 
 
-# ---------------------------------------------------------------------------------------- saving and resuming
-
-
 def save_checkpoint(args, state, method, optimizer, scaler, split):
     """DIR/last.pt: everything --resume needs, the random state included, and the split's digest, which
     --resume checks DIR/split.json against; written atomically."""
@@ -621,23 +708,23 @@ def save_checkpoint(args, state, method, optimizer, scaler, split):
         "progress": state.state_dict(),
         "rng": torch.get_rng_state(),
         "args": to_json(args),
-        "split_digest": splits.split_digest(split),
+        "split_digest": datasets.split_digest(split),
     }
     try:
-        runs.save_last(checkpoint, args.out)
+        bit_common.save_last(checkpoint, args.out)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as either
         raise UserError(f"cannot write {args.out / 'last.pt'} ({e}); the previous one is kept") from None
 
 
 def resume_from(args, state, method, optimizer, scaler, split, steps_per_epoch):
     """--resume: the modules, optimiser, scaler, progress and random state of DIR/last.pt, checked first."""
-    may_change = MAY_CHANGE | splits.SETTINGS | ({"epochs"} if args.cosine_epochs else set())
-    saved = runs.read_checkpoint(
+    may_change = MAY_CHANGE | datasets.SETTINGS | ({"epochs"} if args.cosine_epochs else set())
+    saved = bit_common.read_checkpoint(
         args, may_change, ("model", "optimizer", "scaler", "progress", "rng", "args")
     )
     path = args.out / "last.pt"
-    runs.check_progress(saved["progress"], state.state_dict(), path)
-    if saved.get("split_digest", splits.split_digest(split)) != splits.split_digest(split):
+    bit_common.check_progress(saved["progress"], state.state_dict(), path)
+    if saved.get("split_digest", datasets.split_digest(split)) != datasets.split_digest(split):
         raise UserError(
             f"--resume: {args.out / 'split.json'} is not the split the run started with (its parts differ "
             f"from those {args.out / 'last.pt'} records: edited?); put the run's own split back"
@@ -651,11 +738,11 @@ def resume_from(args, state, method, optimizer, scaler, split, steps_per_epoch):
             f"--resume: {path}: progress step = {saved['progress']['step']}, beyond the {steps_per_epoch} "
             "steps of an epoch"
         )
-    runs.load_parts(
+    bit_common.load_parts(
         path,
         [
-            ("model", lambda: runs.load_module(method, saved["model"])),
-            ("optimizer", lambda: runs.load_optimizer(optimizer, saved["optimizer"])),
+            ("model", lambda: bit_common.load_module(method, saved["model"])),
+            ("optimizer", lambda: bit_common.load_optimizer(optimizer, saved["optimizer"])),
             ("scaler", lambda: scaler.load_state_dict(saved["scaler"])),
             ("progress", lambda: state.load_state_dict(saved["progress"])),
             ("random state", lambda: torch.set_rng_state(saved["rng"])),
@@ -663,7 +750,91 @@ def resume_from(args, state, method, optimizer, scaler, split, steps_per_epoch):
     )
 
 
-# -------------------------------------------------------------------------------------------------- arguments
+# --method: SimSiam, above, or a method of the add-on ssl_methods.py, imported only when it is asked for
+METHODS = ("simsiam", "simclr", "byol", "mocov2", "swav")
+# The flags of the methods, each for those methods only: its type and help; the defaults are each method's
+# (its class's `defaults`), resolved once --method is known (resolve_method_args)
+METHOD_FLAGS = {
+    "projector": (str, "paper: the authors' 2-layer projector; simsiam: SimSiam's 3 layers"),
+    "temperature": (finite_float, "of the softmax (NT-Xent, InfoNCE, SwAV's prediction)"),
+    "target_momentum": (
+        finite_float,
+        "of the momentum encoder: byol's tau_0, rising by a cosine to 1 (Grill et al. §3.2); mocov2's, "
+        "constant (He et al. Eq. 2)",
+    ),
+    "queue_size": (int, "keys or embeddings in the queue (swav: 0 for none)"),
+    "queue_start": (int, "the epoch, counted from 1, from which SwAV's Sinkhorn uses its queue (once full)"),
+    "prototypes": (int, "SwAV's number of prototypes K"),
+    "freeze_prototypes": (int, "SwAV's prototypes stay frozen for this many epochs from the start"),
+    "multi_crop": (bool, "6 small crops (96/224 of --image-size, scale 0.05-0.14) besides the 2 large ones"),
+    "local_weight": (
+        finite_float,
+        "Hassanpour et al.'s local loss: its weight w in L_global + w L_local (theirs: 0.5)",
+    ),
+    # our choice: on a 224-px view's 7 x 7 map a 3 x 3 grid of the crops' overlap gives regions of about 2 x 2
+    # cells (the median over random pairs of MoCo v2's crops; at least 1 x 1 for 99 % of them), each pooling
+    # cells of its own; Hassanpour et al.'s code (med_selfsup mmselfsup/models/algorithms/moco.py) cuts
+    # num_regions = 20 squares, a fraction of a cell each at that size
+    "local_grid": (int, "the local loss cuts the overlap of the two crops into GRID x GRID regions"),
+}
+
+
+def method_class(name):
+    """SimSiam, or the class of another --method from the add-on ssl_methods.py."""
+    if name == "simsiam":
+        return SimSiam
+    import ssl_methods  # an add-on: only a run of another method reads it
+
+    return ssl_methods.METHODS[name]
+
+
+def add_method_args(group):
+    """--method and the flags of the methods."""
+    group.add_argument(
+        "--method", choices=METHODS, default="simsiam", help="the self-supervised method (default simsiam)"
+    )
+    for key, (kind, text) in METHOD_FLAGS.items():
+        flag = "--" + key.replace("_", "-")
+        options = {"action": "store_true", "default": None} if kind is bool else {"type": kind}
+        group.add_argument(flag, **options, help=f"{text} (default: the method's own)")
+
+
+def resolve_method_args(args):
+    """Each flag the method has takes its default where not given; one given to a method without it is an
+    error, and so is a value out of range."""
+    defaults = method_class(args.method).defaults
+    for key in {"lr", "weight_decay", *METHOD_FLAGS}:
+        value, flag = getattr(args, key), "--" + key.replace("_", "-")
+        if key in defaults:
+            setattr(args, key, defaults[key] if value is None else value)
+        elif value is not None:
+            raise UserError(
+                f"{flag}{'' if value is True else f' {value}'}: --method {args.method} has no such setting "
+                f"(it is one of {', '.join(m for m in METHODS if key in method_class(m).defaults)})"
+            )
+    # whether a value fits, and what was expected; --projector here, not by argparse's choices, which
+    # bit_common.restored_args would apply to the None that a resumed non-SimSiam run holds
+    limits = {
+        "projector": (lambda v: v in ("paper", "simsiam"), "expected paper or simsiam"),
+        "temperature": (lambda v: v > 0, "must be positive"),
+        "target_momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+        "queue_size": (lambda v: v >= (args.method == "mocov2"), f"too small for {args.method}"),
+        "queue_start": (lambda v: v >= 1, "must be at least 1"),
+        "prototypes": (lambda v: v >= 2, "must be at least 2"),
+        "freeze_prototypes": (lambda v: v >= 0, "must not be negative"),
+        "local_weight": (lambda v: v >= 0, "must not be negative"),
+        "local_grid": (lambda v: v >= 1, "must be at least 1"),
+    }
+    for key, (fits, expected) in limits.items():
+        value = getattr(args, key)
+        if value is not None and not fits(value):
+            raise UserError(f"--{key.replace('_', '-')} {value}: {expected}")
+
+
+def method_settings(args):
+    """The keyword arguments of --method's class, from its flags (lr and weight decay are the optimiser's)."""
+    optimiser = ("lr", "weight_decay")
+    return {key: getattr(args, key) for key in method_class(args.method).defaults if key not in optimiser}
 
 
 def make_parser():
@@ -679,7 +850,7 @@ def make_parser():
         action="store_true",
         help="zero the norm before each unit's last conv, as the authors' code did",
     )
-    methods.add_method_args(model)
+    add_method_args(model)
     related = parser.add_argument_group("interventions of related studies, on the backbone (any method)")
     related.add_argument(
         "--shrink",
@@ -715,11 +886,9 @@ def make_parser():
     optim.add_argument(
         "--lr",
         type=POSITIVE,
-        help=f"base lr, scaled by batch-size/256 (default: {methods.defaults_of('lr')})",
+        help="base lr, scaled by batch-size/256 (default: the method's own; simsiam 0.03)",
     )
-    optim.add_argument(
-        "--weight-decay", type=NON_NEGATIVE, help=f"(default: {methods.defaults_of('weight_decay')})"
-    )
+    optim.add_argument("--weight-decay", type=NON_NEGATIVE, help="(default: the method's own; simsiam 5e-4)")
     optim.add_argument(
         "--momentum", type=MOMENTUM, default=0.9, help="SGD's and LARS's, in [0, 1) (default 0.9)"
     )
@@ -768,9 +937,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.out = args.out or Path("runs") / f"{args.data}-{Path(args.init).stem}-{args.norm or 'bn'}"
     if args.resume:  # the run's own arguments, but for those the command line may change
-        args, saved = runs.restored_args(parser, argv, args.out, NOT_RESTORED, RESOLVED)
+        args, saved = bit_common.restored_args(parser, argv, args.out, NOT_RESTORED, RESOLVED)
         extendable = {"epochs"} if saved.get("cosine_epochs") else set()  # the past schedule stays the same
-        runs.refuse_changes(args, saved, MAY_CHANGE | extendable, HORIZON)
+        bit_common.refuse_changes(args, saved, MAY_CHANGE | extendable, HORIZON)
     else:
         recorded = read_backbone_file(args.init) if args.init.endswith(".pt") else None  # its arch, norm, ...
         resolve_backbone_args(args, "bn", datasets.DEFAULT_SIZE[args.data], recorded, args.init)
@@ -787,7 +956,7 @@ def check_args(args):
     """What the flags' types cannot check alone, for a new run and a resumed one alike (before any file is
     written): each method flag for its method, the interventions for a pretrained --init, the epochs, and a
     warm-up that ends before the cosine's horizon (shortened to a tenth of it, as the log says)."""
-    methods.resolve_method_args(args)
+    resolve_method_args(args)
     for flag in ("shrink", "select_filters"):
         if getattr(args, flag) is not None and args.init == "scratch":
             raise UserError(
@@ -828,6 +997,56 @@ def epoch_list(text):
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected epochs separated by commas, e.g. 25,400"
         ) from None
+
+
+def knn_predict(queries, bank, bank_labels, n_classes, k=200, temperature=0.1):
+    """Weighted kNN (Wu et al. 2018): the k most cosine-similar bank features vote for their class with weight
+    exp(similarity / temperature); the class with the largest sum wins."""
+    similarity = F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T
+    weights, neighbours = similarity.topk(min(k, len(bank)), dim=1)
+    votes = torch.zeros(len(queries), n_classes, device=queries.device, dtype=weights.dtype)
+    votes.scatter_add_(1, bank_labels[neighbours], (weights / temperature).exp())
+    return votes.argmax(1)
+
+
+def normalised_std(z):
+    """The collapse signal of SimSiam (Chen & He 2021, §4.1): the std over the batch of z/|z|, averaged over
+    the channels; about 1/sqrt(d) when the outputs spread over the sphere, 0 when they have collapsed to one
+    point."""
+    return F.normalize(z.float(), dim=1).std(0).mean()
+
+
+class KnnMonitor:
+    """The paper's Fig. 2: weighted kNN accuracy on `val`, the labelled `train` part as the bank, and RankMe
+    of the bank's features (a scalar read of dimensional collapse). Process 0 only; `test` is never read."""
+
+    def __init__(self, data, split, image_size, k, temperature, device):
+        bank, queries = datasets.indices(data, split, "train"), datasets.indices(data, split, "val")
+        self.bank_images = datasets.eval_images(data, bank, image_size)
+        self.query_images = datasets.eval_images(data, queries, image_size)
+        self.bank_labels = torch.as_tensor(data.labels[bank], device=device)
+        self.truth, self.n_classes = data.labels[queries], len(data.classes)
+        self.k, self.temperature, self.device = k, temperature, device
+
+    def __call__(self, backbone):
+        bank = embed(backbone, self.bank_images, self.device)
+        queries = embed(backbone, self.query_images, self.device)
+        predicted = knn_predict(queries, bank, self.bank_labels, self.n_classes, self.k, self.temperature)
+        predicted = predicted.cpu().numpy()
+        return {
+            "knn_acc": float(np.mean(predicted == self.truth)),
+            "knn_bacc": float(balanced_accuracy_score(self.truth, predicted)),
+            "rankme": rankme(bank),
+        }
+
+    def initial(self, backbone, meta):
+        """The network as initialised, the floor that training must rise above. One whose BatchNorm statistics
+        are not its own (untrained_statistics; `meta`: what its backbone file records) gets them estimated on
+        the bank first, before the model is distributed: fresh ones are meaningless in eval mode. A pretrained
+        one is measured with the statistics it trained with."""
+        if untrained_statistics(backbone, meta):
+            estimate_bn_statistics(backbone, self.bank_images, self.device)
+        return self(backbone)
 
 
 if __name__ == "__main__":

@@ -13,20 +13,25 @@ import argparse
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.manifold import TSNE
 
+import bit_convert
 import datasets
-import evaluation
-import splits
-from backbones import add_backbone_args, resolve_backbone_args
-from bit_convert import read_backbone_file
-from common import SEED, ArgumentParser, UserError, device_name, output_dir, path_arg, run, write_atomic
-from evaluation import covariance_spectrum, initial_backbone, rankme, saved_backbone
+from bit_common import SEED, ArgumentParser, UserError, device_name, output_dir, path_arg, run, write_atomic
+from bit_convert import (
+    add_backbone_args,
+    initial_backbone,
+    rankme,
+    read_backbone_file,
+    resolve_backbone_args,
+    saved_backbone,
+)
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 def tsne_2d(features, seed):
@@ -93,7 +98,7 @@ def main(argv=None):
     models = [saved_backbone(c) for c in args.ckpt] + [
         initial_backbone(i, args.arch, args.norm, args.cifar_stem, args.ws, args.seed) for i in args.init
     ]
-    split, split_file = splits.pretraining_split(
+    split, split_file = datasets.pretraining_split(
         data,
         args.split_file,
         args.ckpt[0] if args.ckpt else None,
@@ -103,7 +108,7 @@ def main(argv=None):
         args.split_by,
     )
     majority = int(np.bincount(data.labels, minlength=len(data.classes)).argmax())
-    others_in_test = int(np.sum(data.labels[splits.indices(data, split, "test")] != majority))
+    others_in_test = int(np.sum(data.labels[datasets.indices(data, split, "test")] != majority))
     if others_in_test < 2:  # t-SNE's perplexity must be below the number of points, and above 0
         raise UserError(
             f"split file {split_file}: the test part holds {others_in_test} image(s) outside the most "
@@ -112,8 +117,8 @@ def main(argv=None):
     embeddings = []
     for backbone, meta, name, identity in models:
         backbone.to(device)
-        evaluation.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
-        features, labels = evaluation.part_features(
+        bit_convert.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
+        features, labels = bit_convert.part_features(
             backbone, identity, data, split, "test", args.image_size, args.cache_dir, args.workers, device
         )
         embeddings.append((name, features, labels.numpy()))
@@ -156,6 +161,17 @@ def main(argv=None):
         fig.tight_layout()
         write_atomic(args.out / "spectrum.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         print(f"wrote {args.out / 'spectrum.png'}")
+
+
+def covariance_spectrum(features):
+    """Eigenvalues, largest first, of the covariance of L2-normalised features: the spectrum whose tail
+    falling to zero shows a dimensional collapse (Jing et al., ICLR 2022, §3 and their spectrum.py)."""
+    z = F.normalize(features.double(), dim=1)
+    z = z - z.mean(0)
+    spectrum = torch.linalg.svdvals(z) ** 2 / len(
+        z
+    )  # the covariance z'z/N has the squares of z's singular values
+    return spectrum[: len(z) - 1]  # centring removes one dimension: N points span at most N - 1
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ decode-once cache would put them there), each image's views drawn there.
     python benchmarks/device_views.py --device cpu --batches 2  # 128 images of 224 px, two SimSiam views
     python benchmarks/device_views.py --views simsiam,simsiam byol1,byol2 swav,swav,swav_small,swav_small
 
-For each set of views (names of device_views.RECIPES, one per view, as methods.py's views tuples), after one
+For each set of views (names of device_views.RECIPES, one per view, as the methods' views tuples), after one
 batch to warm up, the mean over --batches batches of: the parameters drawn on the CPU in this one process
 (device_views.draw_params: what one DataLoader worker would spend on a batch), the pixels rendered on the
 device (device_views.render, the device synchronised before the clock stops), and both in turn; as images per
@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import run  # noqa: E402
+
 import device_views  # noqa: E402
-from common import ArgumentParser, UserError, device_name, run  # noqa: E402
+from bit_common import ArgumentParser, UserError, device_name
 
 
 def synchronise(device):

@@ -1,7 +1,7 @@
 """How fast the pretraining loader delivers SimSiam's two views at steady state: pretrain.py's own DataLoader
-(pretrain.pretrain_loader: views.ImageSet, views.SeededSampler, persistent workers), epoch after epoch, on a
-stand-in of HAM10000's size; from the decode-once cache that the scripts read, and, for comparison, with every
-JPEG decoded again each time it is read.
+(pretrain.pretrain_loader: datasets.ImageSet, datasets.SeededSampler, persistent workers), epoch after epoch,
+on a stand-in of HAM10000's size; from the decode-once cache that the scripts read, and, for comparison, with
+every JPEG decoded again each time it is read.
 
     python benchmarks/loader.py                          # 6,009 stand-in 600x450 JPEGs, 3 epochs, batch 128
     python benchmarks/loader.py --images 512 --batch-size 64 --workers 2     # a quick run on a small machine
@@ -28,11 +28,12 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import run  # noqa: E402
+
+import bit_common
 import datasets  # noqa: E402
-import image_cache  # noqa: E402
 import pretrain  # noqa: E402
-import views  # noqa: E402
-from common import ArgumentParser, UserError, device_name, run  # noqa: E402
+from bit_common import ArgumentParser, UserError, device_name
 
 HAM10000_PRETRAIN = 6009  # 60 % of HAM10000's 10,015 images pretrain (Lu et al. §3)
 DISTINCT = 64  # stand-in pictures; the other files are copies (each file is still read and decoded)
@@ -57,7 +58,7 @@ def stand_in_jpegs(folder, n):
 
 class DecodedEachTime:
     """The images as a sequence that reads and decodes the file at every access (what a loader without the
-    cache does); views.ImageSet indexes it as it indexes the cache's array."""
+    cache does); datasets.ImageSet indexes it as it indexes the cache's array."""
 
     def __init__(self, paths, size):
         self.paths, self.size = paths, size
@@ -66,7 +67,7 @@ class DecodedEachTime:
         return len(self.paths)
 
     def __getitem__(self, i):
-        return image_cache.read_rgb(self.paths[i], self.size)
+        return bit_common.read_rgb(self.paths[i], self.size)
 
 
 def as_data(images):
@@ -147,7 +148,7 @@ def main():
         with Image.open(paths[0]) as first:
             source_size = first.size
         tic = time.perf_counter()
-        images, _ = image_cache.decode_all(paths, args.size, tmp / "cache", skip_bad=False)
+        images, _ = bit_common.decode_all(paths, args.size, tmp / "cache", skip_bad=False)
         built = time.perf_counter() - tic
         device = torch.device(args.device)
         cached = epochs(images, args, device)
@@ -155,9 +156,9 @@ def main():
             None if args.skip_decode_each_time else epochs(DecodedEachTime(paths, args.size), args, device)
         )
         torch.set_num_threads(1)
-        decode = milliseconds(lambda path: image_cache.read_rgb(path, args.size), paths[:64])
-        two_views = views.ImageSet(
-            as_data(images), np.arange(len(paths)), [views.simsiam_view(args.size)] * 2
+        decode = milliseconds(lambda path: bit_common.read_rgb(path, args.size), paths[:64])
+        two_views = datasets.ImageSet(
+            as_data(images), np.arange(len(paths)), [datasets.simsiam_view(args.size)] * 2
         )
         per_item = milliseconds(two_views.__getitem__, range(min(64, len(paths))))
     print(

@@ -1,8 +1,8 @@
-"""Test settings for every file: one thread a worker, and the signal handlers restored after each test.
-Helpers that tests import live in helpers.py."""
+"""Test settings for every file: one thread a worker, the signal handlers restored after each test, the
+`script` marker enforced, and the order of the modules. Helpers that tests import live in helpers.py."""
 
-import inspect
 import signal
+import subprocess
 
 import pytest
 import torch
@@ -14,24 +14,25 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def restore_signal_handlers():
-    """pretrain.main() installs SIGINT/SIGTERM/SIGHUP handlers, common.end_workers resets SIGCHLD's; a test
-    that calls them in-process must not keep them."""
+    """pretrain.main() installs SIGINT/SIGTERM/SIGHUP handlers, bit_common.end_workers resets SIGCHLD's; a
+    test that calls them in-process must not keep them."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD)}
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
 
 
-# What a script run looks like in a test, its own code or a fixture's: these tests take seconds each, and
-# `-m "not script"` leaves them out of a developer's unit run.
-RUNS_A_SCRIPT = ("run_script(", "run_patched(", ".main(", "run_pretraining_over_gloo(", "tiny_args(")
+@pytest.fixture(autouse=True)
+def unmarked_tests_start_no_process(request, monkeypatch):
+    """A test that runs a script (its main, in this process or another) or starts processes carries
+    @pytest.mark.script, which `-m "not script"` leaves out of the quick run; one that starts a process
+    without it fails here."""
+    if request.node.get_closest_marker("script") is None:
 
+        def refuse(*args, **kwargs):
+            raise AssertionError("this test starts a process: mark it @pytest.mark.script")
 
-def runs_a_script(function):
-    try:
-        return any(call in inspect.getsource(function) for call in RUNS_A_SCRIPT)
-    except (OSError, TypeError):
-        return False
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 # pytest-xdist's loadscope hands out whole modules in collection order (--no-loadscope-reorder, pytest.ini):
@@ -56,8 +57,3 @@ def scheduling_rank(item):
 
 def pytest_collection_modifyitems(items):
     items.sort(key=scheduling_rank)  # stable: each module's tests keep their order
-    for item in items:
-        fixtures = [defs[-1].func for defs in item._fixtureinfo.name2fixturedefs.values()]
-        fixtures = [f for f in fixtures if f.__module__ != __name__]  # not this file's autouse fixture
-        if runs_a_script(item.function) or any(map(runs_a_script, fixtures)):
-            item.add_marker(pytest.mark.script)

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import datasets
-from bit_convert import resnet_v2, save_backbone
-from evaluation import estimate_bn_statistics
+from bit_convert import estimate_bn_statistics, resnet_v2, save_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,10 +64,10 @@ def run_script(script, *args, timeout=300, env=None, **popen):
 def run_patched(script, patch, *args, **kwargs):
     """run_script, after `patch` (Python code, run once the script's module is imported as its name, e.g.
     `pretrain`) has changed what it needs: a failure or a signal at one chosen moment, from outside the code
-    under test. The script then runs as from its command line, through common.run."""
+    under test. The script then runs as from its command line, through bit_common.run."""
     module = Path(script).stem
-    code = f"import sys\nsys.argv = [{script!r}, *sys.argv[1:]]\nimport common, {module}\n{patch}\n"
-    return run_script("-c", code + f"common.run({module}.main)\n", *args, **kwargs)
+    code = f"import sys\nsys.argv = [{script!r}, *sys.argv[1:]]\nimport bit_common, {module}\n{patch}\n"
+    return run_script("-c", code + f"bit_common.run({module}.main)\n", *args, **kwargs)
 
 
 def run_pretraining_over_gloo(args, patch=None, check=True, env=None, timeout=300):
@@ -77,8 +76,10 @@ def run_pretraining_over_gloo(args, patch=None, check=True, env=None, timeout=30
     joins) fails the test after `timeout` seconds, its processes stopped."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     if patch is not None:
-        code = f"import sys\nsys.argv = ['pretrain.py', *sys.argv[1:]]\nimport common, pretrain\n{patch}\n"
-        command += ["--no-python", sys.executable, "-c", code + "common.run(pretrain.main)\n"]
+        code = (
+            f"import sys\nsys.argv = ['pretrain.py', *sys.argv[1:]]\nimport bit_common, pretrain\n{patch}\n"
+        )
+        command += ["--no-python", sys.executable, "-c", code + "bit_common.run(pretrain.main)\n"]
     else:
         command.append("pretrain.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}

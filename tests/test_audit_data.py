@@ -23,12 +23,10 @@ from PIL import Image
 from test_catalogue import RunsCode, data_args, failure, untouched
 from test_datasets import write_cifar, write_dermamnist
 
-import common
+import bit_common
+import bit_convert
 import datasets
-import evaluation
-import image_cache
 import pretrain
-import splits
 from helpers import REPO, load_data, tiny_args
 
 SIZE = 16
@@ -64,10 +62,10 @@ def folder_args(root, tmp, *extra):
 
 
 def count_decoding(monkeypatch):
-    """The paths that image_cache.read_rgb decodes from now on."""
-    decoded, read_rgb = [], image_cache.read_rgb
+    """The paths that bit_common.read_rgb decodes from now on."""
+    decoded, read_rgb = [], bit_common.read_rgb
     monkeypatch.setattr(
-        image_cache, "read_rgb", lambda path, size: decoded.append(path) or read_rgb(path, size)
+        bit_common, "read_rgb", lambda path, size: decoded.append(path) or read_rgb(path, size)
     )
     return decoded
 
@@ -143,14 +141,15 @@ def test_exif_orientation_is_honoured_when_decoding(tmp_path):
 
 CACHING_SLOWLY = """
 import sys, time
-import common, datasets, image_cache
-read_rgb = image_cache.read_rgb
-image_cache.read_rgb = lambda path, size: time.sleep(0.2) or read_rgb(path, size)
+import datasets
+read_rgb = bit_common.read_rgb
+bit_common.read_rgb = lambda path, size: time.sleep(0.2) or read_rgb(path, size)
 sys.argv = ["datasets.py", *sys.argv[1:]]
-common.run(datasets.main)
+bit_common.run(datasets.main)
 """
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
 def test_a_signal_while_caching_is_one_line_and_leaves_no_temporary_file(tmp_path, name):
     """Rows 10 and 21: Ctrl-C (SIGINT) or SIGTERM while datasets.py decodes images into the cache (each
@@ -209,10 +208,10 @@ def test_damaged_feature_cache_is_embedded_again(tmp_path, monkeypatch, damage):
     feature bytes zeroed inside the file, or replaced by a pickle that would run code: embedded again, never
     read, and the code never run."""
     data = datasets.load_digits()
-    split = splits.load_split(data, tmp_path / "split.json", "0.1,0.05,0.05,0.8")
+    split = datasets.load_split(data, tmp_path / "split.json", "0.1,0.05,0.05,0.8")
 
     def features():
-        return evaluation.part_features(
+        return bit_convert.part_features(
             Flatten(), "stand-in", data, split, "train", 8, tmp_path / "cache", 0, torch.device("cpu")
         )
 
@@ -229,11 +228,11 @@ def test_damaged_feature_cache_is_embedded_again(tmp_path, monkeypatch, damage):
         path.write_bytes(content.replace(stored, bytes(len(stored))))
     else:
         torch.save({"features": RunsCode(marker), "labels": labels}, path)
-    embedded, embed = [], evaluation.embed
-    monkeypatch.setattr(evaluation, "embed", lambda *a, **k: embedded.append(1) or embed(*a, **k))
+    embedded, embed = [], bit_convert.embed
+    monkeypatch.setattr(bit_convert, "embed", lambda *a, **k: embedded.append(1) or embed(*a, **k))
     again, _ = features()
     assert embedded == [1] and not marker.exists()
-    truth = torch.as_tensor(data.images[splits.indices(data, split, "train")]).float().mean((1, 2)) / 127.5
+    truth = torch.as_tensor(data.images[datasets.indices(data, split, "train")]).float().mean((1, 2)) / 127.5
     torch.testing.assert_close(again, truth - 1.0)  # the mean colour, computed here from the pixels
     assert torch.equal(torch.load(path, weights_only=True)["features"], again)
 
@@ -247,7 +246,7 @@ def full_disk():
 
 def test_a_full_disk_in_write_atomic_is_one_line_naming_the_path(tmp_path):
     """Row 20: results.json, tsne's figures, split.json, args.json: every writer goes through
-    common.write_atomic."""
+    bit_common.write_atomic."""
     out = tmp_path / "results.json"
     out.write_text("an earlier result")
 
@@ -256,7 +255,7 @@ def test_a_full_disk_in_write_atomic_is_one_line_naming_the_path(tmp_path):
         raise full_disk()
 
     with untouched(tmp_path):
-        message = failure(lambda: common.write_atomic(out, half_then_full))
+        message = failure(lambda: bit_common.write_atomic(out, half_then_full))
     assert str(out) in message and "disk is full" in message
 
 
@@ -272,12 +271,12 @@ def save_on_a_full_disk(obj, f):
 
 
 def test_a_full_disk_in_torch_save_is_one_line_naming_the_path(tmp_path, monkeypatch):
-    """Row 20: backbone.pt, last.pt (pretrain and finetune), the feature cache: common.save_atomic."""
+    """Row 20: backbone.pt, last.pt (pretrain and finetune), the feature cache: bit_common.save_atomic."""
     out = tmp_path / "backbone.pt"
     torch.save({"an": "earlier backbone"}, out)
     monkeypatch.setattr(torch, "save", save_on_a_full_disk)
     with untouched(tmp_path):
-        message = failure(lambda: common.save_atomic({"state_dict": {}}, out))
+        message = failure(lambda: bit_common.save_atomic({"state_dict": {}}, out))
     assert str(out) in message and "disk is full" in message
 
 
@@ -297,6 +296,7 @@ def test_a_full_cache_dir_is_one_line_not_sigbus(tmp_path, monkeypatch):
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
+@pytest.mark.script
 def test_a_full_disk_while_copying_the_split_into_the_run_leaves_no_split_json(tmp_path, monkeypatch):
     """Row 20: pretrain.py copied split.json into the run with shutil.copyfile; a full disk left a 0-byte
     split.json, after which --resume was refused."""
@@ -370,11 +370,11 @@ def test_a_feature_cache_that_cannot_be_written_is_one_line(tmp_path):
     """--cache-dir under a file (or read-only, or a directory that cannot be made): one line naming it, not a
     traceback after the embedding."""
     data = datasets.load_digits()
-    split = splits.load_split(data, tmp_path / "split.json", "0.1,0.05,0.05,0.8")
+    split = datasets.load_split(data, tmp_path / "split.json", "0.1,0.05,0.05,0.8")
     (tmp_path / "a-file").write_text("not a directory")
     cache_dir = tmp_path / "a-file" / "cache"
     message = failure(
-        lambda: evaluation.part_features(
+        lambda: bit_convert.part_features(
             Flatten(), "stand-in", data, split, "train", 8, cache_dir, 0, torch.device("cpu")
         )
     )

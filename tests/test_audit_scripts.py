@@ -23,14 +23,12 @@ from test_bit_convert import R50, write_npz, zero_bit_arrays
 from test_catalogue import TinyBackbone, before_data, failure, hand_edit, not_writable, untouched  # noqa: F401
 from test_eval import eval_args
 
+import bit_common
 import bit_convert
-import common
 import datasets
 import finetune
 import linear_eval
 import pretrain
-import runs
-import splits
 import tsne
 from bit_convert import resnet_v2, save_backbone
 from helpers import run_script, tiny_args
@@ -78,6 +76,7 @@ def copy_of(finished, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------- row 1: a kill between saves
 
 
+@pytest.mark.script
 def test_resume_writes_the_backbone_files_a_killed_run_never_wrote(copy_of, finished):
     """The state older versions left when killed after the final last.pt: resume writes what is missing."""
     (copy_of / "backbone.pt").unlink()
@@ -91,12 +90,13 @@ def test_resume_writes_the_backbone_files_a_killed_run_never_wrote(copy_of, fini
         assert torch.load(copy_of / name, weights_only=True)["epoch"] == 2
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("killed_at", ["backbone_ep2.pt", "backbone.pt", "last.pt"])
 def test_a_kill_while_the_last_epoch_saves_resumes_to_the_complete_run(tmp_path, finished, killed_at):
     """Killed just before the final epoch's `killed_at` is written: --resume ends with every file, and the
     backbones are those of the run that was never interrupted."""
     saves = {"backbone_ep2.pt": "save_backbone", "backbone.pt": "save_backbone", "last.pt": "save_atomic"}
-    module = runs if killed_at == "last.pt" else pretrain  # last.pt: runs.save_last's save_atomic
+    module = bit_common if killed_at == "last.pt" else pretrain  # last.pt: bit_common.save_last's save_atomic
     real = getattr(module, saves[killed_at])
 
     def save(obj, path, *args, **kwargs):
@@ -123,6 +123,7 @@ def test_a_kill_while_the_last_epoch_saves_resumes_to_the_complete_run(tmp_path,
 # ------------------------------------------------------------- row 2: a --force that fails touches nothing
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("bad", ["empty_data_root", "split_with_an_unknown_id", "batch_above_pretrain"])
 def test_a_failed_force_leaves_the_old_run_as_it_was_and_resumable(copy_of, tmp_path, bad):
     (tmp_path / "empty").mkdir()
@@ -142,6 +143,7 @@ def test_a_failed_force_leaves_the_old_run_as_it_was_and_resumable(copy_of, tmp_
 # ------------------------------------------------------------------------------------ row 3: --cosine-epochs
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("horizon", ["-5", "0", "1.5"])
 @pytest.mark.usefixtures("before_data")
 def test_a_cosine_horizon_not_positive_or_short_of_the_run_is_refused(tmp_path, capsys, horizon):
@@ -214,6 +216,7 @@ def test_every_float_flag_of_every_script_refuses_nan_and_inf(capsys, script, fl
     assert errors == [f"{script}: error: argument {flag}: expected a finite number, not '{value}'"]
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("script, flag", [("pretrain.py", "--knn-t"), ("linear_eval.py", "--gamma")])
 def test_cli_nan_flag_is_one_error_line_and_exit_2(tmp_path, script, flag):
     done = run_script(
@@ -229,6 +232,7 @@ def test_cli_nan_flag_is_one_error_line_and_exit_2(tmp_path, script, flag):
 # -------------------------------------------------------------------------- row 6: a resumed run's own split
 
 
+@pytest.mark.script
 def test_resume_refuses_a_split_json_whose_parts_were_swapped(copy_of):
     split = json.loads((copy_of / "split.json").read_text())
     moved_in, moved_out = split["test"][:20], split["pretrain"][:20]
@@ -247,7 +251,7 @@ def test_resume_refuses_a_split_json_whose_parts_were_swapped(copy_of):
 def one_class_test(tmp_path):
     """A digits split file whose test part holds images of one class only (the others moved to pretrain)."""
     data, path = datasets.load_digits(), tmp_path / "split.json"
-    split = splits.load_split(data, path, "0.6,0.1,0.1,0.2", 0, "image")
+    split = datasets.load_split(data, path, "0.6,0.1,0.1,0.2", 0, "image")
     labels = dict(zip(data.ids, data.labels))
     ones = [i for i in split["test"] if labels[i] == 1]
     hand_edit(
@@ -269,7 +273,7 @@ def test_a_scored_part_with_one_class_is_refused(tmp_path, one_class_test, scrip
 @pytest.mark.parametrize("train", [[], "one"])
 def test_pretrain_refuses_a_split_file_whose_train_part_is_empty_or_one_image(tmp_path, train):
     data, path = datasets.load_digits(), tmp_path / "split.json"
-    split = splits.load_split(data, path, "0.1,0.05,0.05,0.8", 0, "image")
+    split = datasets.load_split(data, path, "0.1,0.05,0.05,0.8", 0, "image")
     kept = split["train"][:1] if train == "one" else []
     hand_edit(path, split, train=kept, pretrain=split["pretrain"] + split["train"][len(kept) :])
     with untouched(path):
@@ -278,6 +282,7 @@ def test_pretrain_refuses_a_split_file_whose_train_part_is_empty_or_one_image(tm
     assert not (tmp_path / "run" / "args.json").exists()
 
 
+@pytest.mark.script
 def test_tsne_on_a_one_class_folder_is_refused(tmp_path):
     root = tmp_path / "folder" / "only"
     root.mkdir(parents=True)
@@ -297,9 +302,10 @@ def test_tsne_on_a_one_class_folder_is_refused(tmp_path):
     assert not (tmp_path / "figures" / "tsne.png").exists()
 
 
+@pytest.mark.script
 def test_tsne_with_one_test_image_outside_the_majority_class_is_refused(tmp_path):
     data, path = datasets.load_digits(), tmp_path / "split.json"
-    split = splits.load_split(data, path, "0.6,0.1,0.1,0.2", 0, "image")
+    split = datasets.load_split(data, path, "0.6,0.1,0.1,0.2", 0, "image")
     labels, majority = dict(zip(data.ids, data.labels)), int(np.bincount(data.labels).argmax())
     test = [next(i for i in split["test"] if labels[i] == majority)]
     test += [next(i for i in split["test"] if labels[i] != majority)]
@@ -325,6 +331,7 @@ def test_tsne_refuses_a_norm_flag_that_contradicts_its_ckpt(tmp_path):
 # -------------------------------------------------------------------------------- row 10: --save-at, a nan
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("epochs", ["0,2", "1,99"])
 @pytest.mark.usefixtures("before_data")
 def test_save_at_outside_the_run_is_refused(tmp_path, capsys, epochs):
@@ -340,6 +347,7 @@ class NanInTraining(TinyBackbone):
         return super().forward(x) * (float("nan") if self.training and torch.is_grad_enabled() else 1.0)
 
 
+@pytest.mark.script
 def test_a_nan_in_epoch_1_names_no_last_pt_that_does_not_exist(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain, "build_backbone", lambda *args, **kwargs: NanInTraining())
     with pytest.raises(FloatingPointError) as raised:
@@ -352,6 +360,7 @@ def test_a_nan_in_epoch_1_names_no_last_pt_that_does_not_exist(tmp_path, monkeyp
 # --------------------------------------------------------------------------------- row 11: --device absent
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("device", ["cuda", "gpu", "cuda:7"])
 @pytest.mark.parametrize("script", ["pretrain", "linear_eval", "tsne", "finetune"])
 @pytest.mark.usefixtures("before_data")
@@ -370,6 +379,7 @@ def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys, monkeypatch, 
 BAD_METADATA = {"arch": "r9000", "norm": "ln", "state_dict": [1, 2], "cifar_stem": "yes"}
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("key", BAD_METADATA)
 @pytest.mark.parametrize(
     "entry", ["pretrain_init", "linear_eval_ckpt", "tsne_ckpt", "finetune_ckpt", "finetune_combine"]
@@ -402,6 +412,7 @@ def results_json(path, **replace):
     return path
 
 
+@pytest.mark.script
 @pytest.mark.parametrize(
     "replace",
     [{"mean": {"macro_f1": 0.4}}, {"mean": 0.5}, {"std": {"balanced_accuracy": "x", "macro_f1": 0}}],
@@ -416,6 +427,7 @@ def test_compare_of_results_without_their_scores_is_one_line(tmp_path, replace):
     assert not (tmp_path / "figures").exists()
 
 
+@pytest.mark.script
 def test_compare_out_that_is_a_file_is_one_line(tmp_path):
     path, out = results_json(tmp_path / "results.json"), tmp_path / "figures"
     out.write_text("the user's own file")
@@ -461,7 +473,7 @@ def test_bit_convert_output_that_cannot_be_written_is_one_line(tmp_path, npz, mo
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(common.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(bit_common.tempfile, "TemporaryFile", read_only)
     monkeypatch.setattr(torch, "save", read_only)  # what the old code reached, after the conversion
     monkeypatch.setattr(sys, "argv", ["bit_convert.py", str(npz), "-o", str(tmp_path / "out.pt")])
     with untouched(npz):

@@ -20,9 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-import backbones  # noqa: E402
-import bit_convert as bc  # noqa: E402
-import common  # noqa: E402
+import bit_common  # noqa: E402
+import bit_convert  # noqa: E402
 
 R50, R101 = (3, 4, 6, 3), (3, 4, 23, 3)
 ROOT_KEY = "resnet/root_block/standardized_conv2d/kernel"
@@ -194,13 +193,15 @@ def r50(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(r50):
     """{norm: r50x1 model loaded from the synthetic file}."""
-    return {norm: bc.load_npz(bc.resnet_v2("r50x1", norm=norm), r50[0]) for norm in ("gn", "bn")}
+    return {
+        norm: bit_convert.load_npz(bit_convert.resnet_v2("r50x1", norm=norm), r50[0]) for norm in ("gn", "bn")
+    }
 
 
 @pytest.fixture(scope="module")
 def saved_bn_pt(tmp_path_factory):
     path = tmp_path_factory.mktemp("pt") / "bn.pt"
-    bc.save_backbone(bc.resnet_v2("r50x1", norm="bn"), path)
+    bit_convert.save_backbone(bit_convert.resnet_v2("r50x1", norm="bn"), path)
     return path
 
 
@@ -237,7 +238,7 @@ def test_r50x1_file_loads_and_backbone_has_reference_parameter_count(loaded, nor
 def test_every_conv_kernel_is_the_hwio_array_transposed(loaded, r50, norm):
     model, arrays = loaded[norm], r50[1]
     convs = {k: t for k, t in model_tensors(model).items() if k.endswith("/kernel") and k != HEAD_KERNEL}
-    all_std_convs = {id(m.weight) for m in model.modules() if isinstance(m, bc.StdConv2d)}
+    all_std_convs = {id(m.weight) for m in model.modules() if isinstance(m, bit_convert.StdConv2d)}
     assert {id(t) for t in convs.values()} == all_std_convs and len(convs) == 53
     for key, weight in convs.items():
         assert torch.equal(weight, hwio_to_oihw(arrays[key])), key
@@ -260,7 +261,7 @@ def test_bn_model_keeps_pytorch_default_init(loaded):
 
 
 def test_bn_model_with_copy_norm_gets_gamma_and_beta_but_fresh_statistics(r50):
-    model = bc.load_npz(bc.resnet_v2("r50x1", norm="bn"), r50[0], copy_norm=True)
+    model = bit_convert.load_npz(bit_convert.resnet_v2("r50x1", norm="bn"), r50[0], copy_norm=True)
     tensors = model_tensors(model)
     for key in (k for k in r50[1] if "group_norm" in k):
         assert torch.equal(tensors[key], torch.from_numpy(r50[1][key])), key
@@ -273,7 +274,7 @@ def test_bn_model_with_copy_norm_gets_gamma_and_beta_but_fresh_statistics(r50):
 
 def test_std_conv_matches_numpy_weight_standardisation_with_stride_and_padding():
     torch.manual_seed(0)
-    conv = bc.StdConv2d(5, 6, 3, stride=2, padding=1)
+    conv = bit_convert.StdConv2d(5, 6, 3, stride=2, padding=1)
     nn.init.normal_(conv.weight, mean=0.3, std=2.0)
     x = torch.randn(2, 5, 9, 8)
     out = conv(x)
@@ -283,7 +284,7 @@ def test_std_conv_matches_numpy_weight_standardisation_with_stride_and_padding()
 
 def test_std_conv_without_standardize_is_a_plain_conv():
     torch.manual_seed(0)
-    conv = bc.StdConv2d(5, 6, 3, stride=2, padding=1, standardize=False)
+    conv = bit_convert.StdConv2d(5, 6, 3, stride=2, padding=1, standardize=False)
     x = torch.randn(2, 5, 9, 8)
     assert torch.equal(conv(x), F.conv2d(x, conv.weight, stride=2, padding=1))
 
@@ -292,7 +293,7 @@ def test_std_conv_is_not_the_std_plus_1e_5_variant():
     """With kernels of std 1e-4, (w - mean) / (std + 1e-5) scales by ~0.91; BiT's sqrt(var + 1e-10) by
     ~0.995."""
     torch.manual_seed(0)
-    conv = bc.StdConv2d(8, 4, 3, padding=1)
+    conv = bit_convert.StdConv2d(8, 4, 3, padding=1)
     nn.init.normal_(conv.weight, std=1e-4)
     x = torch.randn(2, 8, 6, 6)
     w = conv.weight.detach()
@@ -308,7 +309,7 @@ def test_std_conv_is_not_the_std_plus_1e_5_variant():
 
 
 def test_root_pool_is_zero_pad_then_3x3_stride2_max_pool():
-    model = bc.resnet_v2("r50x1", norm="gn")
+    model = bit_convert.resnet_v2("r50x1", norm="gn")
     torch.manual_seed(0)
     x = torch.randn(2, 3, 9, 10)
     assert (x < 0).any()
@@ -324,7 +325,7 @@ def test_root_pool_is_zero_pad_then_3x3_stride2_max_pool():
 
 
 def test_stem_is_7x7_stride2_std_conv_then_the_zero_padded_pool():
-    model = bc.resnet_v2("r50x1", norm="gn")
+    model = bit_convert.resnet_v2("r50x1", norm="gn")
     assert list(dict(model.stem.named_children())) == ["conv", "pad", "pool"]
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -352,7 +353,7 @@ def test_unit_forward_follows_the_reference_recipe(loaded, u, stride):
 
 def test_features_are_norm_relu_mean_pool_of_the_body_and_zero_head_gives_zero_logits():
     torch.manual_seed(0)
-    fresh = bc.resnet_v2("r50x1", norm="gn", head_size=7)
+    fresh = bit_convert.resnet_v2("r50x1", norm="gn", head_size=7)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         fresh_logits = fresh(x)
@@ -373,11 +374,11 @@ def test_features_are_norm_relu_mean_pool_of_the_body_and_zero_head_gives_zero_l
 
 def test_gn_model_exported_to_bit_layout_reloads_identically(tmp_path):
     torch.manual_seed(0)
-    model = randomize_(bc.resnet_v2("r50x1", norm="gn", head_size=10)).eval()
+    model = randomize_(bit_convert.resnet_v2("r50x1", norm="gn", head_size=10)).eval()
     arrays = export_npz(model, tmp_path / "rt.npz")
     assert [(k, a.shape) for k, a in arrays.items()] == bit_layout(head=10)
-    fresh = bc.load_npz(
-        bc.resnet_v2("r50x1", norm="gn", head_size=10), tmp_path / "rt.npz", load_head=True
+    fresh = bit_convert.load_npz(
+        bit_convert.resnet_v2("r50x1", norm="gn", head_size=10), tmp_path / "rt.npz", load_head=True
     ).eval()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -390,18 +391,22 @@ def test_gn_model_exported_to_bit_layout_reloads_identically(tmp_path):
 
 @pytest.mark.parametrize("norm", ["gn", "bn"])
 def test_zero_init_last_switches_every_residual_branch_off(norm):
-    model = bc.zero_init_last(bc.resnet_v2("r50x1", norm=norm))
+    model = bit_convert.zero_init_last(bit_convert.resnet_v2("r50x1", norm=norm))
     units = [unit for block in model.blocks for unit in block]
     assert len(units) == 16 and all(not unit.norm3.weight.any() for unit in units)
-    assert all(unit.norm3.weight.all() for block in bc.resnet_v2("r50x1", norm=norm).blocks for unit in block)
+    assert all(
+        unit.norm3.weight.all()
+        for block in bit_convert.resnet_v2("r50x1", norm=norm).blocks
+        for unit in block
+    )
     x = torch.randn(2, 256, 8, 8)
     with torch.no_grad():
         assert torch.equal(model.blocks[0][1](x), x)
 
 
 def test_weight_standardisation_can_be_switched_off(r50):
-    model = backbones.build_backbone(str(r50[0]), norm="bn", ws=False)
-    convs = [m for m in model.modules() if isinstance(m, bc.StdConv2d)]
+    model = bit_convert.build_backbone(str(r50[0]), norm="bn", ws=False)
+    convs = [m for m in model.modules() if isinstance(m, bit_convert.StdConv2d)]
     assert len(convs) == 53 and not any(conv.standardize for conv in convs) and model.ws is False
     x = torch.randn(1, 64, 5, 5)
     with torch.no_grad():
@@ -412,7 +417,7 @@ def test_weight_standardisation_can_be_switched_off(r50):
 
 def test_zero_init_holds_after_loading_bit_weights(r50):
     """BiT's GroupNorm gammas must not undo the zero-init: it is applied after the weights are loaded."""
-    model = backbones.build_backbone(str(r50[0]), norm="gn", zero_init=True)
+    model = bit_convert.build_backbone(str(r50[0]), norm="gn", zero_init=True)
     assert all(not unit.norm3.weight.any() for block in model.blocks for unit in block)
     assert all(unit.norm2.weight.any() for block in model.blocks for unit in block)
 
@@ -421,9 +426,9 @@ def test_zero_init_holds_after_loading_bit_weights(r50):
 
 
 def load_error(path, model=None, **kwargs):
-    model = model if model is not None else bc.resnet_v2("r50x1", norm="gn")
-    with pytest.raises(common.WeightsError) as e:
-        bc.load_npz(model, path, **kwargs)
+    model = model if model is not None else bit_convert.resnet_v2("r50x1", norm="gn")
+    with pytest.raises(bit_common.WeightsError) as e:
+        bit_convert.load_npz(model, path, **kwargs)
     assert str(path) in str(e.value)
     return str(e.value)
 
@@ -466,7 +471,7 @@ def test_missing_key_is_named_and_nothing_is_loaded(r50, tmp_path):
     # the last key a gn load needs: every other tensor was ready before the failure
     key = "resnet/group_norm/beta"
     path = write_npz(tmp_path / "missing.npz", r50[1], drop=(key,))
-    model = bc.resnet_v2("r50x1", norm="gn")
+    model = bit_convert.resnet_v2("r50x1", norm="gn")
     before = snapshot(model)
     assert key in load_error(path, model)
     assert_unchanged(model, before)
@@ -476,7 +481,7 @@ def test_r101x1_file_into_r50x1_names_a_unit_that_has_no_place(tmp_path):
     arrays = zero_bit_arrays(R101)
     assert len(arrays) == 153 + 17 * 9
     path = write_npz(tmp_path / "BiT-M-R101x1.npz", arrays)
-    model = bc.resnet_v2("r50x1", norm="gn")
+    model = bit_convert.resnet_v2("r50x1", norm="gn")
     before = snapshot(model)
     message = load_error(path, model)
     unit = re.search(r"resnet/block3/unit(\d\d)/", message)
@@ -496,7 +501,7 @@ def test_head_of_another_size_reports_both_shapes(r50, tmp_path):
         r50[1],
         **{HEAD_KERNEL: np.ones((1, 1, 2048, 10), np.float32), HEAD_BIAS: np.ones(10, np.float32)},
     )
-    model = bc.resnet_v2("r50x1", norm="gn", head_size=7)
+    model = bit_convert.resnet_v2("r50x1", norm="gn", head_size=7)
     message = load_error(path, model, load_head=True)
     assert HEAD_KERNEL in message and "(1, 1, 2048, 7)" in message and "(1, 1, 2048, 10)" in message
 
@@ -509,7 +514,7 @@ def test_head_bias_mismatch_is_caught_and_nothing_is_loaded(r50, tmp_path):
         r50[1],
         **{HEAD_KERNEL: np.ones((1, 1, 2048, 7), np.float32), HEAD_BIAS: np.ones(10, np.float32)},
     )
-    model = bc.resnet_v2("r50x1", norm="gn", head_size=7)
+    model = bit_convert.resnet_v2("r50x1", norm="gn", head_size=7)
     before = snapshot(model)
     message = load_error(path, model, load_head=True)
     assert HEAD_BIAS in message and "(7,)" in message and "(10,)" in message
@@ -520,9 +525,9 @@ def test_head_bias_mismatch_is_caught_and_nothing_is_loaded(r50, tmp_path):
 
 
 def test_save_and_load_backbone_round_trip(tmp_path):
-    model = randomize_(bc.resnet_v2("r50x1", norm="bn", head_size=3), seed=1)
-    bc.save_backbone(model, tmp_path / "b.pt", source="x.npz", epoch=7)
-    loaded, meta = bc.load_backbone(tmp_path / "b.pt")
+    model = randomize_(bit_convert.resnet_v2("r50x1", norm="bn", head_size=3), seed=1)
+    bit_convert.save_backbone(model, tmp_path / "b.pt", source="x.npz", epoch=7)
+    loaded, meta = bit_convert.load_backbone(tmp_path / "b.pt")
     assert meta == dict(
         arch="r50x1", norm="bn", cifar_stem=False, head_size=3, ws=True, whiten=False, source="x.npz", epoch=7
     )
@@ -538,9 +543,9 @@ def test_save_atomic_leaves_the_old_file_and_no_temporary_when_the_write_fails(t
 
     out = tmp_path / "out.pt"
     out.write_bytes(b"an earlier result")
-    monkeypatch.setattr(common.torch, "save", half_write_then_fail)
+    monkeypatch.setattr(bit_common.torch, "save", half_write_then_fail)
     with pytest.raises(OSError):
-        common.save_atomic({"a": 1}, out)
+        bit_common.save_atomic({"a": 1}, out)
     assert [p.name for p in tmp_path.iterdir()] == ["out.pt"] and out.read_bytes() == b"an earlier result"
 
 
@@ -548,8 +553,8 @@ def test_load_backbone_rejects_a_foreign_pt_and_garbage(tmp_path):
     torch.save({"a": 1}, tmp_path / "other.pt")
     (tmp_path / "garbage.pt").write_bytes(np.random.default_rng(0).bytes(1000))
     for name in ("other.pt", "garbage.pt", "absent.pt"):
-        with pytest.raises(common.WeightsError, match=re.escape(str(tmp_path / name))):
-            bc.load_backbone(tmp_path / name)
+        with pytest.raises(bit_common.WeightsError, match=re.escape(str(tmp_path / name))):
+            bit_convert.load_backbone(tmp_path / name)
 
 
 @pytest.mark.parametrize(
@@ -561,8 +566,8 @@ def test_load_backbone_rejects_a_foreign_pt_and_garbage(tmp_path):
     ],
 )
 def test_build_backbone_refuses_a_pt_of_another_kind(saved_bn_pt, asked):
-    with pytest.raises(common.WeightsError, match=re.escape(str(saved_bn_pt))):
-        backbones.build_backbone(str(saved_bn_pt), **asked)
+    with pytest.raises(bit_common.WeightsError, match=re.escape(str(saved_bn_pt))):
+        bit_convert.build_backbone(str(saved_bn_pt), **asked)
 
 
 def closed_port_url():
@@ -574,19 +579,19 @@ def closed_port_url():
 
 def test_build_backbone_bit_m_not_cached_and_offline_names_url_and_cache_path(tmp_path, monkeypatch):
     url = closed_port_url()
-    monkeypatch.setattr(bc, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(bc, "BIT_MODELS_URL", url)
-    with pytest.raises(common.UserError) as e:
-        backbones.build_backbone("bit-m")
+    monkeypatch.setattr(bit_convert, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(bit_convert, "BIT_MODELS_URL", url)
+    with pytest.raises(bit_common.UserError) as e:
+        bit_convert.build_backbone("bit-m")
     assert f"{url}BiT-M-R50x1.npz" in str(e.value)
     assert str(tmp_path / "BiT-M-R50x1.npz") in str(e.value)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_build_backbone_bit_s_loads_the_cached_file(r50, tmp_path, monkeypatch):
-    monkeypatch.setattr(bc, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(bit_convert, "CACHE_DIR", tmp_path)
     (tmp_path / "BiT-S-R50x1.npz").symlink_to(r50[0])
-    model = backbones.build_backbone("bit-s", norm="bn")
+    model = bit_convert.build_backbone("bit-s", norm="bn")
     for key, t in model_tensors(model).items():
         if key.endswith("/kernel") and key != HEAD_KERNEL:
             assert torch.equal(t, hwio_to_oihw(r50[1][key])), key
@@ -620,6 +625,7 @@ def overwrite_runs(r50, tmp_path_factory):
     return out, refused, kept, forced
 
 
+@pytest.mark.script
 def test_cli_refuses_to_overwrite_without_force(overwrite_runs):
     out, refused, kept, _ = overwrite_runs
     assert refused.returncode != 0
@@ -628,11 +634,12 @@ def test_cli_refuses_to_overwrite_without_force(overwrite_runs):
     assert kept == b"an earlier result"
 
 
+@pytest.mark.script
 def test_cli_with_force_writes_a_loadable_bn_backbone_with_its_source(overwrite_runs, r50):
     out, _, _, forced = overwrite_runs
     assert forced.returncode == 0, forced.stderr
     ckpt = torch.load(out, map_location="cpu", weights_only=True)
-    model = bc.resnet_v2("r50x1", norm="bn")
+    model = bit_convert.resnet_v2("r50x1", norm="bn")
     model.load_state_dict(ckpt["state_dict"], strict=True)
     assert (ckpt["arch"], ckpt["norm"], ckpt["source"]) == ("r50x1", "bn", r50[0].name)
     assert ckpt["sha256"] == hashlib.sha256(r50[0].read_bytes()).hexdigest()
@@ -640,6 +647,7 @@ def test_cli_with_force_writes_a_loadable_bn_backbone_with_its_source(overwrite_
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.pt"]  # no temporary file left beside it
 
 
+@pytest.mark.script
 def test_cli_head_and_copied_norms(r50, tmp_path):
     """--head loads BiT's classifier, --copy-norm puts GroupNorm's gamma/beta into the BatchNorms."""
     run = cli(
@@ -648,7 +656,7 @@ def test_cli_head_and_copied_norms(r50, tmp_path):
     assert run.returncode == 0, run.stderr
     ckpt = torch.load(tmp_path / "out.pt", weights_only=True)
     assert ckpt["head_size"] == 1000 and ckpt["copy_norm"] is True
-    model = bc.resnet_v2("r50x1", norm="bn", head_size=1000)
+    model = bit_convert.resnet_v2("r50x1", norm="bn", head_size=1000)
     model.load_state_dict(ckpt["state_dict"])
     assert torch.equal(model.head.weight, hwio_to_oihw(r50[1][HEAD_KERNEL]))
     assert torch.equal(model.head.bias, torch.from_numpy(r50[1][HEAD_BIAS]))
@@ -656,6 +664,7 @@ def test_cli_head_and_copied_norms(r50, tmp_path):
     assert torch.equal(model.blocks[2][3].norm2.weight, torch.from_numpy(gamma))
 
 
+@pytest.mark.script
 def test_cli_bad_input_leaves_no_output(tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(np.random.default_rng(0).bytes(4096))
@@ -666,6 +675,7 @@ def test_cli_bad_input_leaves_no_output(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["bad.npz"]
 
 
+@pytest.mark.script
 def test_cli_download_offline_fails_naming_url_and_target(tmp_path):
     cache, url = tmp_path / "cache", closed_port_url()
     run = cli("--download", "BiT-M-R50x1", cache=cache, url=url)
@@ -675,6 +685,7 @@ def test_cli_download_offline_fails_naming_url_and_target(tmp_path):
     assert not cache.exists() or list(cache.iterdir()) == []
 
 
+@pytest.mark.script
 def test_cli_download_of_an_unknown_name_lists_the_valid_ones(tmp_path):
     run = cli("--download", "NotAModel", cache=tmp_path / "cache")
     assert run.returncode != 0 and "NotAModel" in run.stderr

@@ -35,15 +35,13 @@ from PIL import Image
 from test_datasets import SAMPLE, read_rows, write_cifar, write_dermamnist, write_ham, write_isic
 from test_eval import eval_args
 
-import common
+import bit_common
 import datasets
-import image_cache
 import linear_eval
 import pretrain
-import splits
 import tsne
+from bit_common import UserError
 from bit_convert import read_npz
-from common import UserError
 from helpers import load_data, run_script, tiny_args
 
 SIZE = 16
@@ -93,7 +91,7 @@ def failure(call, capsys=None):
 
 
 def data_args(*argv):
-    parser = common.ArgumentParser()
+    parser = bit_common.ArgumentParser()
     datasets.add_data_args(parser)
     return parser.parse_args([str(a) for a in argv])
 
@@ -296,7 +294,7 @@ def test_isic_groupings_row_without_lesion_id(tmp_path, rows):
 @pytest.fixture
 def digits_split(tmp_path):
     data, path = datasets.load_digits(), tmp_path / "split.json"
-    return data, path, splits.load_split(data, path, "0.6,0.1,0.1,0.2", 0, "image")
+    return data, path, datasets.load_split(data, path, "0.6,0.1,0.1,0.2", 0, "image")
 
 
 def hand_edit(path, split, **parts):
@@ -307,7 +305,7 @@ def test_split_file_with_an_unknown_id(digits_split):
     data, path, split = digits_split
     hand_edit(path, split, train=split["train"] + [5000])
     with untouched(path):
-        message = failure(lambda: splits.load_split(data, path))
+        message = failure(lambda: datasets.load_split(data, path))
     assert f"split file {path}: part train lists image 5000" in message
 
 
@@ -315,7 +313,7 @@ def test_split_file_with_an_id_twice_in_one_part(digits_split):
     data, path, split = digits_split
     hand_edit(path, split, val=split["val"] + [split["val"][0]])
     with untouched(path):
-        message = failure(lambda: splits.load_split(data, path))
+        message = failure(lambda: datasets.load_split(data, path))
     assert f"part val lists image {split['val'][0]} twice" in message
 
 
@@ -323,31 +321,31 @@ def test_split_file_missing_a_part_names_it(digits_split):
     data, path, split = digits_split
     hand_edit(path, split, val=None)
     with untouched(path):
-        assert f"split file {path}: no list 'val'" in failure(lambda: splits.load_split(data, path))
+        assert f"split file {path}: no list 'val'" in failure(lambda: datasets.load_split(data, path))
 
 
 def test_split_file_that_cannot_be_written(tmp_path):
     (tmp_path / "splits").write_text("a file where the split's folder should be")
     path = tmp_path / "splits" / "split.json"
     with untouched(tmp_path):
-        assert f"split file {path}" in failure(lambda: splits.load_split(datasets.load_digits(), path))
+        assert f"split file {path}" in failure(lambda: datasets.load_split(datasets.load_digits(), path))
 
 
 @pytest.mark.parametrize("source", ["digits", "cifar10", "dermamnist", "folder"])
 def test_split_file_of_a_source_without_lesions_is_named_by_image(source):
-    assert splits.default_split_file(source, "0.6,0.1,0.1,0.2", 0, "lesion") == Path(
+    assert datasets.default_split_file(source, "0.6,0.1,0.1,0.2", 0, "lesion") == Path(
         f"splits/{source}-image-60-10-10-20-seed0.json"
     )
 
 
 def test_split_of_a_source_without_lesions_says_by_image(tmp_path):
-    assert splits.default_split_file("ham10000", "0.6,0.1,0.1,0.2", 0, "lesion") == Path(
+    assert datasets.default_split_file("ham10000", "0.6,0.1,0.1,0.2", 0, "lesion") == Path(
         "splits/ham10000-lesion-60-10-10-20-seed0.json"
     )
     data = datasets.load_digits()
-    split = splits.load_split(data, tmp_path / "split.json", by="lesion")  # the default --split-by
+    split = datasets.load_split(data, tmp_path / "split.json", by="lesion")  # the default --split-by
     assert split["split_by"] == json.loads((tmp_path / "split.json").read_text())["split_by"] == "image"
-    assert "by image" in splits.summary(data, split, tmp_path / "split.json")
+    assert "by image" in datasets.summary(data, split, tmp_path / "split.json")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -356,7 +354,7 @@ def test_split_of_a_source_without_lesions_says_by_image(tmp_path):
 
 @pytest.mark.parametrize("text", ["0.7,0.2,0.2,-0.1", "nan,0.1,0.1,0.2", "60,10,10,20"])
 def test_bad_split_fractions(text):
-    assert f"--split {text}" in failure(lambda: splits.parse_fractions(text))
+    assert f"--split {text}" in failure(lambda: datasets.parse_fractions(text))
 
 
 @pytest.mark.parametrize(
@@ -367,6 +365,7 @@ def test_zero_or_negative_data_flag(capsys, flag, value):
     assert f"argument {flag}: {value}: expected a whole number in [" in message
 
 
+@pytest.mark.script
 @pytest.mark.parametrize(
     "flag, value",
     [
@@ -386,6 +385,7 @@ def test_zero_or_negative_pretrain_flag(tmp_path, capsys, before_data, flag, val
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.script
 @pytest.mark.parametrize(
     "flag, value", [("--epochs", 0), ("--trials", 0), ("--lr", -0.001), ("--gamma", -1), ("--momentum", -0.9)]
 )
@@ -446,6 +446,7 @@ def disk_full(tmp_path_factory):
     return tmp / "run", raised, seen["before"]
 
 
+@pytest.mark.script
 def test_disk_full_while_saving_keeps_the_previous_last_pt(disk_full):
     run, raised, before = disk_full
     assert raised is not None
@@ -463,6 +464,7 @@ def test_disk_full_while_saving_keeps_the_previous_last_pt(disk_full):
     ]
 
 
+@pytest.mark.script
 def test_disk_full_while_saving_is_one_line_naming_last_pt(disk_full):
     run, raised, _ = disk_full
 
@@ -484,6 +486,7 @@ def resume(run):
     return lambda: pretrain.main(["--out", str(run), "--resume", "--workers", "0", "--device", "cpu"])
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("damage", ["truncated", "runs_code"])
 def test_resume_with_an_unreadable_last_pt(run, damage):
     last = run / "last.pt"
@@ -496,12 +499,14 @@ def test_resume_with_an_unreadable_last_pt(run, damage):
     assert not (run.parent / "code-ran").exists()
 
 
+@pytest.mark.script
 def test_resume_with_args_json_that_is_not_json(run, capsys):
     (run / "args.json").write_text('{"epochs": 2,')
     with untouched(run):
         assert str(run / "args.json") in failure(resume(run), capsys)
 
 
+@pytest.mark.script
 def test_resume_with_args_json_edited_to_disagree_with_last_pt(run, capsys):
     saved = json.loads((run / "args.json").read_text())
     (run / "args.json").write_text(json.dumps({**saved, "epochs": 1}, indent=1))
@@ -510,6 +515,7 @@ def test_resume_with_args_json_edited_to_disagree_with_last_pt(run, capsys):
     assert "args.json" in message and "epochs" in message
 
 
+@pytest.mark.script
 def test_resume_with_args_json_edited_to_a_value_no_flag_takes(run, capsys):
     saved = json.loads((run / "args.json").read_text())
     (run / "args.json").write_text(json.dumps({**saved, "data": "imagenet"}, indent=1))
@@ -529,6 +535,7 @@ def not_writable(tmp_path):
     return path
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("kind", ["a_file", "not_writable"])
 def test_pretrain_out_that_cannot_hold_a_run(tmp_path, capsys, before_data, kind):
     (tmp_path / "results.txt").write_text("the user's own file")
@@ -537,6 +544,7 @@ def test_pretrain_out_that_cannot_hold_a_run(tmp_path, capsys, before_data, kind
         assert str(out) in failure(lambda: pretrain.main(tiny_args(tmp_path) + ["--out", str(out)]), capsys)
 
 
+@pytest.mark.script
 def test_linear_eval_out_that_is_a_file(tmp_path, capsys, before_data):
     (tmp_path / "results.txt").write_text("the user's own file")
     with untouched(tmp_path / "results.txt"):
@@ -559,6 +567,7 @@ def test_cache_dir_that_is_a_file(ham, tmp_path):
 # ---------------------------------------------------------------------------------------- files that run code
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("entry", ["pretrain_init", "linear_eval_ckpt", "tsne_ckpt"])
 def test_pt_whose_unpickling_would_run_code_is_not_run(evil, tmp_path, entry):
     path, marker = evil
@@ -572,6 +581,7 @@ def test_pt_whose_unpickling_would_run_code_is_not_run(evil, tmp_path, entry):
     assert not marker.exists()
 
 
+@pytest.mark.script
 def test_last_pt_whose_unpickling_would_run_code_is_not_run(evil, run):
     path, marker = evil
     shutil.copyfile(path, run / "last.pt")
@@ -580,6 +590,7 @@ def test_last_pt_whose_unpickling_would_run_code_is_not_run(evil, run):
     assert not marker.exists()
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("entry", ["pretrain_init", "linear_eval_ckpt"])
 def test_pt_whose_unpickling_would_run_code_is_one_line(evil, tmp_path, entry):
     path, marker = evil
@@ -637,6 +648,7 @@ def not_results(tmp_path, kind):
     return path
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("kind", ["args_json", "list", pytest.param("png"), pytest.param("mean_only")])
 def test_compare_of_a_file_that_is_not_a_results_json(tmp_path, kind):
     path = not_results(tmp_path, kind)
@@ -692,9 +704,9 @@ def test_decoded_image_cache_damaged_after_it_was_built_is_rebuilt(ham, tmp_path
     target = npy.with_suffix(".json") if damage == "index_cut" else npy
     keep = {"npy_half": whole // 2, "npy_in_its_header": 50, "npy_empty": 0}.get(damage, 10)
     target.write_bytes(target.read_bytes()[:keep])
-    decoded, read_rgb = [], image_cache.read_rgb
+    decoded, read_rgb = [], bit_common.read_rgb
     monkeypatch.setattr(
-        image_cache, "read_rgb", lambda path, size: decoded.append(path) or read_rgb(path, size)
+        bit_common, "read_rgb", lambda path, size: decoded.append(path) or read_rgb(path, size)
     )
     again = load_data(ham_args(ham, tmp_path))
     assert len(decoded) == len(first)  # rebuilt, not read
@@ -705,6 +717,7 @@ def test_decoded_image_cache_damaged_after_it_was_built_is_rebuilt(ham, tmp_path
 # --------------------------------------------------------------------------------------- two real processes
 
 
+@pytest.mark.script
 def test_cli_huge_image_is_one_line_and_exit_1(ham, rows, tmp_path, bomb):
     path = image_of(ham, rows[1])
     path.write_bytes(bomb)
@@ -727,6 +740,7 @@ def test_cli_huge_image_is_one_line_and_exit_1(ham, rows, tmp_path, bomb):
     assert str(path) in refused.stderr and not (tmp_path / "split.json").exists()
 
 
+@pytest.mark.script
 def test_cli_compare_of_args_json_is_one_line_and_exit_1(tmp_path):
     path = not_results(tmp_path, "args_json")
     with untouched(path):

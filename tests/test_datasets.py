@@ -28,11 +28,8 @@ import torch
 import torchvision
 from PIL import Image
 
-import common
+import bit_common
 import datasets
-import image_cache
-import splits
-import views
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -282,9 +279,9 @@ def test_isic2018_ground_truth_columns_are_mapped_by_name(tmp_path, small, group
 
 def test_isic2018_without_groupings_refuses_a_lesion_split_but_splits_by_image(tmp_path, small):
     data = datasets.load_ham10000(write_isic(tmp_path / "isic", small, False), SIZE, tmp_path / "cache")
-    with pytest.raises(common.DataError, match="--split-by image"):
-        splits.make_split(data, splits.parse_fractions(SPLIT), 0, "lesion")
-    split = splits.make_split(data, splits.parse_fractions(SPLIT), 0, "image")
+    with pytest.raises(bit_common.DataError, match="--split-by image"):
+        datasets.make_split(data, datasets.parse_fractions(SPLIT), 0, "lesion")
+    split = datasets.make_split(data, datasets.parse_fractions(SPLIT), 0, "image")
     assert sorted(sum((split[p] for p in PARTS), [])) == sorted(r["image_id"] for r in small)
 
 
@@ -388,8 +385,8 @@ def real(request, tmp_path_factory):
         tol = SimpleNamespace(size=0.02, prop=0.06, min_class=50)
     rows = read_rows(root / "HAM10000_metadata.csv")
     data = metadata_only(root)
-    fractions = splits.parse_fractions(SPLIT)
-    made = {by: splits.make_split(data, fractions, 0, by) for by in ("lesion", "image")}
+    fractions = datasets.parse_fractions(SPLIT)
+    made = {by: datasets.make_split(data, fractions, 0, by) for by in ("lesion", "image")}
     return SimpleNamespace(kind=request.param, root=root, rows=rows, data=data, splits=made, tol=tol)
 
 
@@ -477,15 +474,15 @@ def sample_data(tmp_path_factory):
 
 
 def test_split_depends_on_the_seed_and_only_on_it(sample_data):
-    fractions = splits.parse_fractions(SPLIT)
-    first = splits.make_split(sample_data, fractions, 0, "lesion")
-    assert splits.make_split(sample_data, fractions, 0, "lesion") == first
-    assert splits.make_split(sample_data, fractions, 1, "lesion")["test"] != first["test"]
+    fractions = datasets.parse_fractions(SPLIT)
+    first = datasets.make_split(sample_data, fractions, 0, "lesion")
+    assert datasets.make_split(sample_data, fractions, 0, "lesion") == first
+    assert datasets.make_split(sample_data, fractions, 1, "lesion")["test"] != first["test"]
 
 
 def test_load_split_writes_the_parts_as_id_lists(tmp_path, sample_data):
     path = tmp_path / "sub" / "split.json"
-    returned = splits.load_split(sample_data, path, SPLIT, 0, "lesion")
+    returned = datasets.load_split(sample_data, path, SPLIT, 0, "lesion")
     on_disk = json.loads(path.read_text())
     assert all(isinstance(on_disk[p], list) for p in PARTS)
     assert sorted(sum((on_disk[p] for p in PARTS), [])) == sorted(sample_data.ids)
@@ -496,18 +493,18 @@ def test_load_split_writes_the_parts_as_id_lists(tmp_path, sample_data):
 
 def test_load_split_is_byte_identical_for_the_same_data_and_seed(tmp_path, sample_data):
     a, b, c = (tmp_path / n for n in ("a.json", "b.json", "c.json"))
-    splits.load_split(sample_data, a, SPLIT, 0)
-    splits.load_split(sample_data, b, SPLIT, 0)
-    splits.load_split(sample_data, c, SPLIT, 1)
+    datasets.load_split(sample_data, a, SPLIT, 0)
+    datasets.load_split(sample_data, b, SPLIT, 0)
+    datasets.load_split(sample_data, c, SPLIT, 1)
     assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes() != c.read_bytes()
 
 
 def test_load_split_reuses_an_existing_file_unchanged(tmp_path, sample_data):
     path = tmp_path / "split.json"
-    splits.load_split(sample_data, path, SPLIT, 0)
+    datasets.load_split(sample_data, path, SPLIT, 0)
     before, stamp = path.read_bytes(), path.stat().st_mtime_ns
-    again = splits.load_split(sample_data, path)  # no flags: the file's own split
+    again = datasets.load_split(sample_data, path)  # no flags: the file's own split
     assert path.read_bytes() == before and path.stat().st_mtime_ns == stamp
     assert {p: again[p] for p in PARTS} == {p: json.loads(before)[p] for p in PARTS}
 
@@ -515,7 +512,7 @@ def test_load_split_reuses_an_existing_file_unchanged(tmp_path, sample_data):
 @pytest.mark.parametrize("change", ["subset", "label", "lesion"])
 def test_load_split_refuses_a_file_made_from_other_data(tmp_path, sample_data, change):
     path = tmp_path / "split.json"
-    splits.load_split(sample_data, path, SPLIT, 0)
+    datasets.load_split(sample_data, path, SPLIT, 0)
     if change == "subset":
         keep = slice(0, len(sample_data.ids) - 1)
         other = dataclasses.replace(
@@ -531,39 +528,44 @@ def test_load_split_refuses_a_file_made_from_other_data(tmp_path, sample_data, c
         other = dataclasses.replace(sample_data, labels=labels)
     else:
         other = dataclasses.replace(sample_data, groups=["HAM_9999999"] + sample_data.groups[1:])
-    with pytest.raises(common.DataError, match=re.escape(str(path))):
-        splits.load_split(other, path, SPLIT, 0)
+    with pytest.raises(bit_common.DataError, match=re.escape(str(path))):
+        datasets.load_split(other, path, SPLIT, 0)
 
 
 def test_load_split_refuses_overlapping_parts(tmp_path, sample_data):
     path = tmp_path / "split.json"
-    split = splits.load_split(sample_data, path, SPLIT, 0)
+    split = datasets.load_split(sample_data, path, SPLIT, 0)
     doctored = json.loads(path.read_text())
     doctored["test"].append(split["pretrain"][0])
     path.write_text(json.dumps(doctored))
-    with pytest.raises(common.DataError, match=r"split\.json: part test .*another part"):
-        splits.load_split(sample_data, path, SPLIT, 0)
+    with pytest.raises(bit_common.DataError, match=r"split\.json: part test .*another part"):
+        datasets.load_split(sample_data, path, SPLIT, 0)
 
 
 @pytest.mark.parametrize("text", ["{not json", '{"pretrain": []}'])
 def test_load_split_refuses_an_unreadable_file(tmp_path, sample_data, text):
     path = tmp_path / "split.json"
     path.write_text(text)
-    with pytest.raises(common.DataError, match=re.escape(str(path))):
-        splits.load_split(sample_data, path, SPLIT, 0)
+    with pytest.raises(bit_common.DataError, match=re.escape(str(path))):
+        datasets.load_split(sample_data, path, SPLIT, 0)
 
 
 def test_default_split_file_names_data_grouping_fractions_and_seed():
-    assert splits.default_split_file("ham10000", SPLIT, 3, "lesion") == Path(
+    assert datasets.default_split_file("ham10000", SPLIT, 3, "lesion") == Path(
         "splits/ham10000-lesion-60-10-10-20-seed3.json"
     )
-    assert splits.default_split_file("cifar10", "0.7,0.1,0.1,0.1", 0, "image") == Path(
+    assert datasets.default_split_file("cifar10", "0.7,0.1,0.1,0.1", 0, "image") == Path(
         "splits/cifar10-image-70-10-10-10-seed0.json"
     )
 
 
 def test_parse_fractions_reads_four_exact_fractions():
-    assert splits.parse_fractions(SPLIT) == [Fraction(3, 5), Fraction(1, 10), Fraction(1, 10), Fraction(1, 5)]
+    assert datasets.parse_fractions(SPLIT) == [
+        Fraction(3, 5),
+        Fraction(1, 10),
+        Fraction(1, 10),
+        Fraction(1, 5),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -571,15 +573,17 @@ def test_parse_fractions_reads_four_exact_fractions():
     ["0.6,0.1,0.1,0.1", "0.6,0.2,0.2", "0.5,0.1,0.1,0.1,0.2", "0.6,0,0.2,0.2", "a,b,c,d", "0.6,0.1,0.1,0.2,"],
 )
 def test_parse_fractions_refuses_bad_fractions_naming_the_flag(text):
-    with pytest.raises(common.DataError, match=re.escape(f"--split {text}")):
-        splits.parse_fractions(text)
+    with pytest.raises(bit_common.DataError, match=re.escape(f"--split {text}")):
+        datasets.parse_fractions(text)
 
 
 def test_fractions_come_in_steps_of_a_hundredth_and_each_such_makes_a_split():
-    with pytest.raises(common.DataError, match="steps of 0.01"):
-        splits.parse_fractions("0.0016666667,0.0011111111,0.5,0.4972222222")  # would need 1800 folds
+    with pytest.raises(bit_common.DataError, match="steps of 0.01"):
+        datasets.parse_fractions("0.0016666667,0.0011111111,0.5,0.4972222222")  # would need 1800 folds
     digits = datasets.load_digits()
-    split = splits.make_split(digits, splits.parse_fractions("0.33,0.07,0.19,0.41"), 0, "image")  # 100 folds
+    split = datasets.make_split(
+        digits, datasets.parse_fractions("0.33,0.07,0.19,0.41"), 0, "image"
+    )  # 100 folds
     assert [round(len(split[p]) / len(digits.ids), 2) for p in PARTS] == [0.33, 0.07, 0.19, 0.41]
 
 
@@ -600,15 +604,15 @@ def check_official_test(data, split):
 def test_cifar10_keeps_the_official_test_batch_as_the_test_part(tmp_path):
     write_cifar(tmp_path, n=40)
     data = datasets.load_cifar10(tmp_path)
-    check_official_test(data, splits.make_split(data, splits.parse_fractions(SPLIT), 0))
-    check_official_test(data, splits.load_split(data, tmp_path / "split.json", SPLIT, 0))
+    check_official_test(data, datasets.make_split(data, datasets.parse_fractions(SPLIT), 0))
+    check_official_test(data, datasets.load_split(data, tmp_path / "split.json", SPLIT, 0))
     assert json.loads((tmp_path / "split.json").read_text())["test"] == list(range(200, 240))
 
 
 def test_dermamnist_keeps_its_official_test_part(tmp_path):
     write_dermamnist(tmp_path / "dermamnist.npz", sizes=(140, 20, 35))
     data = datasets.load_dermamnist(tmp_path / "dermamnist.npz")
-    check_official_test(data, splits.load_split(data, tmp_path / "split.json", SPLIT, 0))
+    check_official_test(data, datasets.load_split(data, tmp_path / "split.json", SPLIT, 0))
     assert json.loads((tmp_path / "split.json").read_text())["test"] == list(range(160, 195))
 
 
@@ -630,14 +634,14 @@ def noise_data(n=4, side=40):
 def test_simsiam_view_gives_a_square_pil_image(size):
     torch.manual_seed(0)
     img = Image.fromarray(noise_data().images[0][:30])  # 40 wide, 30 high
-    out = views.simsiam_view(size)(img)
+    out = datasets.simsiam_view(size)(img)
     assert isinstance(out, Image.Image) and out.size == (size, size) and out.mode == "RGB"
 
 
 def test_imageset_gives_two_different_uint8_views_and_the_label():
     torch.manual_seed(0)
     data = noise_data()
-    item = views.ImageSet(data, np.array([3, 1]), [views.simsiam_view(32)] * 2)[0]
+    item = datasets.ImageSet(data, np.array([3, 1]), [datasets.simsiam_view(32)] * 2)[0]
     assert len(item) == 3 and item[2] == int(data.labels[3])
     for view in item[:2]:
         assert view.dtype == torch.uint8 and view.shape == (3, 32, 32)
@@ -645,7 +649,7 @@ def test_imageset_gives_two_different_uint8_views_and_the_label():
 
 
 def test_seeded_key_repeats_its_views_and_leaves_the_global_rng_alone():
-    images = views.ImageSet(noise_data(), np.arange(4), [views.simsiam_view(32)] * 2)
+    images = datasets.ImageSet(noise_data(), np.arange(4), [datasets.simsiam_view(32)] * 2)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     first, second = images[(5, 2)], images[(5, 2)]
@@ -663,14 +667,14 @@ def has_blur(compose):
 
 
 def test_blur_only_above_32_pixels():
-    assert not has_blur(views.simsiam_view(32)) and not has_blur(views.simsiam_view(16))
-    assert has_blur(views.simsiam_view(33)) and has_blur(views.simsiam_view(224))
+    assert not has_blur(datasets.simsiam_view(32)) and not has_blur(datasets.simsiam_view(16))
+    assert has_blur(datasets.simsiam_view(33)) and has_blur(datasets.simsiam_view(224))
 
 
 def test_random_gaussian_blur_smooths():
     torch.manual_seed(0)
     img = Image.fromarray(noise_data().images[0])
-    out = np.asarray(views.RandomGaussianBlur((1.0, 2.0))(img), dtype=float)
+    out = np.asarray(datasets.RandomGaussianBlur((1.0, 2.0))(img), dtype=float)
     assert (
         np.abs(np.diff(out, axis=1)).mean()
         < 0.5 * np.abs(np.diff(np.asarray(img, dtype=float), axis=1)).mean()
@@ -680,7 +684,7 @@ def test_random_gaussian_blur_smooths():
 def test_eval_view_is_resize_then_center_crop():
     img = Image.fromarray(np.random.default_rng(4).integers(0, 256, (30, 45, 3), dtype=np.uint8))
     ref = np.asarray(img.resize((24, 16), Image.BILINEAR).crop((4, 0, 20, 16)))
-    first, second = views.eval_view(16)(img), views.eval_view(16)(img)
+    first, second = datasets.eval_view(16)(img), datasets.eval_view(16)(img)
     assert first.size == (16, 16)
     assert np.abs(np.asarray(first, dtype=int) - ref).max() <= 1
     np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
@@ -688,17 +692,17 @@ def test_eval_view_is_resize_then_center_crop():
 
 def test_eval_images_stacks_the_eval_view_as_uint8():
     data = noise_data(side=20)
-    out = views.eval_images(data, np.array([3, 0, 2]), 16)
+    out = datasets.eval_images(data, np.array([3, 0, 2]), 16)
     assert out.dtype == torch.uint8 and out.shape == (3, 3, 16, 16)
     for j, i in enumerate((3, 0, 2)):
         ref = np.asarray(Image.fromarray(data.images[i]).resize((16, 16), Image.BILINEAR))
         assert np.abs(out[j].permute(1, 2, 0).numpy().astype(int) - ref).max() <= 1
-    assert views.eval_images(data, np.array([], dtype=np.int64), 16).shape == (0, 3, 16, 16)
+    assert datasets.eval_images(data, np.array([], dtype=np.int64), 16).shape == (0, 3, 16, 16)
 
 
 def test_to_input_maps_0_255_onto_minus_1_plus_1():
     x = torch.tensor([[0, 127, 128, 255]], dtype=torch.uint8)
-    y = common.to_input(x, torch.device("cpu"))
+    y = bit_common.to_input(x, torch.device("cpu"))
     assert y.dtype == torch.float32
     assert y[0, 0].item() == -1.0 and y[0, 3].item() == 1.0
     np.testing.assert_allclose(y.numpy(), x.numpy() / 127.5 - 1, atol=1e-6)
@@ -726,7 +730,7 @@ def test_decode_cache_is_written_once_then_reused(tmp_path, small, monkeypatch):
     def no_decoding(*_):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(image_cache, "read_rgb", no_decoding)
+    monkeypatch.setattr(bit_common, "read_rgb", no_decoding)
     second = datasets.load_ham10000(root, SIZE, cache)
     np.testing.assert_array_equal(second.images, first)
     assert cache_files(cache) == files
@@ -741,8 +745,8 @@ def test_a_changed_image_file_makes_a_new_cache_entry(tmp_path, small, monkeypat
     stamp = path.stat().st_mtime_ns + 5_000_000_000
     os.utime(path, ns=(stamp, stamp))
     calls = []
-    real_read = image_cache.read_rgb
-    monkeypatch.setattr(image_cache, "read_rgb", lambda p, s: calls.append(p) or real_read(p, s))
+    real_read = bit_common.read_rgb
+    monkeypatch.setattr(bit_common, "read_rgb", lambda p, s: calls.append(p) or real_read(p, s))
     again = datasets.load_ham10000(root, SIZE, cache)
     assert len(calls) == len(small) and len(cache_files(cache)) == 4
     assert np.abs(again.images[0].reshape(-1, 3).mean(0) - (250, 5, 5)).max() < 8
@@ -782,7 +786,7 @@ def test_skipped_image_stays_skipped_when_the_root_is_spelled_differently(tmp_pa
 @pytest.mark.parametrize("loader", ["ham10000", "folder", "dermamnist", "load_data"])
 def test_missing_root_is_named(tmp_path, loader):
     root = tmp_path / "absent"
-    with pytest.raises(common.DataError, match=re.escape(str(root))) as e:
+    with pytest.raises(bit_common.DataError, match=re.escape(str(root))) as e:
         if loader == "ham10000":
             datasets.load_ham10000(root, SIZE, tmp_path)
         elif loader == "folder":
@@ -796,7 +800,7 @@ def test_missing_root_is_named(tmp_path, loader):
 
 def test_missing_metadata_names_both_accepted_files(tmp_path):
     write_images(tmp_path, [{"image_id": "ISIC_0024306"}])
-    with pytest.raises(common.DataError) as e:
+    with pytest.raises(bit_common.DataError) as e:
         datasets.load_ham10000(tmp_path, SIZE, tmp_path / "cache")
     assert str(tmp_path) in str(e.value)
     assert "HAM10000_metadata.csv" in str(e.value) and "ISIC2018_Task3_Training_GroundTruth.csv" in str(
@@ -810,14 +814,14 @@ def test_missing_metadata_columns_are_listed(tmp_path, small):
         small[:7],
         header=["lesion_id", "image", "diagnosis", "dx_type", "age", "sex", "localization"],
     )
-    with pytest.raises(common.DataError, match=r"HAM10000_metadata\.csv.*missing column") as e:
+    with pytest.raises(bit_common.DataError, match=r"HAM10000_metadata\.csv.*missing column") as e:
         datasets.load_ham10000(root, SIZE, tmp_path / "cache")
     assert "image_id" in str(e.value) and "dx" in str(e.value).split("found")[0]
 
 
 def test_missing_isic_class_column_is_listed(tmp_path, small):
     root = write_isic(tmp_path / "isic", small[:7], True, columns=ISIC_COLUMNS[:-1])
-    with pytest.raises(common.DataError, match=r"GroundTruth\.csv.*missing column\(s\) BCC"):
+    with pytest.raises(bit_common.DataError, match=r"GroundTruth\.csv.*missing column\(s\) BCC"):
         datasets.load_ham10000(root, SIZE, tmp_path / "cache")
 
 
@@ -827,7 +831,7 @@ def test_isic_row_with_two_classes_is_named(tmp_path, small):
     lines = path.read_text().splitlines()
     lines[3] = lines[3].replace("0.0", "1.0", 1)
     write_crlf(path, lines)
-    with pytest.raises(common.DataError, match=r"GroundTruth\.csv: line 4"):
+    with pytest.raises(bit_common.DataError, match=r"GroundTruth\.csv: line 4"):
         datasets.load_ham10000(root, SIZE, tmp_path / "cache")
 
 
@@ -835,7 +839,7 @@ def test_image_missing_on_disk_is_named_and_can_be_skipped(tmp_path, small):
     root = write_ham(tmp_path / "ham", small)
     gone = small[5]["image_id"]
     next(root.rglob(f"{gone}.jpg")).unlink()
-    with pytest.raises(common.DataError, match=gone):
+    with pytest.raises(bit_common.DataError, match=gone):
         datasets.load_ham10000(root, SIZE, tmp_path / "cache")
     data = datasets.load_ham10000(root, SIZE, tmp_path / "cache", skip_bad=True)
     assert gone not in data.ids and len(data.ids) == len(small) - 1
@@ -859,7 +863,7 @@ def test_unreadable_image_is_named_and_can_be_skipped(tmp_path, small, damage):
         path.write_bytes(np.random.default_rng(6).integers(0, 256, 700, dtype=np.uint8).tobytes())
     else:
         truncated_jpeg(path)
-    with pytest.raises(common.DataError, match=re.escape(str(path))):
+    with pytest.raises(bit_common.DataError, match=re.escape(str(path))):
         datasets.load_ham10000(root, SIZE, tmp_path / "cache")
     data = datasets.load_ham10000(root, SIZE, tmp_path / "cache", skip_bad=True)
     assert data.ids == [r["image_id"] for k, r in enumerate(small) if k != 3]
@@ -874,7 +878,7 @@ def test_unreadable_folder_image_can_be_skipped(tmp_path):
         (root / c).mkdir(parents=True)
         write_jpeg(root / c / "good.jpg", 1)
     truncated_jpeg(root / "b" / "cut.jpg")
-    with pytest.raises(common.DataError, match="cut.jpg"):
+    with pytest.raises(bit_common.DataError, match="cut.jpg"):
         datasets.load_folder(root, SIZE, tmp_path / "cache")
     data = datasets.load_folder(root, SIZE, tmp_path / "cache", skip_bad=True)
     assert data.ids == ["a/good.jpg", "b/good.jpg"] and data.labels.tolist() == [0, 1] and len(data.bad) == 1
@@ -884,35 +888,35 @@ def test_unknown_dx_is_named_with_its_line(tmp_path, small):
     rows = [dict(r) for r in small]
     rows[2]["dx"] = "scc"
     root = write_ham(tmp_path / "ham", rows)
-    with pytest.raises(common.DataError, match=r"HAM10000_metadata\.csv: line 4: unknown dx 'scc'"):
+    with pytest.raises(bit_common.DataError, match=r"HAM10000_metadata\.csv: line 4: unknown dx 'scc'"):
         datasets.load_ham10000(root, SIZE, tmp_path / "cache")
 
 
 def test_image_listed_twice_is_named(tmp_path, small):
     root = write_ham(tmp_path / "ham", small + [small[0]])
-    with pytest.raises(common.DataError, match=f"image {small[0]['image_id']} is listed twice"):
+    with pytest.raises(bit_common.DataError, match=f"image {small[0]['image_id']} is listed twice"):
         datasets.load_ham10000(root, SIZE, tmp_path / "cache")
 
 
 def test_class_without_images_is_named(tmp_path, small):
     root = write_ham(tmp_path / "ham", [r for r in small if r["dx"] != "df"])
-    with pytest.raises(common.DataError, match="class df has no images"):
+    with pytest.raises(bit_common.DataError, match="class df has no images"):
         datasets.load_ham10000(root, SIZE, tmp_path / "cache")
     folder = tmp_path / "folder"
     write_jpeg(folder / "full" / "x.jpg", 0)
     (folder / "hollow").mkdir()
-    with pytest.raises(common.DataError, match="hollow"):
+    with pytest.raises(bit_common.DataError, match="hollow"):
         datasets.load_folder(folder, SIZE, tmp_path / "cache")
 
 
 def test_cifar10_missing_batch_is_named(tmp_path):
     write_cifar(tmp_path, omit=("data_batch_3",))
-    with pytest.raises(common.DataError, match=r"data_batch_3: missing"):
+    with pytest.raises(bit_common.DataError, match=r"data_batch_3: missing"):
         datasets.load_cifar10(tmp_path)
 
 
 def test_cifar10_absent_without_download_says_download_and_names_the_path(tmp_path):
-    with pytest.raises(common.DataError, match="--download") as e:
+    with pytest.raises(bit_common.DataError, match="--download") as e:
         datasets.load_cifar10(tmp_path / "nothing")
     assert str(tmp_path / "nothing" / "cifar-10-batches-py") in str(e.value)
 
@@ -922,7 +926,7 @@ def test_cifar10_download_that_fails_names_the_source_and_the_root(tmp_path, mon
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    with pytest.raises(common.DataError, match="cannot download CIFAR-10") as e:
+    with pytest.raises(bit_common.DataError, match="cannot download CIFAR-10") as e:
         datasets.load_cifar10(tmp_path / "nothing", download=True)
     assert str(tmp_path / "nothing") in str(e.value) and "cs.toronto.edu" in str(e.value)
 
@@ -940,6 +944,7 @@ def run_cli(*args):
     )
 
 
+@pytest.mark.script
 def test_cli_writes_the_split_and_prints_counts_per_part(tmp_path, small, ham_root):
     split_file = tmp_path / "split.json"
     done = run_cli(
@@ -968,6 +973,7 @@ def test_cli_writes_the_split_and_prints_counts_per_part(tmp_path, small, ham_ro
     assert "bad images skipped: 0" in done.stdout
 
 
+@pytest.mark.script
 def test_cli_missing_root_is_one_error_line(tmp_path):
     done = run_cli(
         "--data",

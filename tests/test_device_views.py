@@ -1,9 +1,9 @@
-"""device_views.py (issue 24, item 3), on the CPU: its recipes are views.py's numbers; its random parameters
+"""device_views.py (issue 24, item 3), on the CPU: its recipes are the loader's numbers; its random parameters
 follow torchvision's distribution (Kolmogorov-Smirnov over 100,000 draws, exact binomial tests, chi-square on
 the jitter's 24 orders); with the same parameters its pixels are torchvision's tensor functions' (float32
-rounding apart), and they differ from views.py's PIL steps by a measured amount (PIL's 8-bit HSV hue and its
-box-approximated blur above all); 10,000 views agree in distribution with the PIL loader's (views.ImageSet);
-a view depends on (image seed, draw) alone, whatever batch it is drawn in.
+rounding apart), and they differ from the loader's PIL steps by a measured amount (PIL's 8-bit HSV hue and its
+box-approximated blur above all); 10,000 views agree in distribution with the PIL loader's
+(datasets.ImageSet); a view depends on (image seed, draw) alone, whatever batch it is drawn in.
 
 Every statistical test has a fixed seed, so it is deterministic; its level (the chance that correct code fails
 it with other seeds) is 0.001 a test."""
@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as F
 
 import datasets
 import device_views as dv
-import views
+import ssl_methods
 
 ALPHA = 0.001
 COLUMN = dv.COLUMN
@@ -101,15 +101,19 @@ def as_batch(images):
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
-# ------------------------------------------------------------------------------ 1. the recipes of views.py
+# ------------------------------------------------------------------------------ 1. the recipes of the
+# loader's views (datasets.py, ssl_methods.py)
 
 
 def pil_recipe(view):
-    """The numbers of one views.py augmentation, read from its torchvision transforms; the order of its steps
-    as a string (c crop, f flip, j jitter, g grey, b blur, s solarise)."""
-    steps = [view.crop, *view.then.transforms] if isinstance(view, views.LocatedCrop) else view.transforms
+    """The numbers of one of the loader's augmentations (datasets.py, ssl_methods.py), read from its
+    torchvision transforms; the order of its steps as a string (c crop, f flip, j jitter, g grey, b blur, s
+    solarise)."""
+    steps = (
+        [view.crop, *view.then.transforms] if isinstance(view, ssl_methods.LocatedCrop) else view.transforms
+    )
     found, order = {"blur_p": 0.0, "solarise_p": 0.0}, ""
-    if isinstance(view, views.LocatedCrop):  # its flip, torch.rand(1) < 0.5, comes right after the crop
+    if isinstance(view, ssl_methods.LocatedCrop):  # its flip, torch.rand(1) < 0.5, comes right after the crop
         found["flip_p"], order = 0.5, "f"
     for step in steps:
         p, inner = (
@@ -130,7 +134,7 @@ def pil_recipe(view):
             order += "j"
         elif isinstance(inner, v2.RandomGrayscale):
             found["grey_p"], order = inner.p, order + "g"
-        elif isinstance(inner, views.RandomGaussianBlur):
+        elif isinstance(inner, datasets.RandomGaussianBlur):
             found.update(blur_p=p, sigma=inner.sigma)
             order += "b"
         elif isinstance(inner, v2.RandomSolarize):
@@ -163,12 +167,13 @@ def device_recipe(name, size):
 
 
 @pytest.mark.parametrize("size", [8, 32, 33, 224])
-@pytest.mark.parametrize("name", sorted(views.VIEWS))
+@pytest.mark.parametrize("name", sorted(ssl_methods.VIEWS))
 def test_each_recipe_has_the_numbers_of_views_py(name, size):
-    """Every number of every views.VIEWS augmentation, at sizes either side of the 32-px rule: the device
-    recipe reads the same (a change to one recipe without the other fails here). The steps come in one of the
-    two orders device_views assumes: the flip right after the crop, or last (it commutes with the rest)."""
-    found, order = pil_recipe(views.VIEWS[name](size))
+    """Every number of every ssl_methods.VIEWS augmentation, at sizes either side of the 32-px rule: the
+    device recipe reads the same (a change to one recipe without the other fails here). The steps come in one
+    of the two orders device_views assumes: the flip right after the crop, or last (it commutes with the
+    rest)."""
+    found, order = pil_recipe(ssl_methods.VIEWS[name](size))
     assert found == device_recipe(name, size)
     assert order.replace("b", "").replace("s", "") in ("cfjg", "cjgf")
     assert order.replace("f", "") == "cjg" + "b" * (found["blur_p"] > 0) + "s" * (found["solarise_p"] > 0)
@@ -370,8 +375,9 @@ def test_grey_blur_and_solarise_are_torchvisions(batch):
 
 
 def torchvision_view(image, row, size):
-    """One view made by torchvision's functions, one image at a time, in views.byol_view's order (crop, flip,
-    jitter in the drawn order, grey, blur, solarise), on the float image; rounded to uint8 at the end."""
+    """One view made by torchvision's functions, one image at a time, in ssl_methods.byol_view's order (crop,
+    flip, jitter in the drawn order, grey, blur, solarise), on the float image; rounded to uint8 at the
+    end."""
     c = COLUMN
     x = F.resized_crop(
         image.float() / 255, *[int(row[c[k]]) for k in ("top", "left", "height", "width")], [size] * 2
@@ -416,7 +422,7 @@ def pil_batch():
 
 
 def test_the_pil_colour_steps_differ_by_their_8_bit_rounding(pil_batch):
-    """views.py's ColorJitter runs on PIL images, which store every step in 8 bits: brightness, contrast and
+    """the loader's ColorJitter runs on PIL images, which store every step in 8 bits: brightness, contrast and
     saturation round down (measured: at most 1 level, 0.47 - 0.50 on average, the device a half-level
     brighter), greyscale rounds (at most 1); hue goes through PIL's 8-bit HSV, whose quantised hue moves
     colours by up to 13 levels (measured: 0.61 levels on average, 14 % of the values more than 1 apart)."""
@@ -444,7 +450,7 @@ def test_the_pil_colour_steps_differ_by_their_8_bit_rounding(pil_batch):
 
 
 def test_the_pil_blur_and_resize_differ_by_measured_amounts(pil_batch):
-    """views.RandomGaussianBlur is PIL's GaussianBlur: three box blurs approximating the Gaussian, with the
+    """datasets.RandomGaussianBlur is PIL's GaussianBlur: three box blurs approximating the Gaussian, with the
     edge pixel repeated beyond the border where torchvision reflects. Measured on these images: 0.26 levels
     on average and at most 5 away from the 17-tap Gaussian inside (8 px from the border), 0.5 and at most 11
     at the border. The crop's resize is the same filter as PIL's (fixed-point in PIL): at most 1 level."""
@@ -484,7 +490,7 @@ def view_statistics(views_):
 
 
 def test_10000_views_agree_with_the_pil_loader():
-    """SimSiam's views at 40 px (blur on) of 100 colour images, 100 views each: views.ImageSet (PIL, seeded
+    """SimSiam's views at 40 px (blur on) of 100 colour images, 100 views each: datasets.ImageSet (PIL, seeded
     per image as SeededSampler seeds it) against device_views (other seeds). Tested: each channel's per-view
     mean and standard deviation by KS at level 0.001; the average histogram (16 bins) within a total
     variation of 0.03 of PIL's per channel; the average of the channel means within 2.5 levels. Measured: KS
@@ -494,7 +500,7 @@ def test_10000_views_agree_with_the_pil_loader():
     its 8-bit steps (0.05 - 0.6 between two device runs)."""
     images = colour_images(N_SOURCES, SIDE, SIDE, seed=4)
     data = datasets.Data("test", images, np.zeros(N_SOURCES, np.int64), list(range(N_SOURCES)), ("x",))
-    loader = views.ImageSet(data, np.arange(N_SOURCES), [views.VIEWS["simsiam"](SIDE)])
+    loader = datasets.ImageSet(data, np.arange(N_SOURCES), [ssl_methods.VIEWS["simsiam"](SIDE)])
     pil = torch.stack([loader[(k, k % N_SOURCES)][0] for k in range(N_VIEWS)])
     source = as_batch(images)
     device = torch.cat(
@@ -537,9 +543,9 @@ def test_swav_small_crops_are_96_224_of_the_size():
 
 
 def test_a_located_view_says_where_it_came_from():
-    """(x0, y0, x1, y1, flipped) as views.LocatedCrop gives them: the crop box in the source's normalised
-    coordinates; a view flipped is the mirror of the same crop unflipped (to one grey level: the blur and the
-    contrast's mean add the same numbers in another order; measured: identical)."""
+    """(x0, y0, x1, y1, flipped) as ssl_methods.LocatedCrop gives them: the crop box in the source's
+    normalised coordinates; a view flipped is the mirror of the same crop unflipped (to one grey level: the
+    blur and the contrast's mean add the same numbers in another order; measured: identical)."""
     images = as_batch(colour_images(8, 40, 52, seed=7))
     params = dv.draw_params("located", 48, range(8), 0, 40, 52)
     located, where = dv.render(images, params, "located", 48)

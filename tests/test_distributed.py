@@ -10,10 +10,9 @@ import torch
 import torch.distributed as dist
 from test_pretrain import read_metrics
 
-import evaluation
-import interventions
+import bit_convert
+import datasets
 import pretrain
-import splits
 from bit_convert import load_backbone
 from helpers import load_data, run_pretraining_over_gloo, tiny_args, write_pretrained_backbone
 
@@ -87,15 +86,16 @@ COLLECTIVES = (
 )
 
 
+@pytest.mark.script
 def test_the_monitor_that_process_0_runs_alone_issues_no_collective(tmp_path, monkeypatch):
     """The epoch-0 row (BatchNorm and IterNorm statistics estimated in train mode) and a later row, as process
     0 computes them under torchrun with two processes, of a whitened backbone inside a method whose forward
     gathers (MoCo's key encoder): any collective there is one that the other process never joins."""
     args = pretrain.parse_args(run_args(tmp_path, ["--method", "mocov2", "--whiten"]))
     data, cpu = load_data(args), torch.device("cpu")
-    split = splits.load_split(data, args.split_file, args.split, args.split_seed, args.split_by)
+    split = datasets.load_split(data, args.split_file, args.split, args.split_seed, args.split_by)
     method = pretrain.prepare_method(args, data, split, cpu)
-    monitor = evaluation.KnnMonitor(data, split, args.image_size, args.knn_k, args.knn_t, cpu)
+    monitor = pretrain.KnnMonitor(data, split, args.image_size, args.knn_k, args.knn_t, cpu)
 
     def collective(*args, **kwargs):
         raise AssertionError("a collective in code that process 0 runs alone")
@@ -117,12 +117,12 @@ def test_only_a_distributed_model_whitens_over_the_processes():
     refuses a SyncBatchNorm."""
     args = pretrain.parse_args(["--data", "digits", "--method", "byol", "--whiten", "--device", "cpu"])
     method = pretrain.prepare_method(args, None, None, torch.device("cpu"))
-    norms = [m for m in method.modules() if isinstance(m, interventions.IterNorm)]
+    norms = [m for m in method.modules() if isinstance(m, bit_convert.IterNorm)]
     assert len(norms) == 2 and all(norm.process_group is None for norm in norms)  # backbone, target
     group = object()  # stands for a process group: nothing here runs a collective
-    assert interventions.synchronise_whitening(method, group) is method
+    assert bit_convert.synchronise_whitening(method, group) is method
     assert all(norm.process_group is group for norm in norms)
     with pytest.raises(ValueError, match="before the model is distributed"):
-        evaluation.estimate_bn_statistics(
+        bit_convert.estimate_bn_statistics(
             method.backbone, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.device("cpu")
         )

@@ -43,9 +43,8 @@ from test_bit_convert import (
 )
 from test_datasets import SAMPLE, colour, write_jpeg
 
-import backbones
-import bit_convert as bc
-import common
+import bit_common
+import bit_convert
 import datasets
 from helpers import REPO, run_script
 
@@ -248,7 +247,7 @@ def test_the_default_root_is_shared_and_movable(tmp_path, monkeypatch):
     $HAM10000_ROOT says otherwise): the same for every script, which all read through load_data."""
     assert datasets.HAM10000_ROOT == Path.home() / ".cache" / "bit-simsiam" / "data" / "HAM10000"
     monkeypatch.setattr(datasets, "HAM10000_ROOT", tmp_path / "elsewhere")
-    with pytest.raises(common.DataError) as e:
+    with pytest.raises(bit_common.DataError) as e:
         datasets.load_data("ham10000", None, 8, tmp_path / "cache")
     assert str(tmp_path / "elsewhere") in str(e.value)
 
@@ -256,7 +255,7 @@ def test_the_default_root_is_shared_and_movable(tmp_path, monkeypatch):
 def test_no_data_and_no_download_is_one_line_saying_where_and_what_download_fetches(tmp_path, monkeypatch):
     root = tmp_path / "data" / "HAM10000"
     monkeypatch.setattr(datasets, "HAM10000_ROOT", root)
-    with pytest.raises(common.DataError) as e:
+    with pytest.raises(bit_common.DataError) as e:
         datasets.load_data("ham10000", None, 8, tmp_path / "cache")
     message = one_line(e.value)
     for needed in (str(root), "--download", "ISIC 2018 Task 3", "10,015", "2.6 GB", "CC BY-NC 4.0"):
@@ -271,7 +270,7 @@ def test_no_data_and_no_download_is_one_line_saying_where_and_what_download_fetc
 def test_an_interrupted_download_resumes_with_range_and_ends_byte_identical(ham, server, release):
     cut = len(release[0][INPUT]) // 3
     server.cut_at[INPUT] = cut
-    with pytest.raises(common.UserError) as e:
+    with pytest.raises(bit_common.UserError) as e:
         fetch(ham)
     message = one_line(e.value)
     assert f"after {cut:,} of {len(release[0][INPUT]):,} bytes" in message and "resume" in message
@@ -321,7 +320,7 @@ def test_ctrl_c_mid_download_is_one_line_and_the_download_resumes(ham, server, r
 
 def test_a_server_that_ignores_range_sends_the_file_whole_and_says_so(ham, server, release, capsys):
     server.cut_at[INPUT] = 1000
-    with pytest.raises(common.UserError):
+    with pytest.raises(bit_common.UserError):
         fetch(ham)
     server.ignore_range.add(INPUT)
     server.log.clear()
@@ -333,10 +332,10 @@ def test_a_server_that_ignores_range_sends_the_file_whole_and_says_so(ham, serve
 
 def test_a_server_that_answers_another_range_is_refused(ham, server, release):
     server.cut_at[INPUT] = 1000
-    with pytest.raises(common.UserError):
+    with pytest.raises(bit_common.UserError):
         fetch(ham)
     server.wrong_range.add(INPUT)
-    with pytest.raises(common.UserError) as e:
+    with pytest.raises(bit_common.UserError) as e:
         fetch(ham)
     assert "bytes 0-" in one_line(e.value) and f"{INPUT}.part" in str(e.value)
     assert not ham.exists()
@@ -360,7 +359,7 @@ def refused(ham, kept=()):
     """The one-line error of a download into `ham` that leaves no root, no part file and no unpacking
     folder; only the files of `kept`, which arrived whole and checked before the refusal, stay in the hidden
     download folder beside the root for the next run."""
-    with pytest.raises(common.UserError) as e:
+    with pytest.raises(bit_common.UserError) as e:
         fetch(ham)
     staging = ".HAM10000.download"
     expected = [staging, *(f"{staging}/{name}" for name in kept)] if kept else []
@@ -474,7 +473,7 @@ def test_a_full_disk_while_downloading_keeps_what_arrived_for_a_resume(ham, serv
     staging = ham.parent / ".HAM10000.download"
     staging.mkdir(parents=True)
     (staging / f"{INPUT}.part").symlink_to("/dev/full")
-    with pytest.raises(common.UserError) as e:
+    with pytest.raises(bit_common.UserError) as e:
         fetch(ham)
     assert "the disk is full" in one_line(e.value) and f"{INPUT}.part" in str(e.value)
     assert not ham.exists()
@@ -483,7 +482,7 @@ def test_a_full_disk_while_downloading_keeps_what_arrived_for_a_resume(ham, serv
 def test_a_root_that_holds_other_files_is_not_downloaded_into(ham, server):
     ham.mkdir(parents=True)
     (ham / "notes.txt").write_text("mine")
-    with pytest.raises(common.DataError) as e:
+    with pytest.raises(bit_common.DataError) as e:
         fetch(ham)
     assert str(ham) in one_line(e.value) and "empty folder" in str(e.value)
     assert everything_below(ham) == ["notes.txt"] and server.log == []
@@ -504,13 +503,13 @@ def bit_m(tmp_path_factory):
 def weights(server, bit_m, tmp_path, monkeypatch):
     """The .npz served as BiT-M-R50x1, bit_convert pointed at the server and at an empty cache."""
     server.files["BiT-M-R50x1.npz"] = bit_m[0]
-    monkeypatch.setattr(bc, "BIT_MODELS_URL", server.url)
-    monkeypatch.setattr(bc, "CACHE_DIR", tmp_path / "weights")
+    monkeypatch.setattr(bit_convert, "BIT_MODELS_URL", server.url)
+    monkeypatch.setattr(bit_convert, "CACHE_DIR", tmp_path / "weights")
     return tmp_path / "weights"
 
 
 def test_init_bit_m_fetches_the_weights_with_progress_and_loads_them(weights, server, bit_m, capsys):
-    model = backbones.build_backbone("bit-m", norm="gn")
+    model = bit_convert.build_backbone("bit-m", norm="gn")
     assert server.log == [("BiT-M-R50x1.npz", None)]
     assert everything_below(weights) == ["BiT-M-R50x1.npz"]  # no part file beside it
     assert (weights / "BiT-M-R50x1.npz").read_bytes() == bit_m[0]
@@ -520,17 +519,17 @@ def test_init_bit_m_fetches_the_weights_with_progress_and_loads_them(weights, se
     err = capsys.readouterr().err
     assert "BiT-M-R50x1.npz" in err and "100%" in err
     server.log.clear()
-    backbones.build_backbone("bit-m", norm="bn")  # cached: not fetched again
+    bit_convert.build_backbone("bit-m", norm="bn")  # cached: not fetched again
     assert server.log == []
 
 
 def test_an_interrupted_weights_download_resumes_byte_identical(weights, server, bit_m):
     server.cut_at["BiT-M-R50x1.npz"] = len(bit_m[0]) // 2
-    with pytest.raises(common.UserError) as e:
-        bc.bit_file("BiT-M-R50x1")
+    with pytest.raises(bit_common.UserError) as e:
+        bit_convert.bit_file("BiT-M-R50x1")
     assert "resume" in one_line(e.value) and str(weights / "BiT-M-R50x1.npz.part") in str(e.value)
     assert everything_below(weights) == ["BiT-M-R50x1.npz.part"]
-    path = bc.bit_file("BiT-M-R50x1")
+    path = bit_convert.bit_file("BiT-M-R50x1")
     assert server.log[-1] == ("BiT-M-R50x1.npz", f"bytes={len(bit_m[0]) // 2}-")
     assert path.read_bytes() == bit_m[0] and everything_below(weights) == ["BiT-M-R50x1.npz"]
 
@@ -546,8 +545,8 @@ def test_weights_that_are_not_a_complete_bit_file_are_refused_and_not_kept(weigh
             weights.parent / "r50x3.npz", {ROOT_KEY: np.zeros((7, 7, 3, 192), np.float32)}
         ).read_bytes(),
     }[served]
-    with pytest.raises(common.UserError) as e:
-        backbones.build_backbone("bit-m")
+    with pytest.raises(bit_common.UserError) as e:
+        bit_convert.build_backbone("bit-m")
     message = one_line(e.value)
     assert f"{server.url}BiT-M-R50x1.npz" in message and "deleted" in message
     assert not weights.exists() or list(weights.iterdir()) == []
@@ -555,9 +554,9 @@ def test_weights_that_are_not_a_complete_bit_file_are_refused_and_not_kept(weigh
 
 def test_weights_offline_are_one_line_naming_the_url_and_where_to_put_the_file(weights, monkeypatch):
     url = closed_port_url()
-    monkeypatch.setattr(bc, "BIT_MODELS_URL", url)
-    with pytest.raises(common.UserError) as e:
-        backbones.build_backbone("bit-s")
+    monkeypatch.setattr(bit_convert, "BIT_MODELS_URL", url)
+    with pytest.raises(bit_common.UserError) as e:
+        bit_convert.build_backbone("bit-s")
     message = one_line(e.value)
     assert f"{url}BiT-S-R50x1.npz" in message and f"put it at {weights / 'BiT-S-R50x1.npz'}" in message
     assert not weights.exists()
@@ -566,9 +565,10 @@ def test_weights_offline_are_one_line_naming_the_url_and_where_to_put_the_file(w
 @pytest.mark.skipif("BIT_MODELS_URL" in os.environ, reason="a mirror is named here")
 def test_the_weights_come_from_the_bit_bucket_unless_a_mirror_is_named():
     """google-research/big_transfer's README: https://storage.googleapis.com/bit_models/{NAME}.npz."""
-    assert bc.BIT_MODELS_URL == "https://storage.googleapis.com/bit_models/"
+    assert bit_convert.BIT_MODELS_URL == "https://storage.googleapis.com/bit_models/"
 
 
+@pytest.mark.script
 def test_a_process_that_finds_another_fetching_waits_for_it(weights, server, bit_m, capsys):
     """torchrun's processes all build the backbone: the first fetches, the others wait on the part file's
     lock and then find the file there, without fetching it again."""
@@ -579,7 +579,7 @@ def test_a_process_that_finds_another_fetching_waits_for_it(weights, server, bit
     holder = open(part, "ab")
     fcntl.flock(holder, fcntl.LOCK_EX)
     found = []
-    waiter = threading.Thread(target=lambda: found.append(bc.bit_file("BiT-M-R50x1")))
+    waiter = threading.Thread(target=lambda: found.append(bit_convert.bit_file("BiT-M-R50x1")))
     waiter.start()
     said, deadline = "", time.monotonic() + 60
     while "waiting for another process" not in said and time.monotonic() < deadline:

@@ -7,14 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import bit_common
+import bit_convert
 import datasets
-import evaluation
 import linear_eval
-import splits
-import views
-from bit_convert import resnet_v2, save_backbone
-from evaluation import estimate_bn_statistics, saved_backbone
+import tsne
+from bit_convert import estimate_bn_statistics, resnet_v2, save_backbone, saved_backbone
 from helpers import load_data, run_script
 
 
@@ -39,7 +37,7 @@ def trained_looking_backbone(seed):
     1)."""
     torch.manual_seed(seed)
     backbone = resnet_v2("r50x1", "bn", cifar_stem=True)
-    images = views.eval_images(datasets.load_digits(), np.arange(256), 8)
+    images = datasets.eval_images(datasets.load_digits(), np.arange(256), 8)
     estimate_bn_statistics(backbone, images, torch.device("cpu"))
     return backbone
 
@@ -51,12 +49,12 @@ def pretrained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pretrained")
     (tmp / "run").mkdir()
     data = datasets.load_digits()
-    split = splits.load_split(data, tmp / "run" / "split.json")
+    split = datasets.load_split(data, tmp / "run" / "split.json")
     save_backbone(
         trained_looking_backbone(0),
         tmp / "run" / "backbone.pt",
         epoch=3,
-        split_digest=splits.split_digest(split),
+        split_digest=datasets.split_digest(split),
     )
     return tmp
 
@@ -71,6 +69,7 @@ def synthetic_features(seed, n=120, d=16, classes=4, noise=2.0):
     return centres[y] + noise * torch.randn(n, d, generator=g), y
 
 
+@pytest.mark.script
 def test_model_selection_uses_val_alone(tmp_path, monkeypatch, pretrained):
     """Run the whole evaluation twice, the second time with the test labels scrambled: if test took any part
     in choosing the epoch, the choice would move. One step an epoch: a small --lr, so that the val accuracy
@@ -83,7 +82,7 @@ def test_model_selection_uses_val_alone(tmp_path, monkeypatch, pretrained):
             x, y = parts["test"]
             features["test"] = (x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(5))])
         monkeypatch.setattr(
-            evaluation, "part_features", lambda b, i, d, s, part, *rest, features=features: features[part]
+            bit_convert, "part_features", lambda b, i, d, s, part, *rest, features=features: features[part]
         )
         out = tmp_path / f"scrambled-{scramble}"
         linear_eval.main(
@@ -149,19 +148,20 @@ def test_the_probe_trains_with_the_authors_recipe(monkeypatch):
     assert len(seen) == total
 
 
+@pytest.mark.script
 def test_features_are_cached_and_recomputed_when_the_checkpoint_changes(tmp_path, pretrained, monkeypatch):
     args = linear_eval.parse_args(eval_args(tmp_path, "--ckpt", pretrained / "run" / "backbone.pt"))
     data = load_data(args)
     ckpt = tmp_path / "backbone.pt"
     ckpt.write_bytes((pretrained / "run" / "backbone.pt").read_bytes())
-    split = splits.load_split(data, pretrained / "run" / "split.json")
+    split = datasets.load_split(data, pretrained / "run" / "split.json")
     calls = []
-    embed = evaluation.embed
-    monkeypatch.setattr(evaluation, "embed", lambda *a, **k: calls.append(1) or embed(*a, **k))
+    embed = bit_convert.embed
+    monkeypatch.setattr(bit_convert, "embed", lambda *a, **k: calls.append(1) or embed(*a, **k))
 
     def features():
         backbone, _, _, identity = saved_backbone(ckpt)
-        return evaluation.part_features(
+        return bit_convert.part_features(
             backbone, identity, data, split, "val", args.image_size, args.cache_dir, 0, torch.device("cpu")
         )
 
@@ -170,7 +170,7 @@ def test_features_are_cached_and_recomputed_when_the_checkpoint_changes(tmp_path
     save_backbone(trained_looking_backbone(1), ckpt, epoch=4)  # the run went on: new weights, new features
     changed = features()
     assert len(calls) == 2 and not torch.equal(changed[0], first[0])
-    assert torch.equal(changed[1], torch.as_tensor(data.labels[splits.indices(data, split, "val")]))
+    assert torch.equal(changed[1], torch.as_tensor(data.labels[datasets.indices(data, split, "val")]))
 
 
 # ------------------------------------------------------------------------------------------------- whole runs
@@ -187,6 +187,7 @@ def evaluated(pretrained):
     return out, run
 
 
+@pytest.mark.script
 def test_linear_eval_writes_results_and_confusion(evaluated, pretrained):
     out, run = evaluated
     results = json.loads((out / "results.json").read_text())
@@ -197,7 +198,7 @@ def test_linear_eval_writes_results_and_confusion(evaluated, pretrained):
         assert results["std"][metric] == pytest.approx(np.std(values, ddof=1))
     trial = results["trials"][0]
     test_labels = datasets.load_digits().labels[
-        splits.indices(
+        datasets.indices(
             datasets.load_digits(), json.loads((pretrained / "run" / "split.json").read_text()), "test"
         )
     ]
@@ -209,6 +210,7 @@ def test_linear_eval_writes_results_and_confusion(evaluated, pretrained):
     assert "test balanced accuracy" in run.stdout
 
 
+@pytest.mark.script
 def test_augment_embeds_new_views_every_epoch(pretrained, tmp_path, monkeypatch):
     train_features = []
     train = linear_eval.train_linear
@@ -238,6 +240,7 @@ def test_augment_embeds_new_views_every_epoch(pretrained, tmp_path, monkeypatch)
     assert json.loads((tmp_path / "augmented" / "results.json").read_text())["args"]["augment"] is True
 
 
+@pytest.mark.script
 def test_compare_draws_the_figure(evaluated, tmp_path):
     out, _ = evaluated
     other = json.loads((out / "results.json").read_text())
@@ -256,6 +259,7 @@ def test_compare_draws_the_figure(evaluated, tmp_path):
     assert "another model" in run.stdout
 
 
+@pytest.mark.script
 def test_tsne_and_spectrum_figures(pretrained, tmp_path):
     run = run_script(
         "tsne.py",
@@ -287,6 +291,7 @@ def one_line_error(run, *fragments):
     assert all(f in lines[0] for f in fragments), lines[0]
 
 
+@pytest.mark.script
 def test_a_file_that_is_not_a_backbone_is_refused(tmp_path):
     torch.save({"model": {}}, tmp_path / "last.pt")
     one_line_error(
@@ -296,6 +301,7 @@ def test_a_file_that_is_not_a_backbone_is_refused(tmp_path):
     )
 
 
+@pytest.mark.script
 def test_a_missing_or_foreign_split_is_refused(tmp_path, pretrained):
     alone = tmp_path / "alone"
     alone.mkdir()
@@ -304,7 +310,7 @@ def test_a_missing_or_foreign_split_is_refused(tmp_path, pretrained):
         run_script("linear_eval.py", *eval_args(tmp_path, "--ckpt", alone / "backbone.pt")),
         "split.json not found",
     )
-    splits.load_split(datasets.load_digits(), tmp_path / "other.json", seed=1)
+    datasets.load_split(datasets.load_digits(), tmp_path / "other.json", seed=1)
     one_line_error(
         run_script(
             "linear_eval.py",
@@ -314,9 +320,10 @@ def test_a_missing_or_foreign_split_is_refused(tmp_path, pretrained):
     )
 
 
+@pytest.mark.script
 def test_a_class_absent_from_train_is_refused(tmp_path):
     data = datasets.load_digits()
-    split = json.loads(json.dumps(splits.load_split(data, tmp_path / "split.json")))
+    split = json.loads(json.dumps(datasets.load_split(data, tmp_path / "split.json")))
     nines = [i for i in split["train"] if data.labels[i] == 9]
     split["train"] = [i for i in split["train"] if i not in nines]
     split["pretrain"] += nines
@@ -356,18 +363,18 @@ def test_the_official_cifar10_protocol_pretrains_on_all_training_images_and_quer
 
     write_cifar(tmp_path, n=20)
     data = datasets.load_cifar10(tmp_path)
-    split = splits.load_split(data, tmp_path / "split.json", "official")
+    split = datasets.load_split(data, tmp_path / "split.json", "official")
     train = [data.ids[i] for i in np.flatnonzero(~data.official_test)]
     test = [data.ids[i] for i in np.flatnonzero(data.official_test)]
     assert split["pretrain"] == split["train"] == train and split["val"] == split["test"] == test
-    assert not splits.selects_on_val(split)
-    assert splits.load_split(data, tmp_path / "split.json") == split  # read back as written
+    assert not datasets.selects_on_val(split)
+    assert datasets.load_split(data, tmp_path / "split.json") == split  # read back as written
     edited = {**split, "pretrain": train + test}
     (tmp_path / "edited.json").write_text(json.dumps(edited))
-    with pytest.raises(common.DataError, match="edited.json: not the official split"):
-        splits.load_split(data, tmp_path / "edited.json")
-    with pytest.raises(common.DataError, match="--split official: digits has no official test set"):
-        splits.load_split(datasets.load_digits(), tmp_path / "digits.json", "official")
+    with pytest.raises(bit_common.DataError, match="edited.json: not the official split"):
+        datasets.load_split(data, tmp_path / "edited.json")
+    with pytest.raises(bit_common.DataError, match="--split official: digits has no official test set"):
+        datasets.load_split(datasets.load_digits(), tmp_path / "digits.json", "official")
     args = linear_eval.parse_args(["--init", "scratch", "--epochs", "7"])
     train_features, val_features = synthetic_features(0), synthetic_features(1)
     assert (
@@ -375,15 +382,17 @@ def test_the_official_cifar10_protocol_pretrains_on_all_training_images_and_quer
     )  # the last
 
 
+@pytest.mark.script
 def test_evaluation_takes_the_image_size_the_backbone_was_pretrained_at(tmp_path, pretrained, capsys):
     ckpt = tmp_path / "run" / "backbone.pt"
     ckpt.parent.mkdir()
     save_backbone(resnet_v2("r50x1", "bn", cifar_stem=True), ckpt, epoch=1, image_size=12)
     assert linear_eval.parse_args(["--ckpt", str(ckpt)]).image_size == 12  # digits' own default is 8
-    import tsne
 
     assert tsne.parse_args(["--ckpt", str(ckpt), "--init", "scratch"]).image_size == 12
     assert linear_eval.parse_args(["--ckpt", str(ckpt), "--image-size", "16"]).image_size == 16
     assert "warning: --image-size 16, but" in capsys.readouterr().out
-    with pytest.raises(common.UserError, match="--norm gn: .*backbone.pt holds a backbone with norm = bn"):
+    with pytest.raises(
+        bit_common.UserError, match="--norm gn: .*backbone.pt holds a backbone with norm = bn"
+    ):
         linear_eval.parse_args(["--ckpt", str(ckpt), "--norm", "gn"])

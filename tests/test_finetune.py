@@ -10,16 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+import bit_common
 import datasets
 import finetune
-import runs
-import splits
-import views
-from bit_convert import ARCHS, resnet_v2, save_backbone
-from common import UserError
-from evaluation import estimate_bn_statistics
+from bit_common import UserError
+from bit_convert import ARCHS, IterNorm, estimate_bn_statistics, resnet_v2, save_backbone, whiten
 from helpers import run_script
-from interventions import IterNorm, whiten
 
 SPLIT = "0.8,0.1,0.05,0.05"  # a small val and test: every whole run below evaluates them each epoch
 
@@ -38,7 +34,7 @@ def trained_looking_backbone(seed, norm="bn"):
     torch.manual_seed(seed)
     backbone = resnet_v2("r50x1", norm, cifar_stem=True)
     if norm == "bn":
-        images = views.eval_images(datasets.load_digits(), np.arange(64), 8)
+        images = datasets.eval_images(datasets.load_digits(), np.arange(64), 8)
         estimate_bn_statistics(backbone, images, torch.device("cpu"))
     return backbone
 
@@ -46,8 +42,8 @@ def trained_looking_backbone(seed, norm="bn"):
 def pretrained_file(directory, backbone, split_seed=0):
     """DIR/backbone.pt beside DIR/split.json, the split's digest inside, as pretrain.py leaves them."""
     directory.mkdir(parents=True)
-    split = splits.load_split(datasets.load_digits(), directory / "split.json", SPLIT, split_seed)
-    save_backbone(backbone, directory / "backbone.pt", epoch=3, split_digest=splits.split_digest(split))
+    split = datasets.load_split(datasets.load_digits(), directory / "split.json", SPLIT, split_seed)
+    save_backbone(backbone, directory / "backbone.pt", epoch=3, split_digest=datasets.split_digest(split))
     return directory / "backbone.pt"
 
 
@@ -134,7 +130,7 @@ def one_step(backbones, strategies, seed=0):
     model = finetune.FineTuned([finetune.Body(b, s) for b, s in zip(copies, strategies)], 10, seed)
     before = [{k: v.clone() for k, v in b.state_dict().items()} for b in copies]
     head = model.head.weight.detach().clone()
-    images = views.eval_images(data, np.arange(8), 8)
+    images = datasets.eval_images(data, np.arange(8), 8)
     optimizer, device = finetune.make_optimizer(model, args), torch.device("cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     model.train()
@@ -200,8 +196,8 @@ def test_combine_trains_one_head_over_the_concatenated_features(backbone):
 
 def test_the_train_fraction_is_stratified_and_reproducible(tmp_path):
     data = datasets.load_digits()
-    split = splits.load_split(data, tmp_path / "split.json")
-    train = splits.indices(data, split, "train")
+    split = datasets.load_split(data, tmp_path / "split.json")
+    train = datasets.indices(data, split, "train")
     subset = finetune.train_subset(data, split, 0.3, seed=0)
     assert set(subset) <= set(train) and len(subset) == round(0.3 * len(train))
     share = np.bincount(data.labels[subset], minlength=10) / np.bincount(data.labels[train], minlength=10)
@@ -221,17 +217,18 @@ def plain_run(pretrained):
     return json.loads((out / "results.json").read_text()), out
 
 
+@pytest.mark.script
 def test_model_selection_never_sees_test_labels(pretrained, plain_run, monkeypatch):
     """The same run with the test labels scrambled: had test any part in the choice, the epoch would move."""
-    checked = splits.pretraining_split
+    checked = datasets.pretraining_split
 
     def scrambled(data, *rest):  # after the split's check, which fingerprints the labels
         split, path = checked(data, *rest)
-        test = splits.indices(data, split, "test")
+        test = datasets.indices(data, split, "test")
         data.labels[test] = np.random.default_rng(5).permutation(data.labels[test])
         return split, path
 
-    monkeypatch.setattr(splits, "pretraining_split", scrambled)
+    monkeypatch.setattr(datasets, "pretraining_split", scrambled)
     out = pretrained.parent / "scrambled"
     finetune.main(ft_args(pretrained.parent, "--ckpt", pretrained, "--tune", "q4", "--out", out))
     plain, _ = plain_run
@@ -243,8 +240,9 @@ def test_model_selection_never_sees_test_labels(pretrained, plain_run, monkeypat
     assert chosen["confusion"] != plain["trials"][0]["confusion"]  # the scramble did reach the test scores
 
 
+@pytest.mark.script
 def test_a_run_stopped_and_resumed_ends_as_one_that_was_not(pretrained, plain_run, monkeypatch):
-    class StopAtThirdStep(runs.StopSignal):
+    class StopAtThirdStep(bit_common.StopSignal):
         calls = 0
 
         def requested(self, step, steps_per_epoch):
@@ -253,7 +251,7 @@ def test_a_run_stopped_and_resumed_ends_as_one_that_was_not(pretrained, plain_ru
             return self.signum is not None
 
     out = pretrained.parent / "resumed"
-    monkeypatch.setattr(runs, "StopSignal", StopAtThirdStep)
+    monkeypatch.setattr(bit_common, "StopSignal", StopAtThirdStep)
     argv = ft_args(pretrained.parent, "--ckpt", pretrained, "--tune", "q4", "--out", out)
     assert finetune.main(argv) == 128 + 15 and not (out / "results.json").exists()
     assert finetune.main(["--out", str(out), "--resume", "--device", "cpu", "--workers", "0"]) == 0
@@ -262,6 +260,7 @@ def test_a_run_stopped_and_resumed_ends_as_one_that_was_not(pretrained, plain_ru
     assert resumed["trials"] == plain["trials"]
 
 
+@pytest.mark.script
 def test_compare_draws_fine_tuning_beside_linear_results(plain_run, tmp_path):
     results, out = plain_run
     assert set(results) == {
@@ -301,6 +300,7 @@ def group_norm(tmp_path_factory):
     return pretrained_file(tmp_path_factory.mktemp("gn") / "run", trained_looking_backbone(0, "gn"))
 
 
+@pytest.mark.script
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -328,6 +328,7 @@ def test_bad_input_is_one_line_and_overwrites_nothing(
     assert (out / "results.json").read_text() == "an earlier run's results\n"
 
 
+@pytest.mark.script
 def test_the_script_reports_an_error_in_one_line(pretrained, foreign_split, tmp_path):
     run = run_script(
         "finetune.py", *ft_args(tmp_path, "--combine", pretrained, foreign_split, "--out", tmp_path / "out")

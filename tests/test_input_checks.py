@@ -27,16 +27,13 @@ from test_catalogue import TinyBackbone, before_data, failure, untouched  # noqa
 from test_datasets import read_rows, write_ham
 from test_eval import eval_args
 
+import bit_common
 import bit_convert
-import common
 import datasets
-import evaluation
 import finetune
 import linear_eval
 import pretrain
-import splits
 import tsne
-import views
 from bit_convert import resnet_v2, save_backbone
 from helpers import REPO, load_data, run_script, tiny_args
 
@@ -101,10 +98,12 @@ BAD_FLAGS = [
 ]
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("script, flag, value", BAD_FLAGS)
 @pytest.mark.usefixtures("before_data")
 def test_a_flag_out_of_its_range_is_one_line_in_every_script(tmp_path, capsys, script, flag, value):
-    """One type per kind of flag (common.bounded), shared by every script: the same flag, the same check."""
+    """One type per kind of flag (bit_common.bounded), shared by every script: the same flag, the same
+    check."""
     argv = tiny_args(tmp_path) if script == "pretrain" else eval_args(tmp_path, "--init", "scratch")
     parse = {"pretrain": pretrain, "linear_eval": linear_eval, "finetune": finetune, "tsne": tsne}[script]
     message = failure(lambda: parse.parse_args(argv + [flag, value]), capsys)
@@ -113,9 +112,13 @@ def test_a_flag_out_of_its_range_is_one_line_in_every_script(tmp_path, capsys, s
 
 
 def test_the_bounds_of_momentum_and_seed():
-    assert common.MOMENTUM("0") == 0.0 and common.MOMENTUM("0.999") == 0.999
-    assert common.SEED("0") == 0 and common.SEED(str(2**24 - 1)) == 2**24 - 1
-    for kind, text in ((common.MOMENTUM, "1"), (common.MOMENTUM, "-0.1"), (common.SEED, str(2**24))):
+    assert bit_common.MOMENTUM("0") == 0.0 and bit_common.MOMENTUM("0.999") == 0.999
+    assert bit_common.SEED("0") == 0 and bit_common.SEED(str(2**24 - 1)) == 2**24 - 1
+    for kind, text in (
+        (bit_common.MOMENTUM, "1"),
+        (bit_common.MOMENTUM, "-0.1"),
+        (bit_common.SEED, str(2**24)),
+    ):
         with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"{text}: expected a ")):
             kind(text)
 
@@ -123,7 +126,7 @@ def test_the_bounds_of_momentum_and_seed():
 def test_the_knn_temperature_bound_keeps_the_votes_finite():
     """KNN_TEMPERATURE: a vote is exp(cosine / t) in float32; from t = 0.02, 10**16 votes of cosine 1 sum to a
     finite number; at t = 0.01 one vote is already infinite (the control)."""
-    assert common.KNN_TEMPERATURE("0.02") == 0.02
+    assert bit_common.KNN_TEMPERATURE("0.02") == 0.02
     assert torch.isfinite(torch.tensor(1 / 0.02).exp() * 1e16)
     assert not torch.isfinite(torch.tensor(1 / 0.01).exp())
 
@@ -131,7 +134,7 @@ def test_the_knn_temperature_bound_keeps_the_votes_finite():
 def test_the_largest_seed_seeds_every_view_of_a_long_run():
     """SEED_LIMIT: a SeededSampler of the largest seed, in a run's millionth epoch, gives view seeds that
     torch.manual_seed takes (2**64 would overflow it: the control)."""
-    sampler = views.SeededSampler(range(1000), 1, 0, shuffle=True, seed=common.SEED_LIMIT - 1)
+    sampler = datasets.SeededSampler(range(1000), 1, 0, shuffle=True, seed=bit_common.SEED_LIMIT - 1)
     sampler.set_epoch(10**6)
     keys = [key for key, _ in sampler]
     assert max(keys) < 2**64
@@ -143,11 +146,12 @@ def test_the_largest_seed_seeds_every_view_of_a_long_run():
 
 @pytest.mark.usefixtures("before_data")
 def test_trials_whose_last_seed_is_past_the_limit_are_refused(tmp_path):
-    argv = eval_args(tmp_path, "--init", "scratch", "--seed", common.SEED_LIMIT - 2, "--trials", 3)
+    argv = eval_args(tmp_path, "--init", "scratch", "--seed", bit_common.SEED_LIMIT - 2, "--trials", 3)
     message = failure(lambda: linear_eval.parse_args(argv))
-    assert f"the last trial's seed {common.SEED_LIMIT} is above {common.SEED_LIMIT - 1}" in message
+    assert f"the last trial's seed {bit_common.SEED_LIMIT} is above {bit_common.SEED_LIMIT - 1}" in message
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("flag, value", [("--eval-every", "0"), ("--workers", "-1"), ("--save-at", "99")])
 def test_resume_checks_the_flags_it_may_change_as_a_new_run_does(run_copy, capsys, flag, value):
     with untouched(run_copy):
@@ -174,6 +178,7 @@ ARGS_JSON_EDITS = {  # id: (key, value, what the error says)
 }
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("edit", ARGS_JSON_EDITS)
 def test_args_json_edited_to_a_value_no_flag_takes_is_refused_as_the_flag_is(run_copy, edit):
     """Rows 12 and 24: args.json's values go through the flags' own types and the checks of a new run."""
@@ -185,6 +190,7 @@ def test_args_json_edited_to_a_value_no_flag_takes_is_refused_as_the_flag_is(run
     assert expected in message
 
 
+@pytest.mark.script
 def test_a_run_recorded_by_the_earlier_code_still_resumes(run_copy):
     """The code before issue 26 recorded the --split-by flag (lesion, on digits that have no lesions), not
     the split file's (image), in args.json and last.pt: such a run resumes, and then records the file's."""
@@ -196,6 +202,7 @@ def test_a_run_recorded_by_the_earlier_code_still_resumes(run_copy):
     assert json.loads((run_copy / "args.json").read_text())["split_by"] == "image"
 
 
+@pytest.mark.script
 def test_args_json_missing_a_key_is_refused(run_copy):
     saved = json.loads((run_copy / "args.json").read_text())
     del saved["arch"]
@@ -262,6 +269,7 @@ LAST_PT_KINDS = {  # what last_pt_of_another_kind writes: what the error says
 }
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("kind", LAST_PT_KINDS)
 def test_a_last_pt_of_another_kind_is_one_line(run_copy, kind):
     last = last_pt_of_another_kind(run_copy, kind)
@@ -278,13 +286,13 @@ def finetuned(tmp_path_factory):
     """A finished one-epoch fine-tuning of a backbone file: (its backbone.pt, the run's directory)."""
     tmp = tmp_path_factory.mktemp("finetuned")
     (tmp / "pre").mkdir()
-    split = splits.load_split(datasets.load_digits(), tmp / "pre" / "split.json", "0.8,0.1,0.05,0.05")
+    split = datasets.load_split(datasets.load_digits(), tmp / "pre" / "split.json", "0.8,0.1,0.05,0.05")
     torch.manual_seed(0)
     save_backbone(
         resnet_v2("r50x1", "gn", cifar_stem=True),
         tmp / "pre" / "backbone.pt",
         epoch=1,
-        split_digest=splits.split_digest(split),
+        split_digest=datasets.split_digest(split),
     )
     argv = eval_args(tmp, "--ckpt", tmp / "pre" / "backbone.pt", "--epochs", 1, "--trials", 1, "--tune", "q4")
     assert (
@@ -305,6 +313,7 @@ def finetuned_copy(finetuned, tmp_path):
     return tmp_path / "pre" / "backbone.pt", tmp_path / "ft"
 
 
+@pytest.mark.script
 def test_finetune_resume_refuses_a_replaced_ckpt(finetuned_copy):
     """Row 23: the later trials would start from the new file without a word."""
     ckpt, out = finetuned_copy
@@ -318,11 +327,13 @@ def test_finetune_resume_refuses_a_replaced_ckpt(finetuned_copy):
     assert f"{ckpt} is not the backbone file the run in {out} started from" in message
 
 
+@pytest.mark.script
 def test_finetune_resumes_its_own_unchanged_run(finetuned_copy):
     _, out = finetuned_copy
     assert finetune.main(resume_argv(out)) == 0
 
 
+@pytest.mark.script
 @pytest.mark.parametrize(
     "edit, expected",
     [
@@ -341,6 +352,7 @@ def test_finetune_args_json_edited_to_a_value_no_flag_takes(finetuned_copy, edit
     assert expected in message
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("kind", ["list", "args_a_string", "best_state_nan", "epoch_beyond_the_run"])
 def test_finetune_last_pt_of_another_kind_is_one_line(finetuned_copy, kind):
     _, out = finetuned_copy
@@ -365,6 +377,7 @@ def test_finetune_last_pt_of_another_kind_is_one_line(finetuned_copy, kind):
 # ------------------------------------------------------------------------ row 11: a batch of one, a huge seed
 
 
+@pytest.mark.script
 def test_pretrain_batch_of_one_per_process_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain, "build_backbone", lambda *args, **kwargs: TinyBackbone())
     message = failure(lambda: pretrain.main(tiny_args(tmp_path) + ["--batch-size", "1"]))
@@ -372,6 +385,7 @@ def test_pretrain_batch_of_one_per_process_is_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "args.json").exists()
 
 
+@pytest.mark.script
 def test_finetune_batch_of_one_with_batchnorm_is_one_line(tmp_path):
     argv = eval_args(
         tmp_path, "--init", "scratch", "--norm", "bn", "--batch-size", 1, "--out", tmp_path / "ft"
@@ -401,7 +415,7 @@ def test_every_field_a_backbone_file_records_is_checked(tmp_path, field, value):
     message = failure(lambda: bit_convert.read_backbone_file(path))
     assert str(path) in message and repr(field if field == "notes" else value)[:20] in message
     model = resnet_v2("r50x1", "bn", cifar_stem=True)
-    with pytest.raises(common.WeightsError, match=re.escape(f"cannot write {tmp_path / 'c.pt'}")):
+    with pytest.raises(bit_common.WeightsError, match=re.escape(f"cannot write {tmp_path / 'c.pt'}")):
         save_backbone(model, tmp_path / "c.pt", **{field: value})  # the same check before writing
     assert not (tmp_path / "c.pt").exists()
 
@@ -414,7 +428,7 @@ def nan_backbone(path):
 
 def test_non_finite_weights_are_refused_in_every_weights_file(tmp_path):
     path = nan_backbone(tmp_path / "nan.pt")
-    for load in (bit_convert.load_backbone, evaluation.saved_backbone):
+    for load in (bit_convert.load_backbone, bit_convert.saved_backbone):
         assert "blocks.0.0.conv1.weight holds 1 value(s) that are NaN or infinite" in failure(
             lambda: load(path)
         )
@@ -430,6 +444,7 @@ def test_non_finite_weights_are_refused_in_every_weights_file(tmp_path):
     assert not (tmp_path / "out.pt").exists()
 
 
+@pytest.mark.script
 def test_a_nan_backbone_is_one_line_through_pretrain_init_and_tsne_spectrum(tmp_path):
     path = nan_backbone(tmp_path / "nan.pt")
     args = pretrain.parse_args(tiny_args(tmp_path) + ["--init", str(path)])
@@ -456,15 +471,17 @@ def overflowing_backbone(path, split_digest):
     return path
 
 
+@pytest.mark.script
 def test_linear_eval_refuses_features_that_are_not_finite(tmp_path):
     (tmp_path / "run").mkdir()
-    split = splits.load_split(datasets.load_digits(), tmp_path / "run" / "split.json")
-    path = overflowing_backbone(tmp_path / "run" / "backbone.pt", splits.split_digest(split))
+    split = datasets.load_split(datasets.load_digits(), tmp_path / "run" / "split.json")
+    path = overflowing_backbone(tmp_path / "run" / "backbone.pt", datasets.split_digest(split))
     message = failure(lambda: linear_eval.main(eval_args(tmp_path, "--ckpt", path, "--trials", 1)))
     assert "features of the train part hold" in message and "NaN or infinite" in message
     assert not (tmp_path / "run" / "linear" / "results.json").exists()
 
 
+@pytest.mark.script
 def test_compare_of_a_model_name_that_is_not_text_is_one_line(tmp_path):
     scores = {"balanced_accuracy": 0.5, "macro_f1": 0.4}
     path = tmp_path / "results.json"
@@ -473,6 +490,7 @@ def test_compare_of_a_model_name_that_is_not_text_is_one_line(tmp_path):
     assert f"--compare {path}: not a results.json" in message and "data (strings)" in message
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("score", [float("nan"), -5.0, 1.5])
 def test_compare_of_a_score_that_is_not_one_is_one_line(tmp_path, score):
     scores = {"balanced_accuracy": score, "macro_f1": 0.4}
@@ -491,7 +509,7 @@ def digits_split(tmp_path):
     data = datasets.load_digits()
     return (
         data,
-        splits.load_split(data, tmp_path / "split.json", "0.6,0.1,0.1,0.2", 3),
+        datasets.load_split(data, tmp_path / "split.json", "0.6,0.1,0.1,0.2", 3),
         tmp_path / "split.json",
     )
 
@@ -500,7 +518,7 @@ def digits_split(tmp_path):
 def test_flags_that_contradict_an_existing_split_file_are_refused(digits_split, given):
     data, _, path = digits_split
     with untouched(path):
-        message = failure(lambda: splits.load_split(data, path, *given))
+        message = failure(lambda: datasets.load_split(data, path, *given))
     flag, value = ("--split", given[0]) if given[0] else ("--split-seed", given[1])
     assert message.startswith(f"{flag} {value}: the split file {path} decides the split")
 
@@ -511,16 +529,16 @@ def test_flags_that_contradict_an_existing_split_file_are_refused(digits_split, 
 def test_flags_that_agree_with_an_existing_split_file_load_it(digits_split, given):
     """The same fractions in other words; --split-by lesion on a source without lesions splits by image."""
     data, split, path = digits_split
-    assert splits.load_split(data, path, *given) == split
+    assert datasets.load_split(data, path, *given) == split
 
 
 @pytest.mark.parametrize("script", ["linear_eval", "tsne", "finetune"])
 def test_a_split_flag_that_contradicts_the_ckpt_split_is_refused(tmp_path, script):
     (tmp_path / "run").mkdir()
-    split = splits.load_split(datasets.load_digits(), tmp_path / "run" / "split.json", "0.8,0.1,0.05,0.05")
+    split = datasets.load_split(datasets.load_digits(), tmp_path / "run" / "split.json", "0.8,0.1,0.05,0.05")
     path = tmp_path / "run" / "backbone.pt"
     save_backbone(
-        resnet_v2("r50x1", "gn", cifar_stem=True), path, epoch=1, split_digest=splits.split_digest(split)
+        resnet_v2("r50x1", "gn", cifar_stem=True), path, epoch=1, split_digest=datasets.split_digest(split)
     )
     main = {"linear_eval": linear_eval.main, "tsne": tsne.main, "finetune": finetune.main}[script]
     argv = eval_args(tmp_path, "--ckpt", path, "--split", "0.2,0.1,0.1,0.6", "--out", tmp_path / "out")
@@ -532,17 +550,18 @@ def test_a_split_flag_that_contradicts_the_ckpt_split_is_refused(tmp_path, scrip
 def test_what_a_split_file_records_is_recorded_only_where_a_flag_takes_it():
     """A hand-made split file's settings must not reach args.json as values that --resume would refuse."""
     made = {"fractions": {"pretrain": "3/5", "train": "1/10", "val": "1/10", "test": "1/5"}, "seed": 3}
-    assert splits.settings({**made, "split_by": "image"}) == ("0.6,0.1,0.1,0.2", 3, "image")
-    assert splits.settings({"fractions": "official", "seed": 0, "split_by": "lesion"}) == (
+    assert datasets.settings({**made, "split_by": "image"}) == ("0.6,0.1,0.1,0.2", 3, "image")
+    assert datasets.settings({"fractions": "official", "seed": 0, "split_by": "lesion"}) == (
         "official",
         0,
         "lesion",
     )
     odd = {"fractions": "x", "seed": "0", "split_by": "diagonal"}
-    assert splits.settings(odd) == splits.settings({}) == (None, None, None)
-    assert splits.settings({"fractions": {"pretrain": "1/2"}, "seed": True})[:2] == (None, None)
+    assert datasets.settings(odd) == datasets.settings({}) == (None, None, None)
+    assert datasets.settings({"fractions": {"pretrain": "1/2"}, "seed": True})[:2] == (None, None)
 
 
+@pytest.mark.script
 def test_pretrain_records_the_split_settings_the_file_holds(tmp_path, digits_split):
     _, _, path = digits_split
     args = pretrain.parse_args(tiny_args(tmp_path) + ["--split-file", str(path)])
@@ -564,7 +583,7 @@ def test_a_split_file_that_leaves_images_out_is_refused(digits_split, edit):
     )
     path.write_text(json.dumps(on_disk))
     with untouched(path):
-        message = failure(lambda: splits.load_split(data, path))
+        message = failure(lambda: datasets.load_split(data, path))
     assert f"split file {path}: image {min(lost, key=data.ids.index)!r} is in no part" in message
     assert f"{len(lost)} of the data's {len(data.ids)} images are missing" in message
 
@@ -575,10 +594,10 @@ def test_a_split_id_of_another_type_is_refused(digits_split, stand_in):
     data, _, path = digits_split
     on_disk = json.loads(path.read_text())
     real = int(stand_in)
-    part = next(p for p in splits.PARTS if real in on_disk[p])
+    part = next(p for p in datasets.PARTS if real in on_disk[p])
     on_disk[part] = [stand_in if i == real else i for i in on_disk[part]]
     path.write_text(json.dumps(on_disk))
-    message = failure(lambda: splits.load_split(data, path))
+    message = failure(lambda: datasets.load_split(data, path))
     assert f"part {part} lists image {stand_in!r}, which the data lacks" in message
 
 
@@ -588,8 +607,8 @@ def test_images_skipped_as_bad_need_no_part(tmp_path):
     kept = slice(5, None)
     data = dataclasses.replace(full, images=full.images[kept], labels=full.labels[kept], ids=full.ids[kept])
     data.bad = {i: "unreadable" for i in full.ids[:5]}
-    split = splits.load_split(data, tmp_path / "split.json")
-    assert splits.load_split(data, tmp_path / "split.json") == split
+    split = datasets.load_split(data, tmp_path / "split.json")
+    assert datasets.load_split(data, tmp_path / "split.json") == split
 
 
 # ----------------------------------------------------------------------------- rows 15, 19, 26: image folders
@@ -608,7 +627,7 @@ def folder_of(root, per_class=3, classes=("a", "b")):
 
 def folder_data(root, tmp, *extra):
     args = ["--data", "folder", "--data-root", root, "--image-size", SIZE, "--cache-dir", tmp / "cache"]
-    parser = common.ArgumentParser()
+    parser = bit_common.ArgumentParser()
     datasets.add_data_args(parser)
     return load_data(parser.parse_args([str(a) for a in [*args, *extra]]))
 
@@ -623,8 +642,8 @@ def test_a_file_name_that_is_not_utf8_loads(tmp_path):
     assert data.ids.count(f"a/{name}") == 1
     np.testing.assert_array_equal(data.images[data.ids.index(f"a/{name}")], rgb)
     assert len(data.ids) == len(pixels) + 1
-    splits.load_split(data, tmp_path / "split.json", "0.4,0.2,0.2,0.2")  # and into a split file and back
-    assert splits.load_split(data, tmp_path / "split.json") is not None
+    datasets.load_split(data, tmp_path / "split.json", "0.4,0.2,0.2,0.2")  # and into a split file and back
+    assert datasets.load_split(data, tmp_path / "split.json") is not None
 
 
 @pytest.mark.script
@@ -727,6 +746,7 @@ def plain_convs(tmp_path):
     return tmp_path / "plain.pt"
 
 
+@pytest.mark.script
 def test_pretrain_init_takes_the_files_weight_standardisation(tmp_path, plain_convs):
     args = pretrain.parse_args(tiny_args(tmp_path) + ["--init", str(plain_convs)])
     assert args.ws is False
@@ -738,6 +758,7 @@ def test_pretrain_init_takes_the_files_weight_standardisation(tmp_path, plain_co
     torch.testing.assert_close(backbone.eval()(images), reference.eval()(images), rtol=0, atol=0)
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("script", ["pretrain", "linear_eval", "tsne", "finetune", "finetune_combine"])
 @pytest.mark.usefixtures("before_data")
 def test_a_ws_flag_that_contradicts_the_file_is_one_line_in_every_script(tmp_path, script):

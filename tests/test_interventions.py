@@ -15,11 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-import bit_convert as bc
+import bit_convert
 import interventions
-import methods
-import views
-from common import UserError
+import pretrain
+import ssl_methods
+from bit_common import UserError
 
 
 def randomize_norms(model, seed=0):
@@ -50,7 +50,9 @@ def small_net(norm):
     torch.manual_seed(0)
     make_norm = partial(nn.GroupNorm, 4) if norm == "gn" else nn.BatchNorm2d
     units = [(16, 8, 32, 1), (32, 8, 32, 1), (32, 16, 64, 2)]
-    net = nn.Sequential(*[bc.PreActBottleneck(*u, make_norm, bc.StdConv2d) for u in units], make_norm(64))
+    net = nn.Sequential(
+        *[bit_convert.PreActBottleneck(*u, make_norm, bit_convert.StdConv2d) for u in units], make_norm(64)
+    )
     return randomize_norms(net)
 
 
@@ -93,7 +95,7 @@ def test_shrinking_the_kernels_of_a_ws_network_changes_nothing_but_the_norms_do(
 def test_shrink_scales_each_residual_branch_and_each_projection(cin, cout, stride):
     """A unit without projection: x + f * branch(x); with one (shortcut and branch read norm1): f * out."""
     torch.manual_seed(0)
-    unit = bc.PreActBottleneck(cin, 8, cout, stride, partial(nn.GroupNorm, 4), bc.StdConv2d)
+    unit = bit_convert.PreActBottleneck(cin, 8, cout, stride, partial(nn.GroupNorm, 4), bit_convert.StdConv2d)
     randomize_norms(unit)
     x = torch.randn(3, cin, 6, 6)
     with torch.no_grad():
@@ -107,7 +109,7 @@ def test_shrinking_a_standardised_kernel_divides_its_gradient_by_the_factor():
     """The effective step: the gradient of a scale-invariant function scales as 1/factor, so SGD moves the
     shrunk kernel 1/factor^2 further relative to its size."""
     torch.manual_seed(0)
-    conv, x, r = bc.StdConv2d(4, 6, 3, padding=1), torch.randn(2, 4, 5, 5), torch.randn(2, 6, 5, 5)
+    conv, x, r = bit_convert.StdConv2d(4, 6, 3, padding=1), torch.randn(2, 4, 5, 5), torch.randn(2, 6, 5, 5)
     (conv(x) * r).sum().backward()
     before = conv.weight.grad.clone()
     conv.weight.grad = None
@@ -130,7 +132,7 @@ NORM_TENSORS = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 
 
 def test_select_filters_keeps_the_responding_filters_and_reinitialises_the_rest():
     torch.manual_seed(0)
-    model = randomize_norms(bc.resnet_v2("r50x1", norm="bn"))
+    model = randomize_norms(bit_convert.resnet_v2("r50x1", norm="bn"))
     with torch.no_grad():  # a zero kernel standardises to zero: its filter's output, hence its score, is 0
         model.blocks[0][0].conv1.weight[0::2] = 0
         model.blocks[2][3].conv2.weight[:128] = 0
@@ -200,7 +202,7 @@ def test_iternorm_whitens_a_batch_closer_with_every_iteration_and_converges_to_z
     x = correlated_batch()
     errors = []
     for t in (1, 2, 3, 5, 10):
-        out = positions(interventions.IterNorm(6, iterations=t).train()(x))
+        out = positions(bit_convert.IterNorm(6, iterations=t).train()(x))
         errors.append(np.abs(np.cov(out, rowvar=False, bias=True) - np.eye(6)).max())
     assert all(a > b for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-3
     assert errors[3] < 0.1  # T = 5, the default: nearly there on a well-conditioned batch
@@ -209,7 +211,7 @@ def test_iternorm_whitens_a_batch_closer_with_every_iteration_and_converges_to_z
 
 
 def test_iternorm_affine_is_per_channel():
-    x, norm = correlated_batch(), interventions.IterNorm(6)
+    x, norm = correlated_batch(), bit_convert.IterNorm(6)
     plain = norm(x).detach()
     with torch.no_grad():
         norm.weight.copy_(torch.arange(1.0, 7.0)), norm.bias.copy_(torch.arange(6.0) - 3)
@@ -219,7 +221,7 @@ def test_iternorm_affine_is_per_channel():
 
 def test_iternorm_eval_mode_uses_the_running_statistics():
     x, y = correlated_batch(0), correlated_batch(1)
-    norm = interventions.IterNorm(6, iterations=10).train()
+    norm = bit_convert.IterNorm(6, iterations=10).train()
     norm(x)
     mean, inv_sqrt = numpy_zca(positions(x))
     running_mean, running_whitening = 0.1 * mean, 0.9 * np.eye(6) + 0.1 * inv_sqrt  # momentum 0.1 from (0, I)
@@ -231,7 +233,7 @@ def test_iternorm_eval_mode_uses_the_running_statistics():
 
 
 def test_iternorm_momentum_none_is_a_cumulative_average_and_reset_starts_afresh():
-    norm = interventions.IterNorm(6, momentum=None)
+    norm = bit_convert.IterNorm(6, momentum=None)
     batches = [correlated_batch(s) for s in range(3)]
     for x in batches:
         norm(x)
@@ -243,24 +245,24 @@ def test_iternorm_momentum_none_is_a_cumulative_average_and_reset_starts_afresh(
 
 def test_gradients_flow_through_iternorm_into_input_and_affine():
     x = correlated_batch().requires_grad_()
-    norm = interventions.IterNorm(6)
+    norm = bit_convert.IterNorm(6)
     (norm(x) * torch.randn(x.shape)).sum().backward()
     for grad in (x.grad, norm.weight.grad, norm.bias.grad):
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
 def iternorms(model):
-    return {name: m for name, m in model.named_modules() if isinstance(m, interventions.IterNorm)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, bit_convert.IterNorm)}
 
 
 def test_whiten_at_the_final_norm_replaces_it_and_groupnorm_is_refused():
-    backbone = bc.resnet_v2("r50x1", norm="bn")
+    backbone = bit_convert.resnet_v2("r50x1", norm="bn")
     blocks = backbone.blocks
-    interventions.whiten(backbone, at="final")
-    assert isinstance(backbone.norm, interventions.IterNorm) and backbone.norm.num_features == 2048
+    bit_convert.whiten(backbone, at="final")
+    assert isinstance(backbone.norm, bit_convert.IterNorm) and backbone.norm.num_features == 2048
     assert backbone.blocks is blocks and list(iternorms(backbone)) == ["norm"]
     one_line_user_error(
-        lambda: interventions.whiten(bc.resnet_v2("r50x1", norm="gn")), "--whiten", "--norm bn"
+        lambda: bit_convert.whiten(bit_convert.resnet_v2("r50x1", norm="gn")), "--whiten", "--norm bn"
     )
 
 
@@ -269,10 +271,12 @@ def test_whiten_by_default_whitens_the_end_of_the_last_units_branch_as_the_sourc
     last unit's output, minus its input (the identity shortcut), must be an IterNorm (tested against NumPy's
     ZCA above) of the branch computed by hand, and the final norm stays a BatchNorm."""
     torch.manual_seed(0)
-    units = [bc.PreActBottleneck(c, 8, 16, 1, nn.BatchNorm2d, bc.StdConv2d) for c in (8, 16)]
+    units = [
+        bit_convert.PreActBottleneck(c, 8, 16, 1, nn.BatchNorm2d, bit_convert.StdConv2d) for c in (8, 16)
+    ]
     mini = nn.Module()  # what whiten needs of a ResNetV2: its kind of norm, its blocks, its final norm
     mini.norm_kind, mini.blocks, mini.norm = "bn", nn.Sequential(nn.Sequential(*units)), nn.BatchNorm2d(16)
-    interventions.whiten(mini)
+    bit_convert.whiten(mini)
     last = mini.blocks[-1][-1]
     assert mini.whitened == "branch" and isinstance(mini.norm, nn.BatchNorm2d)
     assert list(iternorms(mini)) == ["blocks.0.1.branch_norm"] and last.branch_norm.num_features == 16
@@ -281,25 +285,25 @@ def test_whiten_by_default_whitens_the_end_of_the_last_units_branch_as_the_sourc
         out = last.train()(x)
         branch = last.conv1(F.relu(last.norm1(x)))
         branch = last.conv3(F.relu(last.norm3(last.conv2(F.relu(last.norm2(branch))))))
-        torch.testing.assert_close(out - x, interventions.IterNorm(16)(branch), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out - x, bit_convert.IterNorm(16)(branch), rtol=1e-5, atol=1e-5)
 
 
 def test_a_whitened_backbone_file_loads_as_the_whitened_network(tmp_path):
-    backbone = interventions.whiten(bc.resnet_v2("r50x1", norm="bn", cifar_stem=True))
+    backbone = bit_convert.whiten(bit_convert.resnet_v2("r50x1", norm="bn", cifar_stem=True))
     with torch.no_grad():
         backbone.blocks[-1][-1].branch_norm.running_whitening.mul_(0.5)  # not what a fresh IterNorm holds
-    bc.save_backbone(backbone, tmp_path / "w.pt", epoch=1)
-    loaded, meta = bc.load_backbone(tmp_path / "w.pt")
+    bit_convert.save_backbone(backbone, tmp_path / "w.pt", epoch=1)
+    loaded, meta = bit_convert.load_backbone(tmp_path / "w.pt")
     assert meta["whiten"] == "branch" and list(iternorms(loaded)) == ["blocks.3.2.branch_norm"]
     torch.testing.assert_close(loaded.state_dict(), backbone.state_dict(), rtol=0, atol=0)
 
 
 def test_a_file_of_the_earlier_placement_still_loads_with_its_final_norm_whitened(tmp_path):
     """Files written before the placement could be chosen record whiten = True: the final norm's."""
-    backbone = interventions.whiten(bc.resnet_v2("r50x1", norm="bn", cifar_stem=True), at="final")
+    backbone = bit_convert.whiten(bit_convert.resnet_v2("r50x1", norm="bn", cifar_stem=True), at="final")
     ckpt = dict(arch="r50x1", norm="bn", cifar_stem=True, head_size=0, ws=True, whiten=True)
     torch.save({**ckpt, "state_dict": backbone.state_dict()}, tmp_path / "old.pt")
-    loaded, _ = bc.load_backbone(tmp_path / "old.pt")
+    loaded, _ = bit_convert.load_backbone(tmp_path / "old.pt")
     assert list(iternorms(loaded)) == ["norm"]
 
 
@@ -311,9 +315,9 @@ def whiten_half_batches(rank, init_file, x, g, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     half = slice(rank * len(x) // 2, (rank + 1) * len(x) // 2)
-    alone = interventions.IterNorm(x.shape[1])(x[half])
+    alone = bit_convert.IterNorm(x.shape[1])(x[half])
     part = x[half].clone().requires_grad_()
-    norm = interventions.synchronise_whitening(interventions.IterNorm(x.shape[1]))
+    norm = bit_convert.synchronise_whitening(bit_convert.IterNorm(x.shape[1]))
     out = norm(part)
     (out * g[half]).sum().backward()
     saved = dict(out=out.detach(), grad=part.grad, alone=alone.detach(), **norm.state_dict())
@@ -321,6 +325,7 @@ def whiten_half_batches(rank, init_file, x, g, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.script
 def test_iternorm_over_two_processes_whitens_their_global_batch(tmp_path):
     """As SyncBatchNorm: two processes with half a batch each whiten it as one process whitens all of it,
     give each half the gradient of the whole batch's loss, and agree on the running statistics, once
@@ -331,9 +336,9 @@ def test_iternorm_over_two_processes_whitens_their_global_batch(tmp_path):
     torch.multiprocessing.spawn(whiten_half_batches, (tmp_path / "init", x, g, tmp_path), nprocs=2)
     parts = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
     for part, half in zip(parts, x.chunk(2)):
-        alone = interventions.IterNorm(6)(half).detach()
+        alone = bit_convert.IterNorm(6)(half).detach()
         torch.testing.assert_close(part["alone"], alone, rtol=0, atol=1e-5)
-    whole, norm = x.clone().requires_grad_(), interventions.IterNorm(6)
+    whole, norm = x.clone().requires_grad_(), bit_convert.IterNorm(6)
     out = norm(whole)
     (out * g).sum().backward()
     torch.testing.assert_close(torch.cat([p["out"] for p in parts]), out.detach(), rtol=0, atol=1e-5)
@@ -354,7 +359,7 @@ def ramp_image(width=256, height=192):
 
 def test_located_crop_returns_the_box_and_flip_that_made_the_view():
     source, size = ramp_image(), 64
-    crop, flips = views.LocatedCrop(size), set()
+    crop, flips = ssl_methods.LocatedCrop(size), set()
     for seed in range(8):
         torch.manual_seed(seed)
         view, box, flipped = crop(source)
@@ -374,13 +379,16 @@ def test_located_view_adds_simsiam_colour_steps_after_the_crop():
     def names(transforms):
         return [type(getattr(t, "transforms", [t])[0]).__name__ for t in transforms]
 
-    assert names(views.located_view(64).then.transforms) == [
+    assert names(ssl_methods.located_view(64).then.transforms) == [
         "ColorJitter",
         "RandomGrayscale",
         "RandomGaussianBlur",
     ]
-    assert names(views.located_view(32).then.transforms) == ["ColorJitter", "RandomGrayscale"]  # no blur
-    view, box, flipped = views.located_view(64)(ramp_image())
+    assert names(ssl_methods.located_view(32).then.transforms) == [
+        "ColorJitter",
+        "RandomGrayscale",
+    ]  # no blur
+    view, box, flipped = ssl_methods.located_view(64)(ramp_image())
     assert view.size == (64, 64) and box.shape == (4,) and isinstance(flipped, bool)
 
 
@@ -391,7 +399,7 @@ def test_matched_regions_of_hand_made_crops_with_and_without_flips():
     box1 = torch.tensor([[0, 0, 0.6, 0.8]] * 3 + [[0, 0, 0.3, 0.3]], dtype=torch.float64)
     box2 = torch.tensor([[0.2, 0.4, 1, 1]] * 3 + [[0.5, 0.5, 1, 1]], dtype=torch.float64)
     flip1, flip2 = torch.tensor([False, True, False, False]), torch.tensor([False, False, True, False])
-    regions1, regions2, overlaps = methods.matched_regions(box1, flip1, box2, flip2, grid=2)
+    regions1, regions2, overlaps = ssl_methods.matched_regions(box1, flip1, box2, flip2, grid=2)
     third, quarter = 1 / 3, 1 / 4
     view1 = [
         [third, 0.5, 2 * third, 0.75],
@@ -433,10 +441,10 @@ def test_matched_regions_of_real_views_show_the_same_source_pixels():
     for seed in range(6):
         torch.manual_seed(seed)
         (view1, box1, flip1), (view2, box2, flip2) = (
-            views.LocatedCrop(size)(source),
-            views.LocatedCrop(size)(source),
+            ssl_methods.LocatedCrop(size)(source),
+            ssl_methods.LocatedCrop(size)(source),
         )
-        r1, r2, overlaps = methods.matched_regions(
+        r1, r2, overlaps = ssl_methods.matched_regions(
             box1[None], torch.tensor([flip1]), box2[None], torch.tensor([flip2]), 3
         )
         if (
@@ -448,7 +456,9 @@ def test_matched_regions_of_real_views_show_the_same_source_pixels():
         for view, regions in ((view1, r1), (view2, r2)):
             pixels = torch.from_numpy(np.asarray(view).astype(np.float32)).permute(2, 0, 1)[None, :2]
             boxes = regions[0] * size
-            means.append(methods.roi_align(pixels, [boxes], output_size=1, aligned=True).flatten(1).numpy())
+            means.append(
+                ssl_methods.roi_align(pixels, [boxes], output_size=1, aligned=True).flatten(1).numpy()
+            )
         lo, hi = torch.maximum(box1[:2], box2[:2]), torch.minimum(box1[2:], box2[2:])
         cells = (torch.arange(3) + 0.5) / 3
         centres_x = (lo[0] + cells * (hi[0] - lo[0])).repeat(3).numpy() * 256 - 0.5
@@ -473,7 +483,7 @@ def test_local_infonce_against_a_brute_force_loop():
     sizes = torch.randint(1, 3, (2, 3, 4, 2), generator=g)
     regions = torch.cat([corners, corners + sizes], -1).float() / 8  # (view, image, region, x0 y0 x1 y1)
     overlaps = torch.tensor([True, False, True])
-    loss = methods.local_infonce(map1, map2, regions[0], regions[1], overlaps, temperature=0.2)
+    loss = ssl_methods.local_infonce(map1, map2, regions[0], regions[1], overlaps, temperature=0.2)
 
     def pooled(feature_map, box):
         x0, y0, x1, y1 = (box * 8).round().long().tolist()
@@ -495,7 +505,7 @@ def test_local_infonce_against_a_brute_force_loop():
 
 def test_local_infonce_without_any_overlap_is_zero_and_still_differentiable():
     map1 = torch.randn(2, 4, 4, 4, requires_grad=True)
-    loss = methods.local_infonce(
+    loss = ssl_methods.local_infonce(
         map1, torch.randn(2, 4, 4, 4), torch.rand(2, 4, 4), torch.rand(2, 4, 4), torch.tensor([False, False])
     )
     loss.backward()
@@ -505,14 +515,14 @@ def test_local_infonce_without_any_overlap_is_zero_and_still_differentiable():
 # --------------------------------------------------------------------------------------- wired in pretrain.py
 
 
+@pytest.mark.script
 def test_the_interventions_in_one_pretraining_run(tmp_path):
     """MoCo v2 with the local loss (views that record their crops), from a .pt backbone with its filters
     selected and shrunk: the run trains. --whiten is only built here: a 2048-channel IterNorm takes seconds a
     step on the CPU (its own tests above use small widths)."""
-    import pretrain
     from helpers import tiny_args
 
-    bc.save_backbone(bc.resnet_v2("r50x1", "bn", cifar_stem=True), tmp_path / "init.pt")
+    bit_convert.save_backbone(bit_convert.resnet_v2("r50x1", "bn", cifar_stem=True), tmp_path / "init.pt")
     interventions = [
         "--select-filters",
         "0.5",
@@ -525,7 +535,7 @@ def test_the_interventions_in_one_pretraining_run(tmp_path):
     ]
     argv = tiny_args(tmp_path, epochs=1) + ["--init", str(tmp_path / "init.pt"), "--method", "mocov2"]
     assert pretrain.main(argv + interventions + ["--queue-size", "60"]) == 0
-    backbone, meta = bc.load_backbone(tmp_path / "run" / "backbone.pt")
+    backbone, meta = bit_convert.load_backbone(tmp_path / "run" / "backbone.pt")
     assert meta["method"] == "mocov2" and not meta["whiten"]
     args = json.loads((tmp_path / "run" / "args.json").read_text())
     assert (args["shrink"], args["select_filters"], args["local_weight"]) == (0.5, 0.5, 0.5)
@@ -534,17 +544,17 @@ def test_the_interventions_in_one_pretraining_run(tmp_path):
     assert list(iternorms(method.backbone)) == list(iternorms(method.target[0])) == ["blocks.3.2.branch_norm"]
 
 
+@pytest.mark.script
 def test_a_second_pretraining_starts_from_a_whitened_backbone_as_it_is(tmp_path):
     """pretrain.py --init DIR/backbone.pt of a whitened backbone: the method's backbone is that network, its
     IterNorm's running statistics the file's, with or without --whiten; another placement is refused."""
-    import pretrain
     from helpers import tiny_args
 
-    backbone = interventions.whiten(bc.resnet_v2("r50x1", "bn", cifar_stem=True))
+    backbone = bit_convert.whiten(bit_convert.resnet_v2("r50x1", "bn", cifar_stem=True))
     with torch.no_grad():
         backbone.blocks[-1][-1].branch_norm.running_whitening.mul_(0.5)  # not what a fresh IterNorm holds
         backbone.blocks[-1][-1].branch_norm.running_mean.fill_(0.25)
-    bc.save_backbone(backbone, tmp_path / "whitened.pt", method="simsiam")
+    bit_convert.save_backbone(backbone, tmp_path / "whitened.pt", method="simsiam")
     saved = torch.load(tmp_path / "whitened.pt")["state_dict"]
     argv = tiny_args(tmp_path) + ["--init", str(tmp_path / "whitened.pt")]
     for whiten in ([], ["--whiten"]):
@@ -556,6 +566,7 @@ def test_a_second_pretraining_starts_from_a_whitened_backbone_as_it_is(tmp_path)
     )
 
 
+@pytest.mark.script
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -568,10 +579,9 @@ def test_a_second_pretraining_starts_from_a_whitened_backbone_as_it_is(tmp_path)
     ],
 )
 def test_interventions_that_do_not_fit_are_one_line(tmp_path, capsys, extra, message):
-    import pretrain
     from helpers import tiny_args
 
-    bc.save_backbone(bc.resnet_v2("r50x1", "bn", cifar_stem=True), tmp_path / "init.pt")
+    bit_convert.save_backbone(bit_convert.resnet_v2("r50x1", "bn", cifar_stem=True), tmp_path / "init.pt")
     extra = [str(tmp_path / "init.pt") if e == "INIT" else e for e in extra]
     with pytest.raises((UserError, SystemExit)) as e:  # SystemExit: argparse's error, a flag's type
         pretrain.parse_args(tiny_args(tmp_path) + extra)

@@ -1,4 +1,5 @@
-"""methods.py: each method's heads and loss against the formulas of its paper."""
+"""SimSiam (pretrain.py) and the add-on methods (ssl_methods.py): each method's heads and loss against the
+formulas of its paper."""
 
 import argparse
 
@@ -8,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import common
-import methods
+import bit_common
+import datasets
 import pretrain
-import views
+import ssl_methods
 from bit_convert import resnet_v2
 from helpers import tiny_args
 
@@ -26,10 +27,10 @@ def cos(a, b):
 def test_simsiam_loss_is_symmetric_negative_cosine_with_stop_gradient():
     g = torch.Generator().manual_seed(0)
     p1, p2, z1, z2 = (torch.randn(8, 16, generator=g, requires_grad=True) for _ in range(4))
-    loss = methods.simsiam_loss(p1, p2, z1, z2)
+    loss = pretrain.simsiam_loss(p1, p2, z1, z2)
     expected = -(cos(p1, z2).mean() + cos(p2, z1).mean()) / 2
     assert torch.allclose(loss, expected)
-    assert torch.equal(loss, methods.simsiam_loss(p2, p1, z2, z1))  # swapping the views changes nothing
+    assert torch.equal(loss, pretrain.simsiam_loss(p2, p1, z2, z1))  # swapping the views changes nothing
     loss.backward()
     assert z1.grad is None and z2.grad is None  # stop-gradient: nothing flows into z
     assert p1.grad is not None and p2.grad is not None
@@ -37,7 +38,7 @@ def test_simsiam_loss_is_symmetric_negative_cosine_with_stop_gradient():
 
 def test_simsiam_loss_is_minus_one_when_predictions_match_the_other_view():
     z1, z2 = torch.randn(4, 32), torch.randn(4, 32)
-    assert methods.simsiam_loss(3 * z2, 0.5 * z1, z1, z2).item() == pytest.approx(-1.0, abs=1e-6)
+    assert pretrain.simsiam_loss(3 * z2, 0.5 * z1, z1, z2).item() == pytest.approx(-1.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("projector, linears, affine", [("paper", 2, True), ("simsiam", 3, False)])
@@ -45,7 +46,7 @@ def test_simsiam_projector_of_the_authors_and_of_simsiam(projector, linears, aff
     """The authors' code: Linear-BN-ReLU, Linear-BN (2048-2048-2048); SimSiam's builder.py: three Linear-BN,
     the last BN without affine. Both: predictor 2048-512-2048, a bottleneck with BN-ReLU in the middle; the
     predictor keeps a fixed lr."""
-    model = methods.SimSiam(resnet_v2("r50x1", "bn", cifar_stem=True), projector)
+    model = pretrain.SimSiam(resnet_v2("r50x1", "bn", cifar_stem=True), projector)
     layers = [m for m in model.projector if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in layers] == [(2048, 2048)] * linears
     assert model.projector[-1].affine is affine and isinstance(model.projector[-1], torch.nn.BatchNorm1d)
@@ -77,7 +78,7 @@ def test_nt_xent_against_a_loop_over_positives_and_negatives():
         others = [j for j in range(2 * n) if j != i]
         positive = (i + n) % (2 * n)
         terms.append(-z[i] @ z[positive] / t + np.log(sum(np.exp(z[i] @ z[j] / t) for j in others)))
-    assert methods.nt_xent_loss(z1, z2, t).item() == pytest.approx(np.mean(terms), rel=1e-5)
+    assert ssl_methods.nt_xent_loss(z1, z2, t).item() == pytest.approx(np.mean(terms), rel=1e-5)
 
 
 def test_byol_loss_is_the_symmetric_normalised_mse_without_gradient_to_the_target():
@@ -85,11 +86,11 @@ def test_byol_loss_is_the_symmetric_normalised_mse_without_gradient_to_the_targe
     p1, p2, t1, t2 = (torch.randn(6, 9, generator=g, requires_grad=True) for _ in range(4))
     a = [x.detach().double().numpy() for x in (p1, p2, t1, t2)]
     mse = lambda p, t: np.mean(np.sum((normalise(p) - normalise(t)) ** 2, axis=1))  # noqa: E731
-    loss = methods.byol_loss(p1, p2, t1, t2)
+    loss = ssl_methods.byol_loss(p1, p2, t1, t2)
     assert loss.item() == pytest.approx((mse(a[0], a[3]) + mse(a[1], a[2])) / 4, rel=1e-5)
     loss.backward()
     assert t1.grad is None and t2.grad is None and p1.grad is not None
-    assert methods.byol_loss(t2, t1, t1, t2).item() == pytest.approx(0, abs=1e-5)
+    assert ssl_methods.byol_loss(t2, t1, t1, t2).item() == pytest.approx(0, abs=1e-5)
 
 
 def test_byol_loss_takes_the_gradient_of_lightlys_benchmark_loss():
@@ -99,7 +100,7 @@ def test_byol_loss_takes_the_gradient_of_lightlys_benchmark_loss():
     g = torch.Generator().manual_seed(12)
     p1, p2, t1, t2 = (torch.randn(6, 9, generator=g, dtype=torch.float64) for _ in range(4))
     ours = [p.clone().requires_grad_() for p in (p1, p2)]
-    methods.byol_loss(*ours, t1, t2).backward()
+    ssl_methods.byol_loss(*ours, t1, t2).backward()
     lightly = [p.clone().requires_grad_() for p in (p1, p2)]
     (0.5 * (-cos(lightly[0], t2).mean() - cos(lightly[1], t1).mean())).backward()
     for mine, theirs in zip(ours, lightly):
@@ -115,7 +116,7 @@ def test_info_nce_against_a_loop_over_the_queue():
         -np.log(np.exp(qn[i] @ kn[i] / t) / (np.exp(qn[i] @ kn[i] / t) + np.exp(qu @ qn[i] / t).sum()))
         for i in range(4)
     ]
-    assert methods.info_nce_loss(q, k, queue, t).item() == pytest.approx(np.mean(terms), rel=1e-5)
+    assert ssl_methods.info_nce_loss(q, k, queue, t).item() == pytest.approx(np.mean(terms), rel=1e-5)
 
 
 def sinkhorn_numpy(scores, epsilon, iterations):
@@ -136,10 +137,10 @@ def test_sinkhorn_codes_have_the_marginals_of_an_equipartition():
         @ F.normalize(torch.randn(5, 6, generator=g), dim=1).T
     )
     s = scores.double().numpy()
-    codes = methods.sinkhorn(scores, 0.05, 3).double().numpy()
+    codes = ssl_methods.sinkhorn(scores, 0.05, 3).double().numpy()
     assert np.allclose(codes, sinkhorn_numpy(s, 0.05, 3), rtol=1e-4, atol=1e-7)
     assert np.allclose(codes.sum(1), 1, atol=1e-5)  # each sample's code is a distribution
-    converged = methods.sinkhorn(scores, 0.05, 300).double().numpy()
+    converged = ssl_methods.sinkhorn(scores, 0.05, 300).double().numpy()
     assert np.allclose(converged.sum(0), 12 / 5, rtol=1e-3)  # every prototype gets B/K samples
     # the solution is diag(u) exp(S / eps) diag(v): log Q - S / eps is a row term plus a column term
     residual = np.log(converged) - s / 0.05
@@ -163,7 +164,7 @@ def test_swav_loss_is_the_swapped_prediction_of_the_sinkhorn_codes():
                     logits = zn[v] @ c.T / 0.1
                     log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
                     expected.append(-(codes * log_p).sum(1).mean())
-        loss = methods.swav_loss(z, prototypes, 0.1, queue if with_queue else None)
+        loss = ssl_methods.swav_loss(z, prototypes, 0.1, queue if with_queue else None)
         assert loss.item() == pytest.approx(np.mean(expected), rel=1e-4)
     loss.backward()
     assert prototypes.grad.abs().sum() > 0
@@ -173,12 +174,12 @@ def test_momentum_update_and_its_cosine_schedule():
     g = torch.Generator().manual_seed(6)
     online, target = [torch.randn(3, 4, generator=g)], [torch.randn(3, 4, generator=g)]
     expected = 0.9 * target[0].double().numpy() + 0.1 * online[0].double().numpy()
-    methods.momentum_update(online, target, 0.9)
+    ssl_methods.momentum_update(online, target, 0.9)
     assert np.allclose(target[0].numpy(), expected, atol=1e-6)
-    assert methods.cosine_momentum(0.99, 0.0) == pytest.approx(0.99)
-    assert methods.cosine_momentum(0.99, 0.5) == pytest.approx(0.995)
-    assert methods.cosine_momentum(0.99, 1.0) == pytest.approx(1.0)
-    assert methods.cosine_momentum(0.99, 0.25) == pytest.approx(1 - 0.01 * (np.cos(np.pi / 4) + 1) / 2)
+    assert ssl_methods.cosine_momentum(0.99, 0.0) == pytest.approx(0.99)
+    assert ssl_methods.cosine_momentum(0.99, 0.5) == pytest.approx(0.995)
+    assert ssl_methods.cosine_momentum(0.99, 1.0) == pytest.approx(1.0)
+    assert ssl_methods.cosine_momentum(0.99, 0.25) == pytest.approx(1 - 0.01 * (np.cos(np.pi / 4) + 1) / 2)
 
 
 @pytest.mark.parametrize("progress", [0.0, 0.5, 1.0])
@@ -215,7 +216,7 @@ class TinyBackbone(torch.nn.Sequential):
 
 def build(name, **options):
     torch.manual_seed(0)
-    return methods.METHODS[name](TinyBackbone(), **{**SMALL.get(name, {}), **options})
+    return ssl_methods.METHODS[name](TinyBackbone(), **{**SMALL.get(name, {}), **options})
 
 
 @pytest.mark.parametrize("name", ["simclr", "byol", "mocov2", "swav"])
@@ -263,6 +264,7 @@ def moco_step_in_one_of_two_processes(rank, init_file, state, x1, x2, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.script
 def test_moco_shuffles_the_key_encoders_batch_norm_over_two_processes(tmp_path):
     """Shuffling BN (He et al. §3.3; moco/builder.py _batch_shuffle_ddp, _batch_unshuffle_ddp): the 8 key
     images of two processes are permuted by the method's seeded generator, each process encodes its half of
@@ -295,6 +297,7 @@ def test_moco_shuffles_the_key_encoders_batch_norm_over_two_processes(tmp_path):
     assert (unshuffled - expected).abs().max() > 1e-2
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("name, synchronised", [("mocov2", False), ("simclr", True)])
 def test_on_gpus_every_method_but_moco_gets_sync_batch_norm(monkeypatch, name, synchronised):
     """pretrain.distribute under torchrun on GPUs: SyncBatchNorm for the others, plain per-process BatchNorm
@@ -322,9 +325,9 @@ def test_swav_freezes_prototypes_two_epochs_and_queues_from_the_first_step(monke
     embeddings at every step, and Sinkhorn uses it from --queue-start on (once full)."""
     model = build("swav", multi_crop=True, queue_start=2)
     assert model.views == ("swav",) * 2 + ("swav_small",) * 6
-    with_queue, swav_loss = [], methods.swav_loss
+    with_queue, swav_loss = [], ssl_methods.swav_loss
     monkeypatch.setattr(
-        methods,
+        ssl_methods,
         "swav_loss",
         lambda z, c, t, queue=None: with_queue.append(queue is not None) or swav_loss(z, c, t, queue),
     )
@@ -360,7 +363,7 @@ def test_simclr_views_at_32_px_and_below_are_the_cifar_recipe():
     """google-research/simclr's CIFAR-10 command (--color_jitter_strength=0.5 --use_blur=False; Chen et al.
     App. B.9): data_util.color_jitter's 0.8 s, 0.8 s, 0.8 s, 0.2 s at s = 0.5, and no blur; s = 1 above."""
     for size, strength in ((8, 0.5), (32, 0.5), (33, 1.0)):
-        steps = views.VIEWS["simclr"](size).transforms
+        steps = ssl_methods.VIEWS["simclr"](size).transforms
         assert len(steps) == (4 if strength == 0.5 else 5)  # crop, flip, jitter, grey (, blur)
         colour = steps[2].transforms[0]
         ranges = [colour.brightness, colour.contrast, colour.saturation, colour.hue]
@@ -375,12 +378,12 @@ def test_simclr_views_and_head_are_chen_et_als():
     NTXentLoss)."""
     model = build("simclr")
     assert model.views == ("simclr", "simclr") and model.temperature == 0.5
-    crop, flip, jitter, grey, blur = views.VIEWS["simclr"](224).transforms
+    crop, flip, jitter, grey, blur = ssl_methods.VIEWS["simclr"](224).transforms
     assert crop.scale == (0.08, 1.0) and (flip.p, jitter.p, grey.p, blur.p) == (0.5, 0.8, 0.2, 0.5)
     colour = jitter.transforms[0]
     ranges = [colour.brightness, colour.contrast, colour.saturation, colour.hue]
     assert np.allclose(ranges, [(1 - 0.8, 1 + 0.8)] * 3 + [(-0.2, 0.2)])
-    assert isinstance(blur.transforms[0], views.RandomGaussianBlur)
+    assert isinstance(blur.transforms[0], datasets.RandomGaussianBlur)
     layers = list(model.projector)
     assert [type(m).__name__ for m in layers] == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
     assert all(m.bias is None for m in layers if isinstance(m, torch.nn.Linear))  # a BN follows each
@@ -391,7 +394,7 @@ def test_simclr_views_and_head_are_chen_et_als():
 
 
 def test_swav_multi_crop_views_have_two_sizes():
-    large, small = views.VIEWS["swav"](224), views.VIEWS["swav_small"](224)
+    large, small = ssl_methods.VIEWS["swav"](224), ssl_methods.VIEWS["swav_small"](224)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 240, 3), dtype=np.uint8))
     assert large(image).size == (224, 224) and small(image).size == (96, 96)
 
@@ -414,21 +417,21 @@ def test_swav_multi_crop_views_have_two_sizes():
 )
 def test_a_flag_that_does_not_fit_the_method_is_refused(flags, message):
     parser = argparse.ArgumentParser()
-    methods.add_method_args(parser)
+    pretrain.add_method_args(parser)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--weight-decay", type=float)
-    with pytest.raises(common.UserError) as error:
-        methods.resolve_method_args(parser.parse_args(flags))
+    with pytest.raises(bit_common.UserError) as error:
+        pretrain.resolve_method_args(parser.parse_args(flags))
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_each_method_takes_its_own_defaults():
     parser = argparse.ArgumentParser()
-    methods.add_method_args(parser)
+    pretrain.add_method_args(parser)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--weight-decay", type=float)
     args = parser.parse_args(["--method", "swav", "--queue-size", "0"])
-    methods.resolve_method_args(args)
+    pretrain.resolve_method_args(args)
     assert (args.lr, args.weight_decay, args.temperature, args.prototypes, args.queue_size) == (
         0.6,
         1e-6,
@@ -440,10 +443,10 @@ def test_each_method_takes_its_own_defaults():
     assert args.multi_crop is False
     assert args.target_momentum is None and args.projector is None
     args = parser.parse_args(["--method", "mocov2"])
-    methods.resolve_method_args(args)  # lightly's MocoModel, the rest of the recipe in the optimiser's test
+    pretrain.resolve_method_args(args)  # lightly's MocoModel, the rest of the recipe in the optimiser's test
     assert (args.temperature, args.queue_size, args.target_momentum) == (0.1, 4096, 0.99)
     args = parser.parse_args([])
-    methods.resolve_method_args(args)
+    pretrain.resolve_method_args(args)
     assert (args.method, args.lr, args.projector, args.temperature) == ("simsiam", 0.03, "paper", None)
     assert args.weight_decay == 5e-4
 
@@ -466,7 +469,7 @@ def test_each_method_trains_with_the_optimiser_of_its_source(tmp_path, method, o
     assert type(optimiser).__name__ == optimizer and optimiser.defaults["momentum"] == 0.9
     assert optimiser.defaults["lr"] == pytest.approx(lr)
     assert getattr(optimiser, "decay", optimiser.defaults["weight_decay"]) == weight_decay
-    assert methods.SwAV.defaults["prototypes"] == 3000
+    assert ssl_methods.SwAV.defaults["prototypes"] == 3000
 
 
 def test_lars_step_against_solo_learns_formula():
@@ -477,7 +480,7 @@ def test_lars_step_against_solo_learns_formula():
     weight, bias = torch.randn(5, 4, generator=g), torch.randn(5, generator=g)
     lr, momentum, decay, eta = 0.3, 0.9, 1e-2, 0.02
     params = [weight.clone().requires_grad_(), bias.clone().requires_grad_()]
-    optimiser = methods.LARS([{"params": params}], lr=lr, momentum=momentum, weight_decay=decay)
+    optimiser = ssl_methods.LARS([{"params": params}], lr=lr, momentum=momentum, weight_decay=decay)
     w, b = weight.double().numpy(), bias.double().numpy()
     buffers = [None, None]
     for step, scale in enumerate((1e-3, 1.0)):  # a tiny gradient: the ratio is clipped at 1; then below 1
@@ -495,13 +498,14 @@ def test_lars_step_against_solo_learns_formula():
         assert np.allclose(params[1].detach().numpy(), b, atol=1e-5)
 
 
+@pytest.mark.script
 def test_momentum_follows_the_cosines_horizon_not_the_last_epoch(tmp_path, monkeypatch):
     """With --cosine-epochs 2 --epochs 1 (the authors' 800-of-400, shrunk) the lr ends at half its cosine and
     the momentum schedule at half its progress; over the horizon the progress reaches 1, and --epochs plays no
     part, so that a run extended with --resume --epochs N goes on where it stopped."""
     seen = []
-    after_step = methods.BYOL.after_step
-    monkeypatch.setattr(methods.BYOL, "after_step", lambda self, p: (seen.append(p), after_step(self, p)))
+    after_step = ssl_methods.BYOL.after_step
+    monkeypatch.setattr(ssl_methods.BYOL, "after_step", lambda self, p: (seen.append(p), after_step(self, p)))
     args = tiny_args(tmp_path, epochs=1) + ["--method", "byol", "--cosine-epochs", "2"]
     assert pretrain.main(args) == 0
     steps = 6  # 180 images in batches of 30
@@ -523,7 +527,7 @@ def test_local_infonce_runs_in_float32_under_autocast():
     )
     regions = regions.view(2, 3, 1, 4).repeat(1, 1, 4, 1) * torch.linspace(0.5, 1, 4).view(1, 1, 4, 1)
     overlaps = torch.ones(3, dtype=torch.bool)
-    exact = methods.local_infonce(map1, map2, regions[0], regions[1], overlaps)
+    exact = ssl_methods.local_infonce(map1, map2, regions[0], regions[1], overlaps)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = methods.local_infonce(map1, map2, regions[0], regions[1], overlaps)
+        loss = ssl_methods.local_infonce(map1, map2, regions[0], regions[1], overlaps)
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(exact.item(), rel=1e-6)

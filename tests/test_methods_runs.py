@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_pretrain import read_metrics, without_timing
 
-import common
+import bit_common
 import pretrain
 from bit_convert import load_backbone
 from helpers import run_script, tiny_args
@@ -55,6 +55,7 @@ def complete_run(request, tmp_path_factory):
     return request.param, tmp, tmp / "run"
 
 
+@pytest.mark.script
 def test_a_stop_by_signal_resumes_exactly(complete_run, monkeypatch):
     """SIGTERM at the end of epoch 1: the run stops after the first step of epoch 2 and saves; --resume ends
     with the state of the uninterrupted run, bit for bit: weights, momentum encoder, queue, prototypes."""
@@ -81,6 +82,7 @@ def test_a_stop_by_signal_resumes_exactly(complete_run, monkeypatch):
     assert without_timing(read_metrics(tmp / "stopped")) == without_timing(read_metrics(expected))
 
 
+@pytest.mark.script
 def test_a_run_writes_every_output_and_records_its_method(complete_run):
     method, _, out = complete_run
     names = {"args.json", "backbone.pt", "curves.png", "last.pt", "metrics.csv", "split.json"}
@@ -105,7 +107,7 @@ def test_a_last_pt_without_a_buffer_of_this_version_is_refused_in_one_line(compl
     del state["model"]["shuffle_state"]
     torch.save(state, out / "last.pt")
     before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
-    with pytest.raises(common.UserError) as error:
+    with pytest.raises(bit_common.UserError) as error:
         pretrain.main(["--out", str(out), "--resume", "--workers", "0"])
     assert f"{out / 'last.pt'}: its model does not fit this run" in str(error.value)
     assert '"shuffle_state"' in str(error.value) and "\n" not in str(error.value)
@@ -123,6 +125,7 @@ def test_a_run_saved_before_a_method_setting_existed_resumes_with_its_default(co
     assert pretrain.parse_args(["--out", str(out), "--resume"]).freeze_prototypes == 2
 
 
+@pytest.mark.script
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(FLAGS))
 def test_pretraining_on_digits_raises_knn_balanced_accuracy(tmp_path, method):

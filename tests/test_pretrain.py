@@ -17,14 +17,10 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-import common
+import bit_common
+import bit_convert
 import datasets
-import evaluation
-import interventions
-import methods
 import pretrain
-import splits
-import views
 from bit_convert import load_backbone, resnet_v2, save_backbone
 from helpers import REPO, run_script, tiny_args, write_pretrained_backbone
 
@@ -60,7 +56,9 @@ def test_learning_rate_follows_warmup_then_cosine():
 
 def test_seeded_sampler_splits_the_data_between_processes_and_resumes_mid_epoch():
     data = list(range(103))
-    samplers = [views.SeededSampler(data, 2, rank, shuffle=True, seed=7, drop_last=True) for rank in (0, 1)]
+    samplers = [
+        datasets.SeededSampler(data, 2, rank, shuffle=True, seed=7, drop_last=True) for rank in (0, 1)
+    ]
     for s in samplers:
         s.set_epoch(3)
     keys = [list(s) for s in samplers]
@@ -88,6 +86,7 @@ def complete_run(tmp_path_factory):
     return tmp, tmp / "run"
 
 
+@pytest.mark.script
 def test_a_run_writes_every_output(complete_run):
     tmp, out = complete_run
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -119,6 +118,7 @@ def test_a_run_writes_every_output(complete_run):
     assert (state["progress"]["epoch"], state["progress"]["step"]) == (3, 0)
 
 
+@pytest.mark.script
 def test_the_same_seed_gives_the_same_run_and_a_stop_by_signal_resumes_exactly(complete_run, tmp_path):
     """SIGTERM during the second epoch, then --resume: the final weights and metrics are those of the run that
     was never interrupted. The interrupted run also loads with two worker processes: the augmentations depend
@@ -155,14 +155,15 @@ def test_the_same_seed_gives_the_same_run_and_a_stop_by_signal_resumes_exactly(c
     assert without_timing(read_metrics(tmp_path / "run")) == without_timing(read_metrics(complete_run[1]))
 
 
+@pytest.mark.script
 def test_one_torchrun_process_still_runs_the_process_group_and_ddp(monkeypatch):
     """torchrun --nproc_per_node 1 (RANK and WORLD_SIZE set) takes the distributed path, as a machine with one
     GPU must to exercise NCCL; a plain `python pretrain.py` does not."""
     args = pretrain.parse_args(["--data", "digits", "--device", "cpu"])
     assert pretrain.init_process(args) == (0, 1, torch.device("cpu"))
     assert not torch.distributed.is_initialized()
-    layer = torch.nn.Sequential(torch.nn.Linear(3, 3), interventions.IterNorm(3))
-    layer.sync_batch_norm = True  # as a method says (methods.Method)
+    layer = torch.nn.Sequential(torch.nn.Linear(3, 3), bit_convert.IterNorm(3))
+    layer.sync_batch_norm = True  # as a method says (bit_common.Method)
     assert pretrain.distribute(layer, torch.device("cpu")) is layer
     assert layer[1].process_group is None  # no process group: it whitens its own batch
     with socket.socket() as free:
@@ -182,6 +183,7 @@ def test_one_torchrun_process_still_runs_the_process_group_and_ddp(monkeypatch):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.script
 def test_the_reshaped_code_gives_the_numbers_of_the_code_before_it(complete_run):
     """Issue 8 moved the code around without changing what it computes: the same seed gives the metrics.csv
     that pretrain.py wrote before (tests/data/pinned_metrics.csv, from commit bc87b32)."""
@@ -197,15 +199,16 @@ def test_the_reshaped_code_gives_the_numbers_of_the_code_before_it(complete_run)
             )
 
 
+@pytest.mark.script
 def test_bn_statistics_are_estimated_before_the_model_is_distributed(tmp_path, monkeypatch):
     """Under torchrun on GPUs the model gets SyncBatchNorm, whose train-mode forward all-gathers: estimating
     the initial statistics on process 0 alone after that would hang the others. Here the conversion happens on
     the CPU (SyncBatchNorm falls back to a plain BatchNorm without a process group), and the estimate must
     come first."""
     events = []
-    estimate = evaluation.estimate_bn_statistics
+    estimate = bit_convert.estimate_bn_statistics
     monkeypatch.setattr(
-        evaluation, "estimate_bn_statistics", lambda *a, **k: events.append("estimate") or estimate(*a, **k)
+        bit_convert, "estimate_bn_statistics", lambda *a, **k: events.append("estimate") or estimate(*a, **k)
     )
 
     def distribute(method, device):
@@ -217,11 +220,12 @@ def test_bn_statistics_are_estimated_before_the_model_is_distributed(tmp_path, m
     assert events == ["estimate", "distribute"]
     backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(resnet_v2("r50x1", "bn", cifar_stem=True))
     with pytest.raises(ValueError, match="before the model is distributed"):
-        evaluation.estimate_bn_statistics(
+        bit_convert.estimate_bn_statistics(
             backbone, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.device("cpu")
         )
 
 
+@pytest.mark.script
 def test_epoch_0_of_a_pretrained_backbone_file_is_its_network_with_its_own_statistics(tmp_path):
     """A backbone file that records its epoch (a pretraining's) carries the BatchNorm statistics it trained
     with: the epoch-0 row measures that network as it is. Here against a weighted kNN vote and RankMe in
@@ -232,12 +236,12 @@ def test_epoch_0_of_a_pretrained_backbone_file_is_its_network_with_its_own_stati
     assert pretrain.main(argv) == 0
     row = {k: float(v) for k, v in read_metrics(tmp_path / "run")[0].items() if v != ""}
     backbone, data = load_backbone(init)[0].eval(), datasets.load_digits()
-    split = splits.load_split(data, tmp_path / "run" / "split.json")
+    split = datasets.load_split(data, tmp_path / "run" / "split.json")
 
     def features(part):
-        index = splits.indices(data, split, part)
+        index = datasets.indices(data, split, part)
         with torch.no_grad():  # BiT's inputs: [-1, 1]
-            x = backbone(views.eval_images(data, index, 8).float() / 127.5 - 1)
+            x = backbone(datasets.eval_images(data, index, 8).float() / 127.5 - 1)
         return x.double().numpy(), data.labels[index]
 
     (bank, bank_labels), (queries, truth) = features("train"), features("val")
@@ -254,19 +258,20 @@ def test_epoch_0_of_a_pretrained_backbone_file_is_its_network_with_its_own_stati
     assert row["rankme"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-4)
 
 
+@pytest.mark.script
 def test_a_starting_network_keeps_its_statistics_only_if_it_pretrained_and_nothing_changed_it(tmp_path):
-    """The epoch-0 row's rule (evaluation.untrained_statistics, as linear_eval.py and tsne.py apply it):
+    """The epoch-0 row's rule (bit_convert.untrained_statistics, as linear_eval.py and tsne.py apply it):
     statistics are estimated for scratch, BiT and a converted file (no epoch recorded), and for a pretrained
     file that an intervention or --zero-init-last changes; a pretrained file whitened already keeps its own
     with --whiten, which then changes nothing."""
     pretrained = write_pretrained_backbone(tmp_path / "pretrained.pt")
     save_backbone(resnet_v2("r50x1", "bn", cifar_stem=True), tmp_path / "converted.pt")  # as bit_convert.py
-    whitened = interventions.whiten(resnet_v2("r50x1", "bn", cifar_stem=True))
+    whitened = bit_convert.whiten(resnet_v2("r50x1", "bn", cifar_stem=True))
     save_backbone(whitened, tmp_path / "whitened.pt", epoch=2)
 
     def kept(*flags):
         args = pretrain.parse_args(tiny_args(tmp_path) + list(map(str, flags)))
-        return not evaluation.untrained_statistics(whitened, pretrain.starting_metadata(args))
+        return not bit_convert.untrained_statistics(whitened, pretrain.starting_metadata(args))
 
     assert kept("--init", pretrained)
     assert kept("--init", tmp_path / "whitened.pt", "--whiten")
@@ -275,14 +280,15 @@ def test_a_starting_network_keeps_its_statistics_only_if_it_pretrained_and_nothi
         assert not kept("--init", pretrained, *change), change
 
 
+@pytest.mark.script
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    loss, steps = methods.simsiam_loss, []
+    loss, steps = pretrain.simsiam_loss, []
 
     def poisoned(*outputs):  # NaN from the second epoch's first step (6 steps an epoch)
         steps.append(1)
         return loss(*outputs) * (float("nan") if len(steps) > 6 else 1.0)
 
-    monkeypatch.setattr(methods, "simsiam_loss", poisoned)
+    monkeypatch.setattr(pretrain, "simsiam_loss", poisoned)
     with pytest.raises(FloatingPointError, match="the loss became nan in epoch 2"):
         pretrain.main(tiny_args(tmp_path, epochs=2))
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
@@ -294,12 +300,13 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     assert not (tmp_path / "run" / "backbone.pt").exists()
 
 
+@pytest.mark.script
 def test_a_collapsed_representation_is_flagged(tmp_path, monkeypatch, capsys):
     def collapsed(self, views):  # every image maps to one point: the failure the paper's Fig. 1 shows
         z = self.projector(self.backbone(views[0])) * 0 + 1
-        return methods.simsiam_loss(self.predictor(z), self.predictor(z), z, z), z
+        return pretrain.simsiam_loss(self.predictor(z), self.predictor(z), z, z), z
 
-    monkeypatch.setattr(methods.SimSiam, "forward", collapsed)
+    monkeypatch.setattr(pretrain.SimSiam, "forward", collapsed)
     pretrain.main(tiny_args(tmp_path, epochs=1))
     assert "the representation has collapsed" in capsys.readouterr().out
     assert float(read_metrics(tmp_path / "run")[1]["z_std"]) == 0.0
@@ -308,25 +315,28 @@ def test_a_collapsed_representation_is_flagged(tmp_path, monkeypatch, capsys):
 # ----------------------------------------------------------------------------------------------------- errors
 
 
+@pytest.mark.script
 def test_an_existing_run_is_never_overwritten(complete_run):
     tmp, out = complete_run
     before = (out / "last.pt").stat().st_mtime_ns
-    with pytest.raises(common.UserError, match="holds another run.*--resume.*--force"):
+    with pytest.raises(bit_common.UserError, match="holds another run.*--resume.*--force"):
         pretrain.main(tiny_args(tmp))
     assert (out / "last.pt").stat().st_mtime_ns == before
 
 
+@pytest.mark.script
 def test_resume_refuses_changed_arguments(complete_run, tmp_path):
-    with pytest.raises(common.UserError, match="--resume: --lr 0.5 differs from the run"):
+    with pytest.raises(bit_common.UserError, match="--resume: --lr 0.5 differs from the run"):
         pretrain.main(["--out", str(complete_run[1]), "--resume", "--lr", "0.5"])
     with pytest.raises(
-        common.UserError, match="--resume: --epochs 3 differs.*with an explicit --cosine-epochs"
+        bit_common.UserError, match="--resume: --epochs 3 differs.*with an explicit --cosine-epochs"
     ):
         pretrain.main(["--out", str(complete_run[1]), "--resume", "--epochs", "3"])
-    with pytest.raises(common.UserError, match="holds no run to resume"):
+    with pytest.raises(bit_common.UserError, match="holds no run to resume"):
         pretrain.main(tiny_args(tmp_path) + ["--resume"])
 
 
+@pytest.mark.script
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -342,14 +352,16 @@ def test_bad_arguments_fail_with_one_line(tmp_path, extra, message):
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+@pytest.mark.script
 def test_a_backbone_file_of_another_architecture_is_refused(tmp_path):
     save_backbone(resnet_v2("r50x1", "gn", cifar_stem=True), tmp_path / "gn.pt")
-    with pytest.raises(common.UserError, match=r"--norm bn: .*gn\.pt holds a backbone with norm = gn"):
+    with pytest.raises(bit_common.UserError, match=r"--norm bn: .*gn\.pt holds a backbone with norm = gn"):
         pretrain.parse_args(tiny_args(tmp_path) + ["--init", str(tmp_path / "gn.pt"), "--norm", "bn"])
     args = pretrain.parse_args(tiny_args(tmp_path) + ["--init", str(tmp_path / "gn.pt")])
     assert (args.arch, args.norm, args.cifar_stem) == ("r50x1", "gn", True)  # the file's, when no flag says
 
 
+@pytest.mark.script
 @pytest.mark.slow
 def test_pretraining_on_digits_raises_knn_balanced_accuracy(tmp_path):
     """The demonstration of the README: a short run from scratch on the embedded digits."""

@@ -24,12 +24,10 @@ import pytest
 import torch
 from PIL import Image
 
+import bit_common
 import bit_convert
-import common
 import datasets
-import evaluation
 import pretrain
-import runs
 from helpers import REPO, run_patched, run_pretraining_over_gloo, tiny_args
 
 STEPS = 3  # an epoch of small_args: 90 pretrain images in batches of 30
@@ -123,6 +121,7 @@ def signal_during(step, signum, add=pretrain.RunState.add):
     return add_and_signal
 
 
+@pytest.mark.script
 def test_a_stop_at_every_step_resumes_to_the_uninterrupted_run(reference, tmp_path, monkeypatch, capsys):
     """Row 1: a signal during each of the six steps in turn (SIGTERM, and Ctrl-C and SIGHUP too), each time
     --resume; the stops at an epoch's last step (steps 3 and 6) could never be resumed (ZeroDivisionError in
@@ -154,7 +153,7 @@ pretrain.RunState.add = add_and_signal
 @pytest.mark.script
 def test_a_stop_over_two_gloo_processes_resumes_from_an_epochs_last_step(tmp_path, tag):
     """Row 1 under torchrun, two processes with a loader worker each: they agree to stop at an epoch's last
-    step (the all-reduce of runs.StopSignal), where a 2-process job could never be resumed. A SIGTERM to
+    step (the all-reduce of bit_common.StopSignal), where a 2-process job could never be resumed. A SIGTERM to
     process 1 alone during step 2 stops both at step 3, the last of the run; --resume ends it."""
     args = small_args(tmp_path, epochs=1) + ["--workers", "1"]
     signal_at = SIGNAL_AT.format(rank=1, step=2)
@@ -172,12 +171,12 @@ def test_a_stop_over_two_gloo_processes_resumes_from_an_epochs_last_step(tmp_pat
 
 FAIL_IN_WORKERS = """
 import os, torch, views
-get = views.ImageSet.__getitem__
+get = datasets.ImageSet.__getitem__
 def fail_in_a_worker(self, key):
     if torch.utils.data.get_worker_info() is not None and os.environ.get("RANK", "1") == "1":
         raise RuntimeError("an image could not be made (injected by the test)")
     return get(self, key)
-views.ImageSet.__getitem__ = fail_in_a_worker
+datasets.ImageSet.__getitem__ = fail_in_a_worker
 """
 
 
@@ -194,8 +193,9 @@ def crash(*args, **kwargs):
     raise RuntimeError("a training step failed (injected by the test)")
 finetune.train_step = crash
 """
-CRASHING = {  # every script that starts DataLoader workers (the training loader, views.eval_images): a crash
-    # while they live, and the flags to one that has workers
+# every script that starts DataLoader workers (the training loader, datasets.eval_images): a crash while
+# they live, and the flags to one that has workers
+CRASHING = {
     "pretrain.py": (FAIL_IN_WORKERS, lambda tmp: small_args(tmp)),
     "finetune.py": (CRASH_IN_TRAINING, lambda tmp: evaluation_args(tmp, "ft") + ["--init", "scratch"]),
     "linear_eval.py": (FAIL_IN_WORKERS, lambda tmp: evaluation_args(tmp, "linear") + ["--init", "scratch"]),
@@ -251,7 +251,7 @@ def test_resume_right_after_kill_9_of_a_run_with_workers_is_accepted(tmp_path, t
     assert len(tagged(tag)) == 3, "the run and its two workers never were"
     process.kill()
     process.wait()
-    lock = runs.lock_output(Namespace(out=tmp_path / "run", resume=True, force=False))
+    lock = bit_common.lock_output(Namespace(out=tmp_path / "run", resume=True, force=False))
     assert (tmp_path / "run" / ".lock").read_text() == f"{os.getpid()}\n"
     lock.close()
 
@@ -259,6 +259,7 @@ def test_resume_right_after_kill_9_of_a_run_with_workers_is_accepted(tmp_path, t
 # ------------------------------------------------------------ row 5: the temporary files of dead processes
 
 
+@pytest.mark.script
 def test_the_temporary_files_of_dead_processes_are_removed_and_no_others(tmp_path):
     """Row 5: kill -9 during an atomic write left its .NAME.PID.tmp (a last.pt's: the checkpoint's size) for
     good. The next atomic write into that folder removes those of processes of this machine that no longer
@@ -274,7 +275,7 @@ def test_the_temporary_files_of_dead_processes_are_removed_and_no_others(tmp_pat
     ]
     for path in stale + kept:
         path.write_bytes(b"\0" * 1000)
-    common.write_atomic(tmp_path / "metrics.csv", lambda tmp: tmp.write_text("epoch\n"))
+    bit_common.write_atomic(tmp_path / "metrics.csv", lambda tmp: tmp.write_text("epoch\n"))
     assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)
     assert (tmp_path / "metrics.csv").read_text() == "epoch\n"
 
@@ -293,8 +294,8 @@ def test_a_lock_that_is_a_symbolic_link_or_not_a_file_is_refused_and_nothing_wri
         out = tmp_path / kind
         out.mkdir()
         make(out / ".lock")
-        with pytest.raises(common.UserError, match=f"--out {out}: {out / '.lock'} is"):
-            runs.lock_output(Namespace(out=out, resume=False, force=False))
+        with pytest.raises(bit_common.UserError, match=f"--out {out}: {out / '.lock'} is"):
+            bit_common.lock_output(Namespace(out=out, resume=False, force=False))
     assert target.read_text() == "the user's file"
 
 
@@ -308,8 +309,8 @@ def test_an_atomic_write_replaces_a_planted_link_and_never_writes_through_it(tmp
     out.mkdir()
     (out / "args.json").symlink_to(target)
     (out / f".metrics.csv.{socket.gethostname()}.{os.getpid()}.tmp").symlink_to(target)
-    runs.write_args(Namespace(out=out, data="digits"))
-    common.write_atomic(out / "metrics.csv", lambda tmp: tmp.write_text("epoch\n"))
+    bit_common.write_args(Namespace(out=out, data="digits"))
+    bit_common.write_atomic(out / "metrics.csv", lambda tmp: tmp.write_text("epoch\n"))
     assert target.read_text() == "the user's file"
     assert not (out / "args.json").is_symlink() and json.loads((out / "args.json").read_text())["data"]
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "metrics.csv"]
@@ -318,6 +319,7 @@ def test_an_atomic_write_replaces_a_planted_link_and_never_writes_through_it(tmp
 # ----------------------------------------------------- row 7: --force replaces a run whole, or not at all
 
 
+@pytest.mark.script
 def test_force_keeps_the_replaced_run_aside_until_the_new_one_saves(reference, tmp_path, monkeypatch):
     """Row 7: --force into a finished run, which stops before its first last.pt: the folder held the new
     args.json beside the old last.pt and backbone_ep1.pt, which neither --resume nor linear_eval could use.
@@ -336,7 +338,7 @@ def test_force_keeps_the_replaced_run_aside_until_the_new_one_saves(reference, t
         pretrain.main(args)
     assert sorted(p.name for p in out.iterdir()) == [".lock", ".replaced", "args.json", "split.json"]
     assert {p.name: p.read_bytes() for p in (out / ".replaced").iterdir()} == old
-    with pytest.raises(common.UserError, match="backbone.pt: no such file"):
+    with pytest.raises(bit_common.UserError, match="backbone.pt: no such file"):
         bit_convert.read_backbone_file(out / "backbone.pt")
     monkeypatch.undo()
     assert pretrain.main(["--out", str(out), "--resume"]) == 0
@@ -358,17 +360,17 @@ def test_setting_a_run_aside_follows_no_link_and_keeps_the_split_in_use(tmp_path
     out.mkdir()
     for name in ("args.json", "split.json", "last.pt", "metrics.csv", "backbone.pt", "backbone_ep1.pt"):
         (out / name).write_text(f"old {name}")
-    (out / runs.REPLACED).symlink_to(user)
-    runs.set_aside_earlier_run(out, pretrain.RUN_FILES, keep=out / "split.json")
-    assert [p.name for p in user.iterdir()] == ["notes.txt"] and not (out / runs.REPLACED).is_symlink()
-    assert sorted(p.name for p in out.iterdir()) == [runs.REPLACED, "split.json"]
+    (out / bit_common.REPLACED).symlink_to(user)
+    bit_common.set_aside_earlier_run(out, pretrain.RUN_FILES, keep=out / "split.json")
+    assert [p.name for p in user.iterdir()] == ["notes.txt"] and not (out / bit_common.REPLACED).is_symlink()
+    assert sorted(p.name for p in out.iterdir()) == [bit_common.REPLACED, "split.json"]
     (out / "args.json").write_text("new args.json")  # the new run, stopped before its first last.pt
-    runs.set_aside_earlier_run(out, pretrain.RUN_FILES, keep=out / "split.json")
-    assert sorted(p.name for p in out.iterdir()) == [runs.REPLACED, "split.json"]
-    assert {p.read_text() for p in (out / runs.REPLACED).iterdir()} == {
+    bit_common.set_aside_earlier_run(out, pretrain.RUN_FILES, keep=out / "split.json")
+    assert sorted(p.name for p in out.iterdir()) == [bit_common.REPLACED, "split.json"]
+    assert {p.read_text() for p in (out / bit_common.REPLACED).iterdir()} == {
         f"old {name}" for name in ("args.json", "last.pt", "metrics.csv", "backbone.pt", "backbone_ep1.pt")
     }
-    runs.save_last({"step": 1}, out)
+    bit_common.save_last({"step": 1}, out)
     assert sorted(p.name for p in out.iterdir()) == ["last.pt", "split.json"]
     assert (user / "notes.txt").read_text() == "the user's file"
 
@@ -467,7 +469,7 @@ FIFO_INPUTS = {  # every kind of file a script reads, given as a FIFO, read as t
     "--resume: args.json": lambda tmp: pretrain.parse_args(
         ["--out", str(fifo(tmp / "run" / "args.json").parent), "--resume"]
     ),
-    "--resume: last.pt": lambda tmp: runs.read_checkpoint(
+    "--resume: last.pt": lambda tmp: bit_common.read_checkpoint(
         Namespace(out=fifo(tmp / "run" / "last.pt").parent), set(), ("model",)
     ),
 }
@@ -479,7 +481,7 @@ def test_a_fifo_given_as_a_file_is_refused_not_waited_on(tmp_path, entry):
     nothing; so did every other file a script reads. Each is refused before it is opened, in one line naming
     it."""
     with no_fifo_read_below(tmp_path):
-        with pytest.raises(common.UserError, match="a FIFO, not a regular file") as refused:
+        with pytest.raises(bit_common.UserError, match="a FIFO, not a regular file") as refused:
             FIFO_INPUTS[entry](tmp_path)
     assert str(tmp_path) in str(refused.value) and "\n" not in str(refused.value)
 
@@ -493,7 +495,7 @@ def test_a_fifo_among_the_images_is_named_or_skipped_not_waited_on(tmp_path):
             Image.new("RGB", (8, 8), (40 * k, 0, 0)).save(tmp_path / "images" / name / f"{k}.png")
     fifo(tmp_path / "images" / "b" / "zz_fifo.jpg")
     with no_fifo_read_below(tmp_path):
-        with pytest.raises(common.DataError, match=r"zz_fifo\.jpg: unreadable image .*a FIFO"):
+        with pytest.raises(bit_common.DataError, match=r"zz_fifo\.jpg: unreadable image .*a FIFO"):
             datasets.load_data("folder", tmp_path / "images", 8, tmp_path / "cache")
         data = datasets.load_data("folder", tmp_path / "images", 8, tmp_path / "cache", skip_bad=True)
     assert list(data.bad) == ["b/zz_fifo.jpg"] and len(data.ids) == 6
@@ -515,7 +517,7 @@ def test_a_fifo_planted_in_a_cache_is_rebuilt_over_not_waited_on(tmp_path):
     labels = torch.as_tensor(first.labels)
     with no_fifo_read_below(tmp_path):
         again = datasets.load_data("folder", tmp_path / "images", 8, tmp_path / "cache")
-        assert evaluation.cached_features(features, labels) is None
+        assert bit_convert.cached_features(features, labels) is None
     assert (again.images == first.images).all() and entry.is_file()
 
 
@@ -536,6 +538,7 @@ def free_port():
         return free.getsockname()[1]
 
 
+@pytest.mark.script
 @pytest.mark.parametrize("rank", [1, 0])
 def test_a_process_whose_others_never_come_gives_up_with_one_line(monkeypatch, capfd, rank):
     """Row 10: RANK=1 WORLD_SIZE=2 with MASTER_ADDR/MASTER_PORT but no process 0 waited silently for ever
@@ -550,7 +553,7 @@ def test_a_process_whose_others_never_come_gives_up_with_one_line(monkeypatch, c
         rf"RANK=1: no {waited} within 2 s" if rank else rf"RANK=0: the 2 processes did not all join {waited}"
     )
     tic = time.monotonic()
-    with pytest.raises(common.UserError, match=expected) as refused:
+    with pytest.raises(bit_common.UserError, match=expected) as refused:
         pretrain.init_process(args)
     assert time.monotonic() - tic < 15 and "\n" not in str(refused.value)
     assert not torch.distributed.is_initialized() and "c10d" not in capfd.readouterr().err
@@ -566,11 +569,12 @@ def test_a_port_that_another_program_holds_is_one_line(monkeypatch):
         launched(monkeypatch, RANK=0, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         args = pretrain.parse_args(["--data", "digits", "--device", "cpu"])
         with pytest.raises(
-            common.UserError, match=rf"RANK=0: cannot serve the run at .*:{port} .*free MASTER_PORT"
+            bit_common.UserError, match=rf"RANK=0: cannot serve the run at .*:{port} .*free MASTER_PORT"
         ):
             pretrain.init_process(args)
 
 
+@pytest.mark.script
 @pytest.mark.parametrize(
     "variables, message",
     [
@@ -592,7 +596,7 @@ def test_a_launch_environment_that_cannot_work_is_one_line(monkeypatch, variable
     variable that torchrun sets is checked, each named."""
     launched(monkeypatch, **variables)
     args = pretrain.parse_args(["--data", "digits", "--device", "cpu"])
-    with pytest.raises(common.UserError, match=message):
+    with pytest.raises(bit_common.UserError, match=message):
         pretrain.init_process(args)
 
 
@@ -630,8 +634,8 @@ import os, signal
 @pytest.mark.parametrize(
     "script, where, name",
     [
-        ("pretrain.py", "evaluation.KnnMonitor.initial", "SIGINT"),  # Ctrl-C during the epoch-0 kNN monitor
-        ("linear_eval.py", "evaluation.embed", "SIGTERM"),  # while a part is embedded
+        ("pretrain.py", "pretrain.KnnMonitor.initial", "SIGINT"),  # Ctrl-C during the epoch-0 kNN monitor
+        ("linear_eval.py", "bit_convert.embed", "SIGTERM"),  # while a part is embedded
         ("tsne.py", "tsne.tsne_2d", "SIGHUP"),  # the terminal closed during t-SNE
     ],
 )
@@ -649,26 +653,28 @@ def test_a_signal_at_any_moment_is_one_line_and_128_plus_its_number(tmp_path, sc
 
 
 SLOW_WORKERS = """
-import time, torch, views
-get = views.ImageSet.__getitem__
+import time, torch, datasets
+get = datasets.ImageSet.__getitem__
 def slowly(self, key):
     if torch.utils.data.get_worker_info() is not None:
         time.sleep(0.1)
     return get(self, key)
-views.ImageSet.__getitem__ = slowly
+datasets.ImageSet.__getitem__ = slowly
 """
 
 
 @pytest.mark.script
 def test_ctrl_c_at_a_terminal_reaches_the_loader_workers_too_and_is_one_line(tmp_path, tag):
     """Row 17, next to it: Ctrl-C at a terminal signals every process of its foreground group, the loader
-    workers of views.eval_images included, which inherit the script's handler: each would have printed its
+    workers of datasets.eval_images included, which inherit the script's handler: each would have printed its
     traceback. They leave the signal to the main process, which ends with its one line."""
     module = "linear_eval"
-    code = f"import sys\nsys.argv = ['{module}.py', *sys.argv[1:]]\nimport common, {module}\n{SLOW_WORKERS}"
+    code = (
+        f"import sys\nsys.argv = ['{module}.py', *sys.argv[1:]]\nimport bit_common, {module}\n{SLOW_WORKERS}"
+    )
     args = evaluation_args(tmp_path, "linear") + ["--init", "scratch", "--workers", "2"]
     process = subprocess.Popen(
-        [sys.executable, "-c", code + f"common.run({module}.main)\n", *map(str, args)],
+        [sys.executable, "-c", code + f"bit_common.run({module}.main)\n", *map(str, args)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -691,11 +697,12 @@ def test_ctrl_c_at_a_terminal_reaches_the_loader_workers_too_and_is_one_line(tmp
 
 def test_nohup_keeps_sighup_ignored(monkeypatch):
     """Row 17, next to it: SIGHUP (the terminal closed) stops a run as SIGTERM does, but one started with
-    nohup, which ignores it, must keep ignoring it: neither common.run nor a training loop takes it over."""
+    nohup, which ignores it, must keep ignoring it: neither bit_common.run nor a training loop takes it
+    over."""
     monkeypatch.setattr(signal, "getsignal", lambda s: signal.SIG_IGN if s == signal.SIGHUP else None)
-    assert common.stop_signals() == [signal.SIGINT, signal.SIGTERM]
+    assert bit_common.stop_signals() == [signal.SIGINT, signal.SIGTERM]
     monkeypatch.undo()
-    assert signal.SIGHUP in common.stop_signals()
+    assert signal.SIGHUP in bit_common.stop_signals()
 
 
 @pytest.mark.script
@@ -703,8 +710,8 @@ def test_a_one_line_error_in_a_run_with_loader_workers_ends_it_at_once(tmp_path,
     """Row 2, next to it: not only a traceback; a one-line error raised while the workers live (here the
     loss that becomes NaN, a FloatingPointError) also waited for ever on them. It exits 1 at once, one line,
     no process left."""
-    nan = "import methods\nloss = methods.simsiam_loss\n"
-    nan += "methods.simsiam_loss = lambda *z: loss(*z) * float('nan')"
+    nan = "loss = pretrain.simsiam_loss\n"
+    nan += "pretrain.simsiam_loss = lambda *z: loss(*z) * float('nan')"
     run = run_patched(
         "pretrain.py", nan, *small_args(tmp_path), "--workers", "2", env={TAG: tag}, timeout=600
     )

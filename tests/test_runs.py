@@ -1,4 +1,4 @@
-"""A run's output directory (runs.py, pretrain.py): one run at a time, exact resume after kill -9 at any
+"""A run's output directory (bit_common.py, pretrain.py): one run at a time, exact resume after kill -9 at any
 moment, a warm-up that fits the run, extending a finished run, and the estimated time."""
 
 import json
@@ -13,9 +13,8 @@ import pytest
 import torch
 from test_pretrain import read_metrics, without_timing
 
-import common
+import bit_common
 import pretrain
-import runs
 from helpers import REPO, run_script, tiny_args
 
 
@@ -27,6 +26,7 @@ def backbone_tensors(out):
 # a time
 
 
+@pytest.mark.script
 def test_a_live_run_keeps_its_directory_and_a_dead_one_does_not(tmp_path):
     """The lock is a POSIX record lock (lockf) on DIR/.lock, held here by another process: a second run, even
     with --force, fails at once naming the holder's pid; once the holder is gone, as when a process dies, the
@@ -43,11 +43,11 @@ def test_a_live_run_keeps_its_directory_and_a_dead_one_does_not(tmp_path):
     )
     assert holder.stdout.readline() == "held\n"
     args = Namespace(out=out, resume=False, force=True, data="digits")
-    with pytest.raises(common.UserError, match=f"--out {out} is in use by process 4242"):
-        runs.claim_output(args, pretrain.RUN_FILES)
+    with pytest.raises(bit_common.UserError, match=f"--out {out} is in use by process 4242"):
+        bit_common.claim_output(args, pretrain.RUN_FILES)
     assert not (out / "args.json").exists()
     holder.communicate("")
-    lock = runs.claim_output(args, pretrain.RUN_FILES)
+    lock = bit_common.claim_output(args, pretrain.RUN_FILES)
     assert (out / ".lock").read_text() == f"{os.getpid()}\n"
     assert json.loads((out / "args.json").read_text())["data"] == "digits"
     lock.close()
@@ -98,6 +98,7 @@ def continued_args(tmp, whole_run, epochs=2, out="run"):
     return args
 
 
+@pytest.mark.script
 def test_kill_9_at_any_moment_then_resume_ends_as_the_uninterrupted_run(tmp_path, whole_run):
     """Killed while it starts (args.json written, nothing trained), right after its first last.pt, and in the
     middle of the second epoch; each time --resume. The last.pt of the kill is the state replayed: the end is
@@ -124,6 +125,7 @@ def test_kill_9_at_any_moment_then_resume_ends_as_the_uninterrupted_run(tmp_path
 # time
 
 
+@pytest.mark.script
 def test_a_warm_up_longer_than_the_run_is_shortened_to_a_tenth_and_said(tmp_path, capsys):
     args = pretrain.parse_args(tiny_args(tmp_path, epochs=5) + ["--warmup-epochs", "10"])
     assert args.warmup_epochs == 0.5
@@ -138,6 +140,7 @@ def test_a_warm_up_longer_than_the_run_is_shortened_to_a_tenth_and_said(tmp_path
     assert args.warmup_epochs == 10  # one that fits is left alone
 
 
+@pytest.mark.script
 def test_a_finished_run_with_an_explicit_horizon_can_be_extended_exactly(tmp_path, whole_run, capsys):
     """--cosine-epochs 4: one epoch, then --resume --epochs 2, ends as a two-epoch run of the same horizon
     (its backbone.pt of epoch 1 kept as backbone_ep1.pt). The horizon itself may not change."""
@@ -156,5 +159,5 @@ def test_a_finished_run_with_an_explicit_horizon_can_be_extended_exactly(tmp_pat
     assert (
         float(rows[2]["eta_s"]) == 0.0 and "at this pace the whole run (1 epochs)" in capsys.readouterr().out
     )
-    with pytest.raises(common.UserError, match="--cosine-epochs 5.0 differs from the run"):
+    with pytest.raises(bit_common.UserError, match="--cosine-epochs 5.0 differs from the run"):
         pretrain.parse_args(["--out", str(extended), "--resume", "--epochs", "3", "--cosine-epochs", "5"])

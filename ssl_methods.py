@@ -1,23 +1,8 @@
-"""The self-supervised methods that pretrain.py trains, each one class: its heads, its loss, its per-step
-extras.
+"""The add-on methods of pretrain.py (--method simclr | byol | mocov2 | swav), each one class: its heads, its
+loss, its per-step extras; LARS (SwAV's optimiser); Hassanpour et al.'s local loss; and their views.
+pretrain.py imports this file only when --method names one of them: a SimSiam run never reads it.
 
-Every method is an nn.Module built around a backbone, with the same small interface, so that pretrain.py's
-loop knows none of them by name:
-
-    views                 the augmentation of each view, by name (views.VIEWS)
-    defaults              its flags (add_method_args) and their defaults for our setting: one GPU, batch 128,
-                          a few thousand images; "lr" is the base lr per 256 images, "weight_decay" the
-                          optimiser's
-    optimizer             "sgd" or "lars" (LARS, below), both with --momentum
-    sync_batch_norm       whether pretrain.py makes its BatchNorms SyncBatchNorm on GPUs under torchrun (False
-                          for MoCo v2, whose shuffling BN needs each process's own statistics)
-    forward(views)        -> (loss, z): z the output whose spread is the collapse signal (normalised_std)
-    out_dim               the width of z
-    param_groups()        the optimiser's groups; a group with fixed_lr keeps the peak lr (SimSiam)
-    start_epoch(epoch)    before the epoch's first step (default: nothing)
-    before_step(epoch)    after backward, before the optimiser steps (default: nothing)
-    after_step(progress)  after the optimiser steps, progress = fraction of all steps done (default: nothing)
-
+Every method has the interface of bit_common.Method, so that pretrain.py's loop knows none of them by name.
 Momentum encoders, queues and prototypes are parameters or buffers of the method, hence in its state dict and
 in every checkpoint; a momentum encoder never requires grad, so that neither the optimiser nor DDP sees it.
 Under torchrun, queues hold the embeddings of every process (the same on all of them, so process 0's
@@ -34,115 +19,16 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import roi_align
+from torchvision.transforms import v2
 
-from common import UserError, finite_float
-
-
-class Method(nn.Module):
-    """The defaults of the interface above."""
-
-    optimizer = "sgd"  # SGD with --momentum; "lars" for a method whose recipe is LARS's (SwAV)
-    sync_batch_norm = True  # BN statistics over the global batch on GPUs, as main_simsiam.py's SyncBN
-
-    def param_groups(self):
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "fixed_lr": False}]
-
-    def start_epoch(self, epoch):
-        pass
-
-    def before_step(self, epoch):
-        pass
-
-    def after_step(self, progress):
-        pass
-
-
-def float32(loss):
-    """Run a loss in float32 with autocast off: softmaxes over thousands of logits divided by 0.1 or 0.2, and
-    Sinkhorn's exp(s / 0.05), lose too much in bf16."""
-
-    @functools.wraps(loss)
-    def in_float32(*tensors, **options):
-        device = next(t for t in tensors if torch.is_tensor(t)).device.type
-        with torch.autocast(device, enabled=False):
-            return loss(
-                *(t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in tensors),
-                **options,
-            )
-
-    return in_float32
+from bit_common import Method, all_sum, float32, gather, rank, world
+from datasets import RandomGaussianBlur, simsiam_view
 
 
 def mlp(width, hidden, out, batch_norm=True):
     """The heads of SimCLR, BYOL, MoCo v2 and SwAV: Linear, (BN), ReLU, Linear."""
     norm = [nn.BatchNorm1d(hidden)] if batch_norm else []
     return nn.Sequential(nn.Linear(width, hidden), *norm, nn.ReLU(inplace=True), nn.Linear(hidden, out))
-
-
-# ---------------------------------------------------------------------------------------------------- SimSiam
-
-
-class SimSiam(Method):
-    """Chen & He, "Exploring Simple Siamese Representation Learning" (CVPR 2021): backbone f, projector and
-    predictor h (Fig. 1, §4.4); L = D(p1, z2)/2 + D(p2, z1)/2 with D(p, z) = -cos(p, stopgrad(z)) (Eq.
-    1-3)."""
-
-    views = ("simsiam", "simsiam")
-    # lr and weight decay: Lu et al. §4.1; the projector and the widths: the authors' code (BiT-SimSiam
-    # models/simsiam.py, proj_layers 2 in its HAM configs), whose predictor is Chen & He's (§4.4)
-    defaults = {"lr": 0.03, "weight_decay": 5e-4, "projector": "paper"}
-
-    def __init__(self, backbone, projector="paper", dim=2048, pred_dim=512):
-        super().__init__()
-        self.backbone, width = backbone, backbone.num_features
-        if projector == "paper":  # what the paper's authors ran (BiT-SimSiam): two layers
-            self.projector = nn.Sequential(
-                nn.Linear(width, dim, bias=False),
-                nn.BatchNorm1d(dim),
-                nn.ReLU(inplace=True),  # no bias before a BN
-                nn.Linear(dim, dim, bias=False),
-                nn.BatchNorm1d(dim),
-            )
-        else:  # SimSiam's builder.py: three layers, the output BN without affine
-            self.projector = nn.Sequential(
-                nn.Linear(width, dim, bias=False),
-                nn.BatchNorm1d(dim),
-                nn.ReLU(inplace=True),
-                nn.Linear(dim, dim, bias=False),
-                nn.BatchNorm1d(dim),
-                nn.ReLU(inplace=True),
-                nn.Linear(dim, dim, bias=False),
-                nn.BatchNorm1d(dim, affine=False),
-            )
-        self.predictor = nn.Sequential(
-            nn.Linear(dim, pred_dim, bias=False),
-            nn.BatchNorm1d(pred_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(pred_dim, dim),
-        )
-        self.out_dim = dim
-
-    def forward(self, views):
-        x1, x2 = views
-        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
-        p1, p2 = self.predictor(z1), self.predictor(z2)
-        return simsiam_loss(p1, p2, z1, z2), z1
-
-    def param_groups(self):
-        """The predictor keeps a constant lr (Chen & He §4.4: it works better than a decaying one)."""
-        predictor = {id(p) for p in self.predictor.parameters()}
-        return [
-            {"params": [p for p in self.parameters() if id(p) not in predictor], "fixed_lr": False},
-            {"params": list(self.predictor.parameters()), "fixed_lr": True},
-        ]
-
-
-def simsiam_loss(p1, p2, z1, z2):
-    """Chen & He Eq. 3: the symmetric negative cosine, the stop-gradient on z where D puts it. Minimum -1."""
-    return -(F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean()) / 2
-
-
-# ----------------------------------------------------------------------------------------------------- SimCLR
 
 
 class SimCLR(Method):
@@ -153,7 +39,7 @@ class SimCLR(Method):
     Linear-BN, ReLU inside, the output BN scaled but not centred (no bias, no ReLU). tf2/model.py's
     ProjectionHead is SimCLR v2's, three such layers by default (num_proj_layers 3)."""
 
-    views = ("simclr", "simclr")  # Chen et al. App. A (views.simclr_view)
+    views = ("simclr", "simclr")  # Chen et al. App. A (simclr_view)
     # SGD lr 0.06 at batch 128 (0.12 per 256) and weight decay 5e-4: lightly's CIFAR-10 benchmark
     # (SimCLRModel); temperature 0.5: the default of its NTXentLoss, and google-research/simclr's CIFAR-10
     # command (README: --temperature=0.5; Chen et al. App. B.9)
@@ -189,9 +75,6 @@ def nt_xent_loss(z1, z2, temperature):
     rows, offset = torch.arange(2 * n, device=local.device), 2 * n * rank()
     logits = logits.masked_fill(F.one_hot(rows + offset, logits.shape[1]).bool(), float("-inf"))
     return F.cross_entropy(logits, offset + (rows + n) % (2 * n))
-
-
-# ------------------------------------------------------------------------------------------------------- BYOL
 
 
 class BYOL(Method):
@@ -237,9 +120,6 @@ def byol_loss(p1, p2, t1, t2):
     ) / 2
 
 
-# ---------------------------------------------------------------------------------------------------- MoCo v2
-
-
 class MoCoV2(Method):
     """Chen, Fan, Girshick & He, "Improved Baselines with Momentum Contrastive Learning" (2020), on MoCo (He
     et al., CVPR 2020, Alg. 1): a query q of view 1 by the encoder (backbone, MLP 2048-2048-128 without BN),
@@ -259,7 +139,7 @@ class MoCoV2(Method):
     # made for a setting like ours; FAIR's (main_moco.py at 132aea9 with MoCo v2's flags: lr 0.03 per 256,
     # weight decay 1e-4, temperature 0.2, 65536 keys, momentum 0.999) is ImageNet's, whose queue alone holds
     # 11 times HAM10000's pretrain part. local_weight: off unless asked (Hassanpour et al.'s is 0.5);
-    # local_grid 3: our choice, see FLAG_HELP
+    # local_grid 3: our choice, see pretrain.METHOD_FLAGS
     defaults = {
         "lr": 0.12,
         "weight_decay": 5e-4,
@@ -370,9 +250,6 @@ def info_nce_loss(q, k, queue, temperature):
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
-# ------------------------------------------------------------------------------------------------------- SwAV
-
-
 class SwAV(Method):
     """Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments" (NeurIPS
     2020): a projector (2048-2048-128, BN) onto the unit sphere, K prototypes (unit vectors), codes of the two
@@ -473,9 +350,6 @@ def sinkhorn(scores, epsilon=0.05, iterations=3):
     return (q * b).T
 
 
-# ------------------------------------------------------------------------------------------- shared pieces
-
-
 @torch.no_grad()
 def momentum_update(online, target, momentum):
     """target <- momentum * target + (1 - momentum) * online, parameter by parameter (MoCo Eq. 2, BYOL
@@ -496,128 +370,7 @@ def enqueue(queue, keys):
     queue.copy_(torch.cat([keys.to(queue.dtype), queue])[: len(queue)])
 
 
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def all_sum(x):
-    """x summed over the processes (x itself in one process)."""
-    if world() > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def gather(x, keep_grad=False):
-    """x of every process, concatenated in rank order (x itself in one process); with keep_grad the gradient
-    reaching each piece goes back to the process that made it."""
-    if world() == 1:
-        return x
-    if keep_grad:
-        return Gather.apply(x)
-    parts = [torch.empty_like(x) for _ in range(world())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-class Gather(torch.autograd.Function):
-    """all_gather with a backward: each process's loss sends gradient to every process's piece; the sum over
-    the processes arrives at each piece's owner (DDP then averages: the gradient of the mean loss)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return gather(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_sum(grad.contiguous()).chunk(world())[rank()]
-
-
-# --------------------------------------------------------------------------------------------------- choosing
-
-
-METHODS = {"simsiam": SimSiam, "simclr": SimCLR, "byol": BYOL, "mocov2": MoCoV2, "swav": SwAV}
-FLAG_HELP = {
-    "projector": "paper: the authors' 2-layer projector; simsiam: SimSiam's 3 layers",
-    "temperature": "of the softmax (NT-Xent, InfoNCE, SwAV's prediction)",
-    "target_momentum": "of the momentum encoder: byol's tau_0, rising by a cosine to 1 (Grill et al. §3.2); "
-    "mocov2's, constant (He et al. Eq. 2)",
-    "queue_size": "keys or embeddings in the queue (swav: 0 for none)",
-    "queue_start": "the epoch, counted from 1, from which SwAV's Sinkhorn uses its queue (once full)",
-    "prototypes": "SwAV's number of prototypes K",
-    "freeze_prototypes": "SwAV's prototypes stay frozen for this many epochs from the start",
-    "multi_crop": "6 small crops (96/224 of --image-size, scale 0.05-0.14) besides the 2 large ones",
-    "local_weight": "Hassanpour et al.'s local loss: its weight w in L_global + w L_local (theirs: 0.5)",
-    # our choice: on a 224-px view's 7 x 7 map a 3 x 3 grid of the crops' overlap gives regions of about 2 x 2
-    # cells (the median over random pairs of MoCo v2's crops; at least 1 x 1 for 99 % of them), each pooling
-    # cells of its own; Hassanpour et al.'s code (med_selfsup mmselfsup/models/algorithms/moco.py) cuts
-    # num_regions = 20 squares, a fraction of a cell each at that size
-    "local_grid": "the local loss cuts the overlap of the two crops into GRID x GRID regions",
-}
-
-
-def defaults_of(key):
-    """'simsiam 0.03, simclr 0.12, ...': the per-method defaults of one flag, for --help."""
-    return ", ".join(f"{name} {cls.defaults[key]}" for name, cls in METHODS.items() if key in cls.defaults)
-
-
-def add_method_args(group):
-    """--method and the flags of the methods, each for those methods only."""
-    group.add_argument(
-        "--method", choices=METHODS, default="simsiam", help="the self-supervised method (default simsiam)"
-    )
-    for key, text in FLAG_HELP.items():
-        flag, kind = (
-            "--" + key.replace("_", "-"),
-            type(next(m.defaults[key] for m in METHODS.values() if key in m.defaults)),
-        )
-        options = (
-            {"action": "store_true", "default": None}
-            if kind is bool
-            else {"type": finite_float if kind is float else kind}
-        )
-        group.add_argument(flag, **options, help=f"{text} (default: {defaults_of(key)})")
-
-
-def resolve_method_args(args):
-    """Each flag the method has takes its default where not given; one given to a method without it is an
-    error, and so is a value out of range."""
-    defaults = METHODS[args.method].defaults
-    for key in {"lr", "weight_decay", *FLAG_HELP}:
-        value, flag = getattr(args, key), "--" + key.replace("_", "-")
-        if key in defaults:
-            setattr(args, key, defaults[key] if value is None else value)
-        elif value is not None:
-            raise UserError(
-                f"{flag}{'' if value is True else f' {value}'}: --method {args.method} has no such setting "
-                f"(it is one of {', '.join(name for name, cls in METHODS.items() if key in cls.defaults)})"
-            )
-    # whether a value fits, and what was expected; --projector here, not by argparse's choices, which
-    # runs.restored_args would apply to the None that a resumed non-SimSiam run holds
-    limits = {
-        "projector": (lambda v: v in ("paper", "simsiam"), "expected paper or simsiam"),
-        "temperature": (lambda v: v > 0, "must be positive"),
-        "target_momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-        "queue_size": (lambda v: v >= (args.method == "mocov2"), f"too small for {args.method}"),
-        "queue_start": (lambda v: v >= 1, "must be at least 1"),
-        "prototypes": (lambda v: v >= 2, "must be at least 2"),
-        "freeze_prototypes": (lambda v: v >= 0, "must not be negative"),
-        "local_weight": (lambda v: v >= 0, "must not be negative"),
-        "local_grid": (lambda v: v >= 1, "must be at least 1"),
-    }
-    for key, (fits, expected) in limits.items():
-        value = getattr(args, key)
-        if value is not None and not fits(value):
-            raise UserError(f"--{key.replace('_', '-')} {value}: {expected}")
-
-
-def settings(args):
-    """The keyword arguments of --method's class, from its flags (lr and weight decay are the optimiser's)."""
-    optimiser = ("lr", "weight_decay")
-    return {key: getattr(args, key) for key in METHODS[args.method].defaults if key not in optimiser}
+METHODS = {"simclr": SimCLR, "byol": BYOL, "mocov2": MoCoV2, "swav": SwAV}  # by their --method names
 
 
 class LARS(torch.optim.SGD):
@@ -643,12 +396,9 @@ class LARS(torch.optim.SGD):
         return super().step(closure)
 
 
-# ------------------------------------------------------------- Hassanpour et al. 2024: local feature learning
-
-
 def matched_regions(box1, flip1, box2, flip2, grid):
     """The same image regions in two views: the overlap of the two crops (boxes (N, 4) as x0, y0, x1, y1 in
-    the source image's normalised coordinates, views.LocatedCrop), cut into grid x grid regions, row by
+    the source image's normalised coordinates, LocatedCrop), cut into grid x grid regions, row by
     row. Returns (regions1, regions2, overlaps): each view's regions (N, grid*grid, 4) in that view's
     normalised coordinates, x mirrored where the view was flipped (a feature map of size (h, w) covering the
     view has them at (x * w, y * h)); overlaps (N,) False where the crops do not overlap."""
@@ -699,3 +449,101 @@ def pool_regions(feature_map, regions):
     boxes = regions.float() * regions.new_tensor([w, h, w, h], dtype=torch.float32)
     pooled = roi_align(feature_map.float(), list(boxes), output_size=1, aligned=True)  # (n * R, C, 1, 1)
     return F.normalize(pooled.flatten(1), dim=1).view(n, r, -1)
+
+
+def simclr_view(size):
+    """One SimCLR augmentation (Chen et al. 2020, App. A; google-research/simclr data_util.py): a crop of
+    scale (0.08, 1), a flip, colour distortion of strength s (color_jitter: jitter 0.8 s, 0.8 s, 0.8 s, 0.2 s
+    with p = 0.8, grey p = 0.2), blur with p = 0.5. ImageNet's recipe has s = 1; at <= 32 px CIFAR-10's
+    (App. B.9; the repository's README trains CIFAR-10 with --color_jitter_strength=0.5 --use_blur=False):
+    s = 0.5 and no blur."""
+    cifar = size <= 32
+    strength = 0.5 if cifar else 1.0
+    blur = [] if cifar else [v2.RandomApply([RandomGaussianBlur()], p=0.5)]
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(0.08, 1.0)),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(*(0.8 * strength,) * 3, 0.2 * strength)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            *blur,
+        ]
+    )
+
+
+def byol_view(size, blur, solarise):
+    """One of BYOL's two asymmetric augmentations (Grill et al. 2020, Table 6): view 1 blurred always and
+    never solarised, view 2 blurred with p = 0.1 and solarised with p = 0.2; no blur at <= 32 px, as the CIFAR
+    recipes of lightly's benchmark (BYOLView1Transform and BYOLView2Transform with gaussian_blur=0.0) and of
+    solo-learn (scripts/pretrain/cifar/augmentations/asymmetric.yaml)."""
+    blurred = [v2.RandomApply([RandomGaussianBlur()], p=blur)] if size > 32 else []
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(0.08, 1.0)),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            *blurred,
+            v2.RandomSolarize(128, p=solarise),
+        ]
+    )
+
+
+def swav_view(size, small=False):
+    """One SwAV crop (Caron et al. 2020, §3.2; main_swav.py and src/multicropdataset.py): a large crop of
+    scale (0.14, 1) at the full size, or a small one of scale (0.05, 0.14) at 96/224 of it (multi-crop);
+    colour distortion of strength 1, blur with p = 0.5. No blur at <= 32 px: our choice, as the other
+    methods' CIFAR recipes (solo-learn's cifar/swav.yaml keeps it; lightly's CIFAR-10 SwaVTransform drops it
+    and halves the colour strength)."""
+    blur = [v2.RandomApply([RandomGaussianBlur()], p=0.5)] if size > 32 else []
+    crop_size, scale = (max(1, round(size * 96 / 224)), (0.05, 0.14)) if small else (size, (0.14, 1.0))
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(crop_size, scale=scale),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            *blur,
+        ]
+    )
+
+
+class LocatedCrop:
+    """A random resized crop and a horizontal flip that say where the view came from, for losses that match
+    regions between views (matched_regions). The crop is torchvision's RandomResizedCrop (its own
+    parameter sampling, so the same distribution); `then` (e.g. the colour steps) runs on the result. Returns
+    (image, box, flipped): box the crop as (x0, y0, x1, y1) in the source image's normalised coordinates, a
+    float32 tensor, and flipped whether the view was mirrored. Flipping before the colour steps rather than
+    after, as simsiam_view does, draws the same views: colour, grey and blur do not see left from right."""
+
+    def __init__(self, size, scale=(0.2, 1.0), then=None):  # MoCo v2's and SimSiam's scale (main_simsiam.py)
+        self.crop, self.size, self.then = v2.RandomResizedCrop(size, scale=scale), size, then
+
+    def __call__(self, image):
+        width, height = image.size
+        p = self.crop.make_params([image])
+        top, left, h, w = p["top"], p["left"], p["height"], p["width"]
+        view = v2.functional.resized_crop(image, top, left, h, w, [self.size] * 2)
+        box = torch.tensor([left / width, top / height, (left + w) / width, (top + h) / height])
+        flipped = bool(torch.rand(1) < 0.5)
+        if flipped:
+            view = v2.functional.horizontal_flip(view)
+        return (self.then(view) if self.then else view), box, flipped
+
+
+def located_view(size):
+    """A MoCo v2 view (Chen et al. 2020, "Improved Baselines"; SimSiam's too: simsiam main_simsiam.py)
+    that records its crop and flip: LocatedCrop, then simsiam_view's own colour, grey and blur steps (the
+    steps between its crop and its flip), so that the two recipes cannot drift apart."""
+    return LocatedCrop(size, then=v2.Compose(simsiam_view(size).transforms[1:-1]))
+
+
+VIEWS = {  # the augmentations that a method's `views` name
+    "simsiam": simsiam_view,
+    "simclr": simclr_view,
+    "byol1": functools.partial(byol_view, blur=1.0, solarise=0.0),
+    "byol2": functools.partial(byol_view, blur=0.1, solarise=0.2),
+    "swav": swav_view,
+    "swav_small": functools.partial(swav_view, small=True),
+    "located": located_view,
+}
