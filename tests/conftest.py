@@ -7,6 +7,8 @@ import subprocess
 import pytest
 import torch
 
+import datasets
+
 # The suite runs as two pytest-xdist workers (.ci/run) on a 2-core machine: one thread each, as the scripts
 # run as subprocesses here (OMP_NUM_THREADS=1 in run_script). Two threads a worker would fight over the cores.
 torch.set_num_threads(1)
@@ -40,13 +42,13 @@ def unmarked_tests_start_no_process(request, monkeypatch):
 # at the end. Their shares of a full run, measured with --durations=0 while other jobs loaded the 2 cores
 # (load average about 9, 33 min 39 s in all): 690, 579, 535, 510, 502 and 350 s.
 LONGEST_FIRST = [
-    "test_run_safety.py",
+    "test_signals_and_processes.py",
     "test_pretrain.py",
     "test_distributed.py",
     "test_methods_runs.py",
-    "test_runs.py",
+    "test_resume.py",
     "test_gpu_check.py",
-    "test_eval.py",
+    "test_linear_eval_and_tsne.py",
 ]
 
 
@@ -57,3 +59,13 @@ def scheduling_rank(item):
 
 def pytest_collection_modifyitems(items):
     items.sort(key=scheduling_rank)  # stable: each module's tests keep their order
+
+
+@pytest.fixture
+def before_data(monkeypatch):
+    """A bad flag must be refused before the slow part: the test fails if the script goes on to load data."""
+
+    def reached(args):
+        raise AssertionError("the flag was accepted: the script went on to load the data")
+
+    monkeypatch.setattr(datasets, "load_data", reached)

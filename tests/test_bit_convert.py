@@ -8,10 +8,8 @@ description.
 import hashlib
 import os
 import re
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,97 +17,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
 import bit_common  # noqa: E402
 import bit_convert  # noqa: E402
+from helpers import (
+    HEAD_BIAS,
+    HEAD_KERNEL,
+    R50,
+    R101,
+    REPO,
+    ROOT_KEY,
+    bit_layout,
+    closed_port_url,
+    hwio_to_oihw,
+    model_tensors,
+    random_bit_arrays,
+    write_npz,
+    zero_bit_arrays,
+)
 
-R50, R101 = (3, 4, 6, 3), (3, 4, 23, 3)
-ROOT_KEY = "resnet/root_block/standardized_conv2d/kernel"
-HEAD_KERNEL, HEAD_BIAS = "resnet/head/conv2d/kernel", "resnet/head/conv2d/bias"
 R50X1_BACKBONE_PARAMS = 23_500_352
 
 
 # ----------------------------------------------------------- the BiT layout, written from BiT's key table
-
-
-def bit_layout(units=R50, width=1, head=1000):
-    """[(key, HWIO shape)] of a released BiT .npz."""
-    root = 64 * width
-    layout = [(ROOT_KEY, (7, 7, 3, root))]
-    cin = root
-    for b, n in enumerate(units, 1):
-        cmid = root * 2 ** (b - 1)
-        cout = 4 * cmid
-        for u in range(1, n + 1):
-            p = f"resnet/block{b}/unit{u:02d}/"
-            c = cin if u == 1 else cout
-            layout += [
-                (p + "a/group_norm/gamma", (c,)),
-                (p + "a/group_norm/beta", (c,)),
-                (p + "a/standardized_conv2d/kernel", (1, 1, c, cmid)),
-                (p + "b/group_norm/gamma", (cmid,)),
-                (p + "b/group_norm/beta", (cmid,)),
-                (p + "b/standardized_conv2d/kernel", (3, 3, cmid, cmid)),
-                (p + "c/group_norm/gamma", (cmid,)),
-                (p + "c/group_norm/beta", (cmid,)),
-                (p + "c/standardized_conv2d/kernel", (1, 1, cmid, cout)),
-            ]
-            if u == 1:
-                layout.append((p + "a/proj/standardized_conv2d/kernel", (1, 1, cin, cout)))
-        cin = cout
-    return layout + [
-        ("resnet/group_norm/gamma", (cin,)),
-        ("resnet/group_norm/beta", (cin,)),
-        (HEAD_KERNEL, (1, 1, cin, head)),
-        (HEAD_BIAS, (head,)),
-    ]
-
-
-def random_bit_arrays(units=R50, width=1, head=1000, seed=0):
-    rng = np.random.default_rng(seed)
-    return {k: rng.standard_normal(shape, dtype=np.float32) for k, shape in bit_layout(units, width, head)}
-
-
-def zero_bit_arrays(units=R50, width=1, head=1000):
-    """Cheaper than random where only the keys and shapes matter."""
-    return {k: np.zeros(shape, np.float32) for k, shape in bit_layout(units, width, head)}
-
-
-def write_npz(path, arrays, drop=(), **replace):
-    """Save `arrays` as an uncompressed .npz (as BiT's are), less the keys in `drop`, with the arrays of
-    `replace`."""
-    out = {k: v for k, v in arrays.items() if k not in drop}
-    out.update(replace)
-    np.savez(path, **out)
-    return path
-
-
-def model_tensors(model):
-    """{BiT key: model tensor}, by walking the model: stem.conv, blocks[b][u].norm1-3/conv1-3/proj, norm,
-    head."""
-    t = {ROOT_KEY: model.stem.conv.weight}
-    for b, block in enumerate(model.blocks, 1):
-        for u, unit in enumerate(block, 1):
-            p = f"resnet/block{b}/unit{u:02d}/"
-            for part, norm, conv in zip(
-                "abc", (unit.norm1, unit.norm2, unit.norm3), (unit.conv1, unit.conv2, unit.conv3)
-            ):
-                t[p + part + "/group_norm/gamma"], t[p + part + "/group_norm/beta"] = norm.weight, norm.bias
-                t[p + part + "/standardized_conv2d/kernel"] = conv.weight
-            if unit.proj is not None:
-                t[p + "a/proj/standardized_conv2d/kernel"] = unit.proj.weight
-    t["resnet/group_norm/gamma"], t["resnet/group_norm/beta"] = model.norm.weight, model.norm.bias
-    if model.head is not None:
-        t[HEAD_KERNEL], t[HEAD_BIAS] = model.head.weight, model.head.bias
-    return t
-
-
-def hwio_to_oihw(a):
-    return (
-        torch.from_numpy(np.ascontiguousarray(a.transpose(3, 2, 0, 1)))
-        if a.ndim == 4
-        else torch.from_numpy(a)
-    )
 
 
 def export_npz(model, path):
@@ -568,13 +497,6 @@ def test_load_backbone_rejects_a_foreign_pt_and_garbage(tmp_path):
 def test_build_backbone_refuses_a_pt_of_another_kind(saved_bn_pt, asked):
     with pytest.raises(bit_common.WeightsError, match=re.escape(str(saved_bn_pt))):
         bit_convert.build_backbone(str(saved_bn_pt), **asked)
-
-
-def closed_port_url():
-    """A URL on localhost where nothing listens: a machine without network, and no request leaves it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}/"
 
 
 def test_build_backbone_bit_m_not_cached_and_offline_names_url_and_cache_path(tmp_path, monkeypatch):

@@ -8,11 +8,9 @@ never from datasets.py itself. The split tests run on the real 10015-row metadat
 (skipped otherwise) and always on the committed 415-row sample.
 """
 
-import csv
 import dataclasses
 import json
 import os
-import pickle
 import re
 import shutil
 import subprocess
@@ -30,10 +28,21 @@ from PIL import Image
 
 import bit_common
 import datasets
+from helpers import (
+    ISIC_COLUMNS,
+    REPO,
+    SAMPLE,
+    colour,
+    read_rows,
+    write_cifar,
+    write_crlf,
+    write_dermamnist,
+    write_ham,
+    write_images,
+    write_isic,
+    write_jpeg,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-
-SAMPLE = REPO / "tests" / "data" / "HAM10000_metadata_sample.csv"
 FULL = REPO.parent / "shared" / "data" / "HAM10000_metadata.csv"
 HAM_ORDER = (
     "akiec",
@@ -44,137 +53,12 @@ HAM_ORDER = (
     "nv",
     "vasc",
 )  # alphabetical: DermaMNIST's label ids (MedMNIST v2)
-HEADER = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
-ISIC_COLUMNS = [
-    "image",
-    "DF",
-    "VASC",
-    "MEL",
-    "AKIEC",
-    "NV",
-    "BKL",
-    "BCC",
-]  # shuffled: columns must be read by name
 PARTS = ("pretrain", "train", "val", "test")
 SPLIT = "0.6,0.1,0.1,0.2"
 SIZE = 16
 
 
 # ------------------------------------------------------------------------------------------- stand-in writers
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_crlf(path, lines):
-    path.write_bytes(("\r\n".join(lines) + "\r\n").encode())
-
-
-def colour(k):
-    """A solid colour per image, far from its neighbours': the decoded image tells which file it came from."""
-    return ((k * 67 + 20) % 256, (k * 131 + 50) % 256, (k * 29 + 90) % 256)
-
-
-def write_jpeg(path, k):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((30, 40, 3), colour(k), np.uint8)).save(path, quality=95)
-
-
-def image_dir(root, image_id, layout):
-    if layout == "flat":
-        return root
-    if layout == "isic":
-        return root / "ISIC2018_Task3_Training_Input"
-    return root / ("HAM10000_images_part_1" if int(image_id[5:]) <= 29305 else "HAM10000_images_part_2")
-
-
-def write_images(root, rows, layout="parts"):
-    for k, r in enumerate(rows):
-        write_jpeg(image_dir(root, r["image_id"], layout) / f"{r['image_id']}.jpg", k)
-
-
-def write_ham(root, rows, layout="parts", age_float=False, dataset_column=False, header=HEADER):
-    """HAM10000_metadata.csv (CRLF) and one JPEG per row."""
-    root.mkdir(parents=True, exist_ok=True)
-    lines = [",".join(header + (["dataset"] if dataset_column else []))]
-    for r in rows:
-        age = f"{float(r['age']):.1f}" if age_float and r["age"] else r["age"]
-        values = [r["lesion_id"], r["image_id"], r["dx"], r["dx_type"], age, r["sex"], r["localization"]]
-        lines.append(",".join(values + (["vidir_modern"] if dataset_column else [])))
-    write_crlf(root / "HAM10000_metadata.csv", lines)
-    write_images(root, rows, layout)
-    return root
-
-
-def write_isic(root, rows, groupings, columns=ISIC_COLUMNS):
-    """ISIC2018_Task3_Training_GroundTruth.csv (one-hot floats, columns in `columns` order), optionally the
-    lesion groupings, and the images in ISIC2018_Task3_Training_Input/."""
-    root.mkdir(parents=True, exist_ok=True)
-    lines = [",".join(columns)]
-    for r in rows:
-        lines.append(
-            ",".join([r["image_id"]] + ["1.0" if c == r["dx"].upper() else "0.0" for c in columns[1:]])
-        )
-    write_crlf(root / "ISIC2018_Task3_Training_GroundTruth.csv", lines)
-    if groupings:
-        write_crlf(
-            root / "ISIC2018_Task3_Training_LesionGroupings.csv",
-            ["image,lesion_id,diagnosis_confirm_type"]
-            + [f"{r['image_id']},{r['lesion_id']},{r['dx_type']}" for r in rows],
-        )
-    write_images(root, rows, "isic")
-    return root
-
-
-def write_cifar(root, n=20, omit=()):
-    """cifar-10-batches-py/ as torchvision unpacks it; returns (all data rows, all labels, label names)."""
-    base = root / "cifar-10-batches-py"
-    base.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rows, labels = [], []
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        batch_labels = rng.integers(0, 10, n).tolist()
-        rows.append(data)
-        labels += batch_labels
-        if name not in omit:
-            with open(base / name, "wb") as f:
-                pickle.dump(
-                    {
-                        "batch_label": name,
-                        "labels": batch_labels,
-                        "data": data,
-                        "filenames": [f"img_{j}.png" for j in range(n)],
-                    },
-                    f,
-                    protocol=2,
-                )
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    with open(base / "batches.meta", "wb") as f:
-        pickle.dump({"num_cases_per_batch": n, "label_names": names, "num_vis": 3072}, f, protocol=2)
-    return np.concatenate(rows), np.array(labels), names
-
-
-def write_dermamnist(path, sizes=(42, 14, 21)):
-    """A MedMNIST-style .npz; returns {part: (images, labels)}."""
-    rng = np.random.default_rng(1)
-    parts = {}
-    for part, n in zip(("train", "val", "test"), sizes):
-        parts[part] = (
-            rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8),
-            rng.permutation(np.arange(n) % 7).astype(np.uint8).reshape(n, 1),
-        )
-    np.savez(
-        path,
-        **{
-            f"{p}_{k}": a
-            for p, (images, labels) in parts.items()
-            for k, a in (("images", images), ("labels", labels))
-        },
-    )
-    return parts
 
 
 # --------------------------------------------------------------------------------------------------- fixtures

@@ -8,13 +8,12 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
-from test_pretrain import read_metrics
 
 import bit_convert
 import datasets
 import pretrain
 from bit_convert import load_backbone
-from helpers import load_data, run_pretraining_over_gloo, tiny_args, write_pretrained_backbone
+from helpers import load_data, read_metrics, run_pretraining_over_gloo, tiny_args, write_pretrained_backbone
 
 SPLIT = "0.05,0.05,0.05,0.85"  # 90 pretrain images, 45 a process: 3 steps of 30 (15 a process), 1 of 60
 INIT = "INIT"  # stands for a backbone file that the test writes: --shrink and --select-filters need one

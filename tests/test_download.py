@@ -33,20 +33,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_bit_convert import (
-    ROOT_KEY,
-    closed_port_url,
-    hwio_to_oihw,
-    model_tensors,
-    random_bit_arrays,
-    write_npz,
-)
-from test_datasets import SAMPLE, colour, write_jpeg
 
 import bit_common
 import bit_convert
 import datasets
-from helpers import REPO, run_script
+from helpers import (
+    REPO,
+    ROOT_KEY,
+    SAMPLE,
+    closed_port_url,
+    colour,
+    hwio_to_oihw,
+    model_tensors,
+    random_bit_arrays,
+    run_script,
+    write_jpeg,
+    write_npz,
+)
 
 COLUMNS = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")  # the real ground truth's order
 INPUT, TRUTH, GROUPS = (

@@ -5,7 +5,7 @@ weight standardisation, image folders with odd names and links, a HAM10000 id fo
 leave images out or contradict the flags, a NaN image, a cache too large for its disk, and the catalogue's
 test names.
 
-The helpers of test_catalogue.py are used as they are there: `failure()` (one line, a non-zero exit),
+The helpers of test_bad_inputs.py are used as they are there: `failure()` (one line, a non-zero exit),
 `untouched` (the user's bytes and mtimes), `before_data` (refused before the data loads) and TinyBackbone (a
 two-epoch run in seconds). Expected values come from NumPy, PIL and torch directly.
 """
@@ -22,10 +22,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_bit_convert import R50, write_npz, zero_bit_arrays
-from test_catalogue import TinyBackbone, before_data, failure, untouched  # noqa: F401
-from test_datasets import read_rows, write_ham
-from test_eval import eval_args
 
 import bit_common
 import bit_convert
@@ -35,10 +31,24 @@ import linear_eval
 import pretrain
 import tsne
 from bit_convert import resnet_v2, save_backbone
-from helpers import REPO, load_data, run_script, tiny_args
+from helpers import (
+    R50,
+    REPO,
+    SAMPLE,
+    TinyBackbone,
+    eval_args,
+    failure,
+    load_data,
+    read_rows,
+    run_script,
+    tiny_args,
+    untouched,
+    write_ham,
+    write_npz,
+    zero_bit_arrays,
+)
 
 SIZE = 16
-SAMPLE = REPO / "tests" / "data" / "HAM10000_metadata_sample.csv"
 
 
 def resume_argv(run, *extra):
@@ -811,7 +821,7 @@ def functions_of(path):
 
 
 def test_every_catalogue_row_names_tests_that_exist():
-    rows = catalogue_rows((REPO / "CATALOGUE.md").read_text())
+    rows = catalogue_rows((REPO / "docs" / "CATALOGUE.md").read_text())
     assert len(rows) >= 85  # the 56 items and the second audit's 29 rows, at least
     defined = {}
     for section, row, files, must_name_a_test in rows:

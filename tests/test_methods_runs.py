@@ -9,12 +9,11 @@ import signal
 
 import pytest
 import torch
-from test_pretrain import read_metrics, without_timing
 
 import bit_common
 import pretrain
 from bit_convert import load_backbone
-from helpers import run_script, tiny_args
+from helpers import read_metrics, run_script, tiny_args, without_timing
 
 # small queues and prototypes: the SwAV queue (60 = 2 batches) is full, hence in use, from the third step, its
 # prototypes frozen in the first epoch only (so that a resumed epoch 2 trains them), and --multi-crop puts 8

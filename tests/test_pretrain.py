@@ -22,19 +22,15 @@ import bit_convert
 import datasets
 import pretrain
 from bit_convert import load_backbone, resnet_v2, save_backbone
-from helpers import REPO, run_script, tiny_args, write_pretrained_backbone
-
-TIMING = ("img_per_s", "data_wait", "epoch_s", "eta_s")
-
-
-def read_metrics(out):
-    with open(out / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def without_timing(rows):
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
-
+from helpers import (
+    REPO,
+    TIMING,
+    read_metrics,
+    run_script,
+    tiny_args,
+    without_timing,
+    write_pretrained_backbone,
+)
 
 # ----------------------------------------------------------------------------------------------- the schedule
 

@@ -3,7 +3,7 @@ caches damaged on disk, EXIF orientation, a signal while caching, a broken symbo
 CIFAR-10 batches that would run code.
 
 Each bad input is written into tmp_path as a user would have it and handed over as a script does
-(datasets.load_data, or a script's main); test_catalogue's `failure` asserts a one-line error and a non-zero
+(datasets.load_data, or a script's main); test_bad_inputs's `failure` asserts a one-line error and a non-zero
 exit, its `untouched` that the user's files did not change.
 """
 
@@ -20,14 +20,22 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_catalogue import RunsCode, data_args, failure, untouched
-from test_datasets import write_cifar, write_dermamnist
 
 import bit_common
 import bit_convert
 import datasets
 import pretrain
-from helpers import REPO, load_data, tiny_args
+from helpers import (
+    REPO,
+    RunsCode,
+    data_args,
+    failure,
+    load_data,
+    tiny_args,
+    untouched,
+    write_cifar,
+    write_dermamnist,
+)
 
 SIZE = 16
 

@@ -1,8 +1,9 @@
 """The catalogue of bad inputs: one test per bad input that the other test files do not already cover.
 
-CATALOGUE.md lists every item, with the test that covers it here or in test_datasets.py, test_pretrain.py,
-test_eval.py or test_bit_convert.py. Each stand-in is written into tmp_path in the real format (the writers of
-test_datasets.py) and handed over as a user would: datasets.load_data / load_split, or a script's main(argv).
+docs/CATALOGUE.md lists every item, with the test that covers it here or in test_datasets.py,
+test_pretrain.py, test_linear_eval_and_tsne.py or test_bit_convert.py. Each stand-in is written into tmp_path
+in the real format (the writers of helpers.py) and handed over as a user would: datasets.load_data /
+load_split, or a script's main(argv).
 A test then asserts three things:
 
 - the failure is one line that names the file, key or flag. The scripts turn a UserError (DataError and
@@ -16,7 +17,6 @@ A test then asserts three things:
 """
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -25,24 +25,38 @@ import shutil
 import signal
 import struct
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_datasets import SAMPLE, read_rows, write_cifar, write_dermamnist, write_ham, write_isic
-from test_eval import eval_args
 
 import bit_common
 import datasets
 import linear_eval
 import pretrain
 import tsne
-from bit_common import UserError
 from bit_convert import read_npz
-from helpers import load_data, run_script, tiny_args
+from helpers import (
+    SAMPLE,
+    RunsCode,
+    TinyBackbone,
+    data_args,
+    eval_args,
+    failure,
+    hand_edit,
+    load_data,
+    not_writable,
+    read_rows,
+    run_script,
+    tiny_args,
+    untouched,
+    write_cifar,
+    write_dermamnist,
+    write_ham,
+    write_isic,
+)
 
 SIZE = 16
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -50,50 +64,6 @@ HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
 # ------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def files_of(*roots):
-    """{path: (sha256, mtime_ns)} of every file at or below `roots`, but a run directory's .lock (which each
-    process that opens the run takes)."""
-    found = {}
-    for root in map(Path, roots):
-        for p in [root] if root.is_file() else sorted(root.rglob("*")) if root.exists() else []:
-            if p.is_file() and p.name != ".lock":
-                found[p] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-    return found
-
-
-@contextmanager
-def untouched(*roots):
-    """The user's files below `roots` are byte-identical, with the same mtimes, and none came or went."""
-    before = files_of(*roots)
-    assert before, "nothing to watch"
-    yield
-    assert files_of(*roots) == before
-
-
-def failure(call, capsys=None):
-    """The message with which `call` fails as its command line would, asserted to be one line: a DataError or
-    WeightsError (the scripts print it and exit 1), or a SystemExit with a non-zero status (its text, or what
-    argparse wrote to stderr)."""
-    try:
-        call()
-    except UserError as e:
-        message = str(e)
-    except SystemExit as e:
-        assert e.code not in (0, None), "exit status 0"
-        message = e.code if isinstance(e.code, str) else capsys.readouterr().err
-    else:
-        pytest.fail("no error")
-    message = message.strip()
-    assert message and "\n" not in message, f"not one line: {message!r}"
-    return message
-
-
-def data_args(*argv):
-    parser = bit_common.ArgumentParser()
-    datasets.add_data_args(parser)
-    return parser.parse_args([str(a) for a in argv])
 
 
 def ham_args(root, tmp, *extra):
@@ -138,16 +108,6 @@ def bomb():
     return png_bytes(side, side, 8, 0, body)
 
 
-class RunsCode:
-    """Unpickled, this calls open(marker, "w"): the marker file appears if a loader runs code from a file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
 @pytest.fixture
 def evil(tmp_path):
     """(a backbone-looking .pt whose unpickling creates `marker`, marker). The payload is shown to work."""
@@ -168,16 +128,6 @@ def evil(tmp_path):
     assert marker.exists()
     marker.unlink()
     return path, marker
-
-
-@pytest.fixture
-def before_data(monkeypatch):
-    """A bad flag must be refused before the slow part: the test fails if the script goes on to load data."""
-
-    def reached(args):
-        raise AssertionError("the flag was accepted: the script went on to load the data")
-
-    monkeypatch.setattr(datasets, "load_data", reached)
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -297,10 +247,6 @@ def digits_split(tmp_path):
     return data, path, datasets.load_split(data, path, "0.6,0.1,0.1,0.2", 0, "image")
 
 
-def hand_edit(path, split, **parts):
-    path.write_text(json.dumps({k: v for k, v in {**split, **parts}.items() if v is not None}, indent=1))
-
-
 def test_split_file_with_an_unknown_id(digits_split):
     data, path, split = digits_split
     hand_edit(path, split, train=split["train"] + [5000])
@@ -396,21 +342,6 @@ def test_zero_or_negative_linear_eval_flag(tmp_path, capsys, before_data, flag, 
 
 
 # ----------------------------------------------------------------------------------------- the run directory
-
-
-class TinyBackbone(torch.nn.Module):
-    """Stands in for the ResNet (through pretrain.build_backbone) where the network does not matter, only the
-    run around it: a conv, a BatchNorm and pooling, 16 features. A two-epoch run then takes seconds, not
-    minutes."""
-
-    num_features, arch, norm_kind, cifar_stem, head_size, ws = 16, "r50x1", "bn", True, 0, True
-
-    def __init__(self):
-        super().__init__()
-        self.conv, self.norm = torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16)
-
-    def forward(self, x):
-        return torch.relu(self.norm(self.conv(x))).mean((2, 3))
 
 
 @pytest.fixture(scope="module")
@@ -522,17 +453,6 @@ def test_resume_with_args_json_edited_to_a_value_no_flag_takes(run, capsys):
     with untouched(run):
         message = failure(resume(run), capsys)
     assert "args.json" in message and "imagenet" in message
-
-
-def not_writable(tmp_path):
-    """A directory in which not even root may create anything (root ignores permission bits, not /sys)."""
-    if os.geteuid() != 0:
-        (tmp_path / "locked").mkdir(mode=0o500)
-        return tmp_path / "locked" / "run"
-    path = Path("/sys/catalogue-not-writable/run")
-    with pytest.raises(OSError):
-        path.mkdir(parents=True)
-    return path
 
 
 @pytest.mark.script

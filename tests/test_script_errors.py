@@ -2,7 +2,7 @@
 an --out that a failed --force leaves as it was, a resumed run on its own split, every float flag finite,
 every scored part with two classes, and one line for each bad flag or file that was a traceback.
 
-The helpers of test_catalogue.py are used as they are there: `failure()` (one line, non-zero exit),
+The helpers of test_bad_inputs.py are used as they are there: `failure()` (one line, non-zero exit),
 `untouched` (the user's bytes and mtimes), `before_data` (refused before the data loads) and TinyBackbone (a
 two-epoch run in seconds).
 """
@@ -19,9 +19,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_bit_convert import R50, write_npz, zero_bit_arrays
-from test_catalogue import TinyBackbone, before_data, failure, hand_edit, not_writable, untouched  # noqa: F401
-from test_eval import eval_args
 
 import bit_common
 import bit_convert
@@ -31,7 +28,19 @@ import linear_eval
 import pretrain
 import tsne
 from bit_convert import resnet_v2, save_backbone
-from helpers import run_script, tiny_args
+from helpers import (
+    R50,
+    TinyBackbone,
+    eval_args,
+    failure,
+    hand_edit,
+    not_writable,
+    run_script,
+    tiny_args,
+    untouched,
+    write_npz,
+    zero_bit_arrays,
+)
 
 
 class Killed(BaseException):
@@ -39,7 +48,7 @@ class Killed(BaseException):
 
 
 def pretrain_tiny(tmp, *extra, epochs=2):
-    """A pretraining run of TinyBackbone (see test_catalogue)."""
+    """A pretraining run of TinyBackbone (see test_bad_inputs)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pretrain, "build_backbone", lambda *args, **kwargs: TinyBackbone())
         return pretrain.main(tiny_args(tmp, epochs) + ["--eval-every", "5", *extra])

@@ -11,11 +11,10 @@ from argparse import Namespace
 
 import pytest
 import torch
-from test_pretrain import read_metrics, without_timing
 
 import bit_common
 import pretrain
-from helpers import REPO, run_script, tiny_args
+from helpers import REPO, read_metrics, run_script, tiny_args, without_timing
 
 
 def backbone_tensors(out):

@@ -13,23 +13,7 @@ import datasets
 import linear_eval
 import tsne
 from bit_convert import estimate_bn_statistics, resnet_v2, save_backbone, saved_backbone
-from helpers import load_data, run_script
-
-
-def eval_args(tmp, *extra):
-    return [
-        "--data",
-        "digits",
-        "--image-size",
-        "8",
-        "--cache-dir",
-        str(tmp / "cache"),
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        *map(str, extra),
-    ]
+from helpers import eval_args, load_data, run_script
 
 
 def trained_looking_backbone(seed):
@@ -359,7 +343,7 @@ def test_a_feature_dead_on_train_does_not_wreck_the_probe():
 
 
 def test_the_official_cifar10_protocol_pretrains_on_all_training_images_and_queries_the_test_set(tmp_path):
-    from test_datasets import write_cifar
+    from helpers import write_cifar
 
     write_cifar(tmp_path, n=20)
     data = datasets.load_cifar10(tmp_path)

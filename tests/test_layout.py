@@ -1,0 +1,95 @@
+"""The form users copy: a SimSiam pretraining runs from four files, pretrain.py, datasets.py, bit_convert.py
+and bit_common.py, copied alone into an empty folder; the other methods and the interventions are add-ons that
+a run imports only when a flag asks for them; the evaluation scripts need the same shared files."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, tiny_args
+
+SIMSIAM_FILES = ["pretrain.py", "datasets.py", "bit_convert.py", "bit_common.py"]
+SHARED = ["datasets.py", "bit_convert.py", "bit_common.py"]
+
+# Runs a script as `python SCRIPT ARGS` does, then prints the files of the folder it ran from that it imported
+IMPORTED = """
+import os, runpy, sys
+script, sys.argv = sys.argv[1], sys.argv[1:]
+try:
+    runpy.run_path(script, run_name="__main__")
+except SystemExit as e:
+    status = e.code
+here = os.path.abspath(os.getcwd())
+paths = [getattr(m, "__file__", None) or "" for m in list(sys.modules.values())]
+files = {os.path.basename(p) for p in paths if os.path.isabs(p) and os.path.dirname(p) == here}
+print("status", status)
+print("imported", " ".join(sorted(files | {script})))
+"""
+
+
+def imported_files(folder, script, *args):
+    """(exit status, the files of `folder` that `python SCRIPT ARGS` run there imported, itself included)."""
+    run = subprocess.run(
+        [sys.executable, "-c", IMPORTED, script, *map(str, args)],
+        cwd=folder,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = dict(
+        line.split(" ", 1) for line in run.stdout.splitlines() if line.startswith(("status", "imported"))
+    )
+    assert "imported" in lines, run.stdout[-2000:] + run.stderr[-3000:]
+    return lines["status"], set(lines["imported"].split()), run.stderr
+
+
+def one_epoch(tmp_path, *flags):
+    return [*tiny_args(tmp_path, epochs=1), *flags]
+
+
+@pytest.mark.script
+def test_simsiam_runs_from_the_four_files_copied_into_an_empty_folder(tmp_path):
+    """The card's use: copy the script with the files it needs, and run it there."""
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in SIMSIAM_FILES:
+        shutil.copy(REPO / name, folder / name)
+    status, imported, stderr = imported_files(folder, "pretrain.py", *one_epoch(tmp_path))
+    assert status == "0", stderr[-3000:]
+    assert imported == set(SIMSIAM_FILES)
+    assert (tmp_path / "run" / "backbone.pt").is_file() and (tmp_path / "run" / "metrics.csv").is_file()
+    assert sorted(p.name for p in folder.iterdir() if p.suffix == ".py") == sorted(SIMSIAM_FILES)
+
+
+@pytest.mark.script
+@pytest.mark.parametrize(
+    "flags, add_on",
+    [(["--method", "simclr"], "ssl_methods.py"), (["--init", "INIT", "--shrink", "0.5"], "interventions.py")],
+)
+def test_a_flag_adds_exactly_its_add_on(tmp_path, flags, add_on):
+    """In the repository's folder, where every module is at hand: --method simclr reads ssl_methods.py and
+    --shrink interventions.py, each besides the four files of a SimSiam run and nothing else."""
+    if "INIT" in flags:
+        from helpers import write_pretrained_backbone
+
+        write_pretrained_backbone(tmp_path / "init.pt")
+        flags = [str(tmp_path / "init.pt") if f == "INIT" else f for f in flags]
+    status, imported, stderr = imported_files(REPO, "pretrain.py", *one_epoch(tmp_path, *flags))
+    assert status == "0", stderr[-3000:]
+    assert imported == {*SIMSIAM_FILES, add_on}
+
+
+@pytest.mark.script
+@pytest.mark.parametrize(
+    "script, extra", [("linear_eval.py", []), ("tsne.py", []), ("finetune.py", ["linear_eval.py"])]
+)
+def test_the_evaluation_scripts_need_the_shared_files_alone(tmp_path, script, extra):
+    """linear_eval.py and tsne.py run from themselves and the shared files; finetune.py imports
+    linear_eval.py's evaluation too. --help builds every flag, so every module-level import happens."""
+    status, imported, stderr = imported_files(REPO, script, "--help")
+    assert status in ("0", "None"), stderr[-2000:]
+    assert imported == {script, *SHARED, *extra}
