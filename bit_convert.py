@@ -31,12 +31,10 @@ import torch.nn.functional as F
 from bit_common import (
     MAX_IMAGE_SIZE,
     ArgumentParser,
-    DataError,
     UserError,
     WeightsError,
     autocast,
     check_finite,
-    checksum,
     download,
     output_dir,
     require_regular_file,
@@ -45,7 +43,6 @@ from bit_common import (
     sha256,
     to_input,
 )
-from datasets import eval_images, indices, split_digest
 
 ARCHS = {  # name: (units in each of the four blocks, width factor)
     "r50x1": ((3, 4, 6, 3), 1),
@@ -705,60 +702,6 @@ def untrained_statistics(backbone, meta):
     (scratch, BiT, a converted BiT file) has none yet. Pretrained ones record their epoch (`meta`: what the
     backbone file records) and keep the statistics they trained with."""
     return "epoch" not in meta and backbone.norm_kind == "bn"
-
-
-def estimate_statistics_if_untrained(backbone, meta, data, split, image_size, device):
-    """A backbone whose BatchNorm statistics are not its own (untrained_statistics) gets them from the train
-    part's images."""
-    if untrained_statistics(backbone, meta):
-        estimate_bn_statistics(backbone, eval_images(data, indices(data, split, "train"), image_size), device)
-
-
-def part_features(backbone, identity, data, split, part, image_size, cache_dir, workers, device):
-    """(features, labels) of one part with the evaluation view, from the cache when the same backbone
-    (`identity`), split and image size were embedded before; a changed checkpoint has other bytes, hence
-    another key."""
-    key = hashlib.sha256(f"{identity} {split_digest(split)} {image_size}".encode()).hexdigest()[:24]
-    path = cache_dir / "features" / f"{key}-{part}.pt"
-    index = indices(data, split, part)
-    labels = torch.as_tensor(data.labels[index])
-    features = cached_features(path, labels)
-    if features is not None:
-        return check_features(features, part), labels
-    images = eval_images(data, index, image_size, workers)
-    features = check_features(embed(backbone, images, device).cpu(), part)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomic({"features": features, "labels": labels, "sha256": checksum(features)}, path)
-    except OSError as e:  # a full disk is a UserError of save_atomic's already
-        raise DataError(f"--cache-dir {cache_dir}: cannot write the features there ({e.strerror})") from None
-    return features, labels
-
-
-def check_features(features, part):
-    """Features with a NaN or an infinity would train and score a classifier on nothing (a balanced accuracy
-    of one class in n, as if it were a result): refused."""
-    bad = int((~torch.isfinite(features)).sum())
-    if bad:
-        raise WeightsError(
-            f"the backbone's features of the {part} part hold {bad} value(s) that are NaN or infinite "
-            "(weights or BatchNorm statistics that overflow?): nothing to evaluate"
-        )
-    return features
-
-
-def cached_features(path, labels):
-    """The features cached at `path` for images with these `labels`, or None where the file is absent or
-    damaged (truncated, overwritten, a pickle that would run code: weights_only refuses it unread): such a
-    cache is embedded again, never read. torch.load does not check the bytes of a tensor, hence the SHA-256
-    recorded beside them."""
-    try:
-        require_regular_file(path)  # a FIFO there: embedded again, not waited on
-        cached = torch.load(path, weights_only=True)
-        features, whole = cached["features"], torch.equal(cached["labels"], labels)
-        return features if whole and cached["sha256"] == checksum(features) else None
-    except Exception:  # noqa: BLE001 (a damaged file fails in many ways; each means "embed again")
-        return None
 
 
 def saved_backbone(ckpt):

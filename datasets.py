@@ -33,6 +33,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+import bit_convert
 from bit_common import (
     IMAGE_SIZE,
     MAX_IMAGE_SIZE,
@@ -41,12 +42,15 @@ from bit_common import (
     SEED_LIMIT,
     DataError,
     Stopped,
+    WeightsError,
+    checksum,
     decode_all,
     disk_full,
     download,
     path_arg,
     require_regular_file,
     run,
+    save_atomic,
     what_stopped,
     write_atomic,
 )
@@ -649,6 +653,65 @@ def load_data(source, root=None, image_size=None, cache_dir=CACHE_DIR, skip_bad=
     if source == "folder":
         return load_folder(root, image_size, cache_dir, skip_bad)
     return load_dermamnist(root)
+
+
+# ----------------------------------------------------------- the features of a part, for the evaluations
+
+
+def estimate_statistics_if_untrained(backbone, meta, data, split, image_size, device):
+    """A backbone whose BatchNorm statistics are not its own (untrained_statistics) gets them from the train
+    part's images."""
+    if bit_convert.untrained_statistics(backbone, meta):
+        bit_convert.estimate_bn_statistics(
+            backbone, eval_images(data, indices(data, split, "train"), image_size), device
+        )
+
+
+def part_features(backbone, identity, data, split, part, image_size, cache_dir, workers, device):
+    """(features, labels) of one part with the evaluation view, from the cache when the same backbone
+    (`identity`), split and image size were embedded before; a changed checkpoint has other bytes, hence
+    another key."""
+    key = hashlib.sha256(f"{identity} {split_digest(split)} {image_size}".encode()).hexdigest()[:24]
+    path = cache_dir / "features" / f"{key}-{part}.pt"
+    index = indices(data, split, part)
+    labels = torch.as_tensor(data.labels[index])
+    features = cached_features(path, labels)
+    if features is not None:
+        return check_features(features, part), labels
+    images = eval_images(data, index, image_size, workers)
+    features = check_features(bit_convert.embed(backbone, images, device).cpu(), part)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic({"features": features, "labels": labels, "sha256": checksum(features)}, path)
+    except OSError as e:  # a full disk is a UserError of save_atomic's already
+        raise DataError(f"--cache-dir {cache_dir}: cannot write the features there ({e.strerror})") from None
+    return features, labels
+
+
+def check_features(features, part):
+    """Features with a NaN or an infinity would train and score a classifier on nothing (a balanced accuracy
+    of one class in n, as if it were a result): refused."""
+    bad = int((~torch.isfinite(features)).sum())
+    if bad:
+        raise WeightsError(
+            f"the backbone's features of the {part} part hold {bad} value(s) that are NaN or infinite "
+            "(weights or BatchNorm statistics that overflow?): nothing to evaluate"
+        )
+    return features
+
+
+def cached_features(path, labels):
+    """The features cached at `path` for images with these `labels`, or None where the file is absent or
+    damaged (truncated, overwritten, a pickle that would run code: weights_only refuses it unread): such a
+    cache is embedded again, never read. torch.load does not check the bytes of a tensor, hence the SHA-256
+    recorded beside them."""
+    try:
+        require_regular_file(path)  # a FIFO there: embedded again, not waited on
+        cached = torch.load(path, weights_only=True)
+        features, whole = cached["features"], torch.equal(cached["labels"], labels)
+        return features if whole and cached["sha256"] == checksum(features) else None
+    except Exception:  # noqa: BLE001 (a damaged file fails in many ways; each means "embed again")
+        return None
 
 
 def main():

@@ -31,7 +31,6 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 import bit_common
-import bit_convert
 import datasets
 import linear_eval
 from bit_common import (
@@ -523,7 +522,7 @@ def main(argv=None):
     lock = bit_common.claim_output(args, RUN_FILES)  # noqa: F841 (held until the process ends)
     backbones = [backbone.to(device) for backbone, _, _, _ in loaded]
     for backbone, meta in zip(backbones, metas):
-        bit_convert.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
+        datasets.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
     parts = []
     for part in ("val", "test"):
         index = datasets.indices(data, split, part)

@@ -31,7 +31,6 @@ from sklearn.metrics import (
 from sklearn.preprocessing import StandardScaler
 from torchvision.transforms import v2
 
-import bit_convert
 import datasets
 from bit_common import (
     MOMENTUM,
@@ -114,7 +113,7 @@ def augmented_features(backbone, data, split, args, device):
     view = v2.Compose([v2.RandomResizedCrop(args.image_size), v2.RandomHorizontalFlip()])
     train_set = datasets.ImageSet(data, datasets.indices(data, split, "train"), [view])
     loader = torch.utils.data.DataLoader(train_set, batch_size=256, num_workers=args.workers)
-    return lambda: bit_convert.check_features(
+    return lambda: datasets.check_features(
         embed(backbone, torch.cat([images for images, _ in loader]), device).cpu(), "train"
     )
 
@@ -253,9 +252,9 @@ def main(argv=None):
         data, args.split_file, args.ckpt, [meta], args.split, args.split_seed, args.split_by
     )
     args.split, args.split_seed, args.split_by = datasets.settings(split)  # results.json records those used
-    bit_convert.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
+    datasets.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
     train, val, test = (
-        bit_convert.part_features(
+        datasets.part_features(
             backbone, identity, data, split, part, args.image_size, args.cache_dir, args.workers, device
         )
         for part in ("train", "val", "test")

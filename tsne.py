@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from sklearn.manifold import TSNE
 
-import bit_convert
 import datasets
 from bit_common import SEED, ArgumentParser, UserError, device_name, output_dir, path_arg, run, write_atomic
 from bit_convert import (
@@ -117,8 +116,8 @@ def main(argv=None):
     embeddings = []
     for backbone, meta, name, identity in models:
         backbone.to(device)
-        bit_convert.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
-        features, labels = bit_convert.part_features(
+        datasets.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
+        features, labels = datasets.part_features(
             backbone, identity, data, split, "test", args.image_size, args.cache_dir, args.workers, device
         )
         embeddings.append((name, features, labels.numpy()))

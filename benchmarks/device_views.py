@@ -20,10 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import run  # noqa: E402
-
 import device_views  # noqa: E402
-from bit_common import ArgumentParser, UserError, device_name
+from bit_common import ArgumentParser, UserError, device_name, run  # noqa: E402
 
 
 def synchronise(device):

@@ -34,11 +34,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from common import write_atomic  # noqa: E402
-
 import datasets  # noqa: E402
 import pretrain  # noqa: E402
-from bit_common import amp_dtype, autocast, device_name, finite_float, output_dir, run, to_input  # noqa: E402
+from bit_common import amp_dtype, autocast, device_name, finite_float, output_dir, run, to_input, write_atomic  # noqa: E402
 
 # fp16 + GradScaler is what bit_common.amp_dtype picks on a GPU without fast bf16 (V100, T4). To force it on
 # any GPU, without a switch in the scripts, the script runs with torch.cuda.is_bf16_supported answering False.

@@ -28,12 +28,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import run  # noqa: E402
-
-import bit_common
+import bit_common  # noqa: E402
 import datasets  # noqa: E402
 import pretrain  # noqa: E402
-from bit_common import ArgumentParser, UserError, device_name
+from bit_common import ArgumentParser, UserError, device_name, run  # noqa: E402
 
 HAM10000_PRETRAIN = 6009  # 60 % of HAM10000's 10,015 images pretrain (Lu et al. §3)
 DISTINCT = 64  # stand-in pictures; the other files are copies (each file is still read and decoded)

@@ -149,7 +149,7 @@ def test_exif_orientation_is_honoured_when_decoding(tmp_path):
 
 CACHING_SLOWLY = """
 import sys, time
-import datasets
+import bit_common, datasets
 read_rgb = bit_common.read_rgb
 bit_common.read_rgb = lambda path, size: time.sleep(0.2) or read_rgb(path, size)
 sys.argv = ["datasets.py", *sys.argv[1:]]
@@ -219,7 +219,7 @@ def test_damaged_feature_cache_is_embedded_again(tmp_path, monkeypatch, damage):
     split = datasets.load_split(data, tmp_path / "split.json", "0.1,0.05,0.05,0.8")
 
     def features():
-        return bit_convert.part_features(
+        return datasets.part_features(
             Flatten(), "stand-in", data, split, "train", 8, tmp_path / "cache", 0, torch.device("cpu")
         )
 
@@ -382,7 +382,7 @@ def test_a_feature_cache_that_cannot_be_written_is_one_line(tmp_path):
     (tmp_path / "a-file").write_text("not a directory")
     cache_dir = tmp_path / "a-file" / "cache"
     message = failure(
-        lambda: bit_convert.part_features(
+        lambda: datasets.part_features(
             Flatten(), "stand-in", data, split, "train", 8, cache_dir, 0, torch.device("cpu")
         )
     )

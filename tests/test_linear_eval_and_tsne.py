@@ -145,7 +145,7 @@ def test_features_are_cached_and_recomputed_when_the_checkpoint_changes(tmp_path
 
     def features():
         backbone, _, _, identity = saved_backbone(ckpt)
-        return bit_convert.part_features(
+        return datasets.part_features(
             backbone, identity, data, split, "val", args.image_size, args.cache_dir, 0, torch.device("cpu")
         )
 

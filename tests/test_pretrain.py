@@ -204,7 +204,7 @@ def test_bn_statistics_are_estimated_before_the_model_is_distributed(tmp_path, m
     events = []
     estimate = bit_convert.estimate_bn_statistics
     monkeypatch.setattr(
-        bit_convert, "estimate_bn_statistics", lambda *a, **k: events.append("estimate") or estimate(*a, **k)
+        pretrain, "estimate_bn_statistics", lambda *a, **k: events.append("estimate") or estimate(*a, **k)
     )
 
     def distribute(method, device):

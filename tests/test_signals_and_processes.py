@@ -170,7 +170,7 @@ def test_a_stop_over_two_gloo_processes_resumes_from_an_epochs_last_step(tmp_pat
 
 
 FAIL_IN_WORKERS = """
-import os, torch, views
+import os, torch, datasets
 get = datasets.ImageSet.__getitem__
 def fail_in_a_worker(self, key):
     if torch.utils.data.get_worker_info() is not None and os.environ.get("RANK", "1") == "1":
