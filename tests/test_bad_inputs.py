@@ -167,6 +167,7 @@ def test_48_bit_png_loads_as_its_high_bytes(ham, rows, tmp_path):
     np.testing.assert_array_equal(data.images[data.ids.index(rows[2]["image_id"])], expected)
 
 
+@pytest.mark.heavy
 def test_huge_image_is_named_not_decoded(ham, rows, tmp_path, bomb):
     path = image_of(ham, rows[1])
     path.write_bytes(bomb)

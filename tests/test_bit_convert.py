@@ -147,11 +147,13 @@ def randomize_(model, seed=0):
 # ------------------------------------------------------------------------------ 1, 2: the layout and the copy
 
 
+@pytest.mark.heavy
 def test_synthetic_r50x1_file_has_153_keys(r50):
     assert len(r50[1]) == 153
     assert len(np.load(r50[0]).files) == 153
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("norm", ["gn", "bn"])
 def test_r50x1_file_loads_and_backbone_has_reference_parameter_count(loaded, norm):
     model = loaded[norm]
@@ -189,6 +191,7 @@ def test_bn_model_keeps_pytorch_default_init(loaded):
         assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
 
 
+@pytest.mark.heavy
 def test_bn_model_with_copy_norm_gets_gamma_and_beta_but_fresh_statistics(r50):
     model = bit_convert.load_npz(bit_convert.resnet_v2("r50x1", norm="bn"), r50[0], copy_norm=True)
     tensors = model_tensors(model)
@@ -280,6 +283,7 @@ def test_unit_forward_follows_the_reference_recipe(loaded, u, stride):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.heavy
 def test_features_are_norm_relu_mean_pool_of_the_body_and_zero_head_gives_zero_logits():
     torch.manual_seed(0)
     fresh = bit_convert.resnet_v2("r50x1", norm="gn", head_size=7)
@@ -301,6 +305,7 @@ def test_features_are_norm_relu_mean_pool_of_the_body_and_zero_head_gives_zero_l
 # ----------------------------------------------------------------------- 6: round trip through the BiT layout
 
 
+@pytest.mark.heavy
 def test_gn_model_exported_to_bit_layout_reloads_identically(tmp_path):
     torch.manual_seed(0)
     model = randomize_(bit_convert.resnet_v2("r50x1", norm="gn", head_size=10)).eval()
@@ -318,6 +323,7 @@ def test_gn_model_exported_to_bit_layout_reloads_identically(tmp_path):
 # ------------------------------------------------------------------------------ 7: zero-init of the last norm
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("norm", ["gn", "bn"])
 def test_zero_init_last_switches_every_residual_branch_off(norm):
     model = bit_convert.zero_init_last(bit_convert.resnet_v2("r50x1", norm=norm))
@@ -396,6 +402,7 @@ def test_npy_array_file_is_a_weights_error(tmp_path):
     load_error(path)
 
 
+@pytest.mark.heavy
 def test_missing_key_is_named_and_nothing_is_loaded(r50, tmp_path):
     # the last key a gn load needs: every other tensor was ready before the failure
     key = "resnet/group_norm/beta"
@@ -406,6 +413,7 @@ def test_missing_key_is_named_and_nothing_is_loaded(r50, tmp_path):
     assert_unchanged(model, before)
 
 
+@pytest.mark.heavy
 def test_r101x1_file_into_r50x1_names_a_unit_that_has_no_place(tmp_path):
     arrays = zero_bit_arrays(R101)
     assert len(arrays) == 153 + 17 * 9
@@ -435,6 +443,7 @@ def test_head_of_another_size_reports_both_shapes(r50, tmp_path):
     assert HEAD_KERNEL in message and "(1, 1, 2048, 7)" in message and "(1, 1, 2048, 10)" in message
 
 
+@pytest.mark.heavy
 def test_head_bias_mismatch_is_caught_and_nothing_is_loaded(r50, tmp_path):
     """The bias is the last tensor checked: a loader that copied as it went would have changed everything
     else."""
@@ -453,6 +462,7 @@ def test_head_bias_mismatch_is_caught_and_nothing_is_loaded(r50, tmp_path):
 # ----------------------------------------------------------------------- 9: backbone files and build_backbone
 
 
+@pytest.mark.heavy
 def test_save_and_load_backbone_round_trip(tmp_path):
     model = randomize_(bit_convert.resnet_v2("r50x1", norm="bn", head_size=3), seed=1)
     bit_convert.save_backbone(model, tmp_path / "b.pt", source="x.npz", epoch=7)
@@ -486,6 +496,7 @@ def test_load_backbone_rejects_a_foreign_pt_and_garbage(tmp_path):
             bit_convert.load_backbone(tmp_path / name)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize(
     "asked",
     [
@@ -499,6 +510,7 @@ def test_build_backbone_refuses_a_pt_of_another_kind(saved_bn_pt, asked):
         bit_convert.build_backbone(str(saved_bn_pt), **asked)
 
 
+@pytest.mark.heavy
 def test_build_backbone_bit_m_not_cached_and_offline_names_url_and_cache_path(tmp_path, monkeypatch):
     url = closed_port_url()
     monkeypatch.setattr(bit_convert, "CACHE_DIR", tmp_path)
@@ -510,6 +522,7 @@ def test_build_backbone_bit_m_not_cached_and_offline_names_url_and_cache_path(tm
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.heavy
 def test_build_backbone_bit_s_loads_the_cached_file(r50, tmp_path, monkeypatch):
     monkeypatch.setattr(bit_convert, "CACHE_DIR", tmp_path)
     (tmp_path / "BiT-S-R50x1.npz").symlink_to(r50[0])

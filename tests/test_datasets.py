@@ -274,6 +274,7 @@ def real(request, tmp_path_factory):
     return SimpleNamespace(kind=request.param, root=root, rows=rows, data=data, splits=made, tol=tol)
 
 
+@pytest.mark.heavy
 def test_read_ham_metadata_matches_the_raw_csv(real):
     ids, dx, lesions, source = datasets.read_ham_metadata(real.root)
     assert source == real.root / "HAM10000_metadata.csv"
@@ -303,6 +304,7 @@ def parts_of(split, rows):
     return images, lesions
 
 
+@pytest.mark.heavy
 def test_lesion_split_is_disjoint_by_image_and_by_lesion_and_covers_everything(real):
     split = real.splits["lesion"]
     images, lesions = parts_of(split, real.rows)
@@ -320,6 +322,7 @@ def test_lesion_split_is_disjoint_by_image_and_by_lesion_and_covers_everything(r
     assert split["val"] and split["test"] and split["val"] != split["test"]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("by", ["lesion", "image"])
 def test_split_sizes_follow_the_fractions(real, by):
     n = len(real.rows)
@@ -327,6 +330,7 @@ def test_split_sizes_follow_the_fractions(real, by):
         assert abs(len(real.splits[by][part]) - fraction * n) <= real.tol.size * n, part
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("by", ["lesion", "image"])
 def test_split_class_proportions_follow_the_whole(real, by):
     dx_of = {r["image_id"]: r["dx"] for r in real.rows}
@@ -340,6 +344,7 @@ def test_split_class_proportions_follow_the_whole(real, by):
             assert abs(share - expected) <= real.tol.prop, (part, c, share, expected)
 
 
+@pytest.mark.heavy
 def test_image_split_lets_lesions_cross_parts_which_the_lesion_split_forbids(real):
     images, lesions = parts_of(real.splits["image"], real.rows)
     assert sum(len(images[p]) for p in PARTS) == len(real.rows) == len(set().union(*images.values()))
@@ -393,6 +398,7 @@ def test_load_split_reuses_an_existing_file_unchanged(tmp_path, sample_data):
     assert {p: again[p] for p in PARTS} == {p: json.loads(before)[p] for p in PARTS}
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("change", ["subset", "label", "lesion"])
 def test_load_split_refuses_a_file_made_from_other_data(tmp_path, sample_data, change):
     path = tmp_path / "split.json"

@@ -209,6 +209,7 @@ def torchvision_draws():
     return np.array(boxes), np.array(factors)
 
 
+@pytest.mark.heavy
 def test_the_crop_geometry_follows_torchvision(simclr_draws, torchvision_draws):
     """top, left, height and width of 100,000 crops against 100,000 of RandomResizedCrop's (the 10 tries and
     the central fallback included): KS at level 0.001 each."""
@@ -218,6 +219,7 @@ def test_the_crop_geometry_follows_torchvision(simclr_draws, torchvision_draws):
         assert d < ks_critical(N_DRAWS, N_DRAWS), (column, d)
 
 
+@pytest.mark.heavy
 def test_the_ks_test_sees_a_wrong_crop_scale(torchvision_draws):
     """The test above has the power to see a plausible mistake: SimSiam's crop (scale 0.2-1, 10,000 draws)
     against SimCLR's (0.08-1) is rejected many times over."""
@@ -226,6 +228,7 @@ def test_the_ks_test_sees_a_wrong_crop_scale(torchvision_draws):
     assert d > 3 * ks_critical(10_000, N_DRAWS)
 
 
+@pytest.mark.heavy
 def test_the_jitter_factors_follow_torchvision(simclr_draws, torchvision_draws):
     """brightness, contrast, saturation and hue of the jittered draws (about 80,000) against ColorJitter's:
     KS at level 0.001 each; and the sigma of the blurred ones (about 50,000) against GaussianBlur's own."""
@@ -241,6 +244,7 @@ def test_the_jitter_factors_follow_torchvision(simclr_draws, torchvision_draws):
     assert ks_statistic(sigma, np.array(reference)) < ks_critical(len(sigma), len(reference))
 
 
+@pytest.mark.heavy
 def test_the_jitter_order_is_uniform_over_its_24_permutations(simclr_draws):
     """ColorJitter draws a new order for every image (torch.randperm(4)): the orders of the jittered draws are
     all permutations of 0-3, each about 1/24 of them (chi-square, 23 degrees of freedom, level 0.001)."""
@@ -253,6 +257,7 @@ def test_the_jitter_order_is_uniform_over_its_24_permutations(simclr_draws):
     assert ((counts - expected) ** 2 / expected).sum() < chi_square_critical(23)
 
 
+@pytest.mark.heavy
 def test_every_probability_by_a_binomial_test(simclr_draws):
     """flip 0.5, jitter 0.8, grey 0.2, blur 0.5 (SimCLR at 224 px, 100,000 draws); BYOL's second view blur
     0.1 and solarise 0.2 (20,000 draws); its first view always blurred and never solarised; no blur at all at
@@ -489,6 +494,7 @@ def view_statistics(views_):
     return [torch.cat(s).numpy() for s in zip(*statistics_)]
 
 
+@pytest.mark.heavy
 def test_10000_views_agree_with_the_pil_loader():
     """SimSiam's views at 40 px (blur on) of 100 colour images, 100 views each: datasets.ImageSet (PIL, seeded
     per image as SeededSampler seeds it) against device_views (other seeds). Tested: each channel's per-view

@@ -511,6 +511,7 @@ def weights(server, bit_m, tmp_path, monkeypatch):
     return tmp_path / "weights"
 
 
+@pytest.mark.heavy
 def test_init_bit_m_fetches_the_weights_with_progress_and_loads_them(weights, server, bit_m, capsys):
     model = bit_convert.build_backbone("bit-m", norm="gn")
     assert server.log == [("BiT-M-R50x1.npz", None)]
@@ -526,6 +527,7 @@ def test_init_bit_m_fetches_the_weights_with_progress_and_loads_them(weights, se
     assert server.log == []
 
 
+@pytest.mark.heavy
 def test_an_interrupted_weights_download_resumes_byte_identical(weights, server, bit_m):
     server.cut_at["BiT-M-R50x1.npz"] = len(bit_m[0]) // 2
     with pytest.raises(bit_common.UserError) as e:
@@ -537,6 +539,7 @@ def test_an_interrupted_weights_download_resumes_byte_identical(weights, server,
     assert path.read_bytes() == bit_m[0] and everything_below(weights) == ["BiT-M-R50x1.npz"]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("served", ["truncated", "html", "an_npz_of_other_arrays"])
 def test_weights_that_are_not_a_complete_bit_file_are_refused_and_not_kept(weights, server, bit_m, served):
     """A file the server sends whole (Content-Length and all) that is not the BiT .npz asked for: checked
@@ -565,6 +568,7 @@ def test_weights_offline_are_one_line_naming_the_url_and_where_to_put_the_file(w
     assert not weights.exists()
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif("BIT_MODELS_URL" in os.environ, reason="a mirror is named here")
 def test_the_weights_come_from_the_bit_bucket_unless_a_mirror_is_named():
     """google-research/big_transfer's README: https://storage.googleapis.com/bit_models/{NAME}.npz."""

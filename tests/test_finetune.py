@@ -90,6 +90,7 @@ def test_quarters_by_depth_for_every_bit_size():
     ]
 
 
+@pytest.mark.heavy
 def test_the_shallower_network_ends_at_the_75_percent_point(backbone):
     reference = copy.deepcopy(backbone).eval()
     body = finetune.Body(reference, "0-75").eval()
@@ -143,6 +144,7 @@ def changed(backbone, before):
     return {k for k, v in backbone.state_dict().items() if not torch.equal(v, before[k])}
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("strategy", TUNES)
 def test_exactly_the_chosen_parameters_and_statistics_change(backbone, strategy):
     """Compare every tensor, parameters and BatchNorm statistics alike: a frozen BatchNorm in eval mode keeps
@@ -157,6 +159,7 @@ def test_exactly_the_chosen_parameters_and_statistics_change(backbone, strategy)
     ) - (12 if strategy == "0-75" else 0)  # the dropped quarter's 12 other norms are gone
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("at", ["branch", "final"])
 def test_a_frozen_iternorm_whitens_with_its_running_statistics_and_keeps_them(backbone, at):
     """--tune q1 of a --whiten backbone: its IterNorm (in q4) is frozen, so in the train-mode forward it must
@@ -181,6 +184,7 @@ def test_a_frozen_iternorm_whitens_with_its_running_statistics_and_keeps_them(ba
     torch.testing.assert_close(out, expected * iternorm.weight[:, None, None] + iternorm.bias[:, None, None])
 
 
+@pytest.mark.heavy
 def test_combine_trains_one_head_over_the_concatenated_features(backbone):
     model, copies, before, head = one_step([backbone, trained_looking_backbone(1)], ["q2", "0-75"])
     assert model.head.in_features == 2048 + 1024

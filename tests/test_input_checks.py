@@ -141,6 +141,7 @@ def test_the_knn_temperature_bound_keeps_the_votes_finite():
     assert not torch.isfinite(torch.tensor(1 / 0.01).exp())
 
 
+@pytest.mark.heavy
 def test_the_largest_seed_seeds_every_view_of_a_long_run():
     """SEED_LIMIT: a SeededSampler of the largest seed, in a run's millionth epoch, gives view seeds that
     torch.manual_seed takes (2**64 would overflow it: the control)."""
@@ -408,6 +409,7 @@ def test_finetune_batch_of_one_with_batchnorm_is_one_line(tmp_path):
 # ------------------------------------------------------------------- rows 13, 14: weights and backbone fields
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize(
     "field, value",
     [
@@ -436,6 +438,7 @@ def nan_backbone(path):
     return backbone_file(path, state_dict=state)
 
 
+@pytest.mark.heavy
 def test_non_finite_weights_are_refused_in_every_weights_file(tmp_path):
     path = nan_backbone(tmp_path / "nan.pt")
     for load in (bit_convert.load_backbone, bit_convert.saved_backbone):
@@ -542,6 +545,7 @@ def test_flags_that_agree_with_an_existing_split_file_load_it(digits_split, give
     assert datasets.load_split(data, path, *given) == split
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("script", ["linear_eval", "tsne", "finetune"])
 def test_a_split_flag_that_contradicts_the_ckpt_split_is_refused(tmp_path, script):
     (tmp_path / "run").mkdir()
@@ -786,6 +790,7 @@ def test_a_ws_flag_that_contradicts_the_file_is_one_line_in_every_script(tmp_pat
     assert message == f"--no-ws: {path} holds a backbone with ws = True; leave the flag out to use it"
 
 
+@pytest.mark.heavy
 def test_build_backbone_refuses_a_ws_other_than_the_files(plain_convs):
     message = failure(lambda: pretrain.build_backbone(str(plain_convs), "r50x1", "bn", True, True))
     assert "(arch, norm, cifar_stem, ws) = ('r50x1', 'bn', True, False)" in message
@@ -820,6 +825,7 @@ def functions_of(path):
     return {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
 
 
+@pytest.mark.heavy
 def test_every_catalogue_row_names_tests_that_exist():
     rows = catalogue_rows((REPO / "docs" / "CATALOGUE.md").read_text())
     assert len(rows) >= 85  # the 56 items and the second audit's 29 rows, at least

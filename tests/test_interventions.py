@@ -130,6 +130,7 @@ NORM_AFTER = {"conv1": "norm2", "conv2": "norm3"}  # big_transfer: the unit's no
 NORM_TENSORS = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}  # and a fresh BN's
 
 
+@pytest.mark.heavy
 def test_select_filters_keeps_the_responding_filters_and_reinitialises_the_rest():
     torch.manual_seed(0)
     model = randomize_norms(bit_convert.resnet_v2("r50x1", norm="bn"))
@@ -288,6 +289,7 @@ def test_whiten_by_default_whitens_the_end_of_the_last_units_branch_as_the_sourc
         torch.testing.assert_close(out - x, bit_convert.IterNorm(16)(branch), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_a_whitened_backbone_file_loads_as_the_whitened_network(tmp_path):
     backbone = bit_convert.whiten(bit_convert.resnet_v2("r50x1", norm="bn", cifar_stem=True))
     with torch.no_grad():
@@ -298,6 +300,7 @@ def test_a_whitened_backbone_file_loads_as_the_whitened_network(tmp_path):
     torch.testing.assert_close(loaded.state_dict(), backbone.state_dict(), rtol=0, atol=0)
 
 
+@pytest.mark.heavy
 def test_a_file_of_the_earlier_placement_still_loads_with_its_final_norm_whitened(tmp_path):
     """Files written before the placement could be chosen record whiten = True: the final norm's."""
     backbone = bit_convert.whiten(bit_convert.resnet_v2("r50x1", norm="bn", cifar_stem=True), at="final")

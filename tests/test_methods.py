@@ -41,6 +41,7 @@ def test_simsiam_loss_is_minus_one_when_predictions_match_the_other_view():
     assert pretrain.simsiam_loss(3 * z2, 0.5 * z1, z1, z2).item() == pytest.approx(-1.0, abs=1e-6)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("projector, linears, affine", [("paper", 2, True), ("simsiam", 3, False)])
 def test_simsiam_projector_of_the_authors_and_of_simsiam(projector, linears, affine):
     """The authors' code: Linear-BN-ReLU, Linear-BN (2048-2048-2048); SimSiam's builder.py: three Linear-BN,

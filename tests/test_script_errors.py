@@ -469,6 +469,7 @@ def npz(tmp_path):
     return write_npz(tmp_path / "BiT-M-R50x1.npz", zero_bit_arrays(R50))
 
 
+@pytest.mark.heavy
 def test_bit_convert_output_that_is_a_directory_is_one_line(tmp_path, npz, monkeypatch):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "kept.pt").write_text("the user's own file")
@@ -478,6 +479,7 @@ def test_bit_convert_output_that_is_a_directory_is_one_line(tmp_path, npz, monke
     assert f"-o {tmp_path / 'out'}: a directory" in message
 
 
+@pytest.mark.heavy
 def test_bit_convert_output_that_cannot_be_written_is_one_line(tmp_path, npz, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")

@@ -475,6 +475,7 @@ FIFO_INPUTS = {  # every kind of file a script reads, given as a FIFO, read as t
 }
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("entry", FIFO_INPUTS)
 def test_a_fifo_given_as_a_file_is_refused_not_waited_on(tmp_path, entry):
     """Row 9: a FIFO as --init or as tsne.py --ckpt blocked in open() for ever, Ctrl-C and SIGTERM doing
@@ -517,7 +518,7 @@ def test_a_fifo_planted_in_a_cache_is_rebuilt_over_not_waited_on(tmp_path):
     labels = torch.as_tensor(first.labels)
     with no_fifo_read_below(tmp_path):
         again = datasets.load_data("folder", tmp_path / "images", 8, tmp_path / "cache")
-        assert bit_convert.cached_features(features, labels) is None
+        assert datasets.cached_features(features, labels) is None
     assert (again.images == first.images).all() and entry.is_file()
 
 
