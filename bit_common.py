@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn
 import torch.nn as nn
 from PIL import Image, ImageOps
 from tqdm import tqdm
@@ -1087,24 +1088,12 @@ def all_sum(x):
 
 def gather(x, keep_grad=False):
     """x of every process, concatenated in rank order (x itself in one process); with keep_grad the gradient
-    reaching each piece goes back to the process that made it."""
+    reaching each piece goes back to the process that made it, summed over the processes (PyTorch's
+    differentiable all_gather, whose backward is a reduce-scatter)."""
     if world() == 1:
         return x
     if keep_grad:
-        return Gather.apply(x)
+        return torch.cat(torch.distributed.nn.functional.all_gather(x))
     parts = [torch.empty_like(x) for _ in range(world())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
-
-
-class Gather(torch.autograd.Function):
-    """all_gather with a backward: each process's loss sends gradient to every process's piece; the sum over
-    the processes arrives at each piece's owner (DDP then averages: the gradient of the mean loss)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return gather(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_sum(grad.contiguous()).chunk(world())[rank()]

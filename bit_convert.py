@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -492,36 +493,20 @@ def synchronise_whitening(module, process_group=None):
     return module
 
 
-class AllReduce(torch.autograd.Function):
-    """The sum of a tensor over the processes of `group`; its gradient is the sum of the processes'
-    gradients, since every process's loss depends on the sum."""
-
-    @staticmethod
-    def forward(ctx, tensor, group):
-        ctx.group = group
-        tensor = tensor.clone()
-        dist.all_reduce(tensor, group=group)
-        return tensor
-
-    @staticmethod
-    def backward(ctx, grad):
-        return AllReduce.apply(grad, ctx.group), None
-
-
 def batch_moments(columns, process_group=None):
     """(mean, centred columns, biased covariance) of the columns (C, M), over the columns of every process of
     `process_group` where one is given (None: this process's alone): the sums and the count, then the centred
-    scatter matrix, are all-reduced (two passes: no cancellation of E[xx^T] - mm^T). The all_reduce's backward
-    all-reduces the gradient (AllReduce), so each process's positions receive the gradient of every process's
-    loss, as SyncBatchNorm's backward does."""
+    scatter matrix, are all-reduced (two passes: no cancellation of E[xx^T] - mm^T) by PyTorch's
+    differentiable all_reduce, whose backward all-reduces the gradient: each process's positions receive the
+    gradient of every process's loss, as SyncBatchNorm's backward does."""
     sums = torch.cat([columns.sum(1), columns.new_tensor([columns.shape[1]])])
     if process_group is not None:
-        sums = AllReduce.apply(sums, process_group)
+        sums = torch.distributed.nn.functional.all_reduce(sums, group=process_group)
     mean = (sums[:-1] / sums[-1])[:, None]
     centred = columns - mean
     scatter = centred @ centred.T
     if process_group is not None:
-        scatter = AllReduce.apply(scatter, process_group)
+        scatter = torch.distributed.nn.functional.all_reduce(scatter, group=process_group)
     return mean, centred, scatter / sums[-1]
 
 

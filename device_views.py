@@ -189,6 +189,41 @@ def render(images, params, name, size):
     return (views, crop_boxes(on_device, *images.shape[-2:])) if recipe.located else views
 
 
+class ViewParams(torch.utils.data.Dataset):
+    """pretrain.py --views-on device: for a key (image seed, i) of a SeededSampler, the item (i, the
+    draw_params row of each of the method's views, 0): the loader's workers draw the numbers, and the training
+    step renders the pixels on the device (DeviceViews). The trailing 0 stands where the loader's items hold
+    a label, which pretraining does not read."""
+
+    def __init__(self, names, size, count, height, width):
+        self.names, self.size, self.count, self.height, self.width = names, size, count, height, width
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, key):
+        image_seed, i = key
+        rows = [
+            draw_params(name, self.size, [image_seed], draw, self.height, self.width)[0]
+            for draw, name in enumerate(self.names)
+        ]
+        return (i, *rows, 0)
+
+
+class DeviceViews:
+    """The views of a batch of ViewParams items, drawn on `device`: the images (N, H, W, 3) uint8 go there
+    once, as (N, 3, H, W); each step gathers its own and renders each view from its parameters."""
+
+    def __init__(self, images, names, size, device):
+        self.images = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous().to(device)
+        self.names, self.size = names, size
+
+    def __call__(self, batch):
+        positions, *params = batch
+        images = self.images[positions.to(self.images.device)]
+        return [render(images, rows, name, self.size) for rows, name in zip(params, self.names, strict=True)]
+
+
 def draw_views(images, image_seeds, names, size):
     """One method's views of a batch (`names`: its views tuple), view d from draw d: draw_params
     then render, as a training step would call them."""

@@ -194,7 +194,9 @@ def main(argv=None):
     data, split, split_file = load_data_and_split(args, rank)
     monitor = KnnMonitor(data, split, args.image_size, args.knn_k, args.knn_t, device) if rank == 0 else None
     method = prepare_method(args, data, split, device)
-    loader, sampler, steps_per_epoch = pretrain_loader(data, split, method, args, rank, world, device)
+    loader, sampler, steps_per_epoch, views_of = pretrain_loader(
+        data, split, method, args, rank, world, device
+    )
     optimizer = make_optimizer(method, args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     state = RunState(device)
@@ -228,13 +230,14 @@ def main(argv=None):
         while state.step < steps_per_epoch:  # a run stopped at an epoch's last step resumes past this loop
             wait = time.perf_counter()
             *batch, _ = next(batches)
+            views = views_of(batch)
             state.waited += time.perf_counter() - wait
             done = (epoch - 1) * steps_per_epoch + state.step  # steps before this one
             for group in optimizer.param_groups:
                 fixed = group["fixed_lr"]
                 group["lr"] = peak_lr(args) if fixed else scheduled_lr(done, steps_per_epoch, args)
             with autocast(device):
-                loss, z = model([on_device(view, device) for view in batch])
+                loss, z = model([on_device(view, device) for view in views])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             method.before_step(epoch)
@@ -446,18 +449,29 @@ def view_transform(name, size):
 
 
 def pretrain_loader(data, split, method, args, rank, world, device):
-    """The `pretrain` part, each image through every view the method asks for, sharded over the processes."""
-    transforms = [view_transform(name, args.image_size) for name in method.views]
-    images = datasets.ImageSet(data, datasets.indices(data, split, "pretrain"), transforms)
-    if args.batch_size % world or len(images) < args.batch_size or args.batch_size // world < 2:
+    """The `pretrain` part, sharded over the processes: (loader, sampler, steps an epoch, views_of), where
+    views_of(batch) gives the method's views of a batch. --views-on loader: the loader's workers make every
+    view (PIL, datasets.ImageSet); --views-on device: they draw each view's random numbers, and views_of
+    renders the pixels on `device` from the images sent there once (the add-on device_views.py)."""
+    index = datasets.indices(data, split, "pretrain")
+    if args.batch_size % world or len(index) < args.batch_size or args.batch_size // world < 2:
         raise UserError(
             f"--batch-size {args.batch_size}: must divide among {world} process(es), two images or more "
             f"each (the heads' BatchNorm normalises over a process's batch), and not exceed the "
-            f"{len(images)} images of the pretrain part"
+            f"{len(index)} images of the pretrain part"
         )
-    sampler = datasets.SeededSampler(images, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    if args.views_on == "device":
+        import device_views  # an add-on: only --views-on device reads it
+
+        height, width = data.images.shape[1:3]
+        items = device_views.ViewParams(method.views, args.image_size, len(index), height, width)
+        views_of = device_views.DeviceViews(data.images[index], method.views, args.image_size, device)
+    else:
+        transforms = [view_transform(name, args.image_size) for name in method.views]
+        items, views_of = datasets.ImageSet(data, index, transforms), lambda batch: batch
+    sampler = datasets.SeededSampler(items, world, rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(
-        images,
+        items,
         args.batch_size // world,
         sampler=sampler,
         num_workers=args.workers,
@@ -466,7 +480,7 @@ def pretrain_loader(data, split, method, args, rank, world, device):
         persistent_workers=args.workers > 0,
         worker_init_fn=bit_common.ignore_signals,
     )
-    return loader, sampler, len(sampler) // (args.batch_size // world)
+    return loader, sampler, len(sampler) // (args.batch_size // world), views_of
 
 
 def distribute(method, device):
@@ -666,7 +680,7 @@ def announce(args, data, split, split_file, world, device, steps_per_epoch, stat
 def on_device(view, device):
     """One view of a batch on `device`: its images scaled to [-1, 1], with their crop geometry where the view
     records it (ssl_methods.located_view)."""
-    if isinstance(view, list):
+    if isinstance(view, (list, tuple)):  # a list from the loader, a tuple from device_views.render
         images, geometry = view
         return to_input(images, device), geometry.to(device)
     return to_input(view, device)
@@ -914,6 +928,14 @@ def make_parser():
     run_group.add_argument("--seed", type=SEED, default=0)
     run_group.add_argument(
         "--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    # The default stays loader on GPUs too until benchmarks/gpu_check.py has measured device on one; a run
+    # records None for loader (args.json of runs written before the flag lack the key)
+    run_group.add_argument(
+        "--views-on",
+        choices=("loader", "device"),
+        help="where the augmented views are made: loader (default: PIL in the loader's workers) or device "
+        "(drawn in batches on --device, device_views.py: torchvision's distribution, other pixels)",
     )
     run_group.add_argument(
         "--eval-every", type=POSITIVE_INT, default=10, help="epochs between kNN evaluations (and the end)"

@@ -51,6 +51,7 @@ PATHS = (
     "model-only-channels-last",
     "model-only-contiguous",
     "pretrain-simsiam",
+    "pretrain-simsiam-device-views",
     "pretrain-simsiam-fp16",
     "torchrun",
     "sigterm-resume",
@@ -61,6 +62,7 @@ PATHS = (
     "pretrain-swav",
     "pretrain-mocov2-local",
     "pretrain-whiten",
+    *(f"pretrain-{m}-device-views" for m in ("simclr", "byol", "swav", "mocov2-local")),
 )
 
 
@@ -126,9 +128,23 @@ def script(command, timeout, **popen):
     return done
 
 
-def last_row(out):
+def throughput(out):
+    """A run's figures from its metrics.csv: the last epoch's (img_per_s, data_wait), as this check has always
+    reported them, and the steady state's, the mean over the epochs after the first, which fills the
+    loader's pipeline and starts its workers (steady_img_per_s, steady_data_wait)."""
     with open(out / "metrics.csv") as f:
-        return list(csv.DictReader(f))[-1]
+        rows = [row for row in csv.DictReader(f) if int(row["epoch"]) > 0]
+    steady = rows[1:] or rows
+
+    def mean(key):
+        return sum(float(row[key]) for row in steady) / len(steady)
+
+    return {
+        "img_per_s": float(rows[-1]["img_per_s"]),
+        "data_wait": float(rows[-1]["data_wait"]),
+        "steady_img_per_s": mean("img_per_s"),
+        "steady_data_wait": mean("data_wait"),
+    }
 
 
 def differences(a, b):
@@ -263,8 +279,7 @@ def main():
                 done = script([*launcher, "pretrain.py", *data, *train, *flags, "--out", str(out)], timeout)
                 if expect and expect not in done.stdout:
                     raise RuntimeError(f"pretrain.py did not announce {expect!r}: {done.stdout[-1500:]}")
-                row = last_row(out)
-                return {"img_per_s": float(row["img_per_s"]), "data_wait": float(row["data_wait"])}
+                return throughput(out)
 
             path(name, work)
 
@@ -275,6 +290,7 @@ def main():
                 lambda t, c=channels_last: model_only(size, batch, warmup, steps, device, c),
             )
         pretraining("pretrain-simsiam", "--method", "simsiam")
+        pretraining("pretrain-simsiam-device-views", "--method", "simsiam", "--views-on", "device")
         # the CPU computes in float32 whatever the GPU can
         fp16 = "steps per epoch, float16" if device.type == "cuda" else None
         pretraining("pretrain-simsiam-fp16", launcher=[sys.executable, "-c", FORCE_FP16], expect=fp16)
@@ -302,6 +318,10 @@ def main():
         # MoCo v2 once, with the local loss that only it takes: both paths in one run
         pretraining("pretrain-mocov2-local", "--method", "mocov2", "--local-weight", "0.5")
         pretraining("pretrain-whiten", "--whiten")
+        for method in ("simclr", "byol", "swav"):
+            pretraining(f"pretrain-{method}-device-views", "--method", method, "--views-on", "device")
+        local = ["--method", "mocov2", "--local-weight", "0.5", "--views-on", "device"]
+        pretraining("pretrain-mocov2-local-device-views", *local)
     print_table(check.report())
     failed = [name for name, p in check.paths.items() if p["status"] == "failed"]
     if failed:

@@ -564,3 +564,30 @@ def test_a_located_view_says_where_it_came_from():
     mirrored[:, COLUMN["flipped"]] = 1 - mirrored[:, COLUMN["flipped"]]
     difference = (dv.render(images, mirrored, "located", 48)[0].int() - located.flip(-1).int()).abs()
     assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-3
+
+    images = torch.randint(
+        0, 256, (12, 20, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+
+
+@pytest.mark.parametrize("names", [("simsiam", "simsiam"), ("located", "located")])
+def test_the_training_path_renders_the_views_of_draw_views(names):
+    """What pretrain.py's loader and step do with --views-on device (ViewParams items drawn for a sampler's
+    keys, collated, then DeviceViews) gives each image the views that draw_views gives it for its seed: the
+    numbers drawn in the workers are the same numbers, and the images gathered by position are the right
+    ones."""
+    images = torch.randint(
+        0, 256, (12, 20, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    items = dv.ViewParams(names, 8, len(images), 20, 16)
+    keys = [(1_000_003 * i + 7, i) for i in (5, 0, 11, 3)]
+    *batch, labels = torch.utils.data.default_collate([items[key] for key in keys])
+    got = dv.DeviceViews(images.numpy(), names, 8, torch.device("cpu"))(batch)
+    positions, seeds = [i for _, i in keys], [seed for seed, _ in keys]
+    expected = dv.draw_views(images[positions].permute(0, 3, 1, 2), seeds, names, 8)
+    assert labels.tolist() == [0, 0, 0, 0] and len(got) == len(names)
+    for g, e in zip(got, expected, strict=True):
+        if isinstance(e, tuple):  # a located view: the pixels and where they came from
+            assert torch.equal(g[0], e[0]) and torch.equal(g[1], e[1])
+        else:
+            assert torch.equal(g, e)

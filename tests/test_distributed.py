@@ -20,14 +20,14 @@ INIT = "INIT"  # stands for a backbone file that the test writes: --shrink and -
 # Flags may share a run; each run is as short as it can be (one epoch; the monitor runs at epochs 0 and 1).
 # A 2048-channel IterNorm takes seconds a step on the CPU: the --whiten runs take one step of 60 images
 # (a flag given again overrides tiny_args').
+# SimSiam over two processes runs in test_signals_and_processes.py (a stop and --resume) and test_pretrain.py.
 RUNS = {
-    "simsiam-whiten-branch": ["--method", "simsiam", "--whiten", "branch", "--batch-size", "60"],
+    "byol-whiten-branch": ["--method", "byol", "--whiten", "branch", "--batch-size", "60"],
     "simclr-whiten-final": ["--method", "simclr", "--whiten", "final", "--batch-size", "60"],
     "mocov2-local-select-shrink": [
         *("--method", "mocov2", "--queue-size", "64", "--local-weight", "0.5", "--local-grid", "2"),
         *("--init", INIT, "--select-filters", "0.5", "--shrink", "0.5"),
     ],
-    "byol": ["--method", "byol"],
     # a SwAV queue of 2 batches, full and in use at the third step; --multi-crop: 8 crops of two sizes
     "swav-multi-crop": [
         *("--method", "swav", "--queue-size", "60", "--queue-start", "1", "--prototypes", "10"),

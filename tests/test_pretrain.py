@@ -25,6 +25,7 @@ from bit_convert import load_backbone, resnet_v2, save_backbone
 from helpers import (
     REPO,
     TIMING,
+    TinyBackbone,
     read_metrics,
     run_script,
     tiny_args,
@@ -390,3 +391,34 @@ def test_pretraining_on_digits_raises_knn_balanced_accuracy(tmp_path):
     assert run.returncode == 0, run.stderr
     rows = read_metrics(tmp_path / "run")
     assert float(rows[-1]["knn_bacc"]) > float(rows[0]["knn_bacc"]) + 0.1
+
+
+@pytest.mark.script
+def test_views_drawn_on_the_device_resume_exactly_after_a_stop(tmp_path, monkeypatch, capsys):
+    """--views-on device on the CPU, two loader workers drawing the views' numbers: a SIGTERM during step 2 of
+    epoch 2, then --resume without workers, ends with the weights and metrics of the run never interrupted,
+    bit for bit (each view is a function of (seed, epoch, image, draw) alone). The network is a stand-in:
+    what is checked is the views and the order of the images. --views-on cannot change on --resume."""
+    monkeypatch.setattr(pretrain, "build_backbone", lambda *args, **kwargs: TinyBackbone())
+    device = ["--views-on", "device", *SEED]
+    assert pretrain.main(tiny_args(tmp_path, out="whole") + device) == 0
+    add = pretrain.RunState.add
+
+    def add_and_stop(state, loss, z_std):
+        add(state, loss, z_std)
+        if (state.epoch, state.step) == (2, 2):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(pretrain.RunState, "add", add_and_stop)
+    args = tiny_args(tmp_path) + device
+    args[args.index("--workers") + 1] = "2"
+    assert pretrain.main(args) == 128 + signal.SIGTERM
+    assert "stopped by signal in epoch 2, step 2; saved" in capsys.readouterr().out
+    monkeypatch.setattr(pretrain.RunState, "add", add)
+    assert pretrain.main(["--out", str(tmp_path / "run"), "--resume", "--workers", "0"]) == 0
+    expected = torch.load(tmp_path / "whole" / "backbone.pt", weights_only=True)["state_dict"]
+    got = torch.load(tmp_path / "run" / "backbone.pt", weights_only=True)["state_dict"]
+    assert expected.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+    assert without_timing(read_metrics(tmp_path / "run")) == without_timing(read_metrics(tmp_path / "whole"))
+    with pytest.raises(bit_common.UserError, match="--views-on loader differs"):
+        pretrain.main(["--out", str(tmp_path / "run"), "--resume", "--views-on", "loader"])
