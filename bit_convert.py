@@ -179,6 +179,15 @@ def resnet_v2(name="r50x1", norm="bn", cifar_stem=False, head_size=0, ws=True):
     return ResNetV2(name, norm, cifar_stem, head_size, ws)
 
 
+def add_zero_init_last(group):
+    """--zero-init-last, in the scripts that build a network to train or to write (pretrain.py, this one)."""
+    group.add_argument(
+        "--zero-init-last",
+        action="store_true",
+        help="zero the norm before each unit's last conv, as the authors' code did",
+    )
+
+
 def zero_init_last(model):
     """Zero the scale of the norm in front of each unit's last conv, so every residual branch starts switched
     off (Goyal et al. 2017), as the authors' code did (BiT-SimSiam). Done after loading weights, so it always
@@ -554,7 +563,7 @@ def whiten_placement(recorded):
     return "final" if recorded is True else recorded
 
 
-def build_backbone(init="scratch", arch="r50x1", norm="bn", cifar_stem=False, ws=True, zero_init=False):
+def build_backbone(init="scratch", arch="r50x1", norm="bn", cifar_stem=False, ws=True):
     """The backbone that `--init scratch | bit-s | bit-m | FILE.npz | FILE.pt` names, for every script; BiT-S
     and BiT-M are fetched into $BIT_CACHE when they are not there (bit_file)."""
     if init.endswith(".pt"):  # the file's own network (a whitened one with its IterNorm)
@@ -565,7 +574,7 @@ def build_backbone(init="scratch", arch="r50x1", norm="bn", cifar_stem=False, ws
             raise WeightsError(
                 f"{init} holds (arch, norm, cifar_stem, ws) = {found}, but {asked} was asked for"
             )
-        return zero_init_last(model) if zero_init else model
+        return model
     model = resnet_v2(arch, norm, cifar_stem, ws=ws)
     if init in ("bit-s", "bit-m"):
         load_npz(model, bit_file(f"BiT-{init[-1].upper()}-R{arch[1:]}"))
@@ -575,7 +584,7 @@ def build_backbone(init="scratch", arch="r50x1", norm="bn", cifar_stem=False, ws
         raise WeightsError(
             f"--init {init!r}: expected scratch, bit-s, bit-m, a BiT .npz or a .pt backbone file"
         )
-    return zero_init_last(model) if zero_init else model
+    return model
 
 
 def add_backbone_args(parser, norm_default):
@@ -737,11 +746,7 @@ def main():
     init.add_argument(
         "--copy-norm", action="store_true", help="bn: copy BiT's GroupNorm gamma/beta into BatchNorm"
     )
-    init.add_argument(
-        "--zero-init-last",
-        action="store_true",
-        help="zero the norm before each unit's last conv, as the authors' code did",
-    )
+    add_zero_init_last(init)
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
     args = parser.parse_args()
     output = Path(args.output) if args.output else None

@@ -58,6 +58,7 @@ from bit_common import (
 from bit_convert import (
     WHITEN_AT,
     add_backbone_args,
+    add_zero_init_last,
     build_backbone,
     embed,
     estimate_bn_statistics,
@@ -859,11 +860,7 @@ def make_parser():
     model.add_argument(
         "--init", default="scratch", help="scratch (default), bit-s, bit-m, FILE.npz or FILE.pt"
     )
-    model.add_argument(
-        "--zero-init-last",
-        action="store_true",
-        help="zero the norm before each unit's last conv, as the authors' code did",
-    )
+    add_zero_init_last(model)
     add_method_args(model)
     related = parser.add_argument_group("interventions of related studies, on the backbone (any method)")
     related.add_argument(

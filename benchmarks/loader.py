@@ -75,9 +75,11 @@ def as_data(images):
 def epochs(images, args, device):
     """(images, seconds) of each epoch through pretrain.py's loader of SimSiam's views."""
     data = as_data(images)
-    settings = SimpleNamespace(image_size=args.size, batch_size=args.batch_size, seed=0, workers=args.workers)
+    settings = SimpleNamespace(
+        image_size=args.size, batch_size=args.batch_size, seed=0, workers=args.workers, views_on="loader"
+    )
     method = SimpleNamespace(views=("simsiam", "simsiam"))
-    loader, sampler, _ = pretrain.pretrain_loader(
+    loader, sampler, _, _ = pretrain.pretrain_loader(
         data, {"pretrain": data.ids}, method, settings, 0, 1, device
     )
     timed = []

@@ -352,7 +352,7 @@ def test_weight_standardisation_can_be_switched_off(r50):
 
 def test_zero_init_holds_after_loading_bit_weights(r50):
     """BiT's GroupNorm gammas must not undo the zero-init: it is applied after the weights are loaded."""
-    model = bit_convert.build_backbone(str(r50[0]), norm="gn", zero_init=True)
+    model = bit_convert.zero_init_last(bit_convert.build_backbone(str(r50[0]), norm="gn"))
     assert all(not unit.norm3.weight.any() for block in model.blocks for unit in block)
     assert all(unit.norm2.weight.any() for block in model.blocks for unit in block)
 
