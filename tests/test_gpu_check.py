@@ -49,10 +49,10 @@ def test_every_path_runs_on_the_cpu_and_is_reported(tmp_path):
 
 
 def test_the_shared_paths_run_on_the_cpu(tmp_path):
-    """In the default run: the paths every other path leans on (pretraining, SIGTERM then --resume,
-    linear_eval.py on its backbone), about 40 s; the rest is -m slow above (each runs code that other tests
-    run: the model-only figures, finetune.py, each method, --views-on device)."""
-    shared = ["pretrain-simsiam", "sigterm-resume", "linear-eval"]
+    """In the default run: the paths every other path leans on (a pretraining, linear_eval.py on its
+    backbone), about 20 s; the rest is -m slow above (each runs code that other tests run too: the model-only
+    figures, SIGTERM and --resume, finetune.py, each method, --views-on device)."""
+    shared = ["pretrain-simsiam", "linear-eval"]
     run = gpu_check(tmp_path, "--only", ",".join(shared))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -61,11 +61,7 @@ def test_the_shared_paths_run_on_the_cpu(tmp_path):
     assert {p["status"] for p in report["paths"].values()} == {"ok"}
     figures = report["paths"]["pretrain-simsiam"]  # the epochs after the first, apart
     assert figures["steady_img_per_s"] > 0 and 0 <= figures["steady_data_wait"] < 1
-    resumed = report["paths"]["sigterm-resume"]
-    assert resumed["max_abs_difference"] == 0 and resumed["relative_difference"] == 0
-    assert report["paths"]["pretrain-simsiam"]["img_per_s"] > 0
-    assert 0 < report["paths"]["pretrain-simsiam"]["data_wait"] < 1
-    assert report["paths"]["model-only-contiguous"]["img_per_s"] > 0
+    assert figures["img_per_s"] > 0 and 0 < figures["data_wait"] < 1  # the last epoch's, as before
 
 
 def test_a_failed_path_exits_non_zero_and_is_named(tmp_path):

@@ -14,7 +14,7 @@ import datasets
 import pretrain
 import ssl_methods
 from bit_convert import resnet_v2
-from helpers import tiny_args
+from helpers import TinyBackbone, tiny_args
 
 
 def cos(a, b):
@@ -201,7 +201,7 @@ def test_moco_momentum_is_lightlys_constant_099(progress):
 SMALL = {"mocov2": {"queue_size": 16}, "swav": {"queue_size": 12, "prototypes": 7, "queue_start": 1}}
 
 
-class TinyBackbone(torch.nn.Sequential):
+class TinyEncoder(torch.nn.Sequential):
     """A stand-in for the ResNet: what a method needs of a backbone is a forward and num_features."""
 
     def __init__(self):
@@ -217,7 +217,7 @@ class TinyBackbone(torch.nn.Sequential):
 
 def build(name, **options):
     torch.manual_seed(0)
-    return ssl_methods.METHODS[name](TinyBackbone(), **{**SMALL.get(name, {}), **options})
+    return ssl_methods.METHODS[name](TinyEncoder(), **{**SMALL.get(name, {}), **options})
 
 
 @pytest.mark.parametrize("name", ["simclr", "byol", "mocov2", "swav"])
@@ -507,6 +507,7 @@ def test_momentum_follows_the_cosines_horizon_not_the_last_epoch(tmp_path, monke
     seen = []
     after_step = ssl_methods.BYOL.after_step
     monkeypatch.setattr(ssl_methods.BYOL, "after_step", lambda self, p: (seen.append(p), after_step(self, p)))
+    monkeypatch.setattr(pretrain, "build_backbone", lambda *args, **kwargs: TinyBackbone())  # any network
     args = tiny_args(tmp_path, epochs=1) + ["--method", "byol", "--cosine-epochs", "2"]
     assert pretrain.main(args) == 0
     steps = 6  # 180 images in batches of 30

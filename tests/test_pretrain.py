@@ -286,6 +286,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
         return loss(*outputs) * (float("nan") if len(steps) > 6 else 1.0)
 
     monkeypatch.setattr(pretrain, "simsiam_loss", poisoned)
+    monkeypatch.setattr(pretrain, "build_backbone", lambda *args, **kwargs: TinyBackbone())  # any network
     with pytest.raises(FloatingPointError, match="the loss became nan in epoch 2"):
         pretrain.main(tiny_args(tmp_path, epochs=2))
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
@@ -304,6 +305,7 @@ def test_a_collapsed_representation_is_flagged(tmp_path, monkeypatch, capsys):
         return pretrain.simsiam_loss(self.predictor(z), self.predictor(z), z, z), z
 
     monkeypatch.setattr(pretrain.SimSiam, "forward", collapsed)
+    monkeypatch.setattr(pretrain, "build_backbone", lambda *args, **kwargs: TinyBackbone())  # any network
     pretrain.main(tiny_args(tmp_path, epochs=1))
     assert "the representation has collapsed" in capsys.readouterr().out
     assert float(read_metrics(tmp_path / "run")[1]["z_std"]) == 0.0
