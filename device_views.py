@@ -10,7 +10,7 @@ and resize as two matrix products with the weights of torch's antialiased biline
 folded into them), the colour jitter with each image's own order of its four operations, greyscale, Gaussian
 blur as a separable convolution with each image's own kernel, solarisation. No Python loop runs over images
 there, and nothing waits for the device: every count that shapes the work is read from the CPU's copy of the
-parameters. The image seed is views.SeededSampler's (seed, epoch, image) number and the draw is the view's
+parameters. The image seed is datasets.SeededSampler's (seed, epoch, image) number and the draw is the view's
 position in the method's views, so a view is a function of (seed, epoch, image, draw) alone: the same in any
 batch, in any order, in any process, and on the CPU bit for bit the same in a resumed run.
 
