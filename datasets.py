@@ -638,6 +638,13 @@ def add_data_args(parser):
     )
 
 
+def data_from_args(args):
+    """The `Data` that the flags of add_data_args name."""
+    return load_data(
+        args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
+    )
+
+
 def load_data(source, root=None, image_size=None, cache_dir=CACHE_DIR, skip_bad=False, download=False):
     """The `Data` of one of SOURCES; image files are decoded at `image_size` into `cache_dir`."""
     if source == "digits":
@@ -667,11 +674,11 @@ def estimate_statistics_if_untrained(backbone, meta, data, split, image_size, de
         )
 
 
-def part_features(backbone, identity, data, split, part, image_size, cache_dir, workers, device):
+def part_features(backbone, digest, data, split, part, image_size, cache_dir, workers, device):
     """(features, labels) of one part with the evaluation view, from the cache when the same backbone
-    (`identity`), split and image size were embedded before; a changed checkpoint has other bytes, hence
+    (`digest`), split and image size were embedded before; a changed checkpoint has other bytes, hence
     another key."""
-    key = hashlib.sha256(f"{identity} {split_digest(split)} {image_size}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{digest} {split_digest(split)} {image_size}".encode()).hexdigest()[:24]
     path = cache_dir / "features" / f"{key}-{part}.pt"
     index = indices(data, split, part)
     labels = torch.as_tensor(data.labels[index])
@@ -721,9 +728,7 @@ def main():
     add_data_args(parser)
     args = parser.parse_args()
     args.image_size = args.image_size or DEFAULT_SIZE[args.data]
-    data = load_data(
-        args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
-    )
+    data = data_from_args(args)
     path = args.split_file or default_split_file(args.data, args.split, args.split_seed, args.split_by)
     split = load_split(data, path, args.split, args.split_seed, args.split_by)
     print(summary(data, split, path))
@@ -908,13 +913,13 @@ def load_split(data, path, fractions=None, seed=None, by=None):
     return split
 
 
-# The arguments that settings() fills in from the split file: a run's args.json records the file's, which
-# runs written before it did may not have (--split-by lesion on digits, which has no lesions: the file says
-# image). The split itself is checked by its digest (last.pt, a backbone file), not by these.
-SETTINGS = {"split", "split_seed", "split_by"}
+# The arguments that split_settings() fills in from the split file: a run's args.json records the file's,
+# which runs written before it did may not have (--split-by lesion on digits, which has no lesions: the file
+# says image). The split itself is checked by its digest (last.pt, a backbone file), not by these.
+SPLIT_FLAGS = {"split", "split_seed", "split_by"}
 
 
-def settings(split):
+def split_settings(split):
     """(--split, --split-seed, --split-by) as the split file records them, each None where it records none
     that the flag takes: what a script that used the file records in its args.json and results.json."""
     fractions, seed, by = split.get("fractions"), split.get("seed"), split.get("split_by")
@@ -938,21 +943,21 @@ def settings(split):
 def check_settings(data, split, path, fractions, seed, by):
     """--split, --split-seed and --split-by, where given, against what the existing split file `path`
     records."""
-    recorded = dict(zip(("split", "split_seed", "split_by"), settings(split)))
+    made_with = dict(zip(("split", "split_seed", "split_by"), split_settings(split)))
     given = {
         "split": fractions,
         "split_seed": seed,
         "split_by": by if by is None or data.groups is not None else "image",  # no lesions: split by image
     }
     for flag, value in given.items():
-        same = value == recorded[flag]
-        if flag == "split" and value is not None and recorded[flag] is not None:
-            same = parse_fractions(value) == parse_fractions(recorded[flag])
+        same = value == made_with[flag]
+        if flag == "split" and value is not None and made_with[flag] is not None:
+            same = parse_fractions(value) == parse_fractions(made_with[flag])
         if value is not None and not same:
+            made = made_with[flag] if made_with[flag] is not None else "no such setting recorded"
             raise DataError(
                 f"--{flag.replace('_', '-')} {value}: the split file {path} decides the split, and it was "
-                f"made with {recorded[flag] if recorded[flag] is not None else 'no such setting recorded'}; "
-                "leave the flag out to use the file, or pass a new --split-file"
+                f"made with {made}; leave the flag out to use the file, or pass a new --split-file"
             )
 
 

@@ -47,6 +47,7 @@ from bit_common import (
     check_finite,
     check_trial_seeds,
     device_name,
+    forward_in_batches,
     path_arg,
     run,
     to_input,
@@ -147,8 +148,8 @@ class Body(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        for norm in self.frozen_norms:
-            norm.train(False)
+        for layer in self.frozen_norms:
+            layer.train(False)
         return self
 
     def forward(self, x):
@@ -218,11 +219,7 @@ def train_loader(data, index, seed, args, device):
 @torch.no_grad()
 def predict(model, images, device, batch_size=256):
     model.eval()
-    with autocast(device):
-        logits = [
-            model(to_input(images[i : i + batch_size], device)) for i in range(0, len(images), batch_size)
-        ]
-    return torch.cat(logits).argmax(1).cpu().numpy()
+    return torch.cat(forward_in_batches(model, images, device, batch_size)).argmax(1).cpu().numpy()
 
 
 def build_model(backbones, args, n_classes, seed, device):
@@ -277,8 +274,8 @@ class Progress:
         vars(self).update(state)
 
 
-def save_checkpoint(args, progress, model, optimizer, scaler, identities):
-    """DIR/last.pt, with the identity (SHA-256) of each backbone file, which --resume checks the files
+def save_checkpoint(args, progress, model, optimizer, scaler, digests):
+    """DIR/last.pt, with the digest (SHA-256) of each backbone file, which --resume checks the files
     against."""
     state = {
         "model": model.state_dict(),
@@ -286,20 +283,20 @@ def save_checkpoint(args, progress, model, optimizer, scaler, identities):
         "scaler": scaler.state_dict(),
         "progress": progress.state_dict(),
         "args": to_json(args),
-        "backbones": identities,
+        "backbones": digests,
     }
     bit_common.save_last(state, args.out)
 
 
-def read_checkpoint(args, progress, files, identities):
+def read_checkpoint(args, progress, files, digests):
     """--resume: DIR/last.pt checked (bit_common.read_checkpoint, the progress against a fresh one's, the best
     weights finite), made with the very backbone files given (a file replaced since is refused: the later
     trials would start from other weights); its progress loaded into `progress`."""
     path = args.out / "last.pt"
     keys = ("model", "optimizer", "scaler", "progress", "args")
-    saved = bit_common.read_checkpoint(args, MAY_CHANGE | datasets.SETTINGS, keys)
+    saved = bit_common.read_checkpoint(args, MAY_CHANGE | datasets.SPLIT_FLAGS, keys)
     bit_common.check_progress(saved["progress"], progress.state_dict(), path)
-    changed = [f for f, a, b in zip(files, saved.get("backbones", identities), identities) if a != b]
+    changed = [f for f, a, b in zip(files, saved.get("backbones", digests), digests) if a != b]
     if changed:
         raise UserError(
             f"--resume: {changed[0]} is not the backbone file the run in {args.out} started from (its "
@@ -319,7 +316,7 @@ def read_checkpoint(args, progress, files, identities):
     return saved
 
 
-def train_trial(model, data, split, parts, args, progress, stop, device, identities, resumed=None):
+def train_trial(model, data, split, parts, args, progress, stop, device, digests, resumed=None):
     """Fine-tune for --epochs, choosing the epoch by balanced accuracy on `val` (the last epoch where `val` is
     the test set, under an official protocol), then score `test` once with it. Returns the trial's record, or
     None when a signal stopped the run (last.pt then holds everything to continue)."""
@@ -352,14 +349,14 @@ def train_trial(model, data, split, parts, args, progress, stop, device, identit
             if not math.isfinite(progress.loss_sum):
                 raise FloatingPointError(f"the loss became {progress.loss_sum} in epoch {epoch}; stopped")
             if stop.requested(progress.step, steps):
-                save_checkpoint(args, progress, model, optimizer, scaler, identities)
+                save_checkpoint(args, progress, model, optimizer, scaler, digests)
                 print(
                     f"stopped by signal in epoch {epoch}, step {progress.step}; saved; continue with --resume"
                 )
                 return None
         val_score = float(balanced_accuracy_score(val_labels, predict(model, val_images, device)))
         end_epoch(progress, epoch, val_score, steps, time.perf_counter() - tic, model, args, split)
-        save_checkpoint(args, progress, model, optimizer, scaler, identities)
+        save_checkpoint(args, progress, model, optimizer, scaler, digests)
         bit_common.write_csv(args.out / "metrics.csv", progress.history)
     model.load_state_dict(progress.best_state)
     return {
@@ -503,9 +500,7 @@ def resolve_backbones(args):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    data = datasets.load_data(
-        args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
-    )
+    data = datasets.data_from_args(args)
     files = [args.ckpt] if args.ckpt else [Path(f) for f in args.combine or []]
     loaded = [saved_backbone(path) for path in files] or [
         initial_backbone(args.init, args.arch, args.norm, args.cifar_stem, args.ws, args.seed)
@@ -518,7 +513,9 @@ def main(argv=None):
     split, split_file = datasets.pretraining_split(
         data, args.split_file, files[0] if files else None, metas, args.split, args.split_seed, args.split_by
     )
-    args.split, args.split_seed, args.split_by = datasets.settings(split)  # args.json records those used
+    args.split, args.split_seed, args.split_by = datasets.split_settings(
+        split
+    )  # args.json records those used
     lock = bit_common.claim_output(args, RUN_FILES)  # noqa: F841 (held until the process ends)
     backbones = [backbone.to(device) for backbone, _, _, _ in loaded]
     for backbone, meta in zip(backbones, metas):
@@ -528,16 +525,16 @@ def main(argv=None):
         index = datasets.indices(data, split, part)
         parts.append((datasets.eval_images(data, index, args.image_size, args.workers), data.labels[index]))
     progress, resumed = Progress(args.seed), None
-    identities = [identity for _, _, _, identity in loaded]
+    digests = [digest for _, _, _, digest in loaded]
     if args.resume and (args.out / "last.pt").exists():
-        resumed = read_checkpoint(args, progress, files, identities)
+        resumed = read_checkpoint(args, progress, files, digests)
     print(datasets.summary(data, split, split_file))
     stop = bit_common.StopSignal()
     while progress.seed < args.seed + args.trials:
         model = build_model(backbones, args, len(data.classes), progress.seed, device)
         if progress.seed == args.seed and not resumed:
             announce(model, args, device)
-        trial = train_trial(model, data, split, parts, args, progress, stop, device, identities, resumed)
+        trial = train_trial(model, data, split, parts, args, progress, stop, device, digests, resumed)
         if trial is None:
             return 128 + stop.signum
         progress.trials.append(trial)

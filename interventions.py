@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn as nn
 
-from bit_common import UserError, autocast, to_input
+from bit_common import UserError, forward_in_batches
 
 
 def shrink(model, factor, noise_std=0.0, generator=None):
@@ -79,9 +79,7 @@ def filter_scores(model, images, device, batch_size=256):
     statistics, was_training = {k: v.clone() for k, v in model.named_buffers()}, model.training
     model.train()
     try:
-        with autocast(device):
-            for i in range(0, len(images), batch_size):
-                model(to_input(images[i : i + batch_size], device))
+        forward_in_batches(model, images, device, batch_size)
     finally:
         for handle in handles:
             handle.remove()

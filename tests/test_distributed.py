@@ -13,7 +13,7 @@ import bit_convert
 import datasets
 import pretrain
 from bit_convert import load_backbone
-from helpers import load_data, read_metrics, run_pretraining_over_gloo, tiny_args, write_pretrained_backbone
+from helpers import read_metrics, run_pretraining_over_gloo, tiny_args, write_pretrained_backbone
 
 SPLIT = "0.05,0.05,0.05,0.85"  # 90 pretrain images, 45 a process: 3 steps of 30 (15 a process), 1 of 60
 INIT = "INIT"  # stands for a backbone file that the test writes: --shrink and --select-filters need one
@@ -91,7 +91,7 @@ def test_the_monitor_that_process_0_runs_alone_issues_no_collective(tmp_path, mo
     0 computes them under torchrun with two processes, of a whitened backbone inside a method whose forward
     gathers (MoCo's key encoder): any collective there is one that the other process never joins."""
     args = pretrain.parse_args(run_args(tmp_path, ["--method", "mocov2", "--whiten"]))
-    data, cpu = load_data(args), torch.device("cpu")
+    data, cpu = datasets.data_from_args(args), torch.device("cpu")
     split = datasets.load_split(data, args.split_file, args.split, args.split_seed, args.split_by)
     method = pretrain.prepare_method(args, data, split, cpu)
     monitor = pretrain.KnnMonitor(data, split, args.image_size, args.knn_k, args.knn_t, cpu)
