@@ -53,14 +53,11 @@ ARCHS = {  # name: (units in each of the four blocks, width factor)
     "r152x4": ((3, 8, 36, 3), 4),
 }
 
-
 BIT_NAMES = [f"BiT-{s}-R{a[1:]}" for s in "SM" for a in ARCHS]  # BiT-S: ImageNet-1k, BiT-M: ImageNet-21k
-
 
 # Where the released .npz files are (google-research/big_transfer, README, "How to fine-tune BiT");
 # $BIT_MODELS_URL names a mirror instead.
 BIT_MODELS_URL = os.environ.get("BIT_MODELS_URL") or "https://storage.googleapis.com/bit_models/"
-
 
 CACHE_DIR = Path(os.environ.get("BIT_CACHE") or Path.home() / ".cache" / "bit-simsiam" / "weights")
 
@@ -301,7 +298,6 @@ def load_npz(model, path, copy_norm=None, load_head=False):
 
 HEX_DIGEST = set("0123456789abcdef")
 
-
 # The fields a backbone file records (save_backbone), what each may hold, and what that is in words: checked
 # once here, as a file is written and as it is read, for every script that reads one.
 BACKBONE_FIELDS = {
@@ -335,7 +331,6 @@ BACKBONE_FIELDS = {
         "a dict of tensors",
     ),
 }
-
 
 NEEDED = ("arch", "norm", "cifar_stem", "head_size", "ws", "state_dict")
 
