@@ -32,7 +32,8 @@ def shrink(model, factor):
     (through norm1) is multiplied by factor: the network moves toward identity shortcuts, i.e. toward the
     zero-init-last start (Goyal et al. 2017), which is the "shrink toward a fresh start" of Ash & Adams.
     norm2's factor is removed again by norm3, and the final norm's only scales the features (cosines and kNN
-    do not see it). With --no-ws the kernels of conv3 and of the projections scale the branches too. BatchNorm running statistics no longer match the scaled inputs: estimate them again
+    do not see it). With --no-ws the kernels of conv3 and of the projections scale the branches too. BatchNorm
+    running statistics no longer match the scaled inputs: estimate them again
     (bit_convert.estimate_bn_statistics) before anything runs in eval mode.
     """
     if not 0 < factor <= 1:
