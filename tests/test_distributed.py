@@ -125,3 +125,20 @@ def test_only_a_distributed_model_whitens_over_the_processes():
         bit_convert.estimate_bn_statistics(
             method.backbone, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.device("cpu")
         )
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("method_name, synchronised", [("byol", True), ("mocov2", False)])
+def test_distribute_whitens_over_the_processes_but_not_for_moco(tmp_path, method_name, synchronised):
+    """pretrain.distribute, in a process group of one: BYOL's IterNorms (backbone and target) whiten over
+    every process; MoCo v2's stay per process, as its BatchNorms do, since a key encoder whitened over the
+    global batch would see every query's own image in its statistics (He et al. 2020, §3.3)."""
+    args = pretrain.parse_args(["--data", "digits", "--method", method_name, "--whiten", "--device", "cpu"])
+    method = pretrain.prepare_method(args, None, None, torch.device("cpu"))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        pretrain.distribute(method, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    groups = [m.process_group for m in method.modules() if isinstance(m, bit_convert.IterNorm)]
+    assert len(groups) == 2 and all((group is not None) == synchronised for group in groups)
