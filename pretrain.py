@@ -481,9 +481,9 @@ def pretrain_loader(data, split, method, args, rank, world, device):
 def distribute(method, device):
     """DistributedDataParallel, with SyncBatchNorm on GPUs: SimSiam's BN statistics are over the global batch;
     a --whiten IterNorm whitens the global batch on every device (bit_convert.synchronise_whitening). A
-    method whose norms must stay per process (MoCo v2's shuffling BN) keeps them so, its IterNorm too: whitened
-    over the global batch, the key encoder would see the statistics of every query's own image again, the
-    signal that shuffling takes away (He et al. 2020, §3.3). The norms' collectives
+    method whose norms must stay per process (MoCo v2's shuffling BN) keeps them so, its IterNorm too:
+    whitened over the global batch, the key encoder would see the statistics of every query's own image
+    again, the signal that shuffling takes away (He et al. 2020, §3.3). The norms' collectives
     start here, in the forward that every process runs: before it, process 0 computes the epoch-0 row alone.
     DDP's constructor broadcasts process 0's parameters and buffers, its BN statistics of row 0 included."""
     if not dist.is_initialized():
