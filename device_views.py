@@ -260,8 +260,8 @@ class DeviceViews:
 
     def __init__(self, images, names, size, device, where):
         images = torch.as_tensor(images).permute(0, 3, 1, 2)
-        self.pin = where == "pinned host" and device.type == "cuda"
-        if where == "device":
+        self.resident, self.pin = where == "device", where == "pinned host" and device.type == "cuda"
+        if self.resident:
             self.images = images.contiguous().to(device)
         else:  # page-locked memory can fail to be had (the OS's limit): a RuntimeError, as torch raises it
             self.images = torch.empty(images.shape, dtype=torch.uint8, pin_memory=self.pin)
@@ -270,8 +270,8 @@ class DeviceViews:
 
     def __call__(self, batch):
         positions, *params = batch
-        if self.images.device == self.device:
-            images = self.images[positions.to(self.device)]
+        if self.resident:
+            images = self.images[positions.to(self.images.device)]
         else:  # into fresh page-locked memory, which torch's host allocator keeps until the copy is done
             staged = torch.empty(
                 (len(positions), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=self.pin

@@ -90,6 +90,11 @@ def write_ham_like(root, images, height, width, seed=0):
     lines, lesion, k = ["lesion_id,image_id,dx,dx_type,age,sex,localization"], 0, 0
     colours = rng.uniform(40, 215, (len(datasets.HAM_CLASSES), 3))
     noise = rng.normal(0, 40, (2 * height, 2 * width, 3)).astype(np.float32)
+
+    def write(label, y, x, path):  # in a thread: numpy and PIL release the GIL on whole images
+        pixels = (colours[label] + noise[y : y + height, x : x + width]).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(path, quality=90)
+
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         saved = []
         while k < images:
@@ -98,11 +103,8 @@ def write_ham_like(root, images, height, width, seed=0):
                 image_id = f"ISIC_{24306 + k:07d}"
                 dx = datasets.HAM_CLASSES[label]
                 lines.append(f"HAM_{lesion:07d},{image_id},{dx},histo,50.0,male,back")
-                y, x = rng.integers(0, height), rng.integers(0, width)
-                pixels = (colours[label] + noise[y : y + height, x : x + width]).clip(0, 255).astype(np.uint8)
-                saved.append(
-                    pool.submit(Image.fromarray(pixels).save, folder / f"{image_id}.jpg", quality=90)
-                )
+                where = rng.integers(0, height), rng.integers(0, width)
+                saved.append(pool.submit(write, label, *where, folder / f"{image_id}.jpg"))
                 k += 1
             lesion += 1
         for save in saved:
