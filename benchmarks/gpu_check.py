@@ -10,7 +10,10 @@ over the GPUs present, a SIGTERM mid-run then --resume (compared with the run th
 linear_eval.py and finetune.py --tune q4 on the pretrained backbone. It measures, for R50x1 BN SimSiam: images
 per second end to end (pretrain.py's metrics.csv) vs model-only (the same steps on tensors already on the
 device, in this process), the fraction of time spent waiting for data, peak GPU memory (model-only), and the
-model-only figures again with channels-last off.
+model-only figures again with channels-last off. SimSiam's pretraining also runs, with the loader's views and
+with --views-on device, on a stand-in of HAM10000's size (6,680 JPEGs of 600x450, 3 epochs), whose epochs
+after the first measure the steady state; each pretraining path projects the paper's 400 epochs of 6,009
+images from its steady state (protocol_minutes).
 
 Writes OUT/gpu_check.json (each path's status and seconds, every figure, device, torch and CUDA versions),
 prints a table, and exits 1 naming any failed path. A path that the --budget-s would not leave time for is
