@@ -56,6 +56,7 @@ from bit_common import (
     write_atomic,
 )
 from bit_convert import (
+    ARCHS,
     WHITEN_AT,
     add_backbone_args,
     add_zero_init_last,
@@ -460,7 +461,19 @@ def pretrain_loader(data, split, method, args, rank, world, device):
 
         height, width = data.images.shape[1:3]
         items = device_views.ViewParams(method.views, args.image_size, len(index), height, width)
-        views_of = device_views.DeviceViews(data.images[index], method.views, args.image_size, device)
+        images = data.images[index]
+        step = (args.batch_size // world, method.views, args.image_size, *ARCHS[args.arch])
+        where = device_views.choose_placement(images.nbytes, device, device_views.step_bytes(*step))
+        try:
+            views_of = device_views.DeviceViews(images, method.views, args.image_size, device, where)
+        except RuntimeError as error:  # torch's out of memory, on the device or for page-locked memory
+            raise UserError(
+                f"--views-on device: the pretrain part's images ({images.nbytes / 1e9:.2f} GB) could not be "
+                f"kept in {where} memory ({error}); use --views-on loader"
+            ) from None
+        if rank == 0:
+            kept = f"{device}'s memory" if where == "device" else f"pinned host memory, copied to {device}"
+            print(f"--views-on device: the pretrain images ({images.nbytes / 1e9:.2f} GB) kept in {kept}")
     else:
         transforms = [view_transform(name, args.image_size) for name in method.views]
         items, views_of = datasets.ImageSet(data, index, transforms), lambda batch: batch

@@ -14,6 +14,8 @@ PATHS = [
     "model-only-contiguous",
     "pretrain-simsiam",
     "pretrain-simsiam-device-views",
+    "pretrain-simsiam-ham-size",
+    "pretrain-simsiam-device-views-ham-size",
     "pretrain-simsiam-fp16",
     "torchrun",
     "sigterm-resume",
@@ -44,24 +46,32 @@ def test_every_path_runs_on_the_cpu_and_is_reported(tmp_path):
         assert report["paths"][name]["img_per_s"] > 0, name
     for name in [n for n in PATHS if n.startswith(("pretrain", "torchrun"))]:
         assert 0 < report["paths"][name]["data_wait"] < 1, name
+        assert report["paths"][name]["protocol_minutes"] > 0, name
+    assert report["paths"]["pretrain-simsiam-ham-size"]["stand_in_write_s"] > 0  # written once, for both
+    assert "stand_in_write_s" not in report["paths"]["pretrain-simsiam-device-views-ham-size"]
     assert report["paths"]["sigterm-resume"]["max_abs_difference"] == 0  # the CPU resumes bit for bit
     assert "model-only-contiguous" in run.stdout  # the table
 
 
 def test_the_shared_paths_run_on_the_cpu(tmp_path):
     """In the default run: the paths every other path leans on (a pretraining, linear_eval.py on its
-    backbone), about 20 s; the rest is -m slow above (each runs code that other tests run too: the model-only
+    backbone) and the headline pretraining on the HAM10000-sized stand-in (scaled down to 80 JPEGs of 60x45,
+    3 epochs), about 30 s; the rest is -m slow above (each runs code that other tests run too: the model-only
     figures, SIGTERM and --resume, finetune.py, each method, --views-on device)."""
-    shared = ["pretrain-simsiam", "linear-eval"]
+    shared = ["pretrain-simsiam", "pretrain-simsiam-ham-size", "linear-eval"]
     run = gpu_check(tmp_path, "--only", ",".join(shared))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert HEADER <= set(report) and report["device"] == "cpu" and report["precision"] == "float32"
     assert list(report["paths"]) == shared
     assert {p["status"] for p in report["paths"].values()} == {"ok"}
-    figures = report["paths"]["pretrain-simsiam"]  # the epochs after the first, apart
-    assert figures["steady_img_per_s"] > 0 and 0 <= figures["steady_data_wait"] < 1
-    assert figures["img_per_s"] > 0 and 0 < figures["data_wait"] < 1  # the last epoch's, as before
+    for name in ("pretrain-simsiam", "pretrain-simsiam-ham-size"):
+        figures = report["paths"][name]  # the epochs after the first, apart
+        assert figures["steady_img_per_s"] > 0 and 0 <= figures["steady_data_wait"] < 1
+        assert figures["img_per_s"] > 0 and 0 < figures["data_wait"] < 1  # the last epoch's, as before
+        # the paper's 6,009 images x 400 epochs at the steady state's pace, in minutes
+        assert figures["protocol_minutes"] == pytest.approx(6009 * 400 / figures["steady_img_per_s"] / 60)
+    assert report["paths"]["pretrain-simsiam-ham-size"]["stand_in_write_s"] > 0
 
 
 def test_a_failed_path_exits_non_zero_and_is_named(tmp_path):
