@@ -355,7 +355,7 @@ def closed_port_url():
         return f"http://127.0.0.1:{s.getsockname()[1]}/"
 
 
-TIMING = ("img_per_s", "data_wait", "epoch_s", "eta_s")
+TIMING = ("img_per_s", "data_wait", "epoch_s", "eta_s", "knn_s", "save_s", "write_s")
 
 
 def read_metrics(out):
