@@ -261,8 +261,8 @@ def main(argv=None):
                 if stop.requested(state.step, steps_per_epoch):
                     state.seconds += time.perf_counter() - tic
                     on_process_0(rank, writer.wait)  # the finished epoch's files first: this last.pt is newer
-                    last = checkpoint(args, state, method, optimizer, scaler, split) if rank == 0 else None
-                    on_process_0(rank, lambda: save_checkpoint(last, args.out))
+                    parts = (args, state, method, optimizer, scaler, split)
+                    on_process_0(rank, lambda: save_checkpoint(checkpoint(*parts), args.out))
                     if rank == 0:
                         where = f"epoch {epoch}, step {state.step}"
                         print(f"stopped by signal in {where}; saved; continue with --resume")
@@ -620,10 +620,11 @@ def finish_epoch(row, args, state, method, optimizer, scaler, monitor, split, fi
 
 class EpochWriter:
     """A thread that writes an epoch's files while the next epoch trains (torch.save and savefig release the
-    GIL for their I/O); at most one epoch's writes pending. wait() waits for them, raises their error (a full
-    disk's UserError: the previous last.pt kept) in the training loop's thread, and leaves their seconds in
-    `seconds` (None before any); join() only waits, for a run that ends with an error of its own. A kill -9
-    during a write leaves the last.pt written before, whole (write_atomic)."""
+    GIL for their file I/O, not for all of their work); at most one epoch's writes pending. wait() waits for
+    them, raises their error (a full disk's UserError: the previous last.pt kept) in the training loop's
+    thread, and leaves their seconds in `seconds` (None before any); join() only waits, for a run that ends
+    with an error of its own. A kill -9 during a write leaves the last.pt written before, whole
+    (write_atomic)."""
 
     def __init__(self):
         self.thread, self.error, self.seconds = None, None, None
