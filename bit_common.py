@@ -517,6 +517,15 @@ def to_input(images, device):
     return x.float() / 127.5 - 1.0
 
 
+def forward_in_batches(model, images, device, batch_size=256):
+    """`model`'s outputs on uint8 images (N, 3, H, W), a batch at a time, under autocast; in the mode the
+    model is in."""
+    with autocast(device):
+        return [
+            model(to_input(images[i : i + batch_size], device)) for i in range(0, len(images), batch_size)
+        ]
+
+
 def amp_dtype(device):
     """Mixed precision: bf16 on GPUs that compute in it (Ampere and newer), fp16 with a GradScaler on older
     ones (V100, T4: they report bf16 "supported" through a slow emulation, hence including_emulation=False),

@@ -34,15 +34,14 @@ from bit_common import (
     ArgumentParser,
     UserError,
     WeightsError,
-    autocast,
     check_finite,
     download,
+    forward_in_batches,
     output_dir,
     require_regular_file,
     run,
     save_atomic,
     sha256,
-    to_input,
 )
 
 ARCHS = {  # name: (units in each of the four blocks, width factor)
@@ -54,14 +53,11 @@ ARCHS = {  # name: (units in each of the four blocks, width factor)
     "r152x4": ((3, 8, 36, 3), 4),
 }
 
-
 BIT_NAMES = [f"BiT-{s}-R{a[1:]}" for s in "SM" for a in ARCHS]  # BiT-S: ImageNet-1k, BiT-M: ImageNet-21k
-
 
 # Where the released .npz files are (google-research/big_transfer, README, "How to fine-tune BiT");
 # $BIT_MODELS_URL names a mirror instead.
 BIT_MODELS_URL = os.environ.get("BIT_MODELS_URL") or "https://storage.googleapis.com/bit_models/"
-
 
 CACHE_DIR = Path(os.environ.get("BIT_CACHE") or Path.home() / ".cache" / "bit-simsiam" / "weights")
 
@@ -88,11 +84,11 @@ class PreActBottleneck(nn.Module):
     takes the pre-activated input, and nothing is normalised after the addition (He et al. 2016, "Identity
     Mappings", Fig. 4e)."""
 
-    def __init__(self, cin, cmid, cout, stride, norm, conv):
+    def __init__(self, cin, cmid, cout, stride, make_norm, conv):
         super().__init__()
-        self.norm1, self.conv1 = norm(cin), conv(cin, cmid, 1)
-        self.norm2, self.conv2 = norm(cmid), conv(cmid, cmid, 3, stride=stride, padding=1)
-        self.norm3, self.conv3 = norm(cmid), conv(cmid, cout, 1)
+        self.norm1, self.conv1 = make_norm(cin), conv(cin, cmid, 1)
+        self.norm2, self.conv2 = make_norm(cmid), conv(cmid, cmid, 3, stride=stride, padding=1)
+        self.norm3, self.conv3 = make_norm(cmid), conv(cmid, cout, 1)
         self.proj = conv(cin, cout, 1, stride=stride) if stride != 1 or cin != cout else None
         self.branch_norm = None  # BiT has none; whiten(at="branch") puts an IterNorm there in the last unit
 
@@ -206,15 +202,15 @@ def bit_keys(model, copy_norm, load_head):
     for b, block in enumerate(model.blocks, 1):
         for u, unit in enumerate(block, 1):
             prefix = f"resnet/block{b}/unit{u:02d}/"
-            for part, norm, conv in (
+            for part, norm_layer, conv in (
                 ("a", unit.norm1, unit.conv1),
                 ("b", unit.norm2, unit.conv2),
                 ("c", unit.norm3, unit.conv3),
             ):
                 keys[prefix + part + "/standardized_conv2d/kernel"] = conv.weight
                 if copy_norm:
-                    keys[prefix + part + "/group_norm/gamma"] = norm.weight
-                    keys[prefix + part + "/group_norm/beta"] = norm.bias
+                    keys[prefix + part + "/group_norm/gamma"] = norm_layer.weight
+                    keys[prefix + part + "/group_norm/beta"] = norm_layer.bias
             if unit.proj is not None:
                 keys[prefix + "a/proj/standardized_conv2d/kernel"] = unit.proj.weight
     if copy_norm:
@@ -302,7 +298,6 @@ def load_npz(model, path, copy_norm=None, load_head=False):
 
 HEX_DIGEST = set("0123456789abcdef")
 
-
 # The fields a backbone file records (save_backbone), what each may hold, and what that is in words: checked
 # once here, as a file is written and as it is read, for every script that reads one.
 BACKBONE_FIELDS = {
@@ -337,22 +332,21 @@ BACKBONE_FIELDS = {
     ),
 }
 
-
 NEEDED = ("arch", "norm", "cifar_stem", "head_size", "ws", "state_dict")
 
 
-def check_backbone_fields(ckpt, path):
+def check_backbone_fields(saved, path):
     """A backbone file's dict: the keys that rebuild the network present, every key one that save_backbone
     writes, every value of its kind and within its bounds."""
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in NEEDED):
+    if not isinstance(saved, dict) or any(k not in saved for k in NEEDED):
         raise WeightsError(
             f"{path}: not a backbone file from bit_convert.py or pretrain.py "
             f"(expected the keys {', '.join(NEEDED)})"
         )
-    unknown = [k for k in ckpt if k not in BACKBONE_FIELDS]
+    unknown = [k for k in saved if k not in BACKBONE_FIELDS]
     if unknown:
         raise WeightsError(f"{path}: {str(unknown[0])[:60]!r} is not a field of a backbone file")
-    for key, value in ckpt.items():
+    for key, value in saved.items():
         fits, expected = BACKBONE_FIELDS[key]
         if not fits(value):
             shown = type(value).__name__ if key == "state_dict" else repr(value)
@@ -365,10 +359,10 @@ def save_backbone(model, path, state_dict=None, **meta):
     written."""
     arch = dict(arch=model.arch, norm=model.norm_kind, cifar_stem=model.cifar_stem, head_size=model.head_size)
     arch |= dict(ws=model.ws, whiten=getattr(model, "whitened", False))
-    ckpt = {**arch, **meta, "state_dict": model.state_dict() if state_dict is None else state_dict}
-    check_backbone_fields(ckpt, f"cannot write {path}")
-    check_finite(ckpt["state_dict"], f"cannot write {path}")
-    save_atomic(ckpt, path)
+    saved = {**arch, **meta, "state_dict": model.state_dict() if state_dict is None else state_dict}
+    check_backbone_fields(saved, f"cannot write {path}")
+    check_finite(saved["state_dict"], f"cannot write {path}")
+    save_atomic(saved, path)
 
 
 def read_backbone_file(path):
@@ -377,35 +371,36 @@ def read_backbone_file(path):
     than its header."""
     require_regular_file(path, WeightsError)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise WeightsError(f"{path}: no such file") from None
     except Exception as e:  # a pickle from elsewhere can fail in many ways; all of them mean "not ours"
         raise WeightsError(
             f"{path}: not a readable .pt file ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
         ) from None
-    check_backbone_fields(ckpt, path)
-    return ckpt
+    check_backbone_fields(saved, path)
+    return saved
 
 
 def load_backbone(path, head=True):
     """(model, metadata) from a file written by save_backbone (bit_convert.py -o, pretrain.py's
     backbone.pt): the file's own network, its IterNorm included, built once; without its classifier head
     where `head` is False. Weights that are not finite are refused."""
-    ckpt = read_backbone_file(path)
-    check_finite(ckpt["state_dict"], path)
-    head_size = ckpt["head_size"] if head else 0
-    model = resnet_v2(ckpt["arch"], ckpt["norm"], ckpt["cifar_stem"], head_size, ckpt["ws"])
-    if ckpt.get("whiten"):
-        whiten(model, at=whiten_placement(ckpt["whiten"]))
-    state = {k: v for k, v in ckpt["state_dict"].items() if head or not k.startswith("head.")}
+    saved = read_backbone_file(path)
+    check_finite(saved["state_dict"], path)
+    head_size = saved["head_size"] if head else 0
+    model = resnet_v2(saved["arch"], saved["norm"], saved["cifar_stem"], head_size, saved["ws"])
+    if saved.get("whiten"):
+        whiten(model, at=whiten_placement(saved["whiten"]))
+    state = {k: v for k, v in saved["state_dict"].items() if head or not k.startswith("head.")}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise WeightsError(
-            f"{path}: its state_dict does not fit a {ckpt['arch']}/{ckpt['norm']}: {' '.join(str(e).split())}"
+            f"{path}: its state_dict does not fit a {saved['arch']}/{saved['norm']}: "
+            + " ".join(str(e).split())
         ) from None
-    return model, {k: v for k, v in ckpt.items() if k != "state_dict"}
+    return model, {k: v for k, v in saved.items() if k != "state_dict"}
 
 
 def bit_file(name):
@@ -497,9 +492,9 @@ def synchronise_whitening(module, process_group=None):
     runs; code that process 0 runs alone (the epoch-0 row) meets an IterNorm that issues none, and
     estimate_bn_statistics refuses a synchronised one as it refuses a SyncBatchNorm. Returns the
     module."""
-    for norm in module.modules():
-        if isinstance(norm, IterNorm):
-            norm.process_group = dist.group.WORLD if process_group is None else process_group
+    for layer in module.modules():
+        if isinstance(layer, IterNorm):
+            layer.process_group = dist.group.WORLD if process_group is None else process_group
     return module
 
 
@@ -614,48 +609,41 @@ def add_backbone_args(parser, norm_default):
     )
 
 
-def resolve_backbone_args(args, norm_default, default_size, recorded=None, source=None):
+def resolve_backbone_args(args, norm_default, default_size, meta=None, source=None):
     """Fill in --arch, --norm, --cifar-stem, --no-ws and --image-size: what the flag says, else what the
-    checkpoint `source` records (`recorded`: its metadata), else the script's default."""
-    recorded = recorded or {}
-    check_flags_against(recorded, source, args.arch, args.norm, args.cifar_stem, args.ws, args.image_size)
+    checkpoint `source` records (`meta`: its metadata), else the script's default."""
+    meta = meta or {}
+    check_flags_against(meta, source, args.arch, args.norm, args.cifar_stem, args.ws, args.image_size)
     if args.image_size is None:
-        args.image_size = recorded.get("image_size", default_size)
-    args.arch = args.arch or recorded.get("arch", "r50x1")
-    args.norm = args.norm or recorded.get("norm", norm_default)
+        args.image_size = meta.get("image_size", default_size)
+    args.arch = args.arch or meta.get("arch", "r50x1")
+    args.norm = args.norm or meta.get("norm", norm_default)
     if args.cifar_stem is None:
-        args.cifar_stem = recorded.get("cifar_stem", args.image_size <= 64)
+        args.cifar_stem = meta.get("cifar_stem", args.image_size <= 64)
     if args.ws is None:  # BiT standardises every conv (google-research/big_transfer, bit_pytorch/models.py)
-        args.ws = recorded.get("ws", True)
+        args.ws = meta.get("ws", True)
 
 
-def check_flags_against(recorded, source, arch=None, norm=None, cifar_stem=None, ws=None, image_size=None):
+def check_flags_against(meta, source, arch=None, norm=None, cifar_stem=None, ws=None, image_size=None):
     """The backbone flags given (None: not given) against what the checkpoint `source` records: one that
     contradicts it is an error for the network's shape; for the image size, a warning (evaluating at another
     resolution can be deliberate)."""
     for flag, given in (("arch", arch), ("norm", norm), ("cifar_stem", cifar_stem), ("ws", ws)):
-        if flag in recorded and given is not None and given != recorded[flag]:
+        if flag in meta and given is not None and given != meta[flag]:
             spelt = {"cifar_stem": f"--{'' if given else 'no-'}cifar-stem", "ws": "--no-ws"}
             raise WeightsError(
                 f"{spelt.get(flag, f'--{flag} {given}')}: {source} holds a backbone with "
-                f"{flag} = {recorded[flag]}; leave the flag out to use it"
+                f"{flag} = {meta[flag]}; leave the flag out to use it"
             )
-    if image_size is not None and recorded.get("image_size", image_size) != image_size:
-        print(
-            f"warning: --image-size {image_size}, but {source} was pretrained at {recorded['image_size']} px"
-        )
+    if image_size is not None and meta.get("image_size", image_size) != image_size:
+        print(f"warning: --image-size {image_size}, but {source} was pretrained at {meta['image_size']} px")
 
 
 @torch.no_grad()
 def embed(backbone, images, device, batch_size=256):
     """Backbone features (N, D), float32, of uint8 images (N, 3, H, W), in eval mode."""
     backbone.eval()
-    with autocast(device):
-        features = [
-            backbone(to_input(images[i : i + batch_size], device)).float()
-            for i in range(0, len(images), batch_size)
-        ]
-    return torch.cat(features)
+    return torch.cat(forward_in_batches(backbone, images, device, batch_size)).float()
 
 
 @torch.no_grad()
@@ -671,15 +659,13 @@ def estimate_bn_statistics(backbone, images, device, batch_size=256):
             "synchronise_whitening), not after"
         )
     momenta, was_training = [m.momentum for m in norms], backbone.training
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average over the batches
+    for layer in norms:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average over the batches
     backbone.train()
-    with autocast(device):
-        for i in range(0, len(images), batch_size):
-            backbone(to_input(images[i : i + batch_size], device))
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
+    forward_in_batches(backbone, images, device, batch_size)
+    for layer, momentum in zip(norms, momenta):
+        layer.momentum = momentum
     backbone.train(was_training)
 
 
@@ -699,12 +685,12 @@ def untrained_statistics(backbone, meta):
     return "epoch" not in meta and backbone.norm_kind == "bn"
 
 
-def saved_backbone(ckpt):
-    """(backbone, metadata, a name for figures, what identifies it for the feature cache) of a backbone file
-    that pretrain.py or bit_convert.py wrote."""
-    backbone, meta = load_backbone(ckpt)
-    name = f"{ckpt.parent.name}/{ckpt.stem}" + (f", epoch {meta['epoch']}" if "epoch" in meta else "")
-    return backbone, meta, name, sha256(ckpt)
+def saved_backbone(path):
+    """(backbone, metadata, a name for figures, the file's SHA-256, which keys the feature cache) of a
+    backbone file that pretrain.py or bit_convert.py wrote."""
+    backbone, meta = load_backbone(path)
+    name = f"{path.parent.name}/{path.stem}" + (f", epoch {meta['epoch']}" if "epoch" in meta else "")
+    return backbone, meta, name, sha256(path)
 
 
 def initial_backbone(init, arch, norm, cifar_stem, ws, seed):
@@ -715,8 +701,8 @@ def initial_backbone(init, arch, norm, cifar_stem, ws, seed):
     name = {"bit-s": "BiT-S", "bit-m": "BiT-M"}.get(init, init) + (
         f" {norm}, untrained" if init == "scratch" else f" {norm}, as released"
     )
-    identity = hashlib.sha256(repr((init, arch, norm, cifar_stem, ws, seed)).encode())
-    return backbone, {"init": init}, name, identity.hexdigest()
+    digest = hashlib.sha256(repr((init, arch, norm, cifar_stem, ws, seed)).encode())
+    return backbone, {"init": init}, name, digest.hexdigest()
 
 
 def main():

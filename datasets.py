@@ -57,25 +57,18 @@ from bit_common import (
 
 SOURCES = ("digits", "cifar10", "ham10000", "folder", "dermamnist")
 
-
 DEFAULT_SIZE = {"digits": 8, "cifar10": 32, "dermamnist": 28, "ham10000": 224, "folder": 224}
-
 
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")  # alphabetical: DermaMNIST's label ids too
 
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
-
 CACHE_DIR = Path.home() / ".cache" / "bit-simsiam"
-
 
 # HAM10000's root when --data-root is not given, shared by every script; $HAM10000_ROOT moves it.
 HAM10000_ROOT = Path(os.environ.get("HAM10000_ROOT") or CACHE_DIR / "data" / "HAM10000")
 
-
 HAM_METADATA, ISIC_TRUTH = "HAM10000_metadata.csv", "ISIC2018_Task3_Training_GroundTruth.csv"
-
 
 # The ISIC 2018 Task 3 training release: HAM10000's 10,015 images, public, licence CC BY-NC 4.0, as the
 # challenge's data page lists them (challenge.isic-archive.com/data/#2018, whose source is the repository
@@ -83,15 +76,11 @@ HAM_METADATA, ISIC_TRUTH = "HAM10000_metadata.csv", "ISIC2018_Task3_Training_Gro
 # $ISIC2018_URL names a mirror instead; the count stays checked whatever the URL.
 ISIC2018_URL = os.environ.get("ISIC2018_URL") or "https://isic-challenge-data.s3.amazonaws.com/2018/"
 
-
 ISIC_IMAGES = "ISIC2018_Task3_Training_Input.zip"  # 2.6 GB: ISIC2018_Task3_Training_Input/ISIC_*.jpg
-
 
 ISIC_TRUTH_ZIP = "ISIC2018_Task3_Training_GroundTruth.zip"  # 36 KB: ISIC2018_Task3_Training_GroundTruth/*.csv
 
-
 ISIC_GROUPS = "ISIC2018_Task3_Training_LesionGroupings.csv"  # 481 KB: image, lesion_id, how dx was confirmed
-
 
 ISIC_IMAGE_COUNT = 10015
 
@@ -103,9 +92,8 @@ class Data:
     labels: np.ndarray  # (N,) int64, indices into `classes`
     ids: list  # image ids, or indices for sources without ids
     classes: tuple
-    groups: list = (
-        None  # images of one group never go to two parts (HAM10000: lesion_id); None: every image alone
-    )
+    # images of one group never go to two parts (HAM10000: lesion_id); None: every image alone
+    groups: list = None
     official_test: np.ndarray = None  # bool mask of a test set that the source fixes
     bad: dict = field(default_factory=dict)  # {id: reason} of the images skipped with --skip-bad-images
 
@@ -638,6 +626,13 @@ def add_data_args(parser):
     )
 
 
+def data_from_args(args):
+    """The `Data` that the flags of add_data_args name."""
+    return load_data(
+        args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
+    )
+
+
 def load_data(source, root=None, image_size=None, cache_dir=CACHE_DIR, skip_bad=False, download=False):
     """The `Data` of one of SOURCES; image files are decoded at `image_size` into `cache_dir`."""
     if source == "digits":
@@ -655,85 +650,9 @@ def load_data(source, root=None, image_size=None, cache_dir=CACHE_DIR, skip_bad=
     return load_dermamnist(root)
 
 
-# ----------------------------------------------------------- the features of a part, for the evaluations
-
-
-def estimate_statistics_if_untrained(backbone, meta, data, split, image_size, device):
-    """A backbone whose BatchNorm statistics are not its own (untrained_statistics) gets them from the train
-    part's images."""
-    if bit_convert.untrained_statistics(backbone, meta):
-        bit_convert.estimate_bn_statistics(
-            backbone, eval_images(data, indices(data, split, "train"), image_size), device
-        )
-
-
-def part_features(backbone, identity, data, split, part, image_size, cache_dir, workers, device):
-    """(features, labels) of one part with the evaluation view, from the cache when the same backbone
-    (`identity`), split and image size were embedded before; a changed checkpoint has other bytes, hence
-    another key."""
-    key = hashlib.sha256(f"{identity} {split_digest(split)} {image_size}".encode()).hexdigest()[:24]
-    path = cache_dir / "features" / f"{key}-{part}.pt"
-    index = indices(data, split, part)
-    labels = torch.as_tensor(data.labels[index])
-    features = cached_features(path, labels)
-    if features is not None:
-        return check_features(features, part), labels
-    images = eval_images(data, index, image_size, workers)
-    features = check_features(bit_convert.embed(backbone, images, device).cpu(), part)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomic({"features": features, "labels": labels, "sha256": checksum(features)}, path)
-    except OSError as e:  # a full disk is a UserError of save_atomic's already
-        raise DataError(f"--cache-dir {cache_dir}: cannot write the features there ({e.strerror})") from None
-    return features, labels
-
-
-def check_features(features, part):
-    """Features with a NaN or an infinity would train and score a classifier on nothing (a balanced accuracy
-    of one class in n, as if it were a result): refused."""
-    bad = int((~torch.isfinite(features)).sum())
-    if bad:
-        raise WeightsError(
-            f"the backbone's features of the {part} part hold {bad} value(s) that are NaN or infinite "
-            "(weights or BatchNorm statistics that overflow?): nothing to evaluate"
-        )
-    return features
-
-
-def cached_features(path, labels):
-    """The features cached at `path` for images with these `labels`, or None where the file is absent or
-    damaged (truncated, overwritten, a pickle that would run code: weights_only refuses it unread): such a
-    cache is embedded again, never read. torch.load does not check the bytes of a tensor, hence the SHA-256
-    recorded beside them."""
-    try:
-        require_regular_file(path)  # a FIFO there: embedded again, not waited on
-        cached = torch.load(path, weights_only=True)
-        features, whole = cached["features"], torch.equal(cached["labels"], labels)
-        return features if whole and cached["sha256"] == checksum(features) else None
-    except Exception:  # noqa: BLE001 (a damaged file fails in many ways; each means "embed again")
-        return None
-
-
-def main():
-    parser = argparse.ArgumentParser(
-        description="Write (or check) the split file and print what each part holds."
-    )
-    add_data_args(parser)
-    args = parser.parse_args()
-    args.image_size = args.image_size or DEFAULT_SIZE[args.data]
-    data = load_data(
-        args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
-    )
-    path = args.split_file or default_split_file(args.data, args.split, args.split_seed, args.split_by)
-    split = load_split(data, path, args.split, args.split_seed, args.split_by)
-    print(summary(data, split, path))
-
-
 PARTS = ("pretrain", "train", "val", "test")
 
-
 DEFAULT_FRACTIONS = "0.6,0.1,0.1,0.2"  # paper §3: 60 % pretrain, 10 % train, 10 % val, 20 % test
-
 
 OFFICIAL = "official"  # --split official: the source's own train/test protocol (see official_split)
 
@@ -908,13 +827,13 @@ def load_split(data, path, fractions=None, seed=None, by=None):
     return split
 
 
-# The arguments that settings() fills in from the split file: a run's args.json records the file's, which
-# runs written before it did may not have (--split-by lesion on digits, which has no lesions: the file says
-# image). The split itself is checked by its digest (last.pt, a backbone file), not by these.
-SETTINGS = {"split", "split_seed", "split_by"}
+# The arguments that split_settings() fills in from the split file: a run's args.json records the file's,
+# which runs written before it did may not have (--split-by lesion on digits, which has no lesions: the file
+# says image). The split itself is checked by its digest (last.pt, a backbone file), not by these.
+SPLIT_FLAGS = {"split", "split_seed", "split_by"}
 
 
-def settings(split):
+def split_settings(split):
     """(--split, --split-seed, --split-by) as the split file records them, each None where it records none
     that the flag takes: what a script that used the file records in its args.json and results.json."""
     fractions, seed, by = split.get("fractions"), split.get("seed"), split.get("split_by")
@@ -938,21 +857,21 @@ def settings(split):
 def check_settings(data, split, path, fractions, seed, by):
     """--split, --split-seed and --split-by, where given, against what the existing split file `path`
     records."""
-    recorded = dict(zip(("split", "split_seed", "split_by"), settings(split)))
+    made_with = dict(zip(("split", "split_seed", "split_by"), split_settings(split)))
     given = {
         "split": fractions,
         "split_seed": seed,
         "split_by": by if by is None or data.groups is not None else "image",  # no lesions: split by image
     }
     for flag, value in given.items():
-        same = value == recorded[flag]
-        if flag == "split" and value is not None and recorded[flag] is not None:
-            same = parse_fractions(value) == parse_fractions(recorded[flag])
+        same = value == made_with[flag]
+        if flag == "split" and value is not None and made_with[flag] is not None:
+            same = parse_fractions(value) == parse_fractions(made_with[flag])
         if value is not None and not same:
+            made = made_with[flag] if made_with[flag] is not None else "no such setting recorded"
             raise DataError(
                 f"--{flag.replace('_', '-')} {value}: the split file {path} decides the split, and it was "
-                f"made with {recorded[flag] if recorded[flag] is not None else 'no such setting recorded'}; "
-                "leave the flag out to use the file, or pass a new --split-file"
+                f"made with {made}; leave the flag out to use the file, or pass a new --split-file"
             )
 
 
@@ -1129,6 +1048,75 @@ def eval_images(data, index, size, workers=0):
     if not len(index):
         return torch.zeros(0, 3, size, size, dtype=torch.uint8)
     return torch.cat([images for images, _ in loader])
+
+
+def estimate_statistics_if_untrained(backbone, meta, data, split, image_size, device):
+    """A backbone whose BatchNorm statistics are not its own (untrained_statistics) gets them from the train
+    part's images."""
+    if bit_convert.untrained_statistics(backbone, meta):
+        bit_convert.estimate_bn_statistics(
+            backbone, eval_images(data, indices(data, split, "train"), image_size), device
+        )
+
+
+def part_features(backbone, digest, data, split, part, image_size, cache_dir, workers, device):
+    """(features, labels) of one part with the evaluation view, from the cache when the same backbone
+    (`digest`), split and image size were embedded before; a changed checkpoint has other bytes, hence
+    another key."""
+    key = hashlib.sha256(f"{digest} {split_digest(split)} {image_size}".encode()).hexdigest()[:24]
+    path = cache_dir / "features" / f"{key}-{part}.pt"
+    index = indices(data, split, part)
+    labels = torch.as_tensor(data.labels[index])
+    features = cached_features(path, labels)
+    if features is not None:
+        return check_features(features, part), labels
+    images = eval_images(data, index, image_size, workers)
+    features = check_features(bit_convert.embed(backbone, images, device).cpu(), part)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic({"features": features, "labels": labels, "sha256": checksum(features)}, path)
+    except OSError as e:  # a full disk is a UserError of save_atomic's already
+        raise DataError(f"--cache-dir {cache_dir}: cannot write the features there ({e.strerror})") from None
+    return features, labels
+
+
+def check_features(features, part):
+    """Features with a NaN or an infinity would train and score a classifier on nothing (a balanced accuracy
+    of one class in n, as if it were a result): refused."""
+    bad = int((~torch.isfinite(features)).sum())
+    if bad:
+        raise WeightsError(
+            f"the backbone's features of the {part} part hold {bad} value(s) that are NaN or infinite "
+            "(weights or BatchNorm statistics that overflow?): nothing to evaluate"
+        )
+    return features
+
+
+def cached_features(path, labels):
+    """The features cached at `path` for images with these `labels`, or None where the file is absent or
+    damaged (truncated, overwritten, a pickle that would run code: weights_only refuses it unread): such a
+    cache is embedded again, never read. torch.load does not check the bytes of a tensor, hence the SHA-256
+    recorded beside them."""
+    try:
+        require_regular_file(path)  # a FIFO there: embedded again, not waited on
+        cached = torch.load(path, weights_only=True)
+        features, whole = cached["features"], torch.equal(cached["labels"], labels)
+        return features if whole and cached["sha256"] == checksum(features) else None
+    except Exception:  # noqa: BLE001 (a damaged file fails in many ways; each means "embed again")
+        return None
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description="Write (or check) the split file and print what each part holds."
+    )
+    add_data_args(parser)
+    args = parser.parse_args()
+    args.image_size = args.image_size or DEFAULT_SIZE[args.data]
+    data = data_from_args(args)
+    path = args.split_file or default_split_file(args.data, args.split, args.split_seed, args.split_by)
+    split = load_split(data, path, args.split, args.split_seed, args.split_by)
+    print(summary(data, split, path))
 
 
 if __name__ == "__main__":

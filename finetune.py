@@ -47,6 +47,7 @@ from bit_common import (
     check_finite,
     check_trial_seeds,
     device_name,
+    forward_in_batches,
     path_arg,
     run,
     to_input,
@@ -66,20 +67,15 @@ from linear_eval import focal_loss, scores, write_results
 # On --resume the run's own args.json is used, but for these, which come from the machine and the command line
 NOT_RESTORED = {"resume", "force", "device", "workers", "out"}
 
-
 MAY_CHANGE = NOT_RESTORED | {"download", "data_root", "cache_dir"}  # any other difference is an error
 
-
 RUN_FILES = ("args.json", "last.pt", "metrics.csv", "results.json")  # set aside by a new run in --out
-
 
 # our choice, not tuned: BiT-HyperRule (Kolesnikov et al. §3.3; big_transfer bit_hyperrule.py and
 # bit_common.py) is SGD lr 0.003 at batch 512, 100 warm-up steps, then x0.1 at steps 200, 300 and 400 of 500
 RESOLVED = {"arch", "norm", "cifar_stem", "ws", "image_size", "lr"}  # a run records a value for each
 
-
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-4}
-
 
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, IterNorm)  # every kind, frozen in eval
 
@@ -147,8 +143,8 @@ class Body(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        for norm in self.frozen_norms:
-            norm.train(False)
+        for layer in self.frozen_norms:
+            layer.train(False)
         return self
 
     def forward(self, x):
@@ -218,11 +214,7 @@ def train_loader(data, index, seed, args, device):
 @torch.no_grad()
 def predict(model, images, device, batch_size=256):
     model.eval()
-    with autocast(device):
-        logits = [
-            model(to_input(images[i : i + batch_size], device)) for i in range(0, len(images), batch_size)
-        ]
-    return torch.cat(logits).argmax(1).cpu().numpy()
+    return torch.cat(forward_in_batches(model, images, device, batch_size)).argmax(1).cpu().numpy()
 
 
 def build_model(backbones, args, n_classes, seed, device):
@@ -257,7 +249,7 @@ def train_step(model, images, labels, optimizer, scaler, args, device):
     return loss.detach()
 
 
-class Progress:
+class RunState:
     """Where the run stands, saved in last.pt: the trial (its seed), the next epoch and step, this epoch's
     loss sum, the best val score so far with its epoch and weights, the finished trials and the metrics
     rows."""
@@ -277,29 +269,29 @@ class Progress:
         vars(self).update(state)
 
 
-def save_checkpoint(args, progress, model, optimizer, scaler, identities):
-    """DIR/last.pt, with the identity (SHA-256) of each backbone file, which --resume checks the files
+def save_checkpoint(args, state, model, optimizer, scaler, digests):
+    """DIR/last.pt, with the digest (SHA-256) of each backbone file, which --resume checks the files
     against."""
-    state = {
+    checkpoint = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
-        "progress": progress.state_dict(),
+        "progress": state.state_dict(),
         "args": to_json(args),
-        "backbones": identities,
+        "backbones": digests,
     }
-    bit_common.save_last(state, args.out)
+    bit_common.save_last(checkpoint, args.out)
 
 
-def read_checkpoint(args, progress, files, identities):
+def read_checkpoint(args, state, files, digests):
     """--resume: DIR/last.pt checked (bit_common.read_checkpoint, the progress against a fresh one's, the best
     weights finite), made with the very backbone files given (a file replaced since is refused: the later
-    trials would start from other weights); its progress loaded into `progress`."""
+    trials would start from other weights); its progress loaded into `state`."""
     path = args.out / "last.pt"
     keys = ("model", "optimizer", "scaler", "progress", "args")
-    saved = bit_common.read_checkpoint(args, MAY_CHANGE | datasets.SETTINGS, keys)
-    bit_common.check_progress(saved["progress"], progress.state_dict(), path)
-    changed = [f for f, a, b in zip(files, saved.get("backbones", identities), identities) if a != b]
+    saved = bit_common.read_checkpoint(args, MAY_CHANGE | datasets.SPLIT_FLAGS, keys)
+    bit_common.check_progress(saved["progress"], state.state_dict(), path)
+    changed = [f for f, a, b in zip(files, saved.get("backbones", digests), digests) if a != b]
     if changed:
         raise UserError(
             f"--resume: {changed[0]} is not the backbone file the run in {args.out} started from (its "
@@ -315,76 +307,72 @@ def read_checkpoint(args, progress, files, identities):
             f"--trials {args.trials}, --epochs {args.epochs}"
         )
     check_finite(best or {}, f"--resume: {path}: best_state")
-    progress.load_state_dict(saved["progress"])
+    state.load_state_dict(saved["progress"])
     return saved
 
 
-def train_trial(model, data, split, parts, args, progress, stop, device, identities, resumed=None):
+def train_trial(model, data, split, parts, args, state, stop, device, digests, resumed=None):
     """Fine-tune for --epochs, choosing the epoch by balanced accuracy on `val` (the last epoch where `val` is
     the test set, under an official protocol), then score `test` once with it. Returns the trial's record, or
     None when a signal stopped the run (last.pt then holds everything to continue)."""
     (val_images, val_labels), (test_images, test_labels) = parts
-    index = train_subset(data, split, args.train_fraction, progress.seed)
-    loader, sampler, steps = train_loader(data, index, progress.seed, args, device)
+    index = train_subset(data, split, args.train_fraction, state.seed)
+    loader, sampler, steps = train_loader(data, index, state.seed, args, device)
     optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     if resumed:  # the best weights first: loaded into the model, they show that they fit it
-        best = [("best_state", lambda: bit_common.load_module(model, progress.best_state))]
+        best = [("best_state", lambda: bit_common.load_module(model, state.best_state))]
         bit_common.load_parts(
             args.out / "last.pt",
-            best * (progress.best_state is not None)
+            best * (state.best_state is not None)
             + [
                 ("model", lambda: bit_common.load_module(model, resumed["model"])),
                 ("optimizer", lambda: bit_common.load_optimizer(optimizer, resumed["optimizer"])),
                 ("scaler", lambda: scaler.load_state_dict(resumed["scaler"])),
             ],
         )
-    for epoch in range(progress.epoch, args.epochs + 1):
+    for epoch in range(state.epoch, args.epochs + 1):
         model.train()
-        sampler.set_epoch(epoch, start=progress.step * args.batch_size)
+        sampler.set_epoch(epoch, start=state.step * args.batch_size)
         batches, tic = iter(loader), time.perf_counter()
-        for _ in tqdm(range(progress.step, steps), desc=f"trial {progress.seed}, epoch {epoch}", leave=False):
+        for _ in tqdm(range(state.step, steps), desc=f"trial {state.seed}, epoch {epoch}", leave=False):
             images, labels = next(batches)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate((epoch - 1) * steps + progress.step, args.epochs * steps, args)
-            progress.loss_sum += train_step(model, images, labels, optimizer, scaler, args, device).item()
-            progress.step += 1
-            if not math.isfinite(progress.loss_sum):
-                raise FloatingPointError(f"the loss became {progress.loss_sum} in epoch {epoch}; stopped")
-            if stop.requested(progress.step, steps):
-                save_checkpoint(args, progress, model, optimizer, scaler, identities)
-                print(
-                    f"stopped by signal in epoch {epoch}, step {progress.step}; saved; continue with --resume"
-                )
+                group["lr"] = learning_rate((epoch - 1) * steps + state.step, args.epochs * steps, args)
+            state.loss_sum += train_step(model, images, labels, optimizer, scaler, args, device).item()
+            state.step += 1
+            if not math.isfinite(state.loss_sum):
+                raise FloatingPointError(f"the loss became {state.loss_sum} in epoch {epoch}; stopped")
+            if stop.requested(state.step, steps):
+                save_checkpoint(args, state, model, optimizer, scaler, digests)
+                print(f"stopped by signal in epoch {epoch}, step {state.step}; saved; continue with --resume")
                 return None
         val_score = float(balanced_accuracy_score(val_labels, predict(model, val_images, device)))
-        end_epoch(progress, epoch, val_score, steps, time.perf_counter() - tic, model, args, split)
-        save_checkpoint(args, progress, model, optimizer, scaler, identities)
-        bit_common.write_csv(args.out / "metrics.csv", progress.history)
-    model.load_state_dict(progress.best_state)
+        end_epoch(state, epoch, val_score, steps, time.perf_counter() - tic, model, args, split)
+        save_checkpoint(args, state, model, optimizer, scaler, digests)
+        bit_common.write_csv(args.out / "metrics.csv", state.history)
+    model.load_state_dict(state.best_state)
     return {
-        "seed": progress.seed,
-        "best_epoch": progress.best_epoch,
-        "val_balanced_accuracy": progress.best_val,
+        "seed": state.seed,
+        "best_epoch": state.best_epoch,
+        "val_balanced_accuracy": state.best_val,
         "train_images": len(index),
         **scores(test_labels, predict(model, test_images, device), len(data.classes)),
     }
 
 
-def end_epoch(progress, epoch, val_score, steps, seconds, model, args, split):
+def end_epoch(state, epoch, val_score, steps, seconds, model, args, split):
     """The epoch's metrics row; the model's weights kept if its val score is the best so far (the first epoch
     of the best score), or always where val may not select."""
     score = val_score if datasets.selects_on_val(split) else epoch
-    if score > progress.best_score:
-        progress.best_score, progress.best_epoch, progress.best_val = score, epoch, val_score
-        progress.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    row = {"trial": progress.seed, "epoch": epoch, "loss": progress.loss_sum / steps}
+    if score > state.best_score:
+        state.best_score, state.best_epoch, state.best_val = score, epoch, val_score
+        state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    row = {"trial": state.seed, "epoch": epoch, "loss": state.loss_sum / steps}
     row |= {"lr": learning_rate(epoch * steps, args.epochs * steps, args), "val_bacc": val_score}
-    progress.history.append(row | {"epoch_s": seconds})
-    print(
-        f"trial {progress.seed}, epoch {epoch}: loss {row['loss']:.4f}, val balanced accuracy {val_score:.4f}"
-    )
-    progress.epoch, progress.step, progress.loss_sum = epoch + 1, 0, 0.0
+    state.history.append(row | {"epoch_s": seconds})
+    print(f"trial {state.seed}, epoch {epoch}: loss {row['loss']:.4f}, val balanced accuracy {val_score:.4f}")
+    state.epoch, state.step, state.loss_sum = epoch + 1, 0, 0.0
 
 
 def parse_args(argv=None):
@@ -503,9 +491,7 @@ def resolve_backbones(args):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    data = datasets.load_data(
-        args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
-    )
+    data = datasets.data_from_args(args)
     files = [args.ckpt] if args.ckpt else [Path(f) for f in args.combine or []]
     loaded = [saved_backbone(path) for path in files] or [
         initial_backbone(args.init, args.arch, args.norm, args.cifar_stem, args.ws, args.seed)
@@ -518,7 +504,9 @@ def main(argv=None):
     split, split_file = datasets.pretraining_split(
         data, args.split_file, files[0] if files else None, metas, args.split, args.split_seed, args.split_by
     )
-    args.split, args.split_seed, args.split_by = datasets.settings(split)  # args.json records those used
+    args.split, args.split_seed, args.split_by = datasets.split_settings(
+        split
+    )  # args.json records those used
     lock = bit_common.claim_output(args, RUN_FILES)  # noqa: F841 (held until the process ends)
     backbones = [backbone.to(device) for backbone, _, _, _ in loaded]
     for backbone, meta in zip(backbones, metas):
@@ -527,28 +515,28 @@ def main(argv=None):
     for part in ("val", "test"):
         index = datasets.indices(data, split, part)
         parts.append((datasets.eval_images(data, index, args.image_size, args.workers), data.labels[index]))
-    progress, resumed = Progress(args.seed), None
-    identities = [identity for _, _, _, identity in loaded]
+    state, resumed = RunState(args.seed), None
+    digests = [digest for _, _, _, digest in loaded]
     if args.resume and (args.out / "last.pt").exists():
-        resumed = read_checkpoint(args, progress, files, identities)
+        resumed = read_checkpoint(args, state, files, digests)
     print(datasets.summary(data, split, split_file))
     stop = bit_common.StopSignal()
-    while progress.seed < args.seed + args.trials:
-        model = build_model(backbones, args, len(data.classes), progress.seed, device)
-        if progress.seed == args.seed and not resumed:
+    while state.seed < args.seed + args.trials:
+        model = build_model(backbones, args, len(data.classes), state.seed, device)
+        if state.seed == args.seed and not resumed:
             announce(model, args, device)
-        trial = train_trial(model, data, split, parts, args, progress, stop, device, identities, resumed)
+        trial = train_trial(model, data, split, parts, args, state, stop, device, digests, resumed)
         if trial is None:
             return 128 + stop.signum
-        progress.trials.append(trial)
-        progress.new_trial(progress.seed + 1)
+        state.trials.append(trial)
+        state.new_trial(state.seed + 1)
         resumed = None
         print(
             f"trial {trial['seed']}: epoch {trial['best_epoch']} chosen on val; test balanced accuracy "
             f"{trial['balanced_accuracy']:.4f}, macro F1 {trial['macro_f1']:.4f}"
         )
     names = [name for _, _, name, _ in loaded]
-    save_results(args, " + ".join(names), data, split_file, progress.trials)
+    save_results(args, " + ".join(names), data, split_file, state.trials)
     return 0
 
 

@@ -14,14 +14,14 @@ import math
 import torch
 import torch.nn as nn
 
-from bit_common import UserError, autocast, to_input
+from bit_common import UserError, forward_in_batches
 
 
-def shrink(model, factor, noise_std=0.0, generator=None):
+def shrink(model, factor):
     """Ciga, Xu & Martel (2021)'s "weight scaling", as reconstructed (arXiv 2109.01721 does not
-    define it): Ash & Adams's "shrink and perturb" (NeurIPS 2020), theta <- factor * theta + noise,
-    noise ~ N(0, noise_std^2), on every parameter of the backbone: conv kernels and norm gamma/beta alike.
-    Buffers (BatchNorm statistics) are left as they are. Returns the model.
+    define it): the "shrink" of Ash & Adams's "shrink and perturb" (NeurIPS 2020), theta <- factor * theta,
+    on every parameter of the backbone: conv kernels and norm gamma/beta alike; no noise is added (the
+    "perturb"). Buffers (BatchNorm statistics) are left as they are. Returns the model.
 
     What it does to BiT. (1) The kernels: a weight-standardised conv divides its kernel's scale out, so
     scaling them leaves the forward pass unchanged, while the gradient of a scale-invariant function scales as
@@ -32,9 +32,8 @@ def shrink(model, factor, noise_std=0.0, generator=None):
     (through norm1) is multiplied by factor: the network moves toward identity shortcuts, i.e. toward the
     zero-init-last start (Goyal et al. 2017), which is the "shrink toward a fresh start" of Ash & Adams.
     norm2's factor is removed again by norm3, and the final norm's only scales the features (cosines and kNN
-    do not see it). With --no-ws the kernels of conv3 and of the projections scale the branches too. Noise on
-    a standardised kernel acts relative to each filter's own spread, which differs between layers: keep
-    noise_std small. BatchNorm running statistics no longer match the scaled inputs: estimate them again
+    do not see it). With --no-ws the kernels of conv3 and of the projections scale the branches too. BatchNorm
+    running statistics no longer match the scaled inputs: estimate them again
     (bit_convert.estimate_bn_statistics) before anything runs in eval mode.
     """
     if not 0 < factor <= 1:
@@ -42,8 +41,6 @@ def shrink(model, factor, noise_std=0.0, generator=None):
     with torch.no_grad():
         for param in model.parameters():
             param.mul_(factor)
-            if noise_std:
-                param.add_(noise_std * torch.randn(param.shape, generator=generator).to(param))
     return model
 
 
@@ -79,9 +76,7 @@ def filter_scores(model, images, device, batch_size=256):
     statistics, was_training = {k: v.clone() for k, v in model.named_buffers()}, model.training
     model.train()
     try:
-        with autocast(device):
-            for i in range(0, len(images), batch_size):
-                model(to_input(images[i : i + batch_size], device))
+        forward_in_batches(model, images, device, batch_size)
     finally:
         for handle in handles:
             handle.remove()

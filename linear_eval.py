@@ -239,10 +239,8 @@ def main(argv=None):
     if args.compare:
         return compare(args.compare, args.out)
     device = torch.device(args.device)
-    data = datasets.load_data(
-        args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
-    )
-    backbone, meta, name, identity = (
+    data = datasets.data_from_args(args)
+    backbone, meta, name, digest = (
         saved_backbone(args.ckpt)
         if args.ckpt
         else initial_backbone(args.init, args.arch, args.norm, args.cifar_stem, args.ws, args.seed)
@@ -251,11 +249,13 @@ def main(argv=None):
     split, split_file = datasets.pretraining_split(
         data, args.split_file, args.ckpt, [meta], args.split, args.split_seed, args.split_by
     )
-    args.split, args.split_seed, args.split_by = datasets.settings(split)  # results.json records those used
+    args.split, args.split_seed, args.split_by = datasets.split_settings(
+        split
+    )  # results.json records those used
     datasets.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
     train, val, test = (
         datasets.part_features(
-            backbone, identity, data, split, part, args.image_size, args.cache_dir, args.workers, device
+            backbone, digest, data, split, part, args.image_size, args.cache_dir, args.workers, device
         )
         for part in ("train", "val", "test")
     )

@@ -170,9 +170,6 @@ COLUMNS += ("eta_s",)  # metrics.csv
 COLUMNS += ("knn_s", "save_s", "write_s")
 
 
-HORIZON = " (the cosine's horizon is --epochs: with an explicit --cosine-epochs, a run can be extended)"
-
-
 # What a run writes into --out, which a new run there sets aside first (bit_common.set_aside_earlier_run)
 RUN_FILES = (
     "args.json",
@@ -386,24 +383,21 @@ def load_data_and_split(args, rank):
     writes the decoded-image cache and the split file before the others read them."""
 
     def load():
-        data = datasets.load_data(
-            args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
-        )
+        data = datasets.data_from_args(args)
         if args.resume:  # the run's own split, which last.pt's digest is checked against
-            split_file, settings = args.out / "split.json", (None, None, None)
+            split_file, flags = args.out / "split.json", (None, None, None)
         else:
             split_file = args.split_file or datasets.default_split_file(
                 args.data, args.split, args.split_seed, args.split_by
             )
-            settings = (args.split, args.split_seed, args.split_by)
-        split = datasets.load_split(data, split_file, *settings)
+            flags = (args.split, args.split_seed, args.split_by)
+        split = datasets.load_split(data, split_file, *flags)
         datasets.check_scored_parts(data, split, split_file, ("train", "val"))
         return data, split, split_file
 
     data, split, split_file = on_process_0(rank, load) or load()
-    args.split, args.split_seed, args.split_by = datasets.settings(
-        split
-    )  # what args.json records: those used
+    # what args.json records: the settings the split was made with
+    args.split, args.split_seed, args.split_by = datasets.split_settings(split)
     return data, split, split_file
 
 
@@ -448,11 +442,11 @@ def starting_metadata(args):
     (interventions.shrink), and the epoch is left out so that they are estimated again."""
     if not args.init.endswith(".pt"):
         return {}
-    recorded = {k: v for k, v in read_backbone_file(args.init).items() if k != "state_dict"}
-    fresh_whitening = args.whiten and not recorded.get("whiten")  # as prepare_method decides
+    meta = {k: v for k, v in read_backbone_file(args.init).items() if k != "state_dict"}
+    fresh_whitening = args.whiten and not meta.get("whiten")  # as prepare_method decides
     if args.select_filters or args.shrink or fresh_whitening or args.zero_init_last:
-        recorded.pop("epoch", None)
-    return recorded
+        meta.pop("epoch", None)
+    return meta
 
 
 def view_transform(name, size):
@@ -502,12 +496,15 @@ def pretrain_loader(data, split, method, args, rank, world, device):
 def distribute(method, device):
     """DistributedDataParallel, with SyncBatchNorm on GPUs: SimSiam's BN statistics are over the global batch;
     a --whiten IterNorm whitens the global batch on every device (bit_convert.synchronise_whitening). A
-    method whose BatchNorm must stay per process (MoCo v2's shuffling BN) keeps it. The norms' collectives
+    method whose norms must stay per process (MoCo v2's shuffling BN) keeps them so, its IterNorm too:
+    whitened over the global batch, the key encoder would see the statistics of every query's own image
+    again, the signal that shuffling takes away (He et al. 2020, §3.3). The norms' collectives
     start here, in the forward that every process runs: before it, process 0 computes the epoch-0 row alone.
     DDP's constructor broadcasts process 0's parameters and buffers, its BN statistics of row 0 included."""
     if not dist.is_initialized():
         return method
-    synchronise_whitening(method)
+    if method.sync_batch_norm:
+        synchronise_whitening(method)
     if device.type == "cuda" and method.sync_batch_norm:
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
     elif dist.get_rank() == 0 and not method.sync_batch_norm:
@@ -824,7 +821,7 @@ def save_checkpoint(last, out):
 
 def resume_from(args, state, method, optimizer, scaler, split, steps_per_epoch):
     """--resume: the modules, optimiser, scaler, progress and random state of DIR/last.pt, checked first."""
-    may_change = MAY_CHANGE | datasets.SETTINGS | ({"epochs"} if args.cosine_epochs else set())
+    may_change = MAY_CHANGE | datasets.SPLIT_FLAGS | ({"epochs"} if args.cosine_epochs else set())
     saved = bit_common.read_checkpoint(
         args, may_change, ("model", "optimizer", "scaler", "progress", "rng", "args")
     )
@@ -1049,11 +1046,12 @@ def parse_args(argv=None):
     if args.resume:  # the run's own arguments, but for those the command line may change
         args, saved = bit_common.restored_args(parser, argv, args.out, NOT_RESTORED, RESOLVED)
         extendable = {"epochs"} if saved.get("cosine_epochs") else set()  # the past schedule stays the same
-        bit_common.refuse_changes(args, saved, MAY_CHANGE | extendable, HORIZON)
+        why = " (the cosine's horizon is --epochs: with an explicit --cosine-epochs, a run can be extended)"
+        bit_common.refuse_changes(args, saved, MAY_CHANGE | extendable, why)
     else:
-        recorded = read_backbone_file(args.init) if args.init.endswith(".pt") else None  # its arch, norm, ...
-        resolve_backbone_args(args, "bn", datasets.DEFAULT_SIZE[args.data], recorded, args.init)
-        found = whiten_placement((recorded or {}).get("whiten"))
+        meta = read_backbone_file(args.init) if args.init.endswith(".pt") else None  # its arch, norm, ...
+        resolve_backbone_args(args, "bn", datasets.DEFAULT_SIZE[args.data], meta, args.init)
+        found = whiten_placement((meta or {}).get("whiten"))
         if found and args.whiten not in (None, found):
             raise UserError(
                 f"--whiten {args.whiten}: {args.init} is whitened at {found} already; leave --whiten out"

@@ -91,9 +91,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    data = datasets.load_data(
-        args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
-    )
+    data = datasets.data_from_args(args)
     models = [saved_backbone(c) for c in args.ckpt] + [
         initial_backbone(i, args.arch, args.norm, args.cifar_stem, args.ws, args.seed) for i in args.init
     ]
@@ -114,11 +112,11 @@ def main(argv=None):
             f"frequent class ({data.classes[majority]}); the Sub-classes t-SNE needs two or more"
         )
     embeddings = []
-    for backbone, meta, name, identity in models:
+    for backbone, meta, name, digest in models:
         backbone.to(device)
         datasets.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
         features, labels = datasets.part_features(
-            backbone, identity, data, split, "test", args.image_size, args.cache_dir, args.workers, device
+            backbone, digest, data, split, "test", args.image_size, args.cache_dir, args.workers, device
         )
         embeddings.append((name, features, labels.numpy()))
         backbone.cpu()

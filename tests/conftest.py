@@ -68,4 +68,4 @@ def before_data(monkeypatch):
     def reached(args):
         raise AssertionError("the flag was accepted: the script went on to load the data")
 
-    monkeypatch.setattr(datasets, "load_data", reached)
+    monkeypatch.setattr(datasets, "data_from_args", reached)

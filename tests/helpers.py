@@ -1,5 +1,6 @@
 """What several test files share: the scripts as subprocesses, the smallest pretraining run that still
-exercises everything, the data flags as `datasets.load_data` takes them, and a pretrained backbone file."""
+exercises everything, the data flags as `datasets.data_from_args` takes them, and a pretrained backbone
+file."""
 
 import csv
 import hashlib
@@ -115,13 +116,6 @@ def run_pretraining_over_gloo(args, patch=None, check=True, env=None, timeout=30
         )
     assert torchrun.returncode == 0 or not check, stderr[-3000:]
     return subprocess.CompletedProcess(torchrun.args, torchrun.returncode, stdout, stderr)
-
-
-def load_data(args):
-    """datasets.load_data with the values of a script's data flags (`args` from datasets.add_data_args)."""
-    return datasets.load_data(
-        args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
-    )
 
 
 def write_pretrained_backbone(path, seed=0):

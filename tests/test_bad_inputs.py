@@ -46,7 +46,6 @@ from helpers import (
     eval_args,
     failure,
     hand_edit,
-    load_data,
     not_writable,
     read_rows,
     run_script,
@@ -138,8 +137,8 @@ def test_zero_byte_image(ham, rows, tmp_path):
     path = image_of(ham, rows[3])
     path.write_bytes(b"")
     with untouched(ham):
-        message = failure(lambda: load_data(ham_args(ham, tmp_path)))
-        data = load_data(ham_args(ham, tmp_path, "--skip-bad-images"))
+        message = failure(lambda: datasets.data_from_args(ham_args(ham, tmp_path)))
+        data = datasets.data_from_args(ham_args(ham, tmp_path, "--skip-bad-images"))
     assert str(path) in message and "--skip-bad-images" in message
     assert list(data.bad) == [rows[3]["image_id"]] and rows[3]["image_id"] not in data.ids
 
@@ -149,7 +148,7 @@ def test_png_named_jpg_loads_as_its_pixels(ham, rows, tmp_path):
     path = image_of(ham, rows[5])
     Image.fromarray(pixels).save(path, format="PNG")
     assert path.suffix == ".jpg" and path.read_bytes()[:4] == b"\x89PNG"
-    data = load_data(ham_args(ham, tmp_path))
+    data = datasets.data_from_args(ham_args(ham, tmp_path))
     expected = np.asarray(Image.fromarray(pixels).resize((SIZE, SIZE), Image.BILINEAR))
     np.testing.assert_array_equal(data.images[data.ids.index(rows[5]["image_id"])], expected)
 
@@ -162,7 +161,7 @@ def test_48_bit_png_loads_as_its_high_bytes(ham, rows, tmp_path):
     (ham / "HAM10000_images_part_1" / f"{rows[2]['image_id']}.png").write_bytes(
         png_bytes(12, 10, 16, 2, zlib.compress(raw))
     )
-    data = load_data(ham_args(ham, tmp_path))
+    data = datasets.data_from_args(ham_args(ham, tmp_path))
     expected = np.asarray(Image.fromarray((wide >> 8).astype(np.uint8)).resize((SIZE, SIZE), Image.BILINEAR))
     np.testing.assert_array_equal(data.images[data.ids.index(rows[2]["image_id"])], expected)
 
@@ -172,8 +171,8 @@ def test_huge_image_is_named_not_decoded(ham, rows, tmp_path, bomb):
     path = image_of(ham, rows[1])
     path.write_bytes(bomb)
     with untouched(ham):
-        message = failure(lambda: load_data(ham_args(ham, tmp_path)))
-        data = load_data(ham_args(ham, tmp_path, "--skip-bad-images"))
+        message = failure(lambda: datasets.data_from_args(ham_args(ham, tmp_path)))
+        data = datasets.data_from_args(ham_args(ham, tmp_path, "--skip-bad-images"))
     assert str(path) in message and "DecompressionBombError" in message
     assert list(data.bad) == [rows[1]["image_id"]] and len(data.ids) == len(rows) - 1
 
@@ -185,7 +184,7 @@ def test_huge_image_is_named_not_decoded(ham, rows, tmp_path, bomb):
 def test_metadata_with_a_bom_loads(ham, rows, tmp_path):
     metadata = ham / "HAM10000_metadata.csv"
     metadata.write_bytes(b"\xef\xbb\xbf" + metadata.read_bytes())
-    data = load_data(ham_args(ham, tmp_path))
+    data = datasets.data_from_args(ham_args(ham, tmp_path))
     assert data.ids == [r["image_id"] for r in rows] and data.groups == [r["lesion_id"] for r in rows]
 
 
@@ -198,14 +197,14 @@ def test_empty_metadata_file(ham, tmp_path, content):
     metadata = ham / "HAM10000_metadata.csv"
     metadata.write_bytes(content)
     with untouched(ham):
-        assert str(metadata) in failure(lambda: load_data(ham_args(ham, tmp_path)))
+        assert str(metadata) in failure(lambda: datasets.data_from_args(ham_args(ham, tmp_path)))
 
 
 def test_metadata_cut_mid_row(ham, rows, tmp_path):
     metadata = ham / "HAM10000_metadata.csv"
     metadata.write_bytes(metadata.read_bytes()[:-40])
     with untouched(ham):
-        message = failure(lambda: load_data(ham_args(ham, tmp_path)))
+        message = failure(lambda: datasets.data_from_args(ham_args(ham, tmp_path)))
     assert f"{metadata}: line {len(rows) + 1}" in message
 
 
@@ -213,7 +212,7 @@ def test_metadata_saved_as_utf16(ham, tmp_path):
     metadata = ham / "HAM10000_metadata.csv"
     metadata.write_bytes(metadata.read_bytes().decode().encode("utf-16"))
     with untouched(ham):
-        message = failure(lambda: load_data(ham_args(ham, tmp_path)))
+        message = failure(lambda: datasets.data_from_args(ham_args(ham, tmp_path)))
     assert str(metadata) in message and "UTF-8" in message
 
 
@@ -224,7 +223,7 @@ def test_metadata_row_without_lesion_id(ham, rows, tmp_path):
     lines[4] = lines[4].replace(rows[3]["lesion_id"].encode(), b"")
     metadata.write_bytes(b"\r\n".join(lines))
     with untouched(ham):
-        message = failure(lambda: load_data(ham_args(ham, tmp_path)))
+        message = failure(lambda: datasets.data_from_args(ham_args(ham, tmp_path)))
     assert f"{metadata}: line 5: image {rows[3]['image_id']} has no lesion_id" in message
 
 
@@ -234,7 +233,7 @@ def test_isic_groupings_row_without_lesion_id(tmp_path, rows):
     line = f"{rows[6]['image_id']},{rows[6]['lesion_id']},".encode()
     groupings.write_bytes(groupings.read_bytes().replace(line, f"{rows[6]['image_id']},,".encode()))
     with untouched(root):
-        message = failure(lambda: load_data(ham_args(root, tmp_path)))
+        message = failure(lambda: datasets.data_from_args(ham_args(root, tmp_path)))
     assert str(groupings) in message and rows[6]["image_id"] in message
 
 
@@ -481,7 +480,7 @@ def test_linear_eval_out_that_is_a_file(tmp_path, capsys, before_data):
 def test_cache_dir_that_is_a_file(ham, tmp_path):
     (tmp_path / "cache").write_text("the user's own file")
     with untouched(ham, tmp_path / "cache"):
-        message = failure(lambda: load_data(ham_args(ham, tmp_path)))
+        message = failure(lambda: datasets.data_from_args(ham_args(ham, tmp_path)))
     assert f"--cache-dir {tmp_path / 'cache'}" in message
 
 
@@ -547,7 +546,7 @@ def test_npz_whose_unpickling_would_run_code_is_not_run(tmp_path):
     with untouched(tmp_path):
         assert str(tmp_path / "BiT-M-R50x1.npz") in failure(lambda: read_npz(tmp_path / "BiT-M-R50x1.npz"))
         args = data_args("--data", "dermamnist", "--data-root", tmp_path / "dermamnist.npz")
-        assert str(tmp_path / "dermamnist.npz") in failure(lambda: load_data(args))
+        assert str(tmp_path / "dermamnist.npz") in failure(lambda: datasets.data_from_args(args))
     assert not marker.exists()
 
 
@@ -591,7 +590,9 @@ def test_dermamnist_file_without_its_keys(tmp_path, damage):
         arrays = {f"{p}_{k}": a for p, pair in parts.items() for k, a in zip(("images", "labels"), pair)}
         np.savez(path, **{k: a for k, a in arrays.items() if k != "val_labels"})
     with untouched(path):
-        message = failure(lambda: load_data(data_args("--data", "dermamnist", "--data-root", path)))
+        message = failure(
+            lambda: datasets.data_from_args(data_args("--data", "dermamnist", "--data-root", path))
+        )
     assert str(path) in message and (damage == "truncated" or "val_labels" in message)
 
 
@@ -609,7 +610,9 @@ def test_corrupt_cifar_batch(tmp_path, damage):
         )
         batch.write_bytes(pickle.dumps(content, protocol=2))
     with untouched(tmp_path):
-        message = failure(lambda: load_data(data_args("--data", "cifar10", "--data-root", tmp_path)))
+        message = failure(
+            lambda: datasets.data_from_args(data_args("--data", "cifar10", "--data-root", tmp_path))
+        )
     assert str(batch) in message
 
 
@@ -619,7 +622,7 @@ def test_corrupt_cifar_batch(tmp_path, damage):
 
 @pytest.mark.parametrize("damage", ["npy_half", "npy_in_its_header", "npy_empty", "index_cut"])
 def test_decoded_image_cache_damaged_after_it_was_built_is_rebuilt(ham, tmp_path, monkeypatch, damage):
-    first = np.array(load_data(ham_args(ham, tmp_path)).images)
+    first = np.array(datasets.data_from_args(ham_args(ham, tmp_path)).images)
     (npy,) = (tmp_path / "cache" / "images").glob("*.npy")
     whole = npy.stat().st_size
     target = npy.with_suffix(".json") if damage == "index_cut" else npy
@@ -629,7 +632,7 @@ def test_decoded_image_cache_damaged_after_it_was_built_is_rebuilt(ham, tmp_path
     monkeypatch.setattr(
         bit_common, "read_rgb", lambda path, size: decoded.append(path) or read_rgb(path, size)
     )
-    again = load_data(ham_args(ham, tmp_path))
+    again = datasets.data_from_args(ham_args(ham, tmp_path))
     assert len(decoded) == len(first)  # rebuilt, not read
     np.testing.assert_array_equal(again.images, first)
     assert npy.stat().st_size == whole

@@ -25,17 +25,7 @@ import bit_common
 import bit_convert
 import datasets
 import pretrain
-from helpers import (
-    REPO,
-    RunsCode,
-    data_args,
-    failure,
-    load_data,
-    tiny_args,
-    untouched,
-    write_cifar,
-    write_dermamnist,
-)
+from helpers import REPO, RunsCode, data_args, failure, tiny_args, untouched, write_cifar, write_dermamnist
 
 SIZE = 16
 
@@ -95,7 +85,9 @@ def test_dermamnist_images_and_labels_of_different_lengths_are_refused(tmp_path)
     images = rng.integers(0, 256, (140, 28, 28, 3), dtype=np.uint8)
     dermamnist_with(path, train_images=images, train_labels=(np.arange(100) % 7).astype(np.uint8)[:, None])
     with untouched(path):
-        message = failure(lambda: load_data(data_args("--data", "dermamnist", "--data-root", path)))
+        message = failure(
+            lambda: datasets.data_from_args(data_args("--data", "dermamnist", "--data-root", path))
+        )
     assert str(path) in message and "train_images" in message and "train_labels" in message
 
 
@@ -111,7 +103,9 @@ def test_dermamnist_float_or_four_channel_images_are_refused(tmp_path, kind):
     }
     dermamnist_with(path, **images)
     with untouched(path):
-        message = failure(lambda: load_data(data_args("--data", "dermamnist", "--data-root", path)))
+        message = failure(
+            lambda: datasets.data_from_args(data_args("--data", "dermamnist", "--data-root", path))
+        )
     assert str(path) in message and "train_images" in message and "uint8" in message
 
 
@@ -121,7 +115,7 @@ def test_dermamnist_float_or_four_channel_images_are_refused(tmp_path, kind):
 def test_decoded_image_cache_overwritten_with_zeros_is_rebuilt(tmp_path, monkeypatch):
     """Row 9: the pixels of the cache overwritten with zeros, its size and its .npy header as they were."""
     pixels = image_folder(tmp_path / "images")
-    first = load_data(folder_args(tmp_path / "images", tmp_path))
+    first = datasets.data_from_args(folder_args(tmp_path / "images", tmp_path))
     np.testing.assert_array_equal(np.array(first.images), [pixels[i] for i in first.ids])
     (npy,) = (tmp_path / "cache" / "images").glob("*.npy")
     whole, data_bytes = npy.stat().st_size, first.images.nbytes
@@ -129,7 +123,7 @@ def test_decoded_image_cache_overwritten_with_zeros_is_rebuilt(tmp_path, monkeyp
         f.seek(whole - data_bytes)
         f.write(bytes(data_bytes))
     decoded = count_decoding(monkeypatch)
-    again = load_data(folder_args(tmp_path / "images", tmp_path))
+    again = datasets.data_from_args(folder_args(tmp_path / "images", tmp_path))
     assert len(decoded) == len(pixels)  # rebuilt, not read
     np.testing.assert_array_equal(np.array(again.images), [pixels[i] for i in again.ids])
     assert npy.stat().st_size == whole
@@ -143,7 +137,7 @@ def test_exif_orientation_is_honoured_when_decoding(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(pixels["a/0.png"]).save(turned, exif=exif)
-    data = load_data(folder_args(tmp_path / "images", tmp_path))
+    data = datasets.data_from_args(folder_args(tmp_path / "images", tmp_path))
     np.testing.assert_array_equal(data.images[data.ids.index("a/0.png")], np.rot90(pixels["a/0.png"], -1))
 
 
@@ -193,9 +187,9 @@ def test_a_broken_symbolic_link_in_an_image_folder_is_named_or_skipped(tmp_path)
     link = tmp_path / "images" / "b" / "gone.png"
     link.symlink_to(tmp_path / "nowhere.png")
     with untouched(tmp_path / "images"):
-        message = failure(lambda: load_data(folder_args(tmp_path / "images", tmp_path)))
+        message = failure(lambda: datasets.data_from_args(folder_args(tmp_path / "images", tmp_path)))
     assert str(link) in message
-    data = load_data(folder_args(tmp_path / "images", tmp_path, "--skip-bad-images"))
+    data = datasets.data_from_args(folder_args(tmp_path / "images", tmp_path, "--skip-bad-images"))
     assert list(data.bad) == ["b/gone.png"] and sorted(data.ids) == sorted(pixels)
     np.testing.assert_array_equal(np.array(data.images), [pixels[i] for i in data.ids])
 
@@ -299,7 +293,7 @@ def test_a_full_cache_dir_is_one_line_not_sigbus(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "posix_fallocate", no_room)
     with untouched(tmp_path / "images"):
-        message = failure(lambda: load_data(folder_args(tmp_path / "images", tmp_path)))
+        message = failure(lambda: datasets.data_from_args(folder_args(tmp_path / "images", tmp_path)))
     assert str(tmp_path / "cache" / "images") in message and "disk is full" in message
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
@@ -365,11 +359,11 @@ def test_cifar10_batch_that_would_run_code_is_refused_unrun(tmp_path, payload):
     evil.write_bytes(pickle.dumps(batch, protocol=2))
     args = data_args("--data", "cifar10", "--data-root", tmp_path)
     with untouched(tmp_path):
-        message = failure(lambda: load_data(args))
+        message = failure(lambda: datasets.data_from_args(args))
     assert str(evil) in message and not marker.exists()
     batch["batch_label"] = "training batch 4 of 5"
     evil.write_bytes(pickle.dumps(batch, protocol=2))
-    data = load_data(args)
+    data = datasets.data_from_args(args)
     np.testing.assert_array_equal(data.images, rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     np.testing.assert_array_equal(data.labels, labels)
 

@@ -13,7 +13,7 @@ import bit_convert
 import datasets
 import pretrain
 from bit_convert import load_backbone
-from helpers import load_data, read_metrics, run_pretraining_over_gloo, tiny_args, write_pretrained_backbone
+from helpers import read_metrics, run_pretraining_over_gloo, tiny_args, write_pretrained_backbone
 
 SPLIT = "0.05,0.05,0.05,0.85"  # 90 pretrain images, 45 a process: 3 steps of 30 (15 a process), 1 of 60
 INIT = "INIT"  # stands for a backbone file that the test writes: --shrink and --select-filters need one
@@ -91,7 +91,7 @@ def test_the_monitor_that_process_0_runs_alone_issues_no_collective(tmp_path, mo
     0 computes them under torchrun with two processes, of a whitened backbone inside a method whose forward
     gathers (MoCo's key encoder): any collective there is one that the other process never joins."""
     args = pretrain.parse_args(run_args(tmp_path, ["--method", "mocov2", "--whiten"]))
-    data, cpu = load_data(args), torch.device("cpu")
+    data, cpu = datasets.data_from_args(args), torch.device("cpu")
     split = datasets.load_split(data, args.split_file, args.split, args.split_seed, args.split_by)
     method = pretrain.prepare_method(args, data, split, cpu)
     monitor = pretrain.KnnMonitor(data, split, args.image_size, args.knn_k, args.knn_t, cpu)
@@ -125,3 +125,20 @@ def test_only_a_distributed_model_whitens_over_the_processes():
         bit_convert.estimate_bn_statistics(
             method.backbone, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.device("cpu")
         )
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("method_name, synchronised", [("byol", True), ("mocov2", False)])
+def test_distribute_whitens_over_the_processes_but_not_for_moco(tmp_path, method_name, synchronised):
+    """pretrain.distribute, in a process group of one: BYOL's IterNorms (backbone and target) whiten over
+    every process; MoCo v2's stay per process, as its BatchNorms do, since a key encoder whitened over the
+    global batch would see every query's own image in its statistics (He et al. 2020, §3.3)."""
+    args = pretrain.parse_args(["--data", "digits", "--method", method_name, "--whiten", "--device", "cpu"])
+    method = pretrain.prepare_method(args, None, None, torch.device("cpu"))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        pretrain.distribute(method, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    groups = [m.process_group for m in method.modules() if isinstance(m, bit_convert.IterNorm)]
+    assert len(groups) == 2 and all((group is not None) == synchronised for group in groups)

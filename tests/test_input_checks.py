@@ -38,7 +38,6 @@ from helpers import (
     TinyBackbone,
     eval_args,
     failure,
-    load_data,
     read_rows,
     run_script,
     tiny_args,
@@ -564,15 +563,15 @@ def test_a_split_flag_that_contradicts_the_ckpt_split_is_refused(tmp_path, scrip
 def test_what_a_split_file_records_is_recorded_only_where_a_flag_takes_it():
     """A hand-made split file's settings must not reach args.json as values that --resume would refuse."""
     made = {"fractions": {"pretrain": "3/5", "train": "1/10", "val": "1/10", "test": "1/5"}, "seed": 3}
-    assert datasets.settings({**made, "split_by": "image"}) == ("0.6,0.1,0.1,0.2", 3, "image")
-    assert datasets.settings({"fractions": "official", "seed": 0, "split_by": "lesion"}) == (
+    assert datasets.split_settings({**made, "split_by": "image"}) == ("0.6,0.1,0.1,0.2", 3, "image")
+    assert datasets.split_settings({"fractions": "official", "seed": 0, "split_by": "lesion"}) == (
         "official",
         0,
         "lesion",
     )
     odd = {"fractions": "x", "seed": "0", "split_by": "diagonal"}
-    assert datasets.settings(odd) == datasets.settings({}) == (None, None, None)
-    assert datasets.settings({"fractions": {"pretrain": "1/2"}, "seed": True})[:2] == (None, None)
+    assert datasets.split_settings(odd) == datasets.split_settings({}) == (None, None, None)
+    assert datasets.split_settings({"fractions": {"pretrain": "1/2"}, "seed": True})[:2] == (None, None)
 
 
 @pytest.mark.script
@@ -643,7 +642,7 @@ def folder_data(root, tmp, *extra):
     args = ["--data", "folder", "--data-root", root, "--image-size", SIZE, "--cache-dir", tmp / "cache"]
     parser = bit_common.ArgumentParser()
     datasets.add_data_args(parser)
-    return load_data(parser.parse_args([str(a) for a in [*args, *extra]]))
+    return datasets.data_from_args(parser.parse_args([str(a) for a in [*args, *extra]]))
 
 
 def test_a_file_name_that_is_not_utf8_loads(tmp_path):

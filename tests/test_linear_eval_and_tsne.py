@@ -13,7 +13,7 @@ import datasets
 import linear_eval
 import tsne
 from bit_convert import estimate_bn_statistics, resnet_v2, save_backbone, saved_backbone
-from helpers import eval_args, load_data, run_script
+from helpers import eval_args, run_script
 
 
 def trained_looking_backbone(seed):
@@ -135,7 +135,7 @@ def test_the_probe_trains_with_the_authors_recipe(monkeypatch):
 @pytest.mark.script
 def test_features_are_cached_and_recomputed_when_the_checkpoint_changes(tmp_path, pretrained, monkeypatch):
     args = linear_eval.parse_args(eval_args(tmp_path, "--ckpt", pretrained / "run" / "backbone.pt"))
-    data = load_data(args)
+    data = datasets.data_from_args(args)
     ckpt = tmp_path / "backbone.pt"
     ckpt.write_bytes((pretrained / "run" / "backbone.pt").read_bytes())
     split = datasets.load_split(data, pretrained / "run" / "split.json")
@@ -144,9 +144,9 @@ def test_features_are_cached_and_recomputed_when_the_checkpoint_changes(tmp_path
     monkeypatch.setattr(bit_convert, "embed", lambda *a, **k: calls.append(1) or embed(*a, **k))
 
     def features():
-        backbone, _, _, identity = saved_backbone(ckpt)
+        backbone, _, _, digest = saved_backbone(ckpt)
         return datasets.part_features(
-            backbone, identity, data, split, "val", args.image_size, args.cache_dir, 0, torch.device("cpu")
+            backbone, digest, data, split, "val", args.image_size, args.cache_dir, 0, torch.device("cpu")
         )
 
     first, again = features(), features()
