@@ -13,17 +13,19 @@ device, in this process), the fraction of time spent waiting for data, peak GPU 
 model-only figures again with channels-last off. SimSiam's pretraining also runs, with the loader's views and
 with --views-on device, on a stand-in of HAM10000's size (6,680 JPEGs of 600x450, 3 epochs), whose epochs
 after the first measure the steady state; each pretraining path projects the paper's 400 epochs of 6,009
-images from its steady state (protocol_minutes).
+images from its steady state (protocol_minutes) and gives the seconds of an epoch's kNN monitor and writes,
+each also as a fraction of the epoch (throughput).
 
-Writes OUT/gpu_check.json (each path's status and seconds, every figure, device, torch and CUDA versions),
-prints a table, and exits 1 naming any failed path. A path that the --budget-s would not leave time for is
-skipped, and reported as skipped.
+Writes OUT/gpu_check.json (each path's status and seconds, every figure, device, torch and CUDA versions) and
+each pretraining path's metrics.csv as OUT/PATH-metrics.csv, prints a table, and exits 1 naming any failed
+path. A path that the --budget-s would not leave time for is skipped, and reported as skipped.
 """
 
 import argparse
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,20 +161,32 @@ def script(command, timeout, **popen):
 def throughput(out):
     """A run's figures from its metrics.csv: the last epoch's (img_per_s, data_wait), as this check has always
     reported them, and the steady state's, the mean over the epochs after the first, which fills the
-    loader's pipeline and starts its workers (steady_img_per_s, steady_data_wait)."""
+    loader's pipeline and starts its workers (steady_img_per_s, steady_data_wait, steady_epoch_s). Beside them
+    the steady state's seconds of an epoch's other work (pretrain.finish_epoch), each the mean over the steady
+    epochs that have it, and its fraction of the epoch, the mean of seconds / epoch_s over the same epochs
+    (None where none has it): the kNN monitor (knn_s, where it ran), the loop held by the epoch's writes
+    (save_s), the background writer's seconds for the epoch before's backbones, metrics.csv, curves.png and
+    last.pt (write_s, all of them together)."""
     with open(out / "metrics.csv") as f:
         rows = [row for row in csv.DictReader(f) if int(row["epoch"]) > 0]
     steady = rows[1:] or rows
 
-    def mean(key):
-        return sum(float(row[key]) for row in steady) / len(steady)
+    def mean(values):
+        return sum(values) / len(values) if values else None
 
-    return {
+    figures = {
         "img_per_s": float(rows[-1]["img_per_s"]),
         "data_wait": float(rows[-1]["data_wait"]),
-        "steady_img_per_s": mean("img_per_s"),
-        "steady_data_wait": mean("data_wait"),
+        "steady_img_per_s": mean([float(row["img_per_s"]) for row in steady]),
+        "steady_data_wait": mean([float(row["data_wait"]) for row in steady]),
+        "steady_epoch_s": mean([float(row["epoch_s"]) for row in steady]),
     }
+    for key in ("knn_s", "save_s", "write_s"):
+        timed = [row for row in steady if row.get(key)]  # empty where it did not run
+        figures[f"steady_{key}"] = mean([float(row[key]) for row in timed])
+        name = f"steady_{key.removesuffix('_s')}_fraction"
+        figures[name] = mean([float(row[key]) / float(row["epoch_s"]) for row in timed])
+    return figures
 
 
 def differences(a, b):
@@ -317,6 +331,7 @@ def main():
                 done = script(command, timeout)
                 if expect and expect not in done.stdout:
                     raise RuntimeError(f"pretrain.py did not announce {expect!r}: {done.stdout[-1500:]}")
+                shutil.copyfile(out / "metrics.csv", args.out / f"{name}-metrics.csv")  # the figures' source
                 figures |= throughput(out)
                 return figures | {"protocol_minutes": protocol_minutes(figures["steady_img_per_s"])}
 
@@ -388,7 +403,7 @@ def print_table(report):
     print(f"\n{report['device']}, torch {report['torch']}, CUDA {report['cuda']}, {report['precision']}")
     print(f"{report['image_size']} px, batch {report['batch_size']}, {report['seconds']} s in all")
     for name, p in report["paths"].items():
-        figures = {k: v for k, v in p.items() if k not in ("status", "seconds", "error")}
+        figures = {k: v for k, v in p.items() if k not in ("status", "seconds", "error") and v is not None}
         shown = ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
         print(f"  {name:28s} {p['status']:18s} {p['seconds']:7.1f} s  {shown}")
 

@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py as a dry run on the CPU, so that the check a GPU will run cannot rot before one is
 lent: every path runs through, the report holds every figure, and a failed path makes the exit non-zero."""
 
+import csv
 import json
 
 import pytest
@@ -72,6 +73,18 @@ def test_the_shared_paths_run_on_the_cpu(tmp_path):
         # the paper's 6,009 images x 400 epochs at the steady state's pace, in minutes
         assert figures["protocol_minutes"] == pytest.approx(6009 * 400 / figures["steady_img_per_s"] / 60)
     assert report["paths"]["pretrain-simsiam-ham-size"]["stand_in_write_s"] > 0
+    figures = report["paths"]["pretrain-simsiam"]
+    # the epoch's other work in the steady state (the tiny run's second and last epoch, evaluated and saved
+    # after the first's writes), from the run's own metrics.csv: seconds, and fractions of the epoch
+    with open(tmp_path / "pretrain-simsiam-metrics.csv", newline="") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert last["epoch"] == "2"
+    epoch_s = float(last["epoch_s"])
+    assert figures["steady_epoch_s"] == pytest.approx(epoch_s)
+    for key in ("knn", "save", "write"):
+        seconds = float(last[f"{key}_s"])
+        assert seconds > 0 and figures[f"steady_{key}_s"] == pytest.approx(seconds), key
+        assert figures[f"steady_{key}_fraction"] == pytest.approx(seconds / epoch_s), key
 
 
 def test_a_failed_path_exits_non_zero_and_is_named(tmp_path):
