@@ -13,7 +13,7 @@ import datasets
 import linear_eval
 import tsne
 from bit_convert import estimate_bn_statistics, resnet_v2, save_backbone, saved_backbone
-from helpers import eval_args, run_script
+from helpers import eval_args, failure, run_script
 
 
 def trained_looking_backbone(seed):
@@ -225,29 +225,29 @@ def test_augment_embeds_new_views_every_epoch(pretrained, tmp_path, monkeypatch)
 
 
 @pytest.mark.script
-def test_compare_draws_the_figure(evaluated, tmp_path):
+def test_compare_draws_the_figure(evaluated, tmp_path, capsys):
     out, _ = evaluated
     other = json.loads((out / "results.json").read_text())
     other["model"] = "another model"
     (tmp_path / "other.json").write_text(json.dumps(other))
-    run = run_script(
-        "linear_eval.py",
-        "--compare",
-        out / "results.json",
-        tmp_path / "other.json",
-        "--out",
-        tmp_path / "figures",
+    linear_eval.main(
+        [
+            "--compare",
+            str(out / "results.json"),
+            str(tmp_path / "other.json"),
+            "--out",
+            str(tmp_path / "figures"),
+        ]
     )
-    assert run.returncode == 0, run.stderr
     assert (tmp_path / "figures" / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    assert "another model" in run.stdout
+    assert "another model" in capsys.readouterr().out
 
 
 @pytest.mark.script
 def test_tsne_and_spectrum_figures(pretrained, tmp_path):
-    run = run_script(
-        "tsne.py",
-        *eval_args(
+    """In this process (tsne.py's command line runs in test_layout.py and test_signals_and_processes.py)."""
+    tsne.main(
+        eval_args(
             pretrained,
             "--ckpt",
             pretrained / "run" / "backbone.pt",
@@ -258,9 +258,8 @@ def test_tsne_and_spectrum_figures(pretrained, tmp_path):
             "--spectrum",
             "--out",
             tmp_path,
-        ),
+        )
     )
-    assert run.returncode == 0, run.stderr
     for figure in ("tsne.png", "spectrum.png"):
         assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
 
@@ -268,21 +267,17 @@ def test_tsne_and_spectrum_figures(pretrained, tmp_path):
 # ----------------------------------------------------------------------------------------------------- errors
 
 
-def one_line_error(run, *fragments):
-    assert run.returncode != 0
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0], run.stderr
-    assert all(f in lines[0] for f in fragments), lines[0]
+def one_line_error(argv, *fragments):
+    """linear_eval.main(argv) fails with one line that holds every fragment (what its command line prints
+    after `linear_eval.py: error: `, exit 1; the one real process of linear_eval.py is `evaluated`'s)."""
+    message = failure(lambda: linear_eval.main(argv))
+    assert all(f in message for f in fragments), message
 
 
 @pytest.mark.script
 def test_a_file_that_is_not_a_backbone_is_refused(tmp_path):
     torch.save({"model": {}}, tmp_path / "last.pt")
-    one_line_error(
-        run_script("linear_eval.py", *eval_args(tmp_path, "--ckpt", tmp_path / "last.pt")),
-        "last.pt",
-        "not a backbone file",
-    )
+    one_line_error(eval_args(tmp_path, "--ckpt", tmp_path / "last.pt"), "last.pt", "not a backbone file")
 
 
 @pytest.mark.script
@@ -290,16 +285,10 @@ def test_a_missing_or_foreign_split_is_refused(tmp_path, pretrained):
     alone = tmp_path / "alone"
     alone.mkdir()
     (alone / "backbone.pt").write_bytes((pretrained / "run" / "backbone.pt").read_bytes())
-    one_line_error(
-        run_script("linear_eval.py", *eval_args(tmp_path, "--ckpt", alone / "backbone.pt")),
-        "split.json not found",
-    )
+    one_line_error(eval_args(tmp_path, "--ckpt", alone / "backbone.pt"), "split.json not found")
     datasets.load_split(datasets.load_digits(), tmp_path / "other.json", seed=1)
     one_line_error(
-        run_script(
-            "linear_eval.py",
-            *eval_args(tmp_path, "--ckpt", alone / "backbone.pt", "--split-file", tmp_path / "other.json"),
-        ),
+        eval_args(tmp_path, "--ckpt", alone / "backbone.pt", "--split-file", tmp_path / "other.json"),
         "is not the split a backbone was pretrained with",
     )
 
@@ -313,11 +302,7 @@ def test_a_class_absent_from_train_is_refused(tmp_path):
     split["pretrain"] += nines
     (tmp_path / "split.json").write_text(json.dumps(split))
     one_line_error(
-        run_script(
-            "linear_eval.py",
-            *eval_args(tmp_path, "--init", "scratch", "--split-file", tmp_path / "split.json"),
-        ),
-        "class 9",
+        eval_args(tmp_path, "--init", "scratch", "--split-file", tmp_path / "split.json"), "class 9"
     )
 
 
