@@ -8,8 +8,10 @@ A test then asserts three things:
 
 - the failure is one line that names the file, key or flag. The scripts turn a UserError (DataError and
   WeightsError among them) into "NAME.py: error: MESSAGE" and exit status 1, and an argparse exit has status
-  2, so `failure()` checks in-process that the message is one line and the exit non-zero. test_cli_* run two
-  of them as real processes;
+  2, so `failure()` checks in-process that the message is one line and the exit non-zero. test_cli_* call
+  two scripts' main as their command lines do (the scripts' own processes run in test_datasets.py,
+  test_linear_eval_and_tsne.py and test_signals_and_processes.py): a UserError, which `run` prints as one
+  line and exits 1 on;
 - nothing the user had was changed (`untouched`: bytes and mtime of every file before and after);
 - readable oddities (a PNG named .jpg, a 48-bit PNG) load with the right pixels, computed here with PIL and
   numpy.
@@ -24,6 +26,7 @@ import pickle
 import shutil
 import signal
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -48,7 +51,6 @@ from helpers import (
     hand_edit,
     not_writable,
     read_rows,
-    run_script,
     tiny_args,
     untouched,
     write_cifar,
@@ -642,7 +644,7 @@ def test_decoded_image_cache_damaged_after_it_was_built_is_rebuilt(ham, tmp_path
 
 
 @pytest.mark.script
-def test_cli_huge_image_is_one_line_and_exit_1(ham, rows, tmp_path, bomb):
+def test_cli_huge_image_is_one_line_and_exit_1(ham, rows, tmp_path, bomb, monkeypatch):
     path = image_of(ham, rows[1])
     path.write_bytes(bomb)
     argv = [
@@ -657,17 +659,16 @@ def test_cli_huge_image_is_one_line_and_exit_1(ham, rows, tmp_path, bomb):
         "--split-file",
         tmp_path / "split.json",
     ]
-    with untouched(ham):
-        refused = run_script("datasets.py", *argv)
-    assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert refused.stderr.strip().startswith("datasets.py: error: ") and "\n" not in refused.stderr.strip()
-    assert str(path) in refused.stderr and not (tmp_path / "split.json").exists()
+    monkeypatch.setattr(sys, "argv", ["datasets.py", *map(str, argv)])
+    with untouched(ham), pytest.raises(bit_common.UserError) as refused:
+        datasets.main()
+    assert "\n" not in str(refused.value) and str(path) in str(refused.value)
+    assert not (tmp_path / "split.json").exists()
 
 
 @pytest.mark.script
 def test_cli_compare_of_args_json_is_one_line_and_exit_1(tmp_path):
     path = not_results(tmp_path, "args_json")
-    with untouched(path):
-        done = run_script("linear_eval.py", "--compare", path, "--out", tmp_path / "figures")
-    assert done.returncode == 1 and done.stderr.strip().count("\n") == 0, done.stderr
-    assert done.stderr.startswith(f"linear_eval.py: error: --compare {path}")
+    with untouched(path), pytest.raises(bit_common.UserError) as refused:
+        linear_eval.main(["--compare", str(path), "--out", str(tmp_path / "figures")])
+    assert "\n" not in str(refused.value) and str(refused.value).startswith(f"--compare {path}")

@@ -13,6 +13,7 @@ import torch
 import bit_common
 import datasets
 import finetune
+import linear_eval
 from bit_common import UserError
 from bit_convert import ARCHS, IterNorm, estimate_bn_statistics, resnet_v2, save_backbone, whiten
 from helpers import run_script
@@ -265,7 +266,7 @@ def test_a_run_stopped_and_resumed_ends_as_one_that_was_not(pretrained, plain_ru
 
 
 @pytest.mark.script
-def test_compare_draws_fine_tuning_beside_linear_results(plain_run, tmp_path):
+def test_compare_draws_fine_tuning_beside_linear_results(plain_run, tmp_path, capsys):
     results, out = plain_run
     assert set(results) == {
         "model",
@@ -283,11 +284,11 @@ def test_compare_draws_fine_tuning_beside_linear_results(plain_run, tmp_path):
     )
     linear = {**results, "model": "a linear probe"}
     (tmp_path / "linear.json").write_text(json.dumps(linear))
-    run = run_script(
-        "linear_eval.py", "--compare", out / "results.json", tmp_path / "linear.json", "--out", tmp_path
+    linear_eval.main(
+        ["--compare", str(out / "results.json"), str(tmp_path / "linear.json"), "--out", str(tmp_path)]
     )
-    assert run.returncode == 0, run.stderr
-    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG" and "fine-tuned q4" in run.stdout
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "fine-tuned q4" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------- errors
