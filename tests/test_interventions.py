@@ -510,8 +510,8 @@ def test_local_infonce_without_any_overlap_is_zero_and_still_differentiable():
 @pytest.mark.script
 def test_the_interventions_in_one_pretraining_run(tmp_path):
     """MoCo v2 with the local loss (views that record their crops), from a .pt backbone with its filters
-    selected and shrunk: the run trains. --whiten is only built here: a 2048-channel IterNorm takes seconds a
-    step on the CPU (its own tests above use small widths)."""
+    selected and shrunk: the run trains (one step: 36 pretrain images, a batch of 30). --whiten is only built
+    here: a 2048-channel IterNorm takes seconds a step on the CPU (its own tests above use small widths)."""
     from helpers import tiny_args
 
     bit_convert.save_backbone(bit_convert.resnet_v2("r50x1", "bn", cifar_stem=True), tmp_path / "init.pt")
@@ -526,6 +526,7 @@ def test_the_interventions_in_one_pretraining_run(tmp_path):
         "2",
     ]
     argv = tiny_args(tmp_path, epochs=1) + ["--init", str(tmp_path / "init.pt"), "--method", "mocov2"]
+    argv[argv.index("--split") + 1] = "0.02,0.02,0.02,0.94"
     assert pretrain.main(argv + interventions + ["--queue-size", "60"]) == 0
     backbone, meta = bit_convert.load_backbone(tmp_path / "run" / "backbone.pt")
     assert meta["method"] == "mocov2" and not meta["whiten"]

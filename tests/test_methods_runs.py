@@ -1,6 +1,8 @@
 """pretrain.py --method simclr | byol | mocov2 | swav, whole runs on the CPU: every output, an exact resume
 after a SIGTERM (weights, momentum encoder, queue, prototypes, metrics), and (slow) a short run on the digits
-that raises kNN balanced accuracy; two processes over gloo are in test_distributed.py."""
+that raises kNN balanced accuracy; two processes over gloo are in test_distributed.py. The in-process runs
+train TinyBackbone (helpers.py) inside each method: what they pin is the method's state around the network;
+the ResNet itself runs in every method in test_distributed.py and in the slow runs here."""
 
 import json
 import os
@@ -12,8 +14,8 @@ import torch
 
 import bit_common
 import pretrain
-from bit_convert import load_backbone
-from helpers import read_metrics, run_script, tiny_args, without_timing
+from bit_convert import read_backbone_file
+from helpers import TinyBackbone, read_metrics, run_script, tiny_args, without_timing
 
 # small queues and prototypes: the SwAV queue (60 = 2 batches) is full, hence in use, from the third step, its
 # prototypes frozen in the first epoch only (so that a resumed epoch 2 trains them), and --multi-crop puts 8
@@ -44,6 +46,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_backbone():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pretrain, "build_backbone", lambda *args, **kwargs: TinyBackbone())
+        yield
 
 
 @pytest.fixture(scope="module", params=list(FLAGS))
@@ -88,7 +97,7 @@ def test_a_run_writes_every_output_and_records_its_method(complete_run):
     assert names <= {p.name for p in out.iterdir()}
     rows = read_metrics(out)
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2] and all(r["loss"] != "" for r in rows[1:])
-    assert load_backbone(out / "backbone.pt")[1]["method"] == method
+    assert read_backbone_file(out / "backbone.pt")["method"] == method
     state = torch.load(out / "last.pt", weights_only=True)["model"]
     assert ("queue" in state) == (method in ("mocov2", "swav"))
     if method == "swav":
