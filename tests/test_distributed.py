@@ -19,7 +19,7 @@ SPLIT = "0.05,0.05,0.05,0.85"  # 90 pretrain images, 45 a process: 3 steps of 30
 INIT = "INIT"  # stands for a backbone file that the test writes: --shrink and --select-filters need one
 # Flags may share a run; each run is as short as it can be (one epoch; the monitor runs at epochs 0 and 1).
 # A 2048-channel IterNorm takes seconds a step on the CPU: the --whiten runs take one step of 60 images
-# (a flag given again overrides tiny_args').
+# (a flag given again overrides tiny_args'), and whiten with ONE_NEWTON_STEP. Every run is SHALLOW (below).
 # SimSiam over two processes runs in test_signals_and_processes.py (a stop and --resume) and test_pretrain.py.
 RUNS = {
     "byol-whiten-branch": ["--method", "byol", "--whiten", "branch", "--batch-size", "60"],
@@ -35,6 +35,16 @@ RUNS = {
     ],
 }
 
+# What these runs pin, that every process joins every collective to the end, the depth of the network does not
+# change: they train an r50x1 of one unit a block (BiT's has 3, 4, 6 and 3), every kind of layer there at its
+# width, in both processes and in the test's own, which writes the --init file and reads backbone.pt.
+ONE_UNIT_A_BLOCK = ((1, 1, 1, 1), 1)
+SHALLOW = f"import bit_convert\nbit_convert.ARCHS['r50x1'] = {ONE_UNIT_A_BLOCK}"
+# Each of IterNorm's Newton iterations is three 2048 x 2048 matrix products (seconds on one CPU thread, and as
+# many again backwards): the --whiten runs take one iteration instead of Huang et al.'s five. The number
+# changes no collective: batch_moments all-reduces the moments once, before the iterations.
+ONE_NEWTON_STEP = "import functools\npretrain.whiten = functools.partial(pretrain.whiten, iterations=1)"
+
 
 def run_args(tmp, flags):
     args = tiny_args(tmp, epochs=1) + [str(tmp / "init.pt") if flag == INIT else flag for flag in flags]
@@ -44,13 +54,15 @@ def run_args(tmp, flags):
 
 @pytest.mark.script
 @pytest.mark.parametrize("name", list(RUNS))
-def test_two_processes_over_gloo_run_to_the_end(tmp_path, name):
+def test_two_processes_over_gloo_run_to_the_end(tmp_path, name, monkeypatch):
     """torchrun --nproc_per_node 2 on the CPU: the run finishes within the time limit (a collective that one
     process never joins would hang it), and writes its metrics and a backbone.pt that records its flags."""
     flags = RUNS[name]
+    monkeypatch.setitem(bit_convert.ARCHS, "r50x1", ONE_UNIT_A_BLOCK)
     if INIT in flags:
         write_pretrained_backbone(tmp_path / "init.pt")
-    run = run_pretraining_over_gloo(run_args(tmp_path, flags), timeout=300)
+    patch = SHALLOW + ("\n" + ONE_NEWTON_STEP if "--whiten" in flags else "")
+    run = run_pretraining_over_gloo(run_args(tmp_path, flags), patch=patch, timeout=300)
     assert "2 process(es) over gloo" in run.stdout
     # said once, by process 0: MoCo v2 shuffles its BatchNorm's batches instead of synchronising them
     note = "no SyncBatchNorm for this method" if "mocov2" in flags else "SyncBatchNorm runs on GPUs only"
