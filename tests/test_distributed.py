@@ -3,6 +3,7 @@ the loss (each --method, --whiten at both places, --local-weight, --shrink, --se
 and the code that process 0 runs alone (the monitor, the epoch-0 row) must issue no collective, which the
 other process would never join: a hang."""
 
+import functools
 import json
 
 import pytest
@@ -101,7 +102,10 @@ COLLECTIVES = (
 def test_the_monitor_that_process_0_runs_alone_issues_no_collective(tmp_path, monkeypatch):
     """The epoch-0 row (BatchNorm and IterNorm statistics estimated in train mode) and a later row, as process
     0 computes them under torchrun with two processes, of a whitened backbone inside a method whose forward
-    gathers (MoCo's key encoder): any collective there is one that the other process never joins."""
+    gathers (MoCo's key encoder): any collective there is one that the other process never joins. SHALLOW
+    and ONE_NEWTON_STEP, as the runs above."""
+    monkeypatch.setitem(bit_convert.ARCHS, "r50x1", ONE_UNIT_A_BLOCK)
+    monkeypatch.setattr(pretrain, "whiten", functools.partial(pretrain.whiten, iterations=1))
     args = pretrain.parse_args(run_args(tmp_path, ["--method", "mocov2", "--whiten"]))
     data, cpu = datasets.data_from_args(args), torch.device("cpu")
     split = datasets.load_split(data, args.split_file, args.split, args.split_seed, args.split_by)
