@@ -989,13 +989,13 @@ def eval_view(size):
 
 
 class ImageSet(torch.utils.data.Dataset):
-    """Images `index` of `data`, each through every transform in `views`: items (view_1, ..., view_k, label),
+    """Images `index` of `data`, each through every one of `transforms`: items (view_1, ..., view_k, label),
     the views uint8 (3, H, W) tensors. A key may come as (seed, i), from a SeededSampler: that image's
     augmentation is then drawn from a generator seeded with `seed`, so a run's views depend on its seed, epoch
     and image alone."""
 
-    def __init__(self, data, index, views):
-        self.images, self.labels, self.index, self.views = data.images, data.labels, index, views
+    def __init__(self, data, index, transforms):
+        self.images, self.labels, self.index, self.transforms = data.images, data.labels, index, transforms
 
     def __len__(self):
         return len(self.index)
@@ -1006,7 +1006,7 @@ class ImageSet(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            views = [as_tensors(view(image)) for view in self.views]
+            views = [as_tensors(transform(image)) for transform in self.transforms]
         return (*views, int(self.labels[self.index[i]]))
 
 

@@ -81,7 +81,7 @@ class SimSiam(Method):
     predictor h (Fig. 1, §4.4); L = D(p1, z2)/2 + D(p2, z1)/2 with D(p, z) = -cos(p, stopgrad(z)) (Eq.
     1-3)."""
 
-    views = ("simsiam", "simsiam")
+    view_names = ("simsiam", "simsiam")
     # lr and weight decay: Lu et al. §4.1; the projector and the widths: the authors' code (BiT-SimSiam
     # models/simsiam.py, proj_layers 2 in its HAM configs), whose predictor is Chen & He's (§4.4)
     defaults = {"lr": 0.03, "weight_decay": 5e-4, "projector": "paper"}
@@ -475,12 +475,12 @@ def pretrain_loader(data, split, method, args, rank, world, device):
         import device_views  # an add-on: only --views-on device reads it
 
         height, width = data.images.shape[1:3]
-        items = device_views.ViewParams(method.views, args.image_size, len(index), height, width)
+        items = device_views.ViewParams(method.view_names, args.image_size, len(index), height, width)
         images = data.images[index]
-        step = (args.batch_size // world, method.views, args.image_size, *ARCHS[args.arch])
+        step = (args.batch_size // world, method.view_names, args.image_size, *ARCHS[args.arch])
         where = device_views.choose_placement(images.nbytes, device, device_views.step_bytes(*step))
         try:
-            views_of = device_views.DeviceViews(images, method.views, args.image_size, device, where)
+            views_of = device_views.DeviceViews(images, method.view_names, args.image_size, device, where)
         except RuntimeError as error:  # torch's out of memory, on the device or for page-locked memory
             raise UserError(
                 f"--views-on device: the pretrain part's images ({images.nbytes / 1e9:.2f} GB) could not be "
@@ -490,7 +490,7 @@ def pretrain_loader(data, split, method, args, rank, world, device):
             kept = f"{device}'s memory" if where == "device" else f"pinned host memory, copied to {device}"
             print(f"--views-on device: the pretrain images ({images.nbytes / 1e9:.2f} GB) kept in {kept}")
     else:
-        transforms = [view_transform(name, args.image_size) for name in method.views]
+        transforms = [view_transform(name, args.image_size) for name in method.view_names]
         items, views_of = datasets.ImageSet(data, index, transforms), lambda batch: batch
     sampler = datasets.SeededSampler(items, world, rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(

@@ -39,7 +39,7 @@ class SimCLR(Method):
     Linear-BN, ReLU inside, the output BN scaled but not centred (no bias, no ReLU). tf2/model.py's
     ProjectionHead is SimCLR v2's, three such layers by default (num_proj_layers 3)."""
 
-    views = ("simclr", "simclr")  # Chen et al. App. A (simclr_view)
+    view_names = ("simclr", "simclr")  # Chen et al. App. A (simclr_view)
     # SGD lr 0.06 at batch 128 (0.12 per 256) and weight decay 5e-4: lightly's CIFAR-10 benchmark
     # (SimCLRModel); temperature 0.5: the default of its NTXentLoss, and google-research/simclr's CIFAR-10
     # command (README: --temperature=0.5; Chen et al. App. B.9)
@@ -83,7 +83,7 @@ class BYOL(Method):
     exponential moving average of the online backbone and projector (§3.1, Eq. 1-2, App. J.2); the target
     receives no gradient and its momentum rises from tau_0 to 1 along a cosine (§3.2)."""
 
-    views = ("byol1", "byol2")  # asymmetric blur and solarisation (Table 6)
+    view_names = ("byol1", "byol2")  # asymmetric blur and solarisation (Table 6)
     # SGD lr 0.06 at batch 128 (0.12 per 256) and weight decay 5e-4: lightly's CIFAR-10 benchmark (BYOLModel),
     # whose loss scale byol_loss takes; tau_0 0.99: deepmind's preset for 100 and 300 epochs
     # (byol/configs/byol.py, _EMA_PRESETS; lightly's benchmark keeps 0.99 constant)
@@ -132,7 +132,7 @@ class MoCoV2(Method):
     (matched_regions, local_infonce below); the keys' map is the momentum encoder's, without gradient."""
 
     # MoCo v2's augmentation (main_moco.py --aug-plus), which SimSiam took over
-    views = ("simsiam", "simsiam")
+    view_names = ("simsiam", "simsiam")
     sync_batch_norm = False  # shuffling BN needs each process's own statistics (He et al. §3.3)
     # lr 0.06 at batch 128 (0.12 per 256), weight decay 5e-4, temperature 0.1, a queue of 4096 keys and a
     # constant momentum 0.99: lightly's CIFAR-10 benchmark (MocoModel: one GPU, batch 128), the one recipe
@@ -172,7 +172,7 @@ class MoCoV2(Method):
         self.temperature, self.target_momentum, self.out_dim = temperature, target_momentum, dim
         self.local_weight, self.local_grid = local_weight, local_grid
         if local_weight:
-            self.views = ("located", "located")  # each view with its crop box and flip
+            self.view_names = ("located", "located")  # each view with its crop box and flip
 
     def forward(self, views):
         if self.local_weight:
@@ -289,7 +289,7 @@ class SwAV(Method):
         self.backbone, self.projector = backbone, mlp(backbone.num_features, 2048, dim)
         self.prototypes = nn.Parameter(F.normalize(torch.randn(prototypes, dim), dim=1))  # on the sphere
         self.register_buffer("queue", torch.zeros(2, queue_size, dim))  # full once its last row is written
-        self.views = ("swav", "swav") + ("swav_small",) * (6 if multi_crop else 0)
+        self.view_names = ("swav", "swav") + ("swav_small",) * (6 if multi_crop else 0)
         self.temperature, self.freeze_prototypes = temperature, freeze_prototypes
         self.queue_start, self.queue_in_use = queue_start, False
 

@@ -85,7 +85,7 @@ def epochs(images, args, device):
     settings = SimpleNamespace(
         image_size=args.size, batch_size=args.batch_size, seed=0, workers=args.workers, views_on="loader"
     )
-    method = SimpleNamespace(views=("simsiam", "simsiam"))
+    method = SimpleNamespace(view_names=("simsiam", "simsiam"))
     loader, sampler, _, _ = pretrain.pretrain_loader(
         data, {"pretrain": data.ids}, method, settings, 0, 1, device
     )

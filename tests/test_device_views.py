@@ -645,7 +645,7 @@ def loader_settings(views_on="device"):
 def test_pretrain_says_where_the_images_are_kept(capsys):
     images = np.zeros((12, 8, 8, 3), np.uint8)
     data = datasets.Data("bench", images, np.zeros(12, np.int64), list(range(12)), ("x",))
-    method = types.SimpleNamespace(views=("simsiam", "simsiam"))
+    method = types.SimpleNamespace(view_names=("simsiam", "simsiam"))
     pretrain.pretrain_loader(
         data, {"pretrain": data.ids}, method, loader_settings(), 0, 1, torch.device("cpu")
     )
@@ -659,7 +659,7 @@ def test_images_that_fit_nowhere_are_one_line(monkeypatch):
     the flag, the size, where and the other path."""
     images = np.zeros((12, 8, 8, 3), np.uint8)
     data = datasets.Data("bench", images, np.zeros(12, np.int64), list(range(12)), ("x",))
-    method = types.SimpleNamespace(views=("simsiam", "simsiam"))
+    method = types.SimpleNamespace(view_names=("simsiam", "simsiam"))
     monkeypatch.setattr(dv, "choose_placement", lambda *args: "pinned host")
 
     def refuse(*args, **kwargs):

@@ -230,7 +230,7 @@ def test_each_method_trains_its_own_parts_under_mixed_precision(name):
     if hasattr(model, "target"):
         assert not any(p.requires_grad for p in model.target.parameters())
         assert not trained & {id(p) for p in model.target.parameters()}
-    views = [torch.randn(4, 3, 8, 8) for _ in model.views]
+    views = [torch.randn(4, 3, 8, 8) for _ in model.view_names]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, z = model(views)
     assert loss.dtype == torch.float32 and torch.isfinite(loss) and z.shape == (4, model.out_dim)
@@ -325,7 +325,7 @@ def test_swav_freezes_prototypes_two_epochs_and_queues_from_the_first_step(monke
     current_epoch < freeze_prototypes_epochs = 2 (our epochs 1 and 2), the queue takes the large crops'
     embeddings at every step, and Sinkhorn uses it from --queue-start on (once full)."""
     model = build("swav", multi_crop=True, queue_start=2)
-    assert model.views == ("swav",) * 2 + ("swav_small",) * 6
+    assert model.view_names == ("swav",) * 2 + ("swav_small",) * 6
     with_queue, swav_loss = [], ssl_methods.swav_loss
     monkeypatch.setattr(
         ssl_methods,
@@ -378,7 +378,7 @@ def test_simclr_views_and_head_are_chen_et_als():
     Linear-BN-ReLU, then Linear-BN with neither bias nor ReLU; temperature 0.5 (App. B.9, lightly's
     NTXentLoss)."""
     model = build("simclr")
-    assert model.views == ("simclr", "simclr") and model.temperature == 0.5
+    assert model.view_names == ("simclr", "simclr") and model.temperature == 0.5
     crop, flip, jitter, grey, blur = ssl_methods.VIEWS["simclr"](224).transforms
     assert crop.scale == (0.08, 1.0) and (flip.p, jitter.p, grey.p, blur.p) == (0.5, 0.8, 0.2, 0.5)
     colour = jitter.transforms[0]
