@@ -3,6 +3,7 @@ stand-in network: it trains as the eager run does, writes the same files with th
 resumes, and a compilation that fails is one line naming the flag."""
 
 import json
+import math
 import os
 import signal
 
@@ -11,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import pretrain
-from helpers import TinyBackbone, read_metrics, run_patched, tiny_args
+from helpers import TinyBackbone, read_metrics, run_patched, run_pretraining_over_gloo, tiny_args
 
 pytestmark = pytest.mark.script  # each test runs pretrain.py
 
@@ -75,16 +76,28 @@ def test_a_compiled_run_trains_as_the_eager_one_and_resumes_with_or_without_it(t
     assert_close(state_dicts(compiled), state_dicts(stopped))
 
 
+STAND_IN = (
+    "sys.path.insert(0, 'tests'); import helpers\n"
+    "pretrain.build_backbone = lambda *args, **kwargs: helpers.TinyBackbone()"
+)
+
+
+@pytest.mark.slow
+def test_a_compiled_run_of_two_processes_over_gloo_trains(tmp_path):
+    """torchrun's two processes, each compiling its DDP-wrapped model (compiled after the wrapper: DDP's
+    buckets split the graph): 35 - 60 s here, most of it the two compilations on 2 shared cores."""
+    run_pretraining_over_gloo(tiny_args(tmp_path) + ["--compile"], patch=STAND_IN)
+    keys = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    assert keys and not any(key.startswith(("_orig_mod", "module.")) for key in keys)
+    assert all(math.isfinite(loss) for loss in losses(tmp_path / "run"))
+
+
 def test_a_compilation_that_fails_is_one_line_naming_the_flag(tmp_path):
     """No C++ compiler for inductor (CXX names none, and a fresh cache holds no compiled kernel): the first
     step's compilation fails; the run ends with one line that names --compile and the cause, and leaves no
     checkpoint, so that the same command without --compile starts afresh."""
-    patch = (
-        "sys.path.insert(0, 'tests'); import helpers\n"
-        "pretrain.build_backbone = lambda *args, **kwargs: helpers.TinyBackbone()"
-    )
     env = {"CXX": "/nonexistent/g++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    run = run_patched("pretrain.py", patch, *tiny_args(tmp_path), "--compile", env=env)
+    run = run_patched("pretrain.py", STAND_IN, *tiny_args(tmp_path), "--compile", env=env)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     lines = run.stderr.strip().splitlines()
     assert lines[-1].startswith("pretrain.py: error: --compile: torch.compile failed in epoch 1, step 1 ")
