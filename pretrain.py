@@ -960,8 +960,9 @@ def make_parser():
         "--compile",
         action=argparse.BooleanOptionalAction,
         help="torch.compile the training step's forward and backward (inductor: a C++ compiler on the CPU, "
-        "Triton on GPUs); the first step compiles, about a minute for R50 on a GPU. Off by default: it has "
-        "not run on a GPU yet. --resume keeps the run's setting unless --compile or --no-compile is given",
+        "Triton on GPUs); the first step compiles (R50 on a GPU: about a minute by public reports; "
+        "minutes on a CPU). Off by default: it has not run on a GPU yet. --resume keeps the run's setting "
+        "unless --compile or --no-compile is given",
     )
     run_group.add_argument(
         "--eval-every", type=POSITIVE_INT, default=10, help="epochs between kNN evaluations (and the end)"
