@@ -245,6 +245,7 @@ def model_only(size, batch_size, warmup, steps, device, channels_last, compile_m
     if device.type == "cuda":
         figures["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         del method, optimizer, views
+        torch._dynamo.reset()  # compiled code, and CUDA graphs' memory pools, go too
         torch.cuda.empty_cache()  # the scripts that run next have the GPU to themselves
     return figures
 
