@@ -50,7 +50,7 @@ def test_every_path_runs_on_the_cpu_and_is_reported(tmp_path):
         n for n in PATHS if n.startswith(("pretrain", "torchrun", "model-only")) and n not in COMPILED
     ]:
         assert report["paths"][name]["img_per_s"] > 0, name
-    for name in [n for n in PATHS if n.startswith(("pretrain", "torchrun"))]:
+    for name in [n for n in PATHS if n.startswith(("pretrain", "torchrun")) and n not in COMPILED]:
         assert 0 < report["paths"][name]["data_wait"] < 1, name
     assert report["paths"]["sigterm-resume"]["max_abs_difference"] == 0  # the CPU resumes bit for bit
     assert "model-only-contiguous" in run.stdout  # the table
