@@ -353,12 +353,13 @@ def check_backbone_fields(saved, path):
             raise WeightsError(f"{path}: {key} = {shown[:60]}, expected {expected}")
 
 
-def save_backbone(model, path, **meta):
-    """The model's state dict with what is needed to rebuild it (see load_backbone), written atomically; a
-    record that read_backbone_file would refuse is never written."""
+def save_backbone(model, path, state_dict=None, **meta):
+    """The model's state dict (or `state_dict`, one of the model's copied earlier) with what is needed to
+    rebuild it (see load_backbone), written atomically; a record that read_backbone_file would refuse is never
+    written."""
     arch = dict(arch=model.arch, norm=model.norm_kind, cifar_stem=model.cifar_stem, head_size=model.head_size)
     arch |= dict(ws=model.ws, whiten=getattr(model, "whitened", False))
-    saved = {**arch, **meta, "state_dict": model.state_dict()}
+    saved = {**arch, **meta, "state_dict": model.state_dict() if state_dict is None else state_dict}
     check_backbone_fields(saved, f"cannot write {path}")
     check_finite(saved["state_dict"], f"cannot write {path}")
     save_atomic(saved, path)

@@ -210,17 +210,75 @@ class ViewParams(torch.utils.data.Dataset):
         return (i, *rows, 0)
 
 
-class DeviceViews:
-    """The views of a batch of ViewParams items, drawn on `device`: the images (N, H, W, 3) uint8 go there
-    once, as (N, 3, H, W); each step gathers its own and renders each view from its parameters."""
+# The device memory that a training step takes beside the images, per pixel of the views it feeds the
+# network: the GPU check's model-only peak for SimSiam R50x1 BN, batch 128, two 224-px views, bf16 (10,673 MiB
+# on an H200, torch.cuda.max_memory_allocated: benchmarks/results/gpu_check-h200-1.json), activations above
+# all, which grow with the batch and the views' pixels.
+STEP_BYTES_PER_PIXEL = 10673 * 2**20 / (128 * 2 * 224**2)
 
-    def __init__(self, images, names, size, device):
-        self.images = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous().to(device)
-        self.names, self.size = names, size
+
+# Half as much again: the allocator reserves more than its allocated peak (fragmentation), cuDNN's
+# workspaces vary with the kernels it picks, and rendering takes float32 copies of each view (77 MB a 224-px
+# view of 128).
+STEP_HEADROOM = 1.5
+
+
+def network_activations(units, width):
+    """A BiT ResNet-V2's activations relative to R50x1's (bit_convert.ARCHS' units per block and width):
+    a unit of block k (from 0) holds width * 256 * 2^k channels at 1/4^k of block 0's pixels, so it weighs
+    width / 2^k."""
+    return width * sum(n / 2**k for k, n in enumerate(units)) / (3 + 4 / 2 + 6 / 4 + 3 / 8)
+
+
+def step_bytes(batch, names, size, units, width):
+    """What a step of `batch` images with the views `names` at image size `size`, through a BiT network of
+    `units` and `width`, needs of the device's memory beside the images (STEP_HEADROOM included)."""
+    pixels = batch * sum(RECIPES[name].output_size(size) ** 2 for name in names)
+    return STEP_HEADROOM * STEP_BYTES_PER_PIXEL * pixels * network_activations(units, width)
+
+
+def placement(images_bytes, free_bytes, reserve_bytes):
+    """Where the uint8 images go: "device" where they and a step's reserve fit in the device's free memory,
+    else "pinned host" (each step's images then copied there asynchronously)."""
+    return "device" if images_bytes + reserve_bytes <= free_bytes else "pinned host"
+
+
+def choose_placement(images_bytes, device, reserve_bytes):
+    """placement() with a CUDA device's free memory (torch.cuda.mem_get_info, after the model is there); any
+    other device computes in the host's memory, which holds the images already."""
+    if device.type != "cuda":
+        return "device"
+    return placement(images_bytes, torch.cuda.mem_get_info(device)[0], reserve_bytes)
+
+
+class DeviceViews:
+    """The views of a batch of ViewParams items, drawn on `device`: the images (N, H, W, 3) uint8 are kept as
+    (N, 3, H, W) where `where` says (choose_placement): on the device, sent once, or in the host's memory
+    ("pinned host": page-locked where the device is CUDA), from where each step gathers its own and copies
+    them to the device asynchronously (non_blocking: the copy overlaps the work already queued). Each step
+    renders each view from its parameters."""
+
+    def __init__(self, images, names, size, device, where):
+        images = torch.as_tensor(images).permute(0, 3, 1, 2)
+        self.resident, self.pin = where == "device", where == "pinned host" and device.type == "cuda"
+        if self.resident:
+            self.images = images.contiguous().to(device)
+        else:  # page-locked memory can fail to be had (the OS's limit): a RuntimeError, as torch raises it
+            self.images = torch.empty(images.shape, dtype=torch.uint8, pin_memory=self.pin)
+            self.images.copy_(images)
+        self.names, self.size, self.device = names, size, device
 
     def __call__(self, batch):
         positions, *params = batch
-        images = self.images[positions.to(self.images.device)]
+        if self.resident:
+            images = self.images[positions.to(self.images.device)]
+        else:  # into fresh page-locked memory, which torch's host allocator keeps until the copy is done
+            staged = torch.empty(
+                (len(positions), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=self.pin
+            )
+            images = torch.index_select(self.images, 0, positions, out=staged).to(
+                self.device, non_blocking=True
+            )
         return [render(images, rows, name, self.size) for rows, name in zip(params, self.names, strict=True)]
 
 

@@ -19,17 +19,18 @@ import math
 import os
 import shutil
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from sklearn.metrics import balanced_accuracy_score
 from tqdm import tqdm
 
@@ -57,6 +58,7 @@ from bit_common import (
     write_atomic,
 )
 from bit_convert import (
+    ARCHS,
     WHITEN_AT,
     add_backbone_args,
     add_zero_init_last,
@@ -73,9 +75,6 @@ from bit_convert import (
     whiten_placement,
     zero_init_last,
 )
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 class SimSiam(Method):
@@ -171,6 +170,11 @@ COLUMNS = (
 COLUMNS += ("eta_s",)  # metrics.csv
 
 
+# metrics.csv: the seconds of the epoch's other work (finish_epoch): the kNN monitor, the loop held by the
+# epoch's writes, the writer's own seconds for the previous epoch's writes
+COLUMNS += ("knn_s", "save_s", "write_s")
+
+
 # What a run writes into --out, which a new run there sets aside first (bit_common.set_aside_earlier_run)
 RUN_FILES = (
     "args.json",
@@ -217,60 +221,72 @@ def main(argv=None):
     model, stop = distribute(method, device), bit_common.StopSignal(dist.is_initialized(), device)
     if args.compile:  # in place: method.state_dict()'s keys, and so last.pt and the backbones, stay the same
         model.compile()
-    start = state.epoch
-    for epoch in range(start, args.epochs + 1):
-        model.train()
-        method.start_epoch(epoch)
-        sampler.set_epoch(epoch, start=state.step * (args.batch_size // world))
-        bar = tqdm(
-            total=steps_per_epoch,
-            initial=state.step,
-            desc=f"epoch {epoch}",
-            disable=rank > 0 or None,
-            leave=False,
-            dynamic_ncols=True,
-        )
-        batches, tic = iter(loader), time.perf_counter()
-        while state.step < steps_per_epoch:  # a run stopped at an epoch's last step resumes past this loop
-            wait = time.perf_counter()
-            *batch, _ = next(batches)
-            views = views_of(batch)
-            state.waited += time.perf_counter() - wait
-            done = (epoch - 1) * steps_per_epoch + state.step  # steps before this one
-            for group in optimizer.param_groups:
-                fixed = group["fixed_lr"]
-                group["lr"] = peak_lr(args) if fixed else scheduled_lr(done, steps_per_epoch, args)
-            with compile_errors(epoch, state.step + 1):
-                with autocast(device):
-                    loss, z = model([on_device(view, device) for view in views])
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-            method.before_step(epoch)
-            scaler.step(optimizer)
-            scaler.update()
-            method.after_step(momentum_progress(done + 1, steps_per_epoch, args.cosine_epochs or args.epochs))
-            state.add(loss.detach(), normalised_std(z.detach()))
-            bar.update()
-            # a host sync now and then, not at every step
-            if state.step % 20 == 0 or state.step == steps_per_epoch or stop.signum:
-                check_finite(state, epoch, args)
-                bar.set_postfix(loss=f"{state.loss_sum.item() / state.step:.4f}")
-            if stop.requested(state.step, steps_per_epoch):
-                state.seconds += time.perf_counter() - tic
-                on_process_0(rank, lambda: save_checkpoint(args, state, method, optimizer, scaler, split))
-                if rank == 0:
-                    where = f"epoch {epoch}, step {state.step}"
-                    print(f"stopped by signal in {where}; saved; continue with --resume")
-                return 128 + stop.signum
-        bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        state.seconds += time.perf_counter() - tic
-        row = state.end_epoch(optimizer.param_groups[0]["lr"], args.batch_size)
-        first = epoch == start
-        on_process_0(
-            rank, lambda: finish_epoch(row, args, state, method, optimizer, scaler, monitor, split, first)
-        )
+    writer, start = EpochWriter(), state.epoch  # the writer: process 0's
+    try:
+        for epoch in range(start, args.epochs + 1):
+            model.train()
+            method.start_epoch(epoch)
+            sampler.set_epoch(epoch, start=state.step * (args.batch_size // world))
+            bar = tqdm(
+                total=steps_per_epoch,
+                initial=state.step,
+                desc=f"epoch {epoch}",
+                disable=rank > 0 or None,
+                leave=False,
+                dynamic_ncols=True,
+            )
+            batches, tic = iter(loader), time.perf_counter()
+            # a run stopped at an epoch's last step resumes past this loop
+            while state.step < steps_per_epoch:
+                wait = time.perf_counter()
+                *batch, _ = next(batches)
+                views = views_of(batch)
+                state.waited += time.perf_counter() - wait
+                done = (epoch - 1) * steps_per_epoch + state.step  # steps before this one
+                for group in optimizer.param_groups:
+                    fixed = group["fixed_lr"]
+                    group["lr"] = peak_lr(args) if fixed else scheduled_lr(done, steps_per_epoch, args)
+                with compile_errors(epoch, state.step + 1):
+                    with autocast(device):
+                        loss, z = model([on_device(view, device) for view in views])
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                method.before_step(epoch)
+                scaler.step(optimizer)
+                scaler.update()
+                method.after_step(
+                    momentum_progress(done + 1, steps_per_epoch, args.cosine_epochs or args.epochs)
+                )
+                state.add(loss.detach(), normalised_std(z.detach()))
+                bar.update()
+                # a host sync now and then, not at every step
+                if state.step % 20 == 0 or state.step == steps_per_epoch or stop.signum:
+                    check_finite(state, epoch, args)
+                    bar.set_postfix(loss=f"{state.loss_sum.item() / state.step:.4f}")
+                if stop.requested(state.step, steps_per_epoch):
+                    state.seconds += time.perf_counter() - tic
+                    on_process_0(rank, writer.wait)  # the finished epoch's files first: this last.pt is newer
+                    parts = (args, state, method, optimizer, scaler, split)
+                    on_process_0(rank, lambda: save_checkpoint(checkpoint(*parts), args.out))
+                    if rank == 0:
+                        where = f"epoch {epoch}, step {state.step}"
+                        print(f"stopped by signal in {where}; saved; continue with --resume")
+                    return 128 + stop.signum
+            bar.close()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            state.seconds += time.perf_counter() - tic
+            row = state.end_epoch(optimizer.param_groups[0]["lr"], args.batch_size)
+            first = epoch == start
+            on_process_0(
+                rank,
+                lambda: finish_epoch(
+                    row, args, state, method, optimizer, scaler, monitor, split, first, writer
+                ),
+            )
+        on_process_0(rank, writer.wait)  # the last epoch's files
+    finally:
+        writer.join()  # after an error too: the pending files are written before the run ends
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
@@ -467,7 +483,19 @@ def pretrain_loader(data, split, method, args, rank, world, device):
 
         height, width = data.images.shape[1:3]
         items = device_views.ViewParams(method.views, args.image_size, len(index), height, width)
-        views_of = device_views.DeviceViews(data.images[index], method.views, args.image_size, device)
+        images = data.images[index]
+        step = (args.batch_size // world, method.views, args.image_size, *ARCHS[args.arch])
+        where = device_views.choose_placement(images.nbytes, device, device_views.step_bytes(*step))
+        try:
+            views_of = device_views.DeviceViews(images, method.views, args.image_size, device, where)
+        except RuntimeError as error:  # torch's out of memory, on the device or for page-locked memory
+            raise UserError(
+                f"--views-on device: the pretrain part's images ({images.nbytes / 1e9:.2f} GB) could not be "
+                f"kept in {where} memory ({error}); use --views-on loader"
+            ) from None
+        if rank == 0:
+            kept = f"{device}'s memory" if where == "device" else f"pinned host memory, copied to {device}"
+            print(f"--views-on device: the pretrain images ({images.nbytes / 1e9:.2f} GB) kept in {kept}")
     else:
         transforms = [view_transform(name, args.image_size) for name in method.views]
         items, views_of = datasets.ImageSet(data, index, transforms), lambda batch: batch
@@ -596,21 +624,90 @@ class RunState:
         return row
 
 
-def finish_epoch(row, args, state, method, optimizer, scaler, monitor, split, first):
-    """Process 0, after each epoch: the monitor, the log, last.pt, metrics.csv and curves.png, the
-    backbones."""
+def finish_epoch(row, args, state, method, optimizer, scaler, monitor, split, first, writer):
+    """Process 0, after each epoch: the monitor (its seconds: knn_s), the log, and the epoch's files handed to
+    the writer, which writes them while the next epoch trains: the backbones due, metrics.csv and curves.png,
+    then last.pt. The loop is held meanwhile (save_s) by the wait for the previous epoch's writes (their
+    seconds: write_s) and by the copy of what they write."""
     epoch = row["epoch"]
     if epoch % args.eval_every == 0 or epoch == args.epochs:
+        tic = time.perf_counter()
         row.update(monitor(method.backbone))
+        row["knn_s"] = time.perf_counter() - tic
     row["eta_s"] = row["epoch_s"] * (args.epochs - epoch)  # at this epoch's pace, the monitor's time included
+    tic = time.perf_counter()
+    writer.wait()  # at most one epoch's writes pending; their error is raised here
+    last = checkpoint(args, state, method, optimizer, scaler, split)  # its history: the epochs before
+    weights = host_copy(method.backbone.state_dict()) if due_backbones(args, epoch) else None
+    row |= {"save_s": time.perf_counter() - tic, "write_s": writer.seconds}
     state.history.append(row)
+    last["progress"]["history"].append(dict(row))
     log_epoch(row, method.out_dim, first, args)
-    write_epoch_files(args, state, method, split, epoch)
-    save_checkpoint(args, state, method, optimizer, scaler, split)  # last: it says the epoch's files exist
+
+    def write():
+        write_epoch_files(args, last["progress"]["history"], method, split, epoch, weights)
+        save_checkpoint(last, args.out)  # last: it says the epoch's files exist
+
+    writer.write(write)
 
 
-def write_epoch_files(args, state, method, split, epoch, only_missing=False):
-    """metrics.csv and curves.png, and the backbones due at `epoch` (backbone_epN.pt, backbone.pt), all
+class EpochWriter:
+    """A thread that writes an epoch's files while the next epoch trains (torch.save and savefig release the
+    GIL for their file I/O, not for all of their work); at most one epoch's writes pending. wait() waits for
+    them, raises their error (a full disk's UserError: the previous last.pt kept) in the training loop's
+    thread, and leaves their seconds in `seconds` (None before any); join() only waits, for a run that ends
+    with an error of its own. A kill -9 during a write leaves the last.pt written before, whole
+    (write_atomic)."""
+
+    def __init__(self):
+        self.thread, self.error, self.seconds = None, None, None
+
+    def write(self, work):
+        self.wait()
+        self.thread = threading.Thread(target=self.run, args=(work,), name="epoch writer")
+        self.thread.start()
+
+    def run(self, work):
+        tic = time.perf_counter()
+        try:
+            work()
+        except BaseException as e:  # raised again by wait(), in the training loop's thread
+            self.error = e
+        self.seconds = time.perf_counter() - tic
+
+    def join(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def wait(self):
+        self.join()
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+
+def host_copy(state):
+    """A copy of a state dict (nested dicts and lists) whose tensors are copies in CPU memory: a GPU's copy
+    into host memory, after which the training changes nothing of what the writer writes."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: host_copy(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(host_copy(value) for value in state)
+    return state
+
+
+def due_backbones(args, epoch):
+    """The backbone files that an epoch writes: backbone_epN.pt at the --save-at epochs, backbone.pt at the
+    last."""
+    return [f"backbone_ep{epoch}.pt"] * (epoch in args.save_at) + ["backbone.pt"] * (epoch == args.epochs)
+
+
+def write_epoch_files(args, history, method, split, epoch, weights=None, only_missing=False):
+    """metrics.csv and curves.png of `history`, and the backbones due at `epoch` (backbone_epN.pt,
+    backbone.pt; `weights`: the backbone's state dict, copied at the epoch's end, else the live one's), all
     before the last.pt that says the epoch finished: a kill in between leaves a run that redoes the epoch."""
     meta = {
         "epoch": epoch,
@@ -620,29 +717,30 @@ def write_epoch_files(args, state, method, split, epoch, only_missing=False):
         "image_size": args.image_size,
         "method": args.method,
     }
-    due = [f"backbone_ep{epoch}.pt"] * (epoch in args.save_at) + ["backbone.pt"] * (epoch == args.epochs)
+    due = due_backbones(args, epoch)
     if only_missing:
         due = [name for name in due if not (args.out / name).exists()]
         for name in due:
             print(f"writing {args.out / name}, which the run's finished epoch {epoch} lacked")
     if not only_missing or not (args.out / "metrics.csv").exists():
-        write_metrics(args.out, state.history, method.out_dim)
+        write_metrics(args.out, history, method.out_dim)
     for name in due:
-        save_backbone(method.backbone, args.out / name, **meta)
+        save_backbone(method.backbone, args.out / name, weights, **meta)
 
 
 def complete_finished_epoch(args, state, method, split):
     """--resume of a run whose last.pt says an epoch finished but whose files of that epoch are missing (the
     versions that wrote last.pt first, killed in between): write them from last.pt's weights."""
     if state.step == 0 and state.epoch > 1:
-        write_epoch_files(args, state, method, split, state.epoch - 1, only_missing=True)
+        write_epoch_files(args, state.history, method, split, state.epoch - 1, only_missing=True)
 
 
 def write_metrics(out, history, dim):
     """metrics.csv, a row per epoch (row 0: the network before training), and curves.png, both replaced
     whole."""
     bit_common.write_csv(out / "metrics.csv", history)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))  # not pyplot, whose figures are global: this runs in the writer's thread
+    axes = fig.subplots(1, 3)
     trained = [row for row in history if row["epoch"] > 0]
     evaluated = [row for row in history if row["knn_bacc"] is not None]
     axes[0].plot([r["epoch"] for r in trained], [r["loss"] for r in trained])
@@ -656,7 +754,6 @@ def write_metrics(out, history, dim):
     axes[2].legend(loc="lower left")
     fig.tight_layout()
     write_atomic(out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
 
 
 def log_epoch(row, dim, first, args):
@@ -733,22 +830,29 @@ def keep_finished_backbone(args, start_epoch):
         os.replace(finished, args.out / f"backbone_ep{start_epoch - 1}.pt")
 
 
-def save_checkpoint(args, state, method, optimizer, scaler, split):
-    """DIR/last.pt: everything --resume needs, the random state included, and the split's digest, which
-    --resume checks DIR/split.json against; written atomically."""
-    checkpoint = {
-        "model": method.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "progress": state.state_dict(),
-        "rng": torch.get_rng_state(),
-        "args": to_json(args),
-        "split_digest": datasets.split_digest(split),
-    }
+def checkpoint(args, state, method, optimizer, scaler, split):
+    """What DIR/last.pt holds: everything --resume needs, the random state included, and the split's digest,
+    which --resume checks DIR/split.json against. A copy in CPU memory (host_copy): the training may go on
+    while it is written."""
+    return host_copy(
+        {
+            "model": method.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "progress": state.state_dict(),
+            "rng": torch.get_rng_state(),
+            "args": to_json(args),
+            "split_digest": datasets.split_digest(split),
+        }
+    )
+
+
+def save_checkpoint(last, out):
+    """DIR/last.pt, written atomically."""
     try:
-        bit_common.save_last(checkpoint, args.out)
+        bit_common.save_last(last, out)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as either
-        raise UserError(f"cannot write {args.out / 'last.pt'} ({e}); the previous one is kept") from None
+        raise UserError(f"cannot write {out / 'last.pt'} ({e}); the previous one is kept") from None
 
 
 def resume_from(args, state, method, optimizer, scaler, split, steps_per_epoch):

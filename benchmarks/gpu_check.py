@@ -9,24 +9,30 @@ the GPU computes in it), SimSiam in fp16 with the GradScaler, --whiten, MoCo v2 
 over the GPUs present, a SIGTERM mid-run then --resume (compared with the run that was never stopped),
 linear_eval.py and finetune.py --tune q4 on the pretrained backbone. It measures, for R50x1 BN SimSiam: images
 per second end to end (pretrain.py's metrics.csv) vs model-only (the same steps on tensors already on the
-device, in this process), the fraction of time spent waiting for data, peak GPU memory (model-only), the
-model-only figures again with channels-last off and with torch.compile (its first steps' seconds, which hold
-the compilation, apart), and pretrain.py --compile end to end.
+device, in this process), the fraction of time spent waiting for data, peak GPU memory (model-only), and the
+model-only figures again with channels-last off. SimSiam's pretraining also runs, with the loader's views and
+with --views-on device, on a stand-in of HAM10000's size (6,680 JPEGs of 600x450, 3 epochs), whose epochs
+after the first measure the steady state; each pretraining path projects the paper's 400 epochs of 6,009
+images from its steady state (protocol_minutes) and gives the seconds of an epoch's kNN monitor and writes,
+each also as a fraction of the epoch (throughput). The model-only step also runs compiled by torch.compile
+(its first steps' seconds, which hold the compilation, apart), and pretrain.py --compile end to end.
 
-Writes OUT/gpu_check.json (each path's status and seconds, every figure, device, torch and CUDA versions),
-prints a table, and exits 1 naming any failed path. A path that the --budget-s would not leave time for is
-skipped, and reported as skipped.
+Writes OUT/gpu_check.json (each path's status and seconds, every figure, device, torch and CUDA versions) and
+each pretraining path's metrics.csv as OUT/PATH-metrics.csv, prints a table, and exits 1 naming any failed
+path. A path that the --budget-s would not leave time for is skipped, and reported as skipped.
 """
 
 import argparse
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +60,8 @@ PATHS = (
     "model-only-compiled",
     "pretrain-simsiam",
     "pretrain-simsiam-device-views",
+    "pretrain-simsiam-ham-size",
+    "pretrain-simsiam-device-views-ham-size",
     "pretrain-simsiam-compiled",
     "pretrain-simsiam-fp16",
     "torchrun",
@@ -80,24 +88,46 @@ COMPILED = ("model-only-compiled", "pretrain-simsiam-compiled", "model-only-max-
 MAX_AUTOTUNE_S = 300
 
 
-def write_ham_like(root, images, size, seed=0):
-    """HAM10000's layout (datasets.load_ham10000): the metadata CSV and JPEGs named by image_id below `root`;
-    7 classes, each lesion 1-3 images, each class its own colour under noise, which a classifier can learn."""
+# The paper's pretraining: HAM10000's 6,009 pretrain images (60 % of 10,015, Lu et al. §3), 400 epochs (§4.1)
+PROTOCOL_IMAGES = 6009 * 400
+
+
+def protocol_minutes(img_per_s):
+    """The paper's pretraining at `img_per_s`, in minutes: the training steps alone."""
+    return PROTOCOL_IMAGES / img_per_s / 60
+
+
+def write_ham_like(root, images, height, width, seed=0):
+    """HAM10000's layout (datasets.load_ham10000): the metadata CSV and height x width JPEGs named by image_id
+    below `root`; 7 classes, each lesion 1-3 images, each class its own colour under noise, which a classifier
+    can learn. The noise of each image is its own window of one field twice its size (drawing a field for
+    each image would take most of the time), and the JPEGs are encoded on every core (PIL releases the
+    GIL)."""
     rng = np.random.default_rng(seed)
     folder = root / "HAM10000_images_part_1"
     folder.mkdir(parents=True)
     lines, lesion, k = ["lesion_id,image_id,dx,dx_type,age,sex,localization"], 0, 0
     colours = rng.uniform(40, 215, (len(datasets.HAM_CLASSES), 3))
-    while k < images:
-        label = lesion % len(datasets.HAM_CLASSES)
-        for _ in range(min(rng.integers(1, 4), images - k)):
-            image_id = f"ISIC_{24306 + k:07d}"
-            dx = datasets.HAM_CLASSES[label]
-            lines.append(f"HAM_{lesion:07d},{image_id},{dx},histo,50.0,male,back")
-            pixels = colours[label] + rng.normal(0, 40, (size, size, 3))
-            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{image_id}.jpg", quality=90)
-            k += 1
-        lesion += 1
+    noise = rng.normal(0, 40, (2 * height, 2 * width, 3)).astype(np.float32)
+
+    def write(label, y, x, path):  # in a thread: numpy and PIL release the GIL on whole images
+        pixels = (colours[label] + noise[y : y + height, x : x + width]).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(path, quality=90)
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        saved = []
+        while k < images:
+            label = lesion % len(datasets.HAM_CLASSES)
+            for _ in range(min(rng.integers(1, 4), images - k)):
+                image_id = f"ISIC_{24306 + k:07d}"
+                dx = datasets.HAM_CLASSES[label]
+                lines.append(f"HAM_{lesion:07d},{image_id},{dx},histo,50.0,male,back")
+                where = rng.integers(0, height), rng.integers(0, width)
+                saved.append(pool.submit(write, label, *where, folder / f"{image_id}.jpg"))
+                k += 1
+            lesion += 1
+        for save in saved:
+            save.result()  # raises a failed write's error
     (root / "HAM10000_metadata.csv").write_text("\n".join(lines) + "\n")
 
 
@@ -150,20 +180,32 @@ def script(command, timeout, **popen):
 def throughput(out):
     """A run's figures from its metrics.csv: the last epoch's (img_per_s, data_wait), as this check has always
     reported them, and the steady state's, the mean over the epochs after the first, which fills the
-    loader's pipeline and starts its workers (steady_img_per_s, steady_data_wait)."""
+    loader's pipeline and starts its workers (steady_img_per_s, steady_data_wait, steady_epoch_s). Beside them
+    the steady state's seconds of an epoch's other work (pretrain.finish_epoch), each the mean over the steady
+    epochs that have it, and its fraction of the epoch, the mean of seconds / epoch_s over the same epochs
+    (None where none has it): the kNN monitor (knn_s, where it ran), the loop held by the epoch's writes
+    (save_s), the background writer's seconds for the epoch before's backbones, metrics.csv, curves.png and
+    last.pt (write_s, all of them together)."""
     with open(out / "metrics.csv") as f:
         rows = [row for row in csv.DictReader(f) if int(row["epoch"]) > 0]
     steady = rows[1:] or rows
 
-    def mean(key):
-        return sum(float(row[key]) for row in steady) / len(steady)
+    def mean(values):
+        return sum(values) / len(values) if values else None
 
-    return {
+    figures = {
         "img_per_s": float(rows[-1]["img_per_s"]),
         "data_wait": float(rows[-1]["data_wait"]),
-        "steady_img_per_s": mean("img_per_s"),
-        "steady_data_wait": mean("data_wait"),
+        "steady_img_per_s": mean([float(row["img_per_s"]) for row in steady]),
+        "steady_data_wait": mean([float(row["data_wait"]) for row in steady]),
+        "steady_epoch_s": mean([float(row["epoch_s"]) for row in steady]),
     }
+    for key in ("knn_s", "save_s", "write_s"):
+        timed = [row for row in steady if row.get(key)]  # empty where it did not run
+        figures[f"steady_{key}"] = mean([float(row[key]) for row in timed])
+        name = f"steady_{key.removesuffix('_s')}_fraction"
+        figures[name] = mean([float(row[key]) / float(row["epoch_s"]) for row in timed])
+    return figures
 
 
 def differences(a, b):
@@ -271,6 +313,12 @@ def main():
     # 8 px, 40% to pretrain on, 2 steps of 16 an epoch (5 stratified folds: 5 lesions a class).
     size, batch, images, epochs = (8, 16, 80, 2) if args.tiny else (224, 128, 1280, 5)
     split = "0.4,0.2,0.2,0.2" if args.tiny else "0.6,0.1,0.1,0.2"
+    # HAM10000's size for the headline paths: 6,680 JPEGs of 600x450 (HAM10000's), 90% to pretrain on (about
+    # 6,010: 47 steps of 128 an epoch), 3 epochs, so that epochs 2-3 give each of 16 workers 5 batches or more
+    # after the first fills the pipeline. Tiny: the small stand-in's count and split at 60x45, 3 epochs.
+    ham_images, ham_shape, ham_split = (
+        (80, (45, 60), split) if args.tiny else (6680, (450, 600), "0.9,0.04,0.03,0.03")
+    )
     # the tiny run loads in the main process; a GPU run keeps the scripts' default, a worker per core up to 16
     workers = ["--workers", "0"] if args.tiny else []
     gpus = torch.cuda.device_count() if device.type == "cuda" else 2  # two gloo processes on the CPU
@@ -288,7 +336,7 @@ def main():
     check = Check(args.budget_s, 5 if args.tiny else 20, args.out / "gpu_check.json", header)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_ham_like(tmp / "ham", images, size)
+        write_ham_like(tmp / "ham", images, size, size)
         data = ["--data", "ham10000", "--data-root", str(tmp / "ham"), "--image-size", str(size)]
         data += ["--split", split, "--split-file", str(tmp / "split.json")]
         data += ["--cache-dir", str(tmp / "cache"), "--device", args.device, *workers]
@@ -303,15 +351,35 @@ def main():
             elif name in wanted:
                 check.run(name, work, needs_s)
 
-        def pretraining(name, *flags, launcher=python, expect=None):
+        def pretraining(name, *flags, launcher=python, expect=None, inputs=None):
+            """inputs(): (figures, data flags, train flags) made before the run; default ({}, data, train)"""
+
             def work(timeout):
                 out = tmp / name
-                done = script([*launcher, "pretrain.py", *data, *train, *flags, "--out", str(out)], timeout)
+                figures, run_data, run_train = inputs() if inputs else ({}, data, train)
+                command = [*launcher, "pretrain.py", *run_data, *run_train, *flags, "--out", str(out)]
+                done = script(command, timeout)
                 if expect and expect not in done.stdout:
                     raise RuntimeError(f"pretrain.py did not announce {expect!r}: {done.stdout[-1500:]}")
-                return throughput(out)
+                shutil.copyfile(out / "metrics.csv", args.out / f"{name}-metrics.csv")  # the figures' source
+                figures |= throughput(out)
+                return figures | {"protocol_minutes": protocol_minutes(figures["steady_img_per_s"])}
 
             path(name, work)
+
+        ham = tmp / "ham-size"
+        # the later flags win
+        ham_data = [*data, "--data-root", str(ham), "--split", ham_split]
+        ham_data += ["--split-file", str(tmp / "split-ham.json")]
+        ham_train = [*train, "--epochs", "3", "--eval-every", "3"]
+
+        def ham_size():
+            """The HAM10000-sized stand-in, written by the first path that runs on it, with its seconds."""
+            if ham.exists():
+                return {}, ham_data, ham_train
+            tic = time.perf_counter()
+            write_ham_like(ham, ham_images, *ham_shape)
+            return {"stand_in_write_s": time.perf_counter() - tic}, ham_data, ham_train
 
         warmup, steps = (1, 2) if args.tiny else (3, 20)
         for layout, channels_last in (("channels-last", True), ("contiguous", False)):
@@ -328,6 +396,9 @@ def main():
         path("model-only-compiled", lambda t: compiled("default"))
         pretraining("pretrain-simsiam", "--method", "simsiam")
         pretraining("pretrain-simsiam-device-views", "--method", "simsiam", "--views-on", "device")
+        pretraining("pretrain-simsiam-ham-size", "--method", "simsiam", inputs=ham_size)
+        ham_device = ("--method", "simsiam", "--views-on", "device")
+        pretraining("pretrain-simsiam-device-views-ham-size", *ham_device, inputs=ham_size)
         pretraining("pretrain-simsiam-compiled", "--method", "simsiam", "--compile")
         # the CPU computes in float32 whatever the GPU can
         fp16 = "steps per epoch, float16" if device.type == "cuda" else None
@@ -371,7 +442,7 @@ def print_table(report):
     print(f"\n{report['device']}, torch {report['torch']}, CUDA {report['cuda']}, {report['precision']}")
     print(f"{report['image_size']} px, batch {report['batch_size']}, {report['seconds']} s in all")
     for name, p in report["paths"].items():
-        figures = {k: v for k, v in p.items() if k not in ("status", "seconds", "error")}
+        figures = {k: v for k, v in p.items() if k not in ("status", "seconds", "error") and v is not None}
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in figures.items())
         print(f"  {name:28s} {p['status']:18s} {p['seconds']:7.1f} s  {shown}")
 

@@ -8,10 +8,13 @@ every JPEG decoded again each time it is read.
     python benchmarks/loader.py --data-root PATH_TO_HAM10000                # the real images
 
 Prints images per second (two 224-px views each) of the first epoch, which starts the workers and fills the
-pipeline, apart from the epochs after it (the steady state, each epoch and all of them together); how long
-building the cache took; and the milliseconds one process spends decoding an image and making its two views.
-The epochs after the first must give each worker at least 4 batches, so that the figure is not the filling of
-the pipeline again.
+pipeline, apart from the epochs after it (the steady state, each epoch and all of them together), and the
+fraction of each epoch's time spent waiting for the next batch, as pretrain.py's `data_wait`: after each batch
+the main process stands in for a model step of --step-img-per-s images per second (it sleeps, as it does while
+a GPU computes, leaving the CPUs to the workers; 0: no step, the loader alone, which then waits all the time).
+Also how long building the cache took, and the milliseconds one process spends decoding an image and making
+its two views. The epochs after the first must give each worker at least 4 batches, so that the figure is not
+the filling of the pipeline again.
 """
 
 import argparse
@@ -35,6 +38,9 @@ from bit_common import ArgumentParser, UserError, device_name, run  # noqa: E402
 
 HAM10000_PRETRAIN = 6009  # 60 % of HAM10000's 10,015 images pretrain (Lu et al. §3)
 DISTINCT = 64  # stand-in pictures; the other files are copies (each file is still read and decoded)
+# SimSiam R50x1, 224 px, batch 128, bf16, channels-last, the model alone: benchmarks/gpu_check.py on an
+# NVIDIA H200 (benchmarks/results/gpu_check-h200-1.json, its path model-only-channels-last)
+MODEL_IMG_PER_S = 1697
 
 
 def stand_in_jpegs(folder, n):
@@ -73,7 +79,8 @@ def as_data(images):
 
 
 def epochs(images, args, device):
-    """(images, seconds) of each epoch through pretrain.py's loader of SimSiam's views."""
+    """(images, seconds, seconds waiting for a batch) of each epoch through pretrain.py's loader of SimSiam's
+    views, a model step of args.step_img_per_s after each batch."""
     data = as_data(images)
     settings = SimpleNamespace(
         image_size=args.size, batch_size=args.batch_size, seed=0, workers=args.workers, views_on="loader"
@@ -85,10 +92,18 @@ def epochs(images, args, device):
     timed = []
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
-        tic, count = time.perf_counter(), 0
-        for batch in loader:
+        tic, count, waited = time.perf_counter(), 0, 0.0
+        batches = iter(loader)
+        while True:  # as pretrain.py's loop: the wait is next()'s
+            wait = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - wait
+            if batch is None:
+                break
             count += len(batch[0])
-        timed.append((count, time.perf_counter() - tic))
+            if args.step_img_per_s:
+                time.sleep(len(batch[0]) / args.step_img_per_s)
+        timed.append((count, time.perf_counter() - tic, waited))
     return timed
 
 
@@ -100,11 +115,16 @@ def milliseconds(work, items):
 
 
 def row(name, timed):
-    """The first epoch's images per second, then the later epochs' together and each."""
-    (count, seconds), later = timed[0], timed[1:]
-    steady = sum(c for c, _ in later) / sum(s for _, s in later)
-    each = ", ".join(f"{c / s:.0f}" for c, s in later)
-    return f"{name:26s} {count / seconds:10.1f} {steady:12.1f}   (each: {each})"
+    """The first epoch's images per second and waiting fraction, then the later epochs' together, then each
+    later epoch's images per second."""
+    (count, seconds, waited), later = timed[0], timed[1:]
+    steady = sum(c for c, _, _ in later) / sum(s for _, s, _ in later)
+    steady_wait = sum(w for _, _, w in later) / sum(s for _, s, _ in later)
+    each = ", ".join(f"{c / s:.0f}" for c, s, _ in later)
+    return (
+        f"{name:26s} {count / seconds:10.1f} {waited / seconds:6.0%} {steady:12.1f} {steady_wait:6.0%}"
+        f"   (each: {each})"
+    )
 
 
 def main():
@@ -115,6 +135,13 @@ def main():
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count()))  # the scripts' default
     parser.add_argument("--batch-size", type=int, default=128)  # the paper's batch (§4.1)
+    parser.add_argument(
+        "--step-img-per-s",
+        type=bit_common.NON_NEGATIVE,
+        default=MODEL_IMG_PER_S,
+        help="the model step stood in for after each batch, in images/s "
+        f"(default {MODEL_IMG_PER_S}: SimSiam R50x1 alone on an H200); 0: none",
+    )
     parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--skip-decode-each-time", action="store_true", help="measure the decode-once cache alone"
@@ -166,7 +193,10 @@ def main():
         f"workers {args.workers}, batch {args.batch_size} ({batches} batches an epoch), "
         f"{args.epochs} epochs; torch {torch.__version__}, {os.cpu_count()} CPUs"
     )
-    print(f"{'images/s':26s} {'epoch 1':>10s} {'epochs 2-' + str(args.epochs):>12s}")
+    step = f"a model step of {args.step_img_per_s:g} images/s" if args.step_img_per_s else "no model step"
+    print(f"after each batch: {step}; wait: the fraction of the time spent waiting for the next batch")
+    later = f"epochs 2-{args.epochs}"
+    print(f"{'images/s, wait':26s} {'epoch 1':>17s} {later:>19s}")
     print(row("decode-once cache", cached))
     if decoded:
         print(row("JPEG decoded every time", decoded))

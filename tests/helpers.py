@@ -76,9 +76,15 @@ def run_patched(script, patch, *args, **kwargs):
     """run_script, after `patch` (Python code, run once the script's module is imported as its name, e.g.
     `pretrain`) has changed what it needs: a failure or a signal at one chosen moment, from outside the code
     under test. The script then runs as from its command line, through bit_common.run."""
+    return run_script(*patched(script, patch), *args, **kwargs)
+
+
+def patched(script, patch):
+    """The interpreter's arguments that run `script` after `patch` (see run_patched), for a process of one's
+    own (subprocess.Popen)."""
     module = Path(script).stem
     code = f"import sys\nsys.argv = [{script!r}, *sys.argv[1:]]\nimport bit_common, {module}\n{patch}\n"
-    return run_script("-c", code + f"bit_common.run({module}.main)\n", *args, **kwargs)
+    return ["-c", code + f"bit_common.run({module}.main)\n"]
 
 
 def run_pretraining_over_gloo(args, patch=None, check=True, env=None, timeout=300):
@@ -349,7 +355,7 @@ def closed_port_url():
         return f"http://127.0.0.1:{s.getsockname()[1]}/"
 
 
-TIMING = ("img_per_s", "data_wait", "epoch_s", "eta_s")
+TIMING = ("img_per_s", "data_wait", "epoch_s", "eta_s", "knn_s", "save_s", "write_s")
 
 
 def read_metrics(out):

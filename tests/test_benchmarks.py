@@ -10,20 +10,29 @@ from helpers import run_script
 
 @pytest.mark.script
 def test_loader_benchmark_reports_the_first_epoch_apart_from_the_steady_state():
-    """48 stand-in JPEGs in batches of 8 through pretrain.py's loader with one worker, 3 epochs: the first
-    epoch's images per second, then epochs 2-3 together and each."""
+    """48 stand-in JPEGs in batches of 8 through pretrain.py's loader with one worker, 3 epochs, a model step
+    of 100 images/s after each batch: the first epoch's images per second and waiting fraction, then epochs
+    2-3's together, and each. The step bounds the rate (80 ms a batch), and the worker, which makes a batch of
+    16-px views in a fraction of that, keeps ahead of it once the pipeline is full: little waiting."""
     run = run_script(
         "benchmarks/loader.py",
         *("--images", 48, "--batch-size", 8, "--workers", 1, "--epochs", 3, "--size", 16, "--device", "cpu"),
-        "--skip-decode-each-time",
+        *("--step-img-per-s", 100, "--skip-decode-each-time"),
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert (
         "48 images of 600x450 -> two 16-px SimSiam views; workers 1, batch 8 (6 batches an epoch)"
         in run.stdout
     )
+    assert "after each batch: a model step of 100 images/s" in run.stdout
     assert re.search(r"epoch 1 +epochs 2-3\n", run.stdout)
-    assert re.search(r"decode-once cache +[\d.]+ +[\d.]+ +\(each: \d+, \d+\)\n", run.stdout)
+    found = re.search(
+        r"decode-once cache +([\d.]+) +(\d+)% +([\d.]+) +(\d+)% +\(each: (\d+), (\d+)\)\n", run.stdout
+    )
+    assert found, run.stdout
+    first, first_wait, steady, steady_wait, *each = map(float, found.groups())
+    assert 0 < first <= 100 and 0 < steady <= 100 and all(0 < e <= 101 for e in each)
+    assert first_wait > steady_wait and steady_wait < 50  # the first epoch waits for the worker to start
     assert "JPEG decoded every time" not in run.stdout
 
 

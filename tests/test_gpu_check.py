@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py as a dry run on the CPU, so that the check a GPU will run cannot rot before one is
 lent: every path runs through, the report holds every figure, and a failed path makes the exit non-zero."""
 
+import csv
 import json
 
 import pytest
@@ -15,6 +16,8 @@ PATHS = [
     "model-only-compiled",
     "pretrain-simsiam",
     "pretrain-simsiam-device-views",
+    "pretrain-simsiam-ham-size",
+    "pretrain-simsiam-device-views-ham-size",
     "pretrain-simsiam-compiled",
     "pretrain-simsiam-fp16",
     "torchrun",
@@ -52,24 +55,44 @@ def test_every_path_runs_on_the_cpu_and_is_reported(tmp_path):
         assert report["paths"][name]["img_per_s"] > 0, name
     for name in [n for n in PATHS if n.startswith(("pretrain", "torchrun")) and n not in COMPILED]:
         assert 0 < report["paths"][name]["data_wait"] < 1, name
+        assert report["paths"][name]["protocol_minutes"] > 0, name
+    assert report["paths"]["pretrain-simsiam-ham-size"]["stand_in_write_s"] > 0  # written once, for both
+    assert "stand_in_write_s" not in report["paths"]["pretrain-simsiam-device-views-ham-size"]
     assert report["paths"]["sigterm-resume"]["max_abs_difference"] == 0  # the CPU resumes bit for bit
     assert "model-only-contiguous" in run.stdout  # the table
 
 
 def test_the_shared_paths_run_on_the_cpu(tmp_path):
     """In the default run: the paths every other path leans on (a pretraining, linear_eval.py on its
-    backbone), about 20 s; the rest is -m slow above (each runs code that other tests run too: the model-only
+    backbone) and the headline pretraining on the HAM10000-sized stand-in (scaled down to 80 JPEGs of 60x45,
+    3 epochs), about 30 s; the rest is -m slow above (each runs code that other tests run too: the model-only
     figures, SIGTERM and --resume, finetune.py, each method, --views-on device)."""
-    shared = ["pretrain-simsiam", "linear-eval"]
+    shared = ["pretrain-simsiam", "pretrain-simsiam-ham-size", "linear-eval"]
     run = gpu_check(tmp_path, "--only", ",".join(shared))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert HEADER <= set(report) and report["device"] == "cpu" and report["precision"] == "float32"
     assert list(report["paths"]) == shared
     assert {p["status"] for p in report["paths"].values()} == {"ok"}
-    figures = report["paths"]["pretrain-simsiam"]  # the epochs after the first, apart
-    assert figures["steady_img_per_s"] > 0 and 0 <= figures["steady_data_wait"] < 1
-    assert figures["img_per_s"] > 0 and 0 < figures["data_wait"] < 1  # the last epoch's, as before
+    for name in ("pretrain-simsiam", "pretrain-simsiam-ham-size"):
+        figures = report["paths"][name]  # the epochs after the first, apart
+        assert figures["steady_img_per_s"] > 0 and 0 <= figures["steady_data_wait"] < 1
+        assert figures["img_per_s"] > 0 and 0 < figures["data_wait"] < 1  # the last epoch's, as before
+        # the paper's 6,009 images x 400 epochs at the steady state's pace, in minutes
+        assert figures["protocol_minutes"] == pytest.approx(6009 * 400 / figures["steady_img_per_s"] / 60)
+    assert report["paths"]["pretrain-simsiam-ham-size"]["stand_in_write_s"] > 0
+    figures = report["paths"]["pretrain-simsiam"]
+    # the epoch's other work in the steady state (the tiny run's second and last epoch, evaluated and saved
+    # after the first's writes), from the run's own metrics.csv: seconds, and fractions of the epoch
+    with open(tmp_path / "pretrain-simsiam-metrics.csv", newline="") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert last["epoch"] == "2"
+    epoch_s = float(last["epoch_s"])
+    assert figures["steady_epoch_s"] == pytest.approx(epoch_s)
+    for key in ("knn", "save", "write"):
+        seconds = float(last[f"{key}_s"])
+        assert seconds > 0 and figures[f"steady_{key}_s"] == pytest.approx(seconds), key
+        assert figures[f"steady_{key}_fraction"] == pytest.approx(seconds / epoch_s), key
 
 
 def test_a_failed_path_exits_non_zero_and_is_named(tmp_path):

@@ -142,9 +142,17 @@ def test_a_warm_up_longer_than_the_run_is_shortened_to_a_tenth_and_said(tmp_path
 @pytest.mark.script
 def test_a_finished_run_with_an_explicit_horizon_can_be_extended_exactly(tmp_path, whole_run, capsys):
     """--cosine-epochs 4: one epoch, then --resume --epochs 2, ends as a two-epoch run of the same horizon
-    (its backbone.pt of epoch 1 kept as backbone_ep1.pt). The horizon itself may not change."""
+    (its backbone.pt of epoch 1 kept as backbone_ep1.pt). The horizon itself may not change. Its last.pt holds
+    the rows of a version before knn_s, save_s and write_s: they stay empty in metrics.csv, the new row has
+    them."""
     pretrain.main(continued_args(tmp_path, whole_run, epochs=1, out="extended"))
     first = backbone_tensors(tmp_path / "extended")
+    last = torch.load(tmp_path / "extended" / "last.pt", weights_only=True)
+    new = ("knn_s", "save_s", "write_s")
+    last["progress"]["history"] = [
+        {k: v for k, v in r.items() if k not in new} for r in last["progress"]["history"]
+    ]
+    torch.save(last, tmp_path / "extended" / "last.pt")
     pretrain.main(["--out", str(tmp_path / "extended"), "--resume", "--epochs", "2"])
     extended = tmp_path / "extended"
     assert json.loads((extended / "args.json").read_text())["epochs"] == 2
@@ -154,6 +162,7 @@ def test_a_finished_run_with_an_explicit_horizon_can_be_extended_exactly(tmp_pat
     assert all(torch.equal(got[k], v) for k, v in expected.items())
     assert without_timing(read_metrics(extended)) == without_timing(read_metrics(whole_run))
     rows = read_metrics(extended)
+    assert [rows[1][k] for k in new] == ["", "", ""] and float(rows[2]["save_s"]) >= 0
     assert float(rows[1]["eta_s"]) == pytest.approx(0.0)  # epoch 1 was the last, then
     assert (
         float(rows[2]["eta_s"]) == 0.0 and "at this pace the whole run (1 epochs)" in capsys.readouterr().out

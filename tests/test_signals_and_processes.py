@@ -2,8 +2,10 @@
 workers, the --out lock and the links planted there, the temporary files of killed processes, --force into a
 finished run, an empty --out, FIFOs as inputs, torchrun's processes that never meet, a closed stdout, a signal
 at any moment, and a second torchrun job into a live run. Each test names its row of CATALOGUE.md ("Third
-audit")."""
+audit"). Then issue 24's background writer: the next epoch trains while an epoch's files are written, a kill
+-9 during the write, a write that fails."""
 
+import errno
 import importlib
 import json
 import os
@@ -28,7 +30,16 @@ import bit_common
 import bit_convert
 import datasets
 import pretrain
-from helpers import REPO, run_patched, run_pretraining_over_gloo, tiny_args
+from helpers import (
+    REPO,
+    TIMING,
+    TinyBackbone,
+    patched,
+    run_patched,
+    run_pretraining_over_gloo,
+    tiny_args,
+    without_timing,
+)
 
 STEPS = 3  # an epoch of small_args: 90 pretrain images in batches of 30
 TAG = "RUN_SAFETY_TAG"  # in the environment of a test's processes, and so of every process they start
@@ -81,13 +92,12 @@ def same_run(expected, got):
     for name in ("backbone.pt", "backbone_ep1.pt"):
         a, b = backbone_tensors(expected / name), backbone_tensors(got / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    timing = ("img_per_s", "data_wait", "epoch_s", "eta_s")
     rows = [pretrain_rows(expected), pretrain_rows(got)]
-    assert [[{k: v for k, v in r.items() if k not in timing} for r in rs] for rs in rows][0] == [
-        {k: v for k, v in r.items() if k not in timing} for r in rows[1]
+    assert [[{k: v for k, v in r.items() if k not in TIMING} for r in rs] for rs in rows][0] == [
+        {k: v for k, v in r.items() if k not in TIMING} for r in rows[1]
     ]
-    for row in rows[1][1:]:
-        assert all(float(row[k]) >= 0 for k in timing) and float(row["epoch_s"]) > 0
+    for row in rows[1][1:]:  # write_s: empty in a process's first epoch (pretrain.finish_epoch)
+        assert all(float(row[k]) >= 0 for k in TIMING if row[k] != "") and float(row["epoch_s"]) > 0
 
 
 def pretrain_rows(out):
@@ -757,3 +767,155 @@ def test_an_error_of_process_0_ends_every_torchrun_process_with_its_line(tmp_pat
     assert run.returncode != 0
     assert run.stderr.count(line) == 2 and "RuntimeError" not in run.stderr, run.stderr[-3000:]
     assert [p.name for p in out.iterdir()] == [".lock"]  # nothing written: process 0's lock alone
+
+
+# ------------------------------------------------------ issue 24: the epoch's files written in the background
+
+
+def backbone_of(model):
+    """The backbone's tensors in a last.pt's model."""
+    return {k.removeprefix("backbone."): v for k, v in model.items() if k.startswith("backbone.")}
+
+
+def same_tensors(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def slow_writes(tmp_path_factory):
+    """Three epochs of small_args (TinyBackbone), in-process, each last.pt written a second late (bit_common.
+    save_last sleeps first): the run's folder; when the first step of each epoch started and when each
+    epoch's last.pt was written; the backbone each last.pt holds, and the backbone's weights as finish_epoch
+    found them at each epoch's end (cloned in this thread, before anything was handed to the writer)."""
+    tmp = tmp_path_factory.mktemp("slow_writes")
+    started, written, saved, truth = {}, {}, {}, {}
+    save_last, finish, on_device = bit_common.save_last, pretrain.finish_epoch, pretrain.on_device
+
+    def slow_save_last(last, out):
+        time.sleep(1)
+        save_last(last, out)
+        epoch = last["progress"]["epoch"] - 1
+        written[epoch] = time.monotonic()
+        saved[epoch] = backbone_of(torch.load(out / "last.pt", weights_only=True)["model"])
+
+    def finish_and_keep(row, args, state, method, *rest):
+        truth[row["epoch"]] = {k: v.clone() for k, v in method.backbone.state_dict().items()}
+        finish(row, args, state, method, *rest)
+
+    def timed_on_device(view, device):
+        started.setdefault(len(truth) + 1, time.monotonic())  # the first view of each epoch
+        return on_device(view, device)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pretrain, "build_backbone", lambda *args, **kwargs: TinyBackbone())
+        patch.setattr(bit_common, "save_last", slow_save_last)
+        patch.setattr(pretrain, "finish_epoch", finish_and_keep)
+        patch.setattr(pretrain, "on_device", timed_on_device)
+        assert pretrain.main(small_args(tmp, epochs=3)) == 0
+    return Namespace(out=tmp / "run", started=started, written=written, saved=saved, truth=truth)
+
+
+@pytest.mark.script
+def test_the_next_epoch_trains_while_the_writer_writes_the_epochs_end(slow_writes):
+    """Issue 24, item 4: each epoch's last.pt (here a second slow) is written while the next epoch trains,
+    and what is written is the state of the epoch's end, copied before the next epoch's steps changed it:
+    last.pt and backbone_ep1.pt hold the weights of their epoch's end, which the next epoch changed."""
+    run = slow_writes
+    for epoch in (1, 2):
+        assert run.started[epoch + 1] < run.written[epoch], f"epoch {epoch + 1} waited for the writes"
+        assert not same_tensors(run.truth[epoch], run.truth[epoch + 1])  # the next epoch changed them
+    for epoch in (1, 2, 3):
+        assert same_tensors(run.saved[epoch], run.truth[epoch]), f"epoch {epoch}'s last.pt"
+    assert same_tensors(backbone_tensors(run.out / "backbone_ep1.pt"), run.truth[1])
+    assert same_tensors(backbone_tensors(run.out / "backbone.pt"), run.truth[3])
+
+
+KILL_WHILE_WRITING = """
+import pathlib, sys, time, torch
+sys.path.insert(0, "tests")
+from helpers import TinyBackbone
+pretrain.build_backbone = lambda *args, **kwargs: TinyBackbone()
+marks, save, add = pathlib.Path({marks!r}), torch.save, pretrain.RunState.add
+def slow_save(obj, f, *args, **kwargs):
+    if isinstance(obj, dict) and "progress" in obj and obj["progress"]["epoch"] == 3:  # epoch 2's last.pt
+        f.write(b"the first bytes of a checkpoint")
+        f.flush()
+        (marks / "writing").touch()
+        time.sleep(600)
+    return save(obj, f, *args, **kwargs)
+def add_and_mark(state, loss, z_std):
+    add(state, loss, z_std)
+    if state.epoch == 3:
+        (marks / "training").touch()
+torch.save, pretrain.RunState.add = slow_save, add_and_mark
+"""
+
+
+@pytest.mark.script
+def test_kill_9_while_the_writer_writes_last_pt_resumes_to_the_uninterrupted_run(
+    slow_writes, tmp_path, tag, monkeypatch
+):
+    """Issue 24, item 4: kill -9 while the writer is in the middle of epoch 2's last.pt and epoch 3 trains
+    meanwhile: epoch 1's last.pt is left whole beside the half-written temporary file, and --resume from it
+    ends bit-identical to the run never interrupted."""
+    out, marks = tmp_path / "run", tmp_path / "marks"
+    marks.mkdir()
+    args = small_args(tmp_path, epochs=3, split_file=slow_writes.out / "split.json")
+    with open(tmp_path / "output.txt", "w") as output:
+        process = subprocess.Popen(
+            [sys.executable, *patched("pretrain.py", KILL_WHILE_WRITING.format(marks=str(marks))), *args],
+            cwd=REPO,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", TAG: tag},
+        )
+        deadline = time.monotonic() + 300
+        while not all((marks / m).exists() for m in ("writing", "training")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        alive = process.poll() is None
+        process.kill()
+        process.wait()
+    assert alive and (marks / "training").exists(), (tmp_path / "output.txt").read_text()[-3000:]
+    assert len(list(out.glob(".last.pt.*.tmp"))) == 1  # the write under way, cut short
+    progress = torch.load(out / "last.pt", weights_only=True)["progress"]
+    assert (progress["epoch"], progress["step"]) == (2, 0)  # epoch 1's
+    monkeypatch.setattr(pretrain, "build_backbone", lambda *args, **kwargs: TinyBackbone())
+    assert pretrain.main(["--out", str(out), "--resume"]) == 0
+    expected = slow_writes.out
+    assert same_tensors(backbone_tensors(out / "backbone.pt"), backbone_tensors(expected / "backbone.pt"))
+    assert without_timing(pretrain_rows(out)) == without_timing(pretrain_rows(expected))
+    assert not list(out.glob(".*.tmp"))
+
+
+FULL_DISK = """
+import errno, os, sys, threading, torch
+sys.path.insert(0, "tests")
+from helpers import TinyBackbone
+pretrain.build_backbone = lambda *args, **kwargs: TinyBackbone()
+save = torch.save
+def full(obj, f, *args, **kwargs):
+    if isinstance(obj, dict) and "progress" in obj and obj["progress"]["epoch"] == 3:  # epoch 2's last.pt
+        print(f"last.pt written by the thread {threading.current_thread().name}", flush=True)
+        f.write(b"the first bytes of a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return save(obj, f, *args, **kwargs)
+torch.save = full
+"""
+
+
+@pytest.mark.script
+def test_a_full_disk_in_the_writer_is_one_line_and_keeps_the_previous_last_pt(tmp_path):
+    """Issue 24, item 4: a write of the background writer that fails (a full disk in epoch 2's last.pt) ends
+    the run, in the training loop's thread, with the line of a full disk that names last.pt, exit 1; epoch
+    1's last.pt is kept whole, and no temporary file is left."""
+    out = tmp_path / "run"
+    run = run_patched("pretrain.py", FULL_DISK, *small_args(tmp_path))
+    assert "last.pt written by the thread epoch writer" in run.stdout
+    assert run.returncode == 1
+    full = os.strerror(errno.ENOSPC)
+    assert run.stderr.strip() == (
+        f"pretrain.py: error: cannot write {out / 'last.pt'}: the disk is full ({full}); nothing was replaced"
+    )
+    progress = torch.load(out / "last.pt", weights_only=True)["progress"]
+    assert (progress["epoch"], progress["step"]) == (2, 0)  # epoch 1's
+    assert not list(out.glob(".*.tmp"))
