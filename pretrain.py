@@ -21,6 +21,7 @@ import shutil
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -141,8 +142,11 @@ def simsiam_loss(p1, p2, z1, z2):
 NOT_RESTORED = {"resume", "force", "device", "workers", "out"}
 
 
-# ... and the command line may change these; any other difference from the saved run is an error.
-MAY_CHANGE = NOT_RESTORED | {"eval_every", "save_at", "download", "data_root", "cache_dir"}
+# ... and the command line may change these; any other difference from the saved run is an error. --compile
+# computes the same step (in exact arithmetic; compiled kernels sum in another order, a difference of the size
+# that cuDNN's autotuned kernels already make between two GPU runs): a run resumed on a machine where it fails
+# can go on with --no-compile
+MAY_CHANGE = NOT_RESTORED | {"eval_every", "save_at", "download", "data_root", "cache_dir", "compile"}
 
 
 # A run records a value for these whatever the command line said (from an --init .pt, or the defaults)
@@ -215,6 +219,8 @@ def main(argv=None):
 
     on_process_0(rank, begin)
     model, stop = distribute(method, device), bit_common.StopSignal(dist.is_initialized(), device)
+    if args.compile:  # in place: method.state_dict()'s keys, and so last.pt and the backbones, stay the same
+        model.compile()
     writer, start = EpochWriter(), state.epoch  # the writer: process 0's
     try:
         for epoch in range(start, args.epochs + 1):
@@ -240,10 +246,11 @@ def main(argv=None):
                 for group in optimizer.param_groups:
                     fixed = group["fixed_lr"]
                     group["lr"] = peak_lr(args) if fixed else scheduled_lr(done, steps_per_epoch, args)
-                with autocast(device):
-                    loss, z = model([on_device(view, device) for view in views])
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                with compile_errors(epoch, state.step + 1):
+                    with autocast(device):
+                        loss, z = model([on_device(view, device) for view in views])
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
                 method.before_step(epoch)
                 scaler.step(optimizer)
                 scaler.update()
@@ -527,6 +534,22 @@ def distribute(method, device):
             "note: SyncBatchNorm runs on GPUs only; on the CPU each process's BatchNorm normalises its batch"
         )
     return nn.parallel.DistributedDataParallel(method, device_ids=[device] if device.type == "cuda" else None)
+
+
+@contextmanager
+def compile_errors(epoch, step):
+    """--compile: torch.compile compiles the forward at the first step (and again where one of its guards
+    fails) and the backward at the first backward (AOTAutograd lowers it lazily); an error of its backend
+    there (inductor without a C++ compiler on the CPU, a kernel Triton cannot build on a GPU) is one line that
+    names the flag, not a traceback."""
+    try:
+        yield
+    except torch._dynamo.exc.TorchDynamoException as e:
+        cause = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(
+            f"--compile: torch.compile failed in epoch {epoch}, step {step} ({type(e).__name__}: {cause}); "
+            "run without --compile (a run that saved a checkpoint goes on with --resume --no-compile)"
+        ) from None
 
 
 def make_optimizer(method, args):
@@ -1034,6 +1057,16 @@ def make_parser():
         choices=("loader", "device"),
         help="where the augmented views are made: loader (default: PIL in the loader's workers) or device "
         "(drawn in batches on --device, device_views.py: torchvision's distribution, other pixels)",
+    )
+    # Off by default, on GPUs too, until benchmarks/gpu_check.py (model-only-compiled,
+    # pretrain-simsiam-compiled) has run it on one; None in args.json of runs written before the flag
+    run_group.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the training step's forward and backward (inductor: a C++ compiler on the CPU, "
+        "Triton on GPUs); the first step compiles (R50 on a GPU: about a minute by public reports; "
+        "minutes on a CPU). Off by default: it has not run on a GPU yet. --resume keeps the run's setting "
+        "unless --compile or --no-compile is given",
     )
     run_group.add_argument(
         "--eval-every", type=POSITIVE_INT, default=10, help="epochs between kNN evaluations (and the end)"

@@ -14,7 +14,8 @@ model-only figures again with channels-last off. SimSiam's pretraining also runs
 with --views-on device, on a stand-in of HAM10000's size (6,680 JPEGs of 600x450, 3 epochs), whose epochs
 after the first measure the steady state; each pretraining path projects the paper's 400 epochs of 6,009
 images from its steady state (protocol_minutes) and gives the seconds of an epoch's kNN monitor and writes,
-each also as a fraction of the epoch (throughput).
+each also as a fraction of the epoch (throughput). The model-only step also runs compiled by torch.compile
+(its first steps' seconds, which hold the compilation, apart), and pretrain.py --compile end to end.
 
 Writes OUT/gpu_check.json (each path's status and seconds, every figure, device, torch and CUDA versions) and
 each pretraining path's metrics.csv as OUT/PATH-metrics.csv, prints a table, and exits 1 naming any failed
@@ -56,10 +57,12 @@ FORCE_FP16 = (
 PATHS = (
     "model-only-channels-last",
     "model-only-contiguous",
+    "model-only-compiled",
     "pretrain-simsiam",
     "pretrain-simsiam-device-views",
     "pretrain-simsiam-ham-size",
     "pretrain-simsiam-device-views-ham-size",
+    "pretrain-simsiam-compiled",
     "pretrain-simsiam-fp16",
     "torchrun",
     "sigterm-resume",
@@ -71,7 +74,18 @@ PATHS = (
     "pretrain-mocov2-local",
     "pretrain-whiten",
     *(f"pretrain-{m}-device-views" for m in ("simclr", "byol", "swav", "mocov2-local")),
+    "model-only-max-autotune",  # last, and only where the budget leaves MAX_AUTOTUNE_S
 )
+
+# The paths of torch.compile. On the CPU inductor compiles R50's step into C++: 341 s for the first step at 8
+# px on this project's 2-core machine (5.7 min, longer than the rest of the dry run), so the CPU dry run runs
+# them only when --only names them; tests/test_compile.py runs pretrain.py --compile on a stand-in network.
+COMPILED = ("model-only-compiled", "pretrain-simsiam-compiled", "model-only-max-autotune")
+
+# torch.compile's mode="max-autotune" times several kernels for every convolution and matrix product, and
+# records CUDA graphs: an estimate (no public figure for R50's training step was found) of its compilation
+# with the steps around it, which the check must have left to start that path
+MAX_AUTOTUNE_S = 300
 
 
 # The paper's pretraining: HAM10000's 6,009 pretrain images (60 % of 10,015, Lu et al. §3), 400 epochs (§4.1)
@@ -134,9 +148,10 @@ class Check:
         write_atomic(self.report_file, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
         return report
 
-    def run(self, name, work):
-        """work() returns a dict of details or raises; it gets the seconds left as its timeout."""
-        if self.left() < self.margin_s:
+    def run(self, name, work, needs_s=0):
+        """work() returns a dict of details or raises; it gets the seconds left as its timeout. It runs only
+        if the budget leaves the margin, and `needs_s` (a path that cannot be stopped halfway)."""
+        if self.left() < max(self.margin_s, needs_s):
             self.paths[name] = {"status": "skipped-for-budget", "seconds": 0.0}
             self.report()
             return
@@ -147,6 +162,10 @@ class Check:
             details, status = {"error": str(error)[-2000:]}, "failed"
         self.paths[name] = {"status": status, "seconds": round(time.perf_counter() - tic, 1), **details}
         print(f"{name:28s} {status:8s} {self.paths[name]['seconds']:7.1f} s", flush=True)
+        self.report()
+
+    def skip(self, name, status, reason):
+        self.paths[name] = {"status": status, "seconds": 0.0, "reason": reason}
         self.report()
 
 
@@ -224,14 +243,19 @@ def stop_and_resume(command, out, reference, exact, timeout, twin=None):
     return found
 
 
-def model_only(size, batch_size, warmup, steps, device, channels_last):
+def model_only(size, batch_size, warmup, steps, device, channels_last, compile_mode=None):
     """pretrain.py's step (SimSiam, R50x1 BN, autocast, GradScaler) on two views already on the device: the
-    images per second the model alone allows, and its peak memory."""
+    images per second the model alone allows, its peak memory, and the seconds of the first `warmup` steps
+    (cuDNN's autotuning; with a `compile_mode`, torch.compile's compilation, compiled as pretrain.py
+    --compile does, in place)."""
     args = pretrain.parse_args(["--data", "ham10000", "--image-size", str(size), "--device", str(device)])
     _, _, device = pretrain.init_process(args)  # as pretrain.py: cuDNN autotuning on
     method = pretrain.prepare_method(args, None, None, device)
     if not channels_last:
         method = method.to(memory_format=torch.contiguous_format)
+    if compile_mode:
+        torch._dynamo.reset()  # nothing compiled before counts: the first steps hold the whole compilation
+        method.compile(mode=compile_mode)
     optimizer = torch.optim.SGD(method.param_groups(), lr=pretrain.peak_lr(args), momentum=args.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     views = [torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)] * 2
@@ -248,19 +272,22 @@ def model_only(size, batch_size, warmup, steps, device, channels_last):
         scaler.step(optimizer)
         scaler.update()
 
-    for _ in range(warmup):  # cuDNN autotuning and allocator warm-up, not measured
-        step()
+    tic = time.perf_counter()
+    for k in range(warmup):  # cuDNN autotuning, compilation, allocator warm-up: apart
+        with pretrain.compile_errors(1, k + 1):  # its error in one line, not the tail of dynamo's
+            step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    tic = time.perf_counter()
+    first_steps_s, tic = time.perf_counter() - tic, time.perf_counter()
     for _ in range(steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    figures = {"img_per_s": steps * batch_size / (time.perf_counter() - tic)}
+    figures = {"img_per_s": steps * batch_size / (time.perf_counter() - tic), "first_steps_s": first_steps_s}
     if device.type == "cuda":
         figures["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         del method, optimizer, views
+        torch._dynamo.reset()  # compiled code, and CUDA graphs' memory pools, go too
         torch.cuda.empty_cache()  # the scripts that run next have the GPU to themselves
     return figures
 
@@ -317,9 +344,12 @@ def main():
         train += ["--eval-every", str(epochs)]
         python = [sys.executable]
 
-        def path(name, work):
-            if name in wanted:
-                check.run(name, work)
+        def path(name, work, needs_s=0):
+            if name in COMPILED and device.type == "cpu" and not args.only:
+                reason = "inductor compiles R50 on the CPU for minutes; --only NAME runs it"
+                check.skip(name, "skipped-on-cpu", reason)
+            elif name in wanted:
+                check.run(name, work, needs_s)
 
         def pretraining(name, *flags, launcher=python, expect=None, inputs=None):
             """inputs(): (figures, data flags, train flags) made before the run; default ({}, data, train)"""
@@ -357,11 +387,19 @@ def main():
                 f"model-only-{layout}",
                 lambda t, c=channels_last: model_only(size, batch, warmup, steps, device, c),
             )
+
+        def compiled(mode):  # the channels-last step, compiled, beside the eager figure of this run
+            figures = model_only(size, batch, warmup, steps, device, True, compile_mode=mode)
+            eager = check.paths.get("model-only-channels-last", {}).get("img_per_s")
+            return figures | ({"speedup": figures["img_per_s"] / eager} if eager else {})
+
+        path("model-only-compiled", lambda t: compiled("default"))
         pretraining("pretrain-simsiam", "--method", "simsiam")
         pretraining("pretrain-simsiam-device-views", "--method", "simsiam", "--views-on", "device")
         pretraining("pretrain-simsiam-ham-size", "--method", "simsiam", inputs=ham_size)
         ham_device = ("--method", "simsiam", "--views-on", "device")
         pretraining("pretrain-simsiam-device-views-ham-size", *ham_device, inputs=ham_size)
+        pretraining("pretrain-simsiam-compiled", "--method", "simsiam", "--compile")
         # the CPU computes in float32 whatever the GPU can
         fp16 = "steps per epoch, float16" if device.type == "cuda" else None
         pretraining("pretrain-simsiam-fp16", launcher=[sys.executable, "-c", FORCE_FP16], expect=fp16)
@@ -393,6 +431,7 @@ def main():
             pretraining(f"pretrain-{method}-device-views", "--method", method, "--views-on", "device")
         local = ["--method", "mocov2", "--local-weight", "0.5", "--views-on", "device"]
         pretraining("pretrain-mocov2-local-device-views", *local)
+        path("model-only-max-autotune", lambda t: compiled("max-autotune"), needs_s=MAX_AUTOTUNE_S)
     print_table(check.report())
     failed = [name for name, p in check.paths.items() if p["status"] == "failed"]
     if failed:
@@ -404,7 +443,7 @@ def print_table(report):
     print(f"{report['image_size']} px, batch {report['batch_size']}, {report['seconds']} s in all")
     for name, p in report["paths"].items():
         figures = {k: v for k, v in p.items() if k not in ("status", "seconds", "error") and v is not None}
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in figures.items())
         print(f"  {name:28s} {p['status']:18s} {p['seconds']:7.1f} s  {shown}")
 
 

@@ -13,10 +13,12 @@ pytestmark = pytest.mark.script  # every test here runs the check, which runs th
 PATHS = [
     "model-only-channels-last",
     "model-only-contiguous",
+    "model-only-compiled",
     "pretrain-simsiam",
     "pretrain-simsiam-device-views",
     "pretrain-simsiam-ham-size",
     "pretrain-simsiam-device-views-ham-size",
+    "pretrain-simsiam-compiled",
     "pretrain-simsiam-fp16",
     "torchrun",
     "sigterm-resume",
@@ -24,7 +26,10 @@ PATHS = [
     "finetune-q4",
     *(f"pretrain-{m}" for m in ("simclr", "byol", "swav", "mocov2-local", "whiten")),
     *(f"pretrain-{m}-device-views" for m in ("simclr", "byol", "swav", "mocov2-local")),
+    "model-only-max-autotune",
 ]
+# torch.compile's paths, which the CPU dry run leaves out unless --only names them (minutes of compiling)
+COMPILED = ["model-only-compiled", "pretrain-simsiam-compiled", "model-only-max-autotune"]
 HEADER = {"device", "torch", "cuda", "precision", "image_size", "batch_size", "budget_s", "cpus", "seconds"}
 
 
@@ -42,10 +47,13 @@ def test_every_path_runs_on_the_cpu_and_is_reported(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert HEADER | {"paths"} <= set(report)
     assert list(report["paths"]) == PATHS
-    assert {p["status"] for p in report["paths"].values()} == {"ok"}
-    for name in [n for n in PATHS if n.startswith(("pretrain", "torchrun", "model-only"))]:
+    assert {p["status"] for n, p in report["paths"].items() if n not in COMPILED} == {"ok"}
+    assert {report["paths"][n]["status"] for n in COMPILED} == {"skipped-on-cpu"}
+    for name in [
+        n for n in PATHS if n.startswith(("pretrain", "torchrun", "model-only")) and n not in COMPILED
+    ]:
         assert report["paths"][name]["img_per_s"] > 0, name
-    for name in [n for n in PATHS if n.startswith(("pretrain", "torchrun"))]:
+    for name in [n for n in PATHS if n.startswith(("pretrain", "torchrun")) and n not in COMPILED]:
         assert 0 < report["paths"][name]["data_wait"] < 1, name
         assert report["paths"][name]["protocol_minutes"] > 0, name
     assert report["paths"]["pretrain-simsiam-ham-size"]["stand_in_write_s"] > 0  # written once, for both
@@ -103,6 +111,21 @@ def test_a_path_the_budget_cannot_hold_is_skipped_and_reported(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["paths"] == {"pretrain-simsiam": {"status": "skipped-for-budget", "seconds": 0.0}}
     assert "skipped-for-budget" in run.stdout
+
+
+def test_the_cpu_dry_run_skips_the_compiled_paths_with_a_reason(tmp_path):
+    """The whole sequence with no time to run any of it: each path is skipped, torch.compile's with the reason
+    (on the CPU, inductor's C++ compilation of R50 takes minutes), in the order the check runs them."""
+    run = gpu_check(tmp_path, "--budget-s", "1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    paths = json.loads((tmp_path / "gpu_check.json").read_text())["paths"]
+    assert list(paths) == PATHS
+    for name, found in paths.items():
+        if name in COMPILED:
+            assert found["status"] == "skipped-on-cpu" and "--only" in found["reason"]
+        else:
+            assert found == {"status": "skipped-for-budget", "seconds": 0.0}
+    assert "skipped-on-cpu" in run.stdout and "reason: inductor compiles R50" in run.stdout
 
 
 @pytest.mark.parametrize(

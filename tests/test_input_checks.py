@@ -185,6 +185,7 @@ ARGS_JSON_EDITS = {  # id: (key, value, what the error says)
     "arch_null": ("arch", None, "arch = null: expected one of r50x1"),
     "ws_null": ("ws", None, "ws = null: expected true or false"),  # would build plain convs: null is falsy
     "lr_null": ("lr", None, "lr = null: expected a value of --lr"),
+    "compile": ("compile", "yes", 'compile = "yes": expected true or false'),  # null: not given, off
 }
 
 
