@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import pretrain
-from helpers import TinyBackbone, read_metrics, run_patched, run_pretraining_over_gloo, tiny_args
+from helpers import STAND_IN, TinyBackbone, read_metrics, run_patched, run_pretraining_over_gloo, tiny_args
 
 pytestmark = pytest.mark.script  # each test runs pretrain.py
 
@@ -87,12 +87,6 @@ def test_every_method_compiles_into_one_graph(tmp_path, monkeypatch, method):
     assert pretrain.main(tiny_args(tmp_path) + ["--method", method, "--compile"]) == 0
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     assert all(math.isfinite(loss) for loss in losses(tmp_path / "run"))
-
-
-STAND_IN = (
-    "sys.path.insert(0, 'tests'); import helpers\n"
-    "pretrain.build_backbone = lambda *args, **kwargs: helpers.TinyBackbone()"
-)
 
 
 @pytest.mark.slow

@@ -7,9 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 from argparse import Namespace
 
 import numpy as np
@@ -24,9 +21,11 @@ import pretrain
 from bit_convert import load_backbone, resnet_v2, save_backbone
 from helpers import (
     REPO,
+    STAND_IN,
     TIMING,
     TinyBackbone,
     read_metrics,
+    run_patched,
     run_script,
     tiny_args,
     without_timing,
@@ -117,41 +116,45 @@ def test_a_run_writes_every_output(complete_run):
     assert (state["progress"]["epoch"], state["progress"]["step"]) == (3, 0)
 
 
+# In a process of its own: the stand-in network, and SIGTERM in epoch 2 (its first step done)
+STOP_IN_EPOCH_2 = f"""{STAND_IN}
+import os, signal
+add = pretrain.RunState.add
+def add_and_stop(state, loss, z_std):
+    add(state, loss, z_std)
+    if (state.epoch, state.step) == (2, 1):
+        os.kill(os.getpid(), signal.SIGTERM)
+pretrain.RunState.add = add_and_stop
+"""
+
+
 @pytest.mark.script
-def test_the_same_seed_gives_the_same_run_and_a_stop_by_signal_resumes_exactly(complete_run, tmp_path):
-    """SIGTERM during the second epoch, then --resume: the final weights and metrics are those of the run that
-    was never interrupted. The interrupted run also loads with two worker processes: the augmentations depend
-    on the seed, epoch and image alone."""
+def test_the_same_seed_gives_the_same_run_and_a_stop_by_signal_resumes_exactly(tmp_path, monkeypatch):
+    """A run of its own process stopped by SIGTERM during the second epoch, then --resume: the final weights
+    and metrics are those of the run that was never interrupted (in this process). The interrupted run
+    loads with two worker processes: the augmentations depend on the seed, epoch and image alone. The
+    stand-in network (helpers.TinyBackbone): what is tested is the run around it."""
+    monkeypatch.setattr(pretrain, "build_backbone", lambda *args, **kwargs: TinyBackbone())
+    assert pretrain.main(tiny_args(tmp_path, out="complete") + SEED) == 0
     args = tiny_args(tmp_path) + SEED
-    args[args.index("--split-file") + 1] = str(complete_run[0] / "split.json")
     args[args.index("--workers") + 1] = "2"
-    env = {
-        "OMP_NUM_THREADS": str(torch.get_num_threads())
-    }  # the same threads as the in-process run: same sums
-    process = subprocess.Popen(
-        [sys.executable, "pretrain.py", *args],
-        cwd=REPO,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, **env},
-    )
-    last, deadline = tmp_path / "run" / "last.pt", time.time() + 240
-    while not last.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=240)
-    assert process.returncode == 128 + signal.SIGTERM, stderr
-    assert "stopped by signal in epoch 2" in stdout
+    env = {"OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same threads as this process: same sums
+    stopped = run_patched("pretrain.py", STOP_IN_EPOCH_2, *args, env=env)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert "stopped by signal in epoch 2, step 1; saved" in stopped.stdout
     assert not (tmp_path / "run" / "backbone.pt").exists()
 
-    resumed = run_script("pretrain.py", "--out", tmp_path / "run", "--resume", "--workers", "0", env=env)
+    resumed = run_patched(
+        "pretrain.py", STAND_IN, "--out", tmp_path / "run", "--resume", "--workers", "0", env=env
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed" in resumed.stdout
-    expected = torch.load(complete_run[1] / "backbone.pt", weights_only=True)["state_dict"]
+    expected = torch.load(tmp_path / "complete" / "backbone.pt", weights_only=True)["state_dict"]
     got = torch.load(tmp_path / "run" / "backbone.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(got[k], v) for k, v in expected.items())
-    assert without_timing(read_metrics(tmp_path / "run")) == without_timing(read_metrics(complete_run[1]))
+    assert without_timing(read_metrics(tmp_path / "run")) == without_timing(
+        read_metrics(tmp_path / "complete")
+    )
 
 
 @pytest.mark.script
