@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from PIL import Image
 
 import bit_common
 import datasets
+import pretrain
 from bit_common import UserError
 from bit_convert import estimate_bn_statistics, resnet_v2, save_backbone
 
@@ -439,6 +441,24 @@ class RunsCode:
 
 def hand_edit(path, split, **parts):
     path.write_text(json.dumps({k: v for k, v in {**split, **parts}.items() if v is not None}, indent=1))
+
+
+@contextmanager
+def sigterm_at(epoch, step):
+    """pretrain.main in this process stopped by a SIGTERM to itself once `step` of `epoch` has trained: a
+    stop by signal at one chosen moment."""
+    add = pretrain.RunState.add
+
+    def add_and_stop(state, loss, z_std):
+        add(state, loss, z_std)
+        if (state.epoch, state.step) == (epoch, step):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    pretrain.RunState.add = add_and_stop
+    try:
+        yield
+    finally:
+        pretrain.RunState.add = add
 
 
 # What a script's own process runs first (run_patched) to train the stand-in network below

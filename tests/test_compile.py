@@ -4,7 +4,6 @@ resumes, and a compilation that fails is one line naming the flag."""
 
 import json
 import math
-import os
 import signal
 
 import pytest
@@ -12,7 +11,15 @@ import torch
 from torch._dynamo.utils import counters
 
 import pretrain
-from helpers import STAND_IN, TinyBackbone, read_metrics, run_patched, run_pretraining_over_gloo, tiny_args
+from helpers import (
+    STAND_IN,
+    TinyBackbone,
+    read_metrics,
+    run_patched,
+    run_pretraining_over_gloo,
+    sigterm_at,
+    tiny_args,
+)
 
 pytestmark = pytest.mark.script  # each test runs pretrain.py
 
@@ -58,17 +65,9 @@ def test_a_compiled_run_trains_as_the_eager_one_and_resumes_with_or_without_it(t
     assert_close(state_dicts(eager), state_dicts(compiled))
     assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)  # measured: 4e-6 apart
 
-    add = pretrain.RunState.add
-
-    def add_and_stop(state, loss, z_std):
-        add(state, loss, z_std)
-        if (state.epoch, state.step) == (2, 2):
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(pretrain.RunState, "add", add_and_stop)
-    assert pretrain.main(tiny_args(tmp_path) + SEED + ["--compile"]) == 128 + signal.SIGTERM
+    with sigterm_at(2, 2):
+        assert pretrain.main(tiny_args(tmp_path) + SEED + ["--compile"]) == 128 + signal.SIGTERM
     assert "stopped by signal in epoch 2, step 2; saved" in capsys.readouterr().out
-    monkeypatch.setattr(pretrain.RunState, "add", add)
     stopped = tmp_path / "run"
     assert pretrain.parse_args(["--out", str(stopped), "--resume"]).compile is True  # the run's own setting
     assert pretrain.main(["--out", str(stopped), "--resume", "--no-compile"]) == 0

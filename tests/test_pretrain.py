@@ -4,7 +4,6 @@ gloo are in test_distributed.py."""
 
 import csv
 import json
-import os
 import signal
 import socket
 from argparse import Namespace
@@ -27,6 +26,7 @@ from helpers import (
     read_metrics,
     run_patched,
     run_script,
+    sigterm_at,
     tiny_args,
     without_timing,
     write_pretrained_backbone,
@@ -117,15 +117,8 @@ def test_a_run_writes_every_output(complete_run):
 
 
 # In a process of its own: the stand-in network, and SIGTERM in epoch 2 (its first step done)
-STOP_IN_EPOCH_2 = f"""{STAND_IN}
-import os, signal
-add = pretrain.RunState.add
-def add_and_stop(state, loss, z_std):
-    add(state, loss, z_std)
-    if (state.epoch, state.step) == (2, 1):
-        os.kill(os.getpid(), signal.SIGTERM)
-pretrain.RunState.add = add_and_stop
-"""
+# (the context is held to the end of the process: one that is collected restores RunState.add)
+STOP_IN_EPOCH_2 = f"{STAND_IN}\nstop = helpers.sigterm_at(2, 1)\nstop.__enter__()\n"
 
 
 @pytest.mark.script
@@ -409,19 +402,11 @@ def test_views_drawn_on_the_device_resume_exactly_after_a_stop(tmp_path, monkeyp
     monkeypatch.setattr(pretrain, "build_backbone", lambda *args, **kwargs: TinyBackbone())
     device = ["--views-on", "device", *SEED]
     assert pretrain.main(tiny_args(tmp_path, out="whole") + device) == 0
-    add = pretrain.RunState.add
-
-    def add_and_stop(state, loss, z_std):
-        add(state, loss, z_std)
-        if (state.epoch, state.step) == (2, 2):
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(pretrain.RunState, "add", add_and_stop)
     args = tiny_args(tmp_path) + device
     args[args.index("--workers") + 1] = "2"
-    assert pretrain.main(args) == 128 + signal.SIGTERM
+    with sigterm_at(2, 2):
+        assert pretrain.main(args) == 128 + signal.SIGTERM
     assert "stopped by signal in epoch 2, step 2; saved" in capsys.readouterr().out
-    monkeypatch.setattr(pretrain.RunState, "add", add)
     assert pretrain.main(["--out", str(tmp_path / "run"), "--resume", "--workers", "0"]) == 0
     expected = torch.load(tmp_path / "whole" / "backbone.pt", weights_only=True)["state_dict"]
     got = torch.load(tmp_path / "run" / "backbone.pt", weights_only=True)["state_dict"]
