@@ -2,15 +2,15 @@
 
 - A script's end: one line for a bad input (UserError, DataError, WeightsError) or a signal, exit codes, the
   loader workers ended (run, Stopped, end_workers).
-- Files: atomic writes (write_atomic, save_atomic), refusal of FIFOs and devices (require_regular_file),
-  resumable downloads (download).
+- Files: atomic writes (write_atomic, save_atomic), refusal of FIFOs and devices (require_regular_file).
 - Flags: argparse types with bounds, shared by every script and by a resumed run's args.json (bounded).
 - A run folder: its lock, --force setting an earlier run aside, args.json restored and checked on --resume,
-  last.pt read and checked, metrics.csv, the stop signal of a training loop (lock_output ... StopSignal).
+  last.pt read and checked, metrics.csv, the stop signal of a training loop, the thread that writes an
+  epoch's files (lock_output ... EpochWriter); a torchrun process's process group (join_process_group,
+  on_process_0).
 - The decoded-image cache: every image decoded once at the working size into a memory-mapped file
   (decode_all).
-- The interface of a self-supervised method (Method) and the collectives that the methods and IterNorm use
-  (all_sum, gather).
+- The interface of a self-supervised method (Method).
 """
 
 import argparse
@@ -19,7 +19,6 @@ import errno
 import fcntl
 import functools
 import hashlib
-import http.client
 import json
 import math
 import multiprocessing
@@ -31,10 +30,11 @@ import socket
 import stat
 import sys
 import tempfile
+import time
 import traceback
-import urllib.error
-import urllib.request
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,6 @@ import torch.distributed as dist
 import torch.distributed.nn
 import torch.nn as nn
 from PIL import Image, ImageOps
-from tqdm import tqdm
 
 
 class UserError(ValueError):
@@ -119,8 +118,8 @@ def stop(main_pid, signum, _frame):
 
 
 def end_workers():
-    """Kill the DataLoader worker processes that are still alive. They ignore SIGINT and SIGTERM (runs.
-    ignore_signals: the main process decides when a run stops), so multiprocessing's exit handler, which
+    """Kill the DataLoader worker processes that are still alive. They ignore SIGINT and SIGTERM
+    (ignore_signals: the main process decides when a run stops), so multiprocessing's exit handler, which
     sends SIGTERM and then waits for them, would wait for ever after an exception; they hold nothing that must
     be saved. PyTorch's SIGCHLD handler, which raises when a worker dies by a signal, is removed first."""
     children = multiprocessing.active_children()
@@ -248,125 +247,6 @@ def save_atomic(obj, path):
     write_atomic(path, save)
 
 
-# A connection silent for this long counts as broken: the download stops, resumable. Long enough for a slow
-# server to answer, short enough that a dead connection does not hang a script.
-DOWNLOAD_TIMEOUT_S = 60
-
-
-def download(url, path, check, by_hand):
-    """Fetch `url` into `path` with a progress bar, and keep it only once `check(file)` has passed.
-
-    The bytes go to PATH.part beside it, renamed onto `path` once complete and checked, so `path` never holds
-    a partial file. A transfer that stops (a broken connection, fewer bytes than Content-Length, a timeout,
-    Ctrl-C, a full disk) keeps PATH.part, and the next call asks for the rest alone (an HTTP Range request);
-    a server that ignores Range sends the whole file again, which replaces the part. A file that fails
-    `check` (a UserError) is deleted. Processes that fetch the same file at once (torchrun's, on a fresh
-    machine) take turns on a lock of PATH.part: the first fetches, the others find the file there. Written
-    here rather than torch.hub.download_url_to_file, which deletes its temporary file when the transfer breaks
-    (no resume) and keeps a body shorter than Content-Length. `by_hand`: what to do without network, ending
-    the errors that the network causes. Returns `path`."""
-    part = path.with_name(path.name + ".part")
-    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # removed if left empty
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(part, "ab") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"waiting for another process that downloads {url} into {part}")
-                fcntl.flock(f, fcntl.LOCK_EX)
-            if path.exists():  # the process that held the lock fetched it
-                return path
-            if os.fstat(f.fileno()).st_nlink == 0:  # the holder deleted this part (nothing had arrived)
-                return download(url, path, check, by_hand)
-            transfer(url, f, part, by_hand)
-            try:
-                check(part)
-            except UserError as e:
-                part.unlink()
-                raise UserError(
-                    f"{url} arrived, but it is not what was asked for: {e}; it was deleted (run the same "
-                    f"command again to fetch it anew, or {by_hand})"
-                ) from None
-            os.replace(part, path)
-    except (KeyboardInterrupt, Stopped) as e:
-        why = what_stopped(e)
-        raise UserError(f"the download of {url} was stopped by {why}; run the same command again") from None
-    finally:
-        if part.exists() and part.stat().st_size == 0:  # nothing arrived: leave nothing behind
-            part.unlink()
-        for folder in made:
-            if any(folder.iterdir()):
-                break
-            folder.rmdir()
-    return path
-
-
-def transfer(url, f, part, by_hand):
-    """The bytes of `url` appended to the open file `f` (the part file `part`): the rest of them where `f`
-    holds the start already and the server answers the Range request (206), all of them otherwise."""
-    start = f.seek(0, os.SEEK_END)
-    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S)
-    except urllib.error.HTTPError as e:
-        if (
-            e.code == 416 and start
-        ):  # "range not satisfiable": the part is whole (RFC 9110 §15.5.17) or longer
-            if e.headers.get("Content-Range") == f"bytes */{start}":
-                return  # complete already: a run stopped between its last byte and its check
-            f.truncate(0)
-            return transfer(url, f, part, by_hand)
-        raise UserError(
-            f"cannot download {url}: the server answered {e.code} {e.reason}; {by_hand}"
-        ) from None
-    except (OSError, http.client.HTTPException) as e:  # URLError (no network, refused), a timeout
-        raise UserError(f"cannot download {url} ({getattr(e, 'reason', e)}); {by_hand}") from None
-    with response:
-        length = response.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
-        if start and response.status == 206:
-            answered = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
-            if not answered or int(answered[1]) != start:
-                raise UserError(
-                    f"{url}: asked for the bytes from {start} on, the server answered Content-Range "
-                    f"{response.headers.get('Content-Range')!r}; delete {part} and run the same command again"
-                )
-            total = int(answered[2]) if answered[2] != "*" else None
-        else:
-            if start:
-                print(f"{url}: the server does not resume (it ignored the Range request); fetching it whole")
-                f.truncate(0)
-                start = 0
-        received, why = start, None
-        with tqdm(
-            total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=part.stem
-        ) as bar:
-            try:
-                while chunk := response.read1(1 << 20):  # what has arrived, up to 1 MiB
-                    f.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-                f.flush()
-            except (KeyboardInterrupt, Stopped) as e:
-                why = f"stopped by {what_stopped(e)}"
-            except (OSError, http.client.HTTPException) as e:
-                if disk_full(e):
-                    raise UserError(
-                        f"cannot write {part}: the disk is full ({received:,} bytes kept); free some space "
-                        "and run the same command again to resume"
-                    ) from None
-                why = f"{type(e).__name__}: {e}"
-        if why is None and total is not None and received < total:
-            why = "the connection closed early"
-        if why:
-            of = f" of {total:,}" if total is not None else ""
-            raise UserError(
-                f"the download of {url} stopped after {received:,}{of} bytes ({why}); "
-                f"{part} is kept: run the same command again to resume"
-            )
-
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, but a bad flag ends in one line (`script.py: error: argument --lr: ...`, exit 2) as
     every other error of the scripts do; --help still shows the usage."""
@@ -412,37 +292,28 @@ def bounded(kind, least=None, above=None, below=None, most=None):
 
 POSITIVE_INT = bounded(int, least=1)  # epochs, batch sizes, trials, k of the kNN
 
-
 NON_NEGATIVE_INT = bounded(int, least=0)  # --workers
 
-
 POSITIVE = bounded(float, above=0)  # learning rates, temperatures
-
 
 # --knn-t: the kNN's votes are exp(cosine / t) in float32, whose largest number is e^88.7 (IEEE 754): from
 # t = 0.02 up, k votes of at most e^50 each stay finite for any bank below 10^16 images
 KNN_TEMPERATURE = bounded(float, least=0.02)
 
-
 NON_NEGATIVE = bounded(float, least=0)  # weight decay, focal loss gamma, warm-up epochs
 
-
 FRACTION = bounded(float, above=0, most=1)  # --train-fraction, --shrink, --select-filters
-
 
 # SGD's velocity is v <- momentum * v + gradient (torch.optim.SGD, LARS too): below 1 old gradients fade; at
 # 1 or above they never do, and the steps grow without bound
 MOMENTUM = bounded(float, least=0, below=1)
-
 
 # Every seed of the scripts: a run's view of image i in epoch e is seeded with
 # (seed * 100_003 + e) * 10_000_019 + i (datasets.SeededSampler), which must stay below 2**64, the limit of
 # torch.manual_seed: seeds below 2**24 leave room for 10**11 epochs. Below 2**32, scikit-learn's limit, too.
 SEED_LIMIT = 2**24
 
-
 SEED = bounded(int, least=0, below=SEED_LIMIT)
-
 
 # --image-size: every image is decoded at SIZE x SIZE into the cache, N * SIZE**2 * 3 bytes (31.5 GB for the
 # 10,015 images of HAM10000 at 1024 px). Our cap: twice the largest resolution of BiT's own transfer recipe,
@@ -450,17 +321,7 @@ SEED = bounded(int, least=0, below=SEED_LIMIT)
 # HAM10000's 600x450 originals.
 MAX_IMAGE_SIZE = 1024
 
-
 IMAGE_SIZE = bounded(int, least=1, most=MAX_IMAGE_SIZE)
-
-
-def check_trial_seeds(seed, trials):
-    """--seed and --trials: the trials run with the seeds seed .. seed + trials - 1, each a valid --seed."""
-    if seed + trials > SEED_LIMIT:
-        raise UserError(
-            f"--seed {seed} --trials {trials}: the last trial's seed {seed + trials - 1} is above "
-            f"{SEED_LIMIT - 1}, the largest seed"
-        )
 
 
 def device_name(text):
@@ -507,39 +368,6 @@ def to_json(args):
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
-def to_input(images, device):
-    """uint8 images -> float in [-1, 1] on `device`. BiT was trained on [-1, 1] inputs; every init uses the
-    same scaling, so that one checkpoint means one thing in every script. Scaling on the device moves 4x fewer
-    bytes."""
-    x = images.to(device, non_blocking=True)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x.float() / 127.5 - 1.0
-
-
-def forward_in_batches(model, images, device, batch_size=256):
-    """`model`'s outputs on uint8 images (N, 3, H, W), a batch at a time, under autocast; in the mode the
-    model is in."""
-    with autocast(device):
-        return [
-            model(to_input(images[i : i + batch_size], device)) for i in range(0, len(images), batch_size)
-        ]
-
-
-def amp_dtype(device):
-    """Mixed precision: bf16 on GPUs that compute in it (Ampere and newer), fp16 with a GradScaler on older
-    ones (V100, T4: they report bf16 "supported" through a slow emulation, hence including_emulation=False),
-    float32 on the CPU."""
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-
-
-def autocast(device):
-    dtype = amp_dtype(device)
-    return torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
-
-
 class DataError(UserError):
     """Data that cannot be used as asked; the message names the file, id or flag."""
 
@@ -549,17 +377,6 @@ class WeightsError(UserError):
 
 
 REPLACED = ".replaced"
-
-
-def claim_output(args, run_files):
-    """Make --out the run's own (lock_output); a new run then sets aside the files (`run_files`, names and
-    patterns) of the run it replaces and writes DIR/args.json. Returns the open lock file: keep a reference
-    to it."""
-    lock = lock_output(args)
-    if not args.resume:  # at once: a run killed while it starts can be resumed
-        set_aside_earlier_run(args.out, run_files)
-        write_args(args)
-    return lock
 
 
 def lock_output(args):
@@ -892,12 +709,139 @@ class StopSignal:
         return self.signum is not None
 
 
+class EpochWriter:
+    """One thread that writes an epoch's files while the next epoch trains (torch.save and savefig release the
+    GIL for their file I/O, not for all of their work); at most one epoch's writes pending. wait() waits for
+    them and raises their error (a full disk's UserError: the previous last.pt kept) in the training loop's
+    thread; their seconds are left in `seconds` (None before any). join() only waits, for a run that ends with
+    an error of its own. A kill -9 during a write leaves the last.pt written before, whole (write_atomic)."""
+
+    def __init__(self):
+        self.pool, self.pending, self.seconds = ThreadPoolExecutor(1, "epoch writer"), None, None
+
+    def write(self, work):
+        self.wait()
+        self.pending = self.pool.submit(timed, work)
+
+    def join(self):
+        if self.pending is not None:
+            futures.wait([self.pending])
+
+    def wait(self):
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            self.seconds = pending.result()  # raises work's error, whatever it was
+
+
+def timed(work):
+    tic = time.perf_counter()
+    work()
+    return time.perf_counter() - tic
+
+
+def host_copy(state):
+    """A copy of a state dict (nested dicts and lists) whose tensors are copies in CPU memory: a GPU's copy
+    into host memory, after which the training changes nothing of what the writer writes."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: host_copy(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(host_copy(value) for value in state)
+    return state
+
+
 def ignore_signals(_worker_id):
     """DataLoader workers leave Ctrl-C, SIGTERM and SIGHUP to the main process, which finishes its step and
     saves (a terminal sends them to every process of its foreground group, workers included); it kills them
     when it ends (end_workers)."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+
+
+# How long the processes of a distributed run wait for each other to join before they give up with one line:
+# as long as torchrun's own rendezvous (join_timeout, "Defaults to 600 seconds": PyTorch's
+# torch/distributed/elastic/rendezvous/dynamic_rendezvous.py, create_handler)
+JOIN_TIMEOUT_S = 600
+
+
+def join_process_group(backend):
+    """The process group of the RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT that torchrun (or a scheduler)
+    set, each checked first. No process waits longer than JOIN_TIMEOUT_S for the others: one started by hand
+    without its process 0, or a process 0 whose others never came, ends with a line that says what it waited
+    for. Process 0's port is tried from Python before PyTorch connects to it, whose retries print a C++ stack
+    each; once joined, the store keeps PyTorch's usual timeout (process 0 may build the image cache for a long
+    time while the others wait)."""
+    rank, world = launch_number("RANK"), launch_number("WORLD_SIZE")
+    address, port = launch_variable("MASTER_ADDR"), launch_number("MASTER_PORT")
+    if not 0 <= rank < world or not 0 < port < 65536:
+        raise UserError(
+            f"RANK={rank}, WORLD_SIZE={world}, MASTER_PORT={port}: expected 0 <= RANK < WORLD_SIZE and a "
+            "port from 1 to 65535"
+        )
+    waited_for = f"process 0 of WORLD_SIZE={world} at MASTER_ADDR:MASTER_PORT = {address}:{port}"
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while rank > 0:
+        try:
+            socket.create_connection((address, port), timeout=5).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise UserError(
+                    f"RANK={rank}: no {waited_for} within {JOIN_TIMEOUT_S} s; start every process of the "
+                    "run (torchrun does), or correct MASTER_ADDR and MASTER_PORT"
+                ) from None
+            time.sleep(1)
+    try:
+        store, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=JOIN_TIMEOUT_S)))
+    except dist.DistNetworkError as e:  # process 0 cannot listen on the port: another program has it
+        raise UserError(
+            f"RANK={rank}: cannot serve the run at MASTER_ADDR:MASTER_PORT = {address}:{port} "
+            f"({' '.join(str(e).split())[:100]}); choose a free MASTER_PORT (torchrun --master-port)"
+        ) from None
+    except dist.DistError:  # DistStoreError: the others did not come in time
+        raise UserError(
+            f"RANK={rank}: the {world} processes did not all join {waited_for} within {JOIN_TIMEOUT_S} s; "
+            "start every process of the run (torchrun does)"
+        ) from None
+    store.set_timeout(dist.constants.default_pg_timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+
+
+def launch_variable(name):
+    value = os.environ.get(name)
+    if not value:
+        raise UserError(
+            f"RANK and WORLD_SIZE are set (one process of a distributed run), but {name} is not: start the "
+            "processes with torchrun, or set MASTER_ADDR and MASTER_PORT too"
+        )
+    return value
+
+
+def launch_number(name, default=None):
+    text = launch_variable(name) if default is None else os.environ.get(name, str(default))
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{name}={text!r}: expected a whole number (torchrun sets it)") from None
+
+
+def on_process_0(rank, work):
+    """work() on process 0; a UserError of its is every process's, each ending with its one line. Under
+    torchrun the others wait meanwhile (the broadcast is their barrier): left waiting on a process 0 that had
+    gone, they would die of the process group's error. Returns work()'s result on process 0, None on the
+    others."""
+    result, error = None, [None]
+    if rank == 0:
+        try:
+            result = work()
+        except UserError as e:
+            error = [str(e)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise UserError(error[0])
+    return result
 
 
 def read_rgb(path, size):
@@ -1041,10 +985,6 @@ def check_finite(tensors, where):
             raise WeightsError(f"{where}: {name} holds {bad} value(s) that are NaN or infinite")
 
 
-def checksum(features):
-    return hashlib.sha256(features.contiguous().numpy()).hexdigest()
-
-
 class Method(nn.Module):
     """The defaults of the interface above."""
 
@@ -1062,47 +1002,3 @@ class Method(nn.Module):
 
     def after_step(self, progress):
         pass
-
-
-def float32(loss):
-    """Run a loss in float32 with autocast off: softmaxes over thousands of logits divided by 0.1 or 0.2, and
-    Sinkhorn's exp(s / 0.05), lose too much in bf16."""
-
-    @functools.wraps(loss)
-    def in_float32(*tensors, **options):
-        device = next(t for t in tensors if torch.is_tensor(t)).device.type
-        with torch.autocast(device, enabled=False):
-            return loss(
-                *(t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in tensors),
-                **options,
-            )
-
-    return in_float32
-
-
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def all_sum(x):
-    """x summed over the processes (x itself in one process)."""
-    if world() > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def gather(x, keep_grad=False):
-    """x of every process, concatenated in rank order (x itself in one process); with keep_grad the gradient
-    reaching each piece goes back to the process that made it, summed over the processes (PyTorch's
-    differentiable all_gather, whose backward is a reduce-scatter)."""
-    if world() == 1:
-        return x
-    if keep_grad:
-        return torch.cat(torch.distributed.nn.functional.all_gather(x))
-    parts = [torch.empty_like(x) for _ in range(world())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)

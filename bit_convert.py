@@ -12,11 +12,20 @@ paper's fix.
     model = resnet_v2("r50x1", norm="bn")
     load_npz(model, "BiT-M-R50x1.npz")
     features = model(images)                  # (N, 2048), images scaled to [-1, 1] as BiT expects
+
+Also what every user of the network shares: the inputs scaled to [-1, 1] and mixed precision (to_input,
+autocast), the collectives of IterNorm and the methods (all_sum, gather), and the resumable download that
+fetches BiT's weights here and HAM10000's release in datasets.py (download).
 """
 
 import argparse
-import hashlib
+import fcntl
+import functools
+import http.client
 import os
+import re
+import urllib.error
+import urllib.request
 import zipfile
 from collections import OrderedDict
 from functools import partial
@@ -28,20 +37,22 @@ import torch.distributed as dist
 import torch.distributed.nn
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from bit_common import (
     MAX_IMAGE_SIZE,
     ArgumentParser,
+    Stopped,
     UserError,
     WeightsError,
     check_finite,
-    download,
-    forward_in_batches,
+    disk_full,
     output_dir,
     require_regular_file,
     run,
     save_atomic,
     sha256,
+    what_stopped,
 )
 
 ARCHS = {  # name: (units in each of the four blocks, width factor)
@@ -424,6 +435,125 @@ def check_bit_file(name, path):
     load_npz(model, path)
 
 
+# A connection silent for this long counts as broken: the download stops, resumable. Long enough for a slow
+# server to answer, short enough that a dead connection does not hang a script.
+DOWNLOAD_TIMEOUT_S = 60
+
+
+def download(url, path, check, by_hand):
+    """Fetch `url` into `path` with a progress bar, and keep it only once `check(file)` has passed.
+
+    The bytes go to PATH.part beside it, renamed onto `path` once complete and checked, so `path` never holds
+    a partial file. A transfer that stops (a broken connection, fewer bytes than Content-Length, a timeout,
+    Ctrl-C, a full disk) keeps PATH.part, and the next call asks for the rest alone (an HTTP Range request);
+    a server that ignores Range sends the whole file again, which replaces the part. A file that fails
+    `check` (a UserError) is deleted. Processes that fetch the same file at once (torchrun's, on a fresh
+    machine) take turns on a lock of PATH.part: the first fetches, the others find the file there. Written
+    here rather than torch.hub.download_url_to_file, which deletes its temporary file when the transfer breaks
+    (no resume) and keeps a body shorter than Content-Length. `by_hand`: what to do without network, ending
+    the errors that the network causes. Returns `path`."""
+    part = path.with_name(path.name + ".part")
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # removed if left empty
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(part, "ab") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another process that downloads {url} into {part}")
+                fcntl.flock(f, fcntl.LOCK_EX)
+            if path.exists():  # the process that held the lock fetched it
+                return path
+            if os.fstat(f.fileno()).st_nlink == 0:  # the holder deleted this part (nothing had arrived)
+                return download(url, path, check, by_hand)
+            transfer(url, f, part, by_hand)
+            try:
+                check(part)
+            except UserError as e:
+                part.unlink()
+                raise UserError(
+                    f"{url} arrived, but it is not what was asked for: {e}; it was deleted (run the same "
+                    f"command again to fetch it anew, or {by_hand})"
+                ) from None
+            os.replace(part, path)
+    except (KeyboardInterrupt, Stopped) as e:
+        why = what_stopped(e)
+        raise UserError(f"the download of {url} was stopped by {why}; run the same command again") from None
+    finally:
+        if part.exists() and part.stat().st_size == 0:  # nothing arrived: leave nothing behind
+            part.unlink()
+        for folder in made:
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
+    return path
+
+
+def transfer(url, f, part, by_hand):
+    """The bytes of `url` appended to the open file `f` (the part file `part`): the rest of them where `f`
+    holds the start already and the server answers the Range request (206), all of them otherwise."""
+    start = f.seek(0, os.SEEK_END)
+    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S)
+    except urllib.error.HTTPError as e:
+        if (
+            e.code == 416 and start
+        ):  # "range not satisfiable": the part is whole (RFC 9110 §15.5.17) or longer
+            if e.headers.get("Content-Range") == f"bytes */{start}":
+                return  # complete already: a run stopped between its last byte and its check
+            f.truncate(0)
+            return transfer(url, f, part, by_hand)
+        raise UserError(
+            f"cannot download {url}: the server answered {e.code} {e.reason}; {by_hand}"
+        ) from None
+    except (OSError, http.client.HTTPException) as e:  # URLError (no network, refused), a timeout
+        raise UserError(f"cannot download {url} ({getattr(e, 'reason', e)}); {by_hand}") from None
+    with response:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        if start and response.status == 206:
+            answered = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
+            if not answered or int(answered[1]) != start:
+                raise UserError(
+                    f"{url}: asked for the bytes from {start} on, the server answered Content-Range "
+                    f"{response.headers.get('Content-Range')!r}; delete {part} and run the same command again"
+                )
+            total = int(answered[2]) if answered[2] != "*" else None
+        else:
+            if start:
+                print(f"{url}: the server does not resume (it ignored the Range request); fetching it whole")
+                f.truncate(0)
+                start = 0
+        received, why = start, None
+        with tqdm(
+            total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=part.stem
+        ) as bar:
+            try:
+                while chunk := response.read1(1 << 20):  # what has arrived, up to 1 MiB
+                    f.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+                f.flush()
+            except (KeyboardInterrupt, Stopped) as e:
+                why = f"stopped by {what_stopped(e)}"
+            except (OSError, http.client.HTTPException) as e:
+                if disk_full(e):
+                    raise UserError(
+                        f"cannot write {part}: the disk is full ({received:,} bytes kept); free some space "
+                        "and run the same command again to resume"
+                    ) from None
+                why = f"{type(e).__name__}: {e}"
+        if why is None and total is not None and received < total:
+            why = "the connection closed early"
+        if why:
+            of = f" of {total:,}" if total is not None else ""
+            raise UserError(
+                f"the download of {url} stopped after {received:,}{of} bytes ({why}); "
+                f"{part} is kept: run the same command again to resume"
+            )
+
+
 WHITEN_AT = ("branch", "final")  # where whiten puts the IterNorm
 
 
@@ -522,6 +652,50 @@ def inverse_sqrt_newton(sigma, iterations):
     for _ in range(iterations):
         p = 1.5 * p - 0.5 * torch.linalg.matrix_power(p, 3) @ sigma_n
     return p / trace.sqrt()
+
+
+def float32(loss):
+    """Run a loss in float32 with autocast off: softmaxes over thousands of logits divided by 0.1 or 0.2, and
+    Sinkhorn's exp(s / 0.05), lose too much in bf16."""
+
+    @functools.wraps(loss)
+    def in_float32(*tensors, **options):
+        device = next(t for t in tensors if torch.is_tensor(t)).device.type
+        with torch.autocast(device, enabled=False):
+            return loss(
+                *(t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in tensors),
+                **options,
+            )
+
+    return in_float32
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_sum(x):
+    """x summed over the processes (x itself in one process)."""
+    if world() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def gather(x, keep_grad=False):
+    """x of every process, concatenated in rank order (x itself in one process); with keep_grad the gradient
+    reaching each piece goes back to the process that made it, summed over the processes (PyTorch's
+    differentiable all_gather, whose backward is a reduce-scatter)."""
+    if world() == 1:
+        return x
+    if keep_grad:
+        return torch.cat(torch.distributed.nn.functional.all_gather(x))
+    parts = [torch.empty_like(x) for _ in range(world())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 def whiten(backbone, iterations=5, at="branch"):
@@ -639,6 +813,39 @@ def check_flags_against(meta, source, arch=None, norm=None, cifar_stem=None, ws=
         print(f"warning: --image-size {image_size}, but {source} was pretrained at {meta['image_size']} px")
 
 
+def to_input(images, device):
+    """uint8 images -> float in [-1, 1] on `device`. BiT was trained on [-1, 1] inputs; every init uses the
+    same scaling, so that one checkpoint means one thing in every script. Scaling on the device moves 4x fewer
+    bytes."""
+    x = images.to(device, non_blocking=True)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.float() / 127.5 - 1.0
+
+
+def forward_in_batches(model, images, device, batch_size=256):
+    """`model`'s outputs on uint8 images (N, 3, H, W), a batch at a time, under autocast; in the mode the
+    model is in."""
+    with autocast(device):
+        return [
+            model(to_input(images[i : i + batch_size], device)) for i in range(0, len(images), batch_size)
+        ]
+
+
+def amp_dtype(device):
+    """Mixed precision: bf16 on GPUs that compute in it (Ampere and newer), fp16 with a GradScaler on older
+    ones (V100, T4: they report bf16 "supported" through a slow emulation, hence including_emulation=False),
+    float32 on the CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def autocast(device):
+    dtype = amp_dtype(device)
+    return torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
+
+
 @torch.no_grad()
 def embed(backbone, images, device, batch_size=256):
     """Backbone features (N, D), float32, of uint8 images (N, 3, H, W), in eval mode."""
@@ -683,26 +890,6 @@ def untrained_statistics(backbone, meta):
     (scratch, BiT, a converted BiT file) has none yet. Pretrained ones record their epoch (`meta`: what the
     backbone file records) and keep the statistics they trained with."""
     return "epoch" not in meta and backbone.norm_kind == "bn"
-
-
-def saved_backbone(path):
-    """(backbone, metadata, a name for figures, the file's SHA-256, which keys the feature cache) of a
-    backbone file that pretrain.py or bit_convert.py wrote."""
-    backbone, meta = load_backbone(path)
-    name = f"{path.parent.name}/{path.stem}" + (f", epoch {meta['epoch']}" if "epoch" in meta else "")
-    return backbone, meta, name, sha256(path)
-
-
-def initial_backbone(init, arch, norm, cifar_stem, ws, seed):
-    """The same for the network that --init names (scratch, bit-s, bit-m, FILE.npz), as built before any
-    pretraining; `seed` draws the scratch network."""
-    torch.manual_seed(seed)  # the scratch floor is one random network
-    backbone = build_backbone(init, arch, norm, cifar_stem, ws)
-    name = {"bit-s": "BiT-S", "bit-m": "BiT-M"}.get(init, init) + (
-        f" {norm}, untrained" if init == "scratch" else f" {norm}, as released"
-    )
-    digest = hashlib.sha256(repr((init, arch, norm, cifar_stem, ws, seed)).encode())
-    return backbone, {"init": init}, name, digest.hexdigest()
 
 
 def main():

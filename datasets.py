@@ -33,27 +33,24 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-import bit_convert
 from bit_common import (
     IMAGE_SIZE,
     MAX_IMAGE_SIZE,
     NON_NEGATIVE_INT,
     SEED,
     SEED_LIMIT,
+    ArgumentParser,
     DataError,
     Stopped,
-    WeightsError,
-    checksum,
     decode_all,
     disk_full,
-    download,
     path_arg,
     require_regular_file,
     run,
-    save_atomic,
     what_stopped,
     write_atomic,
 )
+from bit_convert import download
 
 SOURCES = ("digits", "cifar10", "ham10000", "folder", "dermamnist")
 
@@ -210,19 +207,10 @@ def load_ham10000(root, size, cache_dir, skip_bad=False, download=False):
             f"of {len(ids)} missing (--skip-bad-images skips them)"
         )
     rows = [k for k, image_id in enumerate(ids) if image_id in found]
-    return from_files(
-        "ham10000",
-        [found[ids[k]] for k in rows],
-        [ids[k] for k in rows],
-        [HAM_CLASSES.index(dx[k]) for k in rows],
-        HAM_CLASSES,
-        [lesions[k] for k in rows] if lesions else None,
-        size,
-        cache_dir,
-        skip_bad,
-        source,
-        missing,
-    )
+    paths, labels = [found[ids[k]] for k in rows], [HAM_CLASSES.index(dx[k]) for k in rows]
+    groups = [lesions[k] for k in rows] if lesions else None
+    files = ("ham10000", paths, [ids[k] for k in rows], labels, HAM_CLASSES, groups)
+    return from_files(*files, size, cache_dir, skip_bad, source, missing)
 
 
 def images_below(root, ids=None):
@@ -290,7 +278,7 @@ def read_ham_metadata(root):
 
 def download_ham10000(root):
     """The ISIC 2018 Task 3 training release fetched and unpacked into `root` (absent or empty): its two zips
-    and the lesion groupings, each resumable (bit_common.download), kept in a hidden folder beside `root`
+    and the lesion groupings, each resumable (bit_convert.download), kept in a hidden folder beside `root`
     until the release is unpacked and checked, then deleted. `root` appears whole, by a rename, or not at
     all."""
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -303,9 +291,7 @@ def download_ham10000(root):
         f"licence CC BY-NC 4.0, cite Tschandl et al., Sci. Data 2018) from {ISIC2018_URL} into {root}"
     )
     staging = root.parent / f".{root.name}.download"
-    by_hand = (
-        f"fetch it elsewhere, and unpack {ISIC_IMAGES} and {ISIC_TRUTH_ZIP} with {ISIC_GROUPS} into {root}"
-    )
+    by_hand = f"fetch it elsewhere; unpack {ISIC_IMAGES}, {ISIC_TRUTH_ZIP} and {ISIC_GROUPS} into {root}"
     for name, check in ((ISIC_IMAGES, open_zip), (ISIC_TRUTH_ZIP, open_zip), (ISIC_GROUPS, read_groups)):
         if not (staging / name).exists():
             download(ISIC2018_URL + name, staging / name, check, by_hand)
@@ -432,21 +418,12 @@ def load_folder(root, size, cache_dir, skip_bad=False):
     except FileNotFoundError as e:  # no class folders at all
         raise DataError(f"{root}: {e}") from None
     samples = folder_images(root, classes)
-    paths = [Path(p) for p, _ in samples]
-    return from_files(
-        "folder",
-        paths,
-        [p.relative_to(root).as_posix() for p in paths],
-        [k for _, k in samples],
-        # a class's name is a label that figures draw: a folder name's bytes that are not UTF-8 are shown as
-        # \xNN (matplotlib cannot draw the lone surrogates that os.fsdecode keeps them as)
-        [os.fsencode(c).decode("utf-8", "backslashreplace") for c in classes],
-        None,
-        size,
-        cache_dir,
-        skip_bad,
-        root,
-    )
+    paths, labels = [Path(p) for p, _ in samples], [k for _, k in samples]
+    # a class's name is a label that figures draw: a folder name's bytes that are not UTF-8 are shown as \xNN
+    # (matplotlib cannot draw the lone surrogates that os.fsdecode keeps them as)
+    names = [os.fsencode(c).decode("utf-8", "backslashreplace") for c in classes]
+    files = ("folder", paths, [p.relative_to(root).as_posix() for p in paths], labels, names, None)
+    return from_files(*files, size, cache_dir, skip_bad, root)
 
 
 def folder_images(root, classes):
@@ -715,17 +692,13 @@ def make_split(data, fractions, seed, by="lesion"):
         )
     grouped = by == "lesion" and data.groups is not None
     groups = np.array(data.groups if grouped else data.ids)
-    pool = (
-        np.flatnonzero(~data.official_test) if data.official_test is not None else np.arange(len(data.labels))
-    )
+    pool = np.arange(len(data.labels)) if data.official_test is None else np.flatnonzero(~data.official_test)
     parts = PARTS if data.official_test is None else PARTS[:3]
     shares = [f / sum(fractions[: len(parts)]) for f in fractions[: len(parts)]]
     n_folds = next(n for n in range(1, 101) if all((s * n).denominator == 1 for s in shares))  # steps of 0.01
     folds = (StratifiedGroupKFold if grouped else StratifiedKFold)(n_folds, shuffle=True, random_state=seed)
     try:
-        with (
-            warnings.catch_warnings()
-        ):  # "the least populated class has fewer members than n_splits": fine here
+        with warnings.catch_warnings():  # "the least populated class has fewer members than n_splits": fine
             warnings.simplefilter("ignore", UserWarning)
             fold_of = np.empty(len(pool), dtype=np.int64)
             for k, (_, members) in enumerate(folds.split(pool, data.labels[pool], groups[pool])):
@@ -858,11 +831,8 @@ def check_settings(data, split, path, fractions, seed, by):
     """--split, --split-seed and --split-by, where given, against what the existing split file `path`
     records."""
     made_with = dict(zip(("split", "split_seed", "split_by"), split_settings(split)))
-    given = {
-        "split": fractions,
-        "split_seed": seed,
-        "split_by": by if by is None or data.groups is not None else "image",  # no lesions: split by image
-    }
+    by = by if by is None or data.groups is not None else "image"  # no lesions: split by image
+    given = {"split": fractions, "split_seed": seed, "split_by": by}
     for flag, value in given.items():
         same = value == made_with[flag]
         if flag == "split" and value is not None and made_with[flag] is not None:
@@ -873,33 +843,6 @@ def check_settings(data, split, path, fractions, seed, by):
                 f"--{flag.replace('_', '-')} {value}: the split file {path} decides the split, and it was "
                 f"made with {made}; leave the flag out to use the file, or pass a new --split-file"
             )
-
-
-def selects_on_val(split):
-    """Whether `val` is free for model selection: not under the official protocol, where val is the test
-    set."""
-    return split.get("fractions") != OFFICIAL
-
-
-def pretraining_split(data, path, ckpt=None, metas=(), fractions=None, seed=None, by=None):
-    """The split that the backbones were pretrained with: `path` (--split-file) where given, else split.json
-    beside the first checkpoint `ckpt`, else the default split file, made with `fractions`, `seed` and `by`
-    if absent. It must be the one every checkpoint in `metas` records, and hold a usable train/val/test."""
-    path = path or (
-        ckpt.parent / "split.json" if ckpt else default_split_file(data.name, fractions, seed, by)
-    )
-    if ckpt and not path.exists():
-        raise DataError(
-            f"split file {path} not found: pass the --split-file the backbone was pretrained with"
-        )
-    split = load_split(data, path, fractions, seed, by)
-    if any(meta.get("split_digest", split_digest(split)) != split_digest(split) for meta in metas):
-        raise DataError(
-            f"split file {path} is not the split a backbone was pretrained with: its test images "
-            "may have been seen in pretraining; use the split.json of the pretraining run"
-        )
-    check_scored_parts(data, split, path)
-    return split, path
 
 
 def check_scored_parts(data, split, path, parts=("train", "val", "test")):
@@ -931,26 +874,24 @@ def indices(data, split, part):
 def summary(data, split, path):
     """What a user reads before a long run: images per class in each part, groups per part, skipped files."""
     parts = {p: indices(data, split, p) for p in PARTS}
+
+    def row(name, counts, total):
+        return f"{name:>12}" + "".join(f"{c:>10}" for c in counts) + f"{total:>10}"
+
+    seed, by = split.get("seed"), split.get("split_by")
     lines = [
-        f"{data.name}: {len(data.labels)} images, split {path} (seed {split.get('seed')}, "
-        f"by {split.get('split_by')})",
-        f"{'class':>12}" + "".join(f"{p:>10}" for p in PARTS) + f"{'all':>10}",
+        f"{data.name}: {len(data.labels)} images, split {path} (seed {seed}, by {by})",
+        row("class", PARTS, "all"),
     ]
     for k, name in enumerate(data.classes):
         counts = [int(np.sum(data.labels[parts[p]] == k)) for p in PARTS]
-        lines.append(f"{name:>12}" + "".join(f"{c:>10}" for c in counts) + f"{sum(counts):>10}")
-    lines.append(
-        f"{'images':>12}" + "".join(f"{len(parts[p]):>10}" for p in PARTS) + f"{len(data.labels):>10}"
-    )
+        lines.append(row(name, counts, sum(counts)))
+    lines.append(row("images", [len(parts[p]) for p in PARTS], len(data.labels)))
     if data.groups is not None:
-        groups = {p: len({data.groups[i] for i in parts[p]}) for p in PARTS}
-        lines.append(
-            f"{'lesions':>12}" + "".join(f"{groups[p]:>10}" for p in PARTS) + f"{len(set(data.groups)):>10}"
-        )
-    lines.append(
-        f"bad images skipped: {len(data.bad)}" + "".join(f"\n  {f}: {r}" for f, r in data.bad.items())
-    )
-    return "\n".join(lines)
+        groups = [len({data.groups[i] for i in parts[p]}) for p in PARTS]
+        lines.append(row("lesions", groups, len(set(data.groups))))
+    bad = "".join(f"\n  {f}: {r}" for f, r in data.bad.items())
+    return "\n".join([*lines, f"bad images skipped: {len(data.bad)}{bad}"])
 
 
 class RandomGaussianBlur:
@@ -1050,66 +991,8 @@ def eval_images(data, index, size, workers=0):
     return torch.cat([images for images, _ in loader])
 
 
-def estimate_statistics_if_untrained(backbone, meta, data, split, image_size, device):
-    """A backbone whose BatchNorm statistics are not its own (untrained_statistics) gets them from the train
-    part's images."""
-    if bit_convert.untrained_statistics(backbone, meta):
-        bit_convert.estimate_bn_statistics(
-            backbone, eval_images(data, indices(data, split, "train"), image_size), device
-        )
-
-
-def part_features(backbone, digest, data, split, part, image_size, cache_dir, workers, device):
-    """(features, labels) of one part with the evaluation view, from the cache when the same backbone
-    (`digest`), split and image size were embedded before; a changed checkpoint has other bytes, hence
-    another key."""
-    key = hashlib.sha256(f"{digest} {split_digest(split)} {image_size}".encode()).hexdigest()[:24]
-    path = cache_dir / "features" / f"{key}-{part}.pt"
-    index = indices(data, split, part)
-    labels = torch.as_tensor(data.labels[index])
-    features = cached_features(path, labels)
-    if features is not None:
-        return check_features(features, part), labels
-    images = eval_images(data, index, image_size, workers)
-    features = check_features(bit_convert.embed(backbone, images, device).cpu(), part)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomic({"features": features, "labels": labels, "sha256": checksum(features)}, path)
-    except OSError as e:  # a full disk is a UserError of save_atomic's already
-        raise DataError(f"--cache-dir {cache_dir}: cannot write the features there ({e.strerror})") from None
-    return features, labels
-
-
-def check_features(features, part):
-    """Features with a NaN or an infinity would train and score a classifier on nothing (a balanced accuracy
-    of one class in n, as if it were a result): refused."""
-    bad = int((~torch.isfinite(features)).sum())
-    if bad:
-        raise WeightsError(
-            f"the backbone's features of the {part} part hold {bad} value(s) that are NaN or infinite "
-            "(weights or BatchNorm statistics that overflow?): nothing to evaluate"
-        )
-    return features
-
-
-def cached_features(path, labels):
-    """The features cached at `path` for images with these `labels`, or None where the file is absent or
-    damaged (truncated, overwritten, a pickle that would run code: weights_only refuses it unread): such a
-    cache is embedded again, never read. torch.load does not check the bytes of a tensor, hence the SHA-256
-    recorded beside them."""
-    try:
-        require_regular_file(path)  # a FIFO there: embedded again, not waited on
-        cached = torch.load(path, weights_only=True)
-        features, whole = cached["features"], torch.equal(cached["labels"], labels)
-        return features if whole and cached["sha256"] == checksum(features) else None
-    except Exception:  # noqa: BLE001 (a damaged file fails in many ways; each means "embed again")
-        return None
-
-
 def main():
-    parser = argparse.ArgumentParser(
-        description="Write (or check) the split file and print what each part holds."
-    )
+    parser = ArgumentParser(description="Write (or check) the split file and print what each part holds.")
     add_data_args(parser)
     args = parser.parse_args()
     args.image_size = args.image_size or DEFAULT_SIZE[args.data]

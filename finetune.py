@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import bit_common
 import datasets
+import eval_common
 import linear_eval
 from bit_common import (
     FRACTION,
@@ -42,26 +43,24 @@ from bit_common import (
     SEED,
     ArgumentParser,
     UserError,
-    amp_dtype,
-    autocast,
     check_finite,
-    check_trial_seeds,
     device_name,
-    forward_in_batches,
     path_arg,
     run,
-    to_input,
     to_json,
 )
 from bit_convert import (
     IterNorm,
     add_backbone_args,
+    amp_dtype,
+    autocast,
     check_flags_against,
-    initial_backbone,
+    forward_in_batches,
     read_backbone_file,
     resolve_backbone_args,
-    saved_backbone,
+    to_input,
 )
+from eval_common import check_trial_seeds, initial_backbone, saved_backbone
 from linear_eval import focal_loss, scores, write_results
 
 # On --resume the run's own args.json is used, but for these, which come from the machine and the command line
@@ -311,6 +310,17 @@ def read_checkpoint(args, state, files, digests):
     return saved
 
 
+def claim_output(args, run_files):
+    """Make --out the run's own (lock_output); a new run then sets aside the files (`run_files`, names and
+    patterns) of the run it replaces and writes DIR/args.json. Returns the open lock file: keep a reference
+    to it."""
+    lock = bit_common.lock_output(args)
+    if not args.resume:  # at once: a run killed while it starts can be resumed
+        bit_common.set_aside_earlier_run(args.out, run_files)
+        bit_common.write_args(args)
+    return lock
+
+
 def train_trial(model, data, split, parts, args, state, stop, device, digests, resumed=None):
     """Fine-tune for --epochs, choosing the epoch by balanced accuracy on `val` (the last epoch where `val` is
     the test set, under an official protocol), then score `test` once with it. Returns the trial's record, or
@@ -364,7 +374,7 @@ def train_trial(model, data, split, parts, args, state, stop, device, digests, r
 def end_epoch(state, epoch, val_score, steps, seconds, model, args, split):
     """The epoch's metrics row; the model's weights kept if its val score is the best so far (the first epoch
     of the best score), or always where val may not select."""
-    score = val_score if datasets.selects_on_val(split) else epoch
+    score = val_score if eval_common.selects_on_val(split) else epoch
     if score > state.best_score:
         state.best_score, state.best_epoch, state.best_val = score, epoch, val_score
         state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -501,16 +511,16 @@ def main(argv=None):
         raise UserError(
             f"--batch-size {args.batch_size}: a BatchNorm backbone trains on batches of two images or more"
         )
-    split, split_file = datasets.pretraining_split(
+    split, split_file = eval_common.pretraining_split(
         data, args.split_file, files[0] if files else None, metas, args.split, args.split_seed, args.split_by
     )
     args.split, args.split_seed, args.split_by = datasets.split_settings(
         split
     )  # args.json records those used
-    lock = bit_common.claim_output(args, RUN_FILES)  # noqa: F841 (held until the process ends)
+    lock = claim_output(args, RUN_FILES)  # noqa: F841 (held until the process ends)
     backbones = [backbone.to(device) for backbone, _, _, _ in loaded]
     for backbone, meta in zip(backbones, metas):
-        datasets.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
+        eval_common.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
     parts = []
     for part in ("val", "test"):
         index = datasets.indices(data, split, part)

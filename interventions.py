@@ -14,7 +14,8 @@ import math
 import torch
 import torch.nn as nn
 
-from bit_common import UserError, forward_in_batches
+from bit_common import UserError
+from bit_convert import forward_in_batches
 
 
 def shrink(model, factor):

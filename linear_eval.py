@@ -32,6 +32,7 @@ from sklearn.preprocessing import StandardScaler
 from torchvision.transforms import v2
 
 import datasets
+import eval_common
 from bit_common import (
     MOMENTUM,
     NON_NEGATIVE,
@@ -40,7 +41,6 @@ from bit_common import (
     SEED,
     ArgumentParser,
     UserError,
-    check_trial_seeds,
     device_name,
     output_dir,
     path_arg,
@@ -49,14 +49,8 @@ from bit_common import (
     to_json,
     write_atomic,
 )
-from bit_convert import (
-    add_backbone_args,
-    embed,
-    initial_backbone,
-    read_backbone_file,
-    resolve_backbone_args,
-    saved_backbone,
-)
+from bit_convert import add_backbone_args, embed, read_backbone_file, resolve_backbone_args
+from eval_common import check_trial_seeds, initial_backbone, saved_backbone
 
 matplotlib.use("Agg")
 
@@ -113,7 +107,7 @@ def augmented_features(backbone, data, split, args, device):
     view = v2.Compose([v2.RandomResizedCrop(args.image_size), v2.RandomHorizontalFlip()])
     train_set = datasets.ImageSet(data, datasets.indices(data, split, "train"), [view])
     loader = torch.utils.data.DataLoader(train_set, batch_size=256, num_workers=args.workers)
-    return lambda: datasets.check_features(
+    return lambda: eval_common.check_features(
         embed(backbone, torch.cat([images for images, _ in loader]), device).cpu(), "train"
     )
 
@@ -246,15 +240,15 @@ def main(argv=None):
         else initial_backbone(args.init, args.arch, args.norm, args.cifar_stem, args.ws, args.seed)
     )
     backbone.to(device).requires_grad_(False)
-    split, split_file = datasets.pretraining_split(
+    split, split_file = eval_common.pretraining_split(
         data, args.split_file, args.ckpt, [meta], args.split, args.split_seed, args.split_by
     )
     args.split, args.split_seed, args.split_by = datasets.split_settings(
         split
     )  # results.json records those used
-    datasets.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
+    eval_common.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
     train, val, test = (
-        datasets.part_features(
+        eval_common.part_features(
             backbone, digest, data, split, part, args.image_size, args.cache_dir, args.workers, device
         )
         for part in ("train", "val", "test")
@@ -264,7 +258,7 @@ def main(argv=None):
     trials = []
     for seed in range(args.seed, args.seed + args.trials):
         classify, epoch = train_linear(
-            train, val, n_classes, args, seed, augmented, datasets.selects_on_val(split)
+            train, val, n_classes, args, seed, augmented, eval_common.selects_on_val(split)
         )
         with torch.no_grad():
             val_predictions, test_predictions = classify(val[0]).argmax(1), classify(test[0]).argmax(1)

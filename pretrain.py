@@ -18,11 +18,8 @@ import argparse
 import math
 import os
 import shutil
-import socket
-import threading
 import time
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -47,13 +44,13 @@ from bit_common import (
     ArgumentParser,
     Method,
     UserError,
-    amp_dtype,
-    autocast,
     device_name,
     finite_float,
+    join_process_group,
+    launch_number,
+    on_process_0,
     path_arg,
     run,
-    to_input,
     to_json,
     write_atomic,
 )
@@ -62,6 +59,8 @@ from bit_convert import (
     WHITEN_AT,
     add_backbone_args,
     add_zero_init_last,
+    amp_dtype,
+    autocast,
     build_backbone,
     embed,
     estimate_bn_statistics,
@@ -70,6 +69,7 @@ from bit_convert import (
     resolve_backbone_args,
     save_backbone,
     synchronise_whitening,
+    to_input,
     untrained_statistics,
     whiten,
     whiten_placement,
@@ -141,56 +141,24 @@ def simsiam_loss(p1, p2, z1, z2):
 # ...
 NOT_RESTORED = {"resume", "force", "device", "workers", "out"}
 
-
 # ... and the command line may change these; any other difference from the saved run is an error. --compile
 # computes the same step (in exact arithmetic; compiled kernels sum in another order, a difference of the size
 # that cuDNN's autotuned kernels already make between two GPU runs): a run resumed on a machine where it fails
 # can go on with --no-compile
 MAY_CHANGE = NOT_RESTORED | {"eval_every", "save_at", "download", "data_root", "cache_dir", "compile"}
 
-
 # A run records a value for these whatever the command line said (from an --init .pt, or the defaults)
 RESOLVED = {"arch", "norm", "cifar_stem", "ws", "image_size", "lr", "weight_decay"}
 
-
-COLUMNS = (
-    "epoch",
-    "loss",
-    "lr",
-    "z_std",
-    "knn_acc",
-    "knn_bacc",
-    "rankme",
-    "img_per_s",
-    "data_wait",
-    "epoch_s",
-)
-
-
-COLUMNS += ("eta_s",)  # metrics.csv
-
-
-# metrics.csv: the seconds of the epoch's other work (finish_epoch): the kNN monitor, the loop held by the
-# epoch's writes, the writer's own seconds for the previous epoch's writes
-COLUMNS += ("knn_s", "save_s", "write_s")
-
+# metrics.csv, a row an epoch: the training's means, the monitor's (every --eval-every epochs), the speed; the
+# seconds of the epoch's other work (finish_epoch): the kNN monitor, the loop held by the epoch's writes, the
+# writer's own seconds for the previous epoch's writes
+COLUMNS = ("epoch", "loss", "lr", "z_std", "knn_acc", "knn_bacc", "rankme", "img_per_s", "data_wait")
+COLUMNS += ("epoch_s", "eta_s", "knn_s", "save_s", "write_s")
 
 # What a run writes into --out, which a new run there sets aside first (bit_common.set_aside_earlier_run)
-RUN_FILES = (
-    "args.json",
-    "split.json",
-    "last.pt",
-    "metrics.csv",
-    "curves.png",
-    "backbone.pt",
-    "backbone_ep*.pt",
-)
-
-
-# How long the processes of a distributed run wait for each other to join before they give up with one line:
-# as long as torchrun's own rendezvous (join_timeout, "Defaults to 600 seconds": PyTorch's
-# torch/distributed/elastic/rendezvous/dynamic_rendezvous.py, create_handler)
-JOIN_TIMEOUT_S = 600
+RUN_FILES = ("args.json", "split.json", "last.pt", "metrics.csv", "curves.png")
+RUN_FILES += ("backbone.pt", "backbone_ep*.pt")
 
 
 def main(argv=None):
@@ -221,7 +189,7 @@ def main(argv=None):
     model, stop = distribute(method, device), bit_common.StopSignal(dist.is_initialized(), device)
     if args.compile:  # in place: method.state_dict()'s keys, and so last.pt and the backbones, stay the same
         model.compile()
-    writer, start = EpochWriter(), state.epoch  # the writer: process 0's
+    writer, start = bit_common.EpochWriter(), state.epoch  # the writer: process 0's
     try:
         for epoch in range(start, args.epochs + 1):
             model.train()
@@ -305,85 +273,6 @@ def init_process(args):
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     return (dist.get_rank(), dist.get_world_size(), device) if distributed else (0, 1, device)
-
-
-def join_process_group(backend):
-    """The process group of the RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT that torchrun (or a scheduler)
-    set, each checked first. No process waits longer than JOIN_TIMEOUT_S for the others: one started by hand
-    without its process 0, or a process 0 whose others never came, ends with a line that says what it waited
-    for. Process 0's port is tried from Python before PyTorch connects to it, whose retries print a C++ stack
-    each; once joined, the store keeps PyTorch's usual timeout (process 0 may build the image cache for a long
-    time while the others wait)."""
-    rank, world = launch_number("RANK"), launch_number("WORLD_SIZE")
-    address, port = launch_variable("MASTER_ADDR"), launch_number("MASTER_PORT")
-    if not 0 <= rank < world or not 0 < port < 65536:
-        raise UserError(
-            f"RANK={rank}, WORLD_SIZE={world}, MASTER_PORT={port}: expected 0 <= RANK < WORLD_SIZE and a "
-            "port from 1 to 65535"
-        )
-    waited_for = f"process 0 of WORLD_SIZE={world} at MASTER_ADDR:MASTER_PORT = {address}:{port}"
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while rank > 0:
-        try:
-            socket.create_connection((address, port), timeout=5).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise UserError(
-                    f"RANK={rank}: no {waited_for} within {JOIN_TIMEOUT_S} s; start every process of the "
-                    "run (torchrun does), or correct MASTER_ADDR and MASTER_PORT"
-                ) from None
-            time.sleep(1)
-    try:
-        store, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=JOIN_TIMEOUT_S)))
-    except dist.DistNetworkError as e:  # process 0 cannot listen on the port: another program has it
-        raise UserError(
-            f"RANK={rank}: cannot serve the run at MASTER_ADDR:MASTER_PORT = {address}:{port} "
-            f"({' '.join(str(e).split())[:100]}); choose a free MASTER_PORT (torchrun --master-port)"
-        ) from None
-    except dist.DistError:  # DistStoreError: the others did not come in time
-        raise UserError(
-            f"RANK={rank}: the {world} processes did not all join {waited_for} within {JOIN_TIMEOUT_S} s; "
-            "start every process of the run (torchrun does)"
-        ) from None
-    store.set_timeout(dist.constants.default_pg_timeout)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
-
-
-def launch_variable(name):
-    value = os.environ.get(name)
-    if not value:
-        raise UserError(
-            f"RANK and WORLD_SIZE are set (one process of a distributed run), but {name} is not: start the "
-            "processes with torchrun, or set MASTER_ADDR and MASTER_PORT too"
-        )
-    return value
-
-
-def launch_number(name, default=None):
-    text = launch_variable(name) if default is None else os.environ.get(name, str(default))
-    try:
-        return int(text)
-    except ValueError:
-        raise UserError(f"{name}={text!r}: expected a whole number (torchrun sets it)") from None
-
-
-def on_process_0(rank, work):
-    """work() on process 0; a UserError of its is every process's, each ending with its one line. Under
-    torchrun the others wait meanwhile (the broadcast is their barrier): left waiting on a process 0 that had
-    gone, they would die of the process group's error. Returns work()'s result on process 0, None on the
-    others."""
-    result, error = None, [None]
-    if rank == 0:
-        try:
-            result = work()
-        except UserError as e:
-            error = [str(e)]
-    if dist.is_initialized():
-        dist.broadcast_object_list(error, src=0)
-    if error[0]:
-        raise UserError(error[0])
-    return result
 
 
 def load_data_and_split(args, rank):
@@ -518,9 +407,9 @@ def distribute(method, device):
     a --whiten IterNorm whitens the global batch on every device (bit_convert.synchronise_whitening). A
     method whose norms must stay per process (MoCo v2's shuffling BN) keeps them so, its IterNorm too:
     whitened over the global batch, the key encoder would see the statistics of every query's own image
-    again, the signal that shuffling takes away (He et al. 2020, §3.3). The norms' collectives
-    start here, in the forward that every process runs: before it, process 0 computes the epoch-0 row alone.
-    DDP's constructor broadcasts process 0's parameters and buffers, its BN statistics of row 0 included."""
+    again, the signal that shuffling takes away (He et al. 2020, §3.3). The norms' collectives start in the
+    forward that every process runs: before it, process 0 computes the epoch-0 row alone. DDP's constructor
+    broadcasts process 0's parameters and buffers, its BN statistics of row 0 included."""
     if not dist.is_initialized():
         return method
     if method.sync_batch_norm:
@@ -638,7 +527,7 @@ def finish_epoch(row, args, state, method, optimizer, scaler, monitor, split, fi
     tic = time.perf_counter()
     writer.wait()  # at most one epoch's writes pending; their error is raised here
     last = checkpoint(args, state, method, optimizer, scaler, split)  # its history: the epochs before
-    weights = host_copy(method.backbone.state_dict()) if due_backbones(args, epoch) else None
+    weights = bit_common.host_copy(method.backbone.state_dict()) if due_backbones(args, epoch) else None
     row |= {"save_s": time.perf_counter() - tic, "write_s": writer.seconds}
     state.history.append(row)
     last["progress"]["history"].append(dict(row))
@@ -649,54 +538,6 @@ def finish_epoch(row, args, state, method, optimizer, scaler, monitor, split, fi
         save_checkpoint(last, args.out)  # last: it says the epoch's files exist
 
     writer.write(write)
-
-
-class EpochWriter:
-    """A thread that writes an epoch's files while the next epoch trains (torch.save and savefig release the
-    GIL for their file I/O, not for all of their work); at most one epoch's writes pending. wait() waits for
-    them, raises their error (a full disk's UserError: the previous last.pt kept) in the training loop's
-    thread, and leaves their seconds in `seconds` (None before any); join() only waits, for a run that ends
-    with an error of its own. A kill -9 during a write leaves the last.pt written before, whole
-    (write_atomic)."""
-
-    def __init__(self):
-        self.thread, self.error, self.seconds = None, None, None
-
-    def write(self, work):
-        self.wait()
-        self.thread = threading.Thread(target=self.run, args=(work,), name="epoch writer")
-        self.thread.start()
-
-    def run(self, work):
-        tic = time.perf_counter()
-        try:
-            work()
-        except BaseException as e:  # raised again by wait(), in the training loop's thread
-            self.error = e
-        self.seconds = time.perf_counter() - tic
-
-    def join(self):
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-
-    def wait(self):
-        self.join()
-        error, self.error = self.error, None
-        if error is not None:
-            raise error
-
-
-def host_copy(state):
-    """A copy of a state dict (nested dicts and lists) whose tensors are copies in CPU memory: a GPU's copy
-    into host memory, after which the training changes nothing of what the writer writes."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {key: host_copy(value) for key, value in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(host_copy(value) for value in state)
-    return state
 
 
 def due_backbones(args, epoch):
@@ -757,19 +598,13 @@ def write_metrics(out, history, dim):
 
 
 def log_epoch(row, dim, first, args):
-    print(
-        f"epoch {row['epoch']}: "
-        + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if v is not None and k != "epoch")
-    )
+    values = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if v is not None and k != "epoch")
+    print(f"epoch {row['epoch']}: {values}")
     if first:
-        total, hint = (
-            row["epoch_s"] * args.epochs,
-            "; to go faster: a GPU, a smaller --image-size, more --workers",
-        )
-        print(
-            f"at this pace the whole run ({args.epochs} epochs) takes {duration(total)}, "
-            f"{duration(row['eta_s'])} from now{hint if total > 86400 else ''}"
-        )
+        seconds = row["epoch_s"] * args.epochs
+        hint = "; to go faster: a GPU, a smaller --image-size, more --workers" if seconds > 86400 else ""
+        total, eta = duration(seconds), duration(row["eta_s"])
+        print(f"at this pace the whole run ({args.epochs} epochs) takes {total}, {eta} from now{hint}")
     if row["z_std"] < 0.1 / math.sqrt(dim):
         print(
             f"WARNING: epoch {row['epoch']}: output std {row['z_std']:.2g} is far below 1/sqrt({dim}) = "
@@ -809,13 +644,11 @@ def check_finite(state, epoch, args):
         saved = (args.resume or epoch > 1) and (
             args.out / "last.pt"
         ).exists()  # this run's, not a --force'd one
+        last = (
+            f"The last good checkpoint is {args.out / 'last.pt'}" if saved else "No checkpoint was saved yet"
+        )
         raise FloatingPointError(
-            f"the loss became {state.loss_sum.item()} in epoch {epoch}, step {state.step}; stopped. "
-            + (
-                f"The last good checkpoint is {args.out / 'last.pt'}"
-                if saved
-                else "No checkpoint was saved yet"
-            )
+            f"the loss became {state.loss_sum.item()} in epoch {epoch}, step {state.step}; stopped. {last}"
         )
 
 
@@ -832,9 +665,9 @@ def keep_finished_backbone(args, start_epoch):
 
 def checkpoint(args, state, method, optimizer, scaler, split):
     """What DIR/last.pt holds: everything --resume needs, the random state included, and the split's digest,
-    which --resume checks DIR/split.json against. A copy in CPU memory (host_copy): the training may go on
-    while it is written."""
-    return host_copy(
+    which --resume checks DIR/split.json against. A copy in CPU memory (bit_common.host_copy): the training
+    may go on while it is written."""
+    return bit_common.host_copy(
         {
             "model": method.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -951,23 +784,14 @@ def resolve_method_args(args):
                 f"{flag}{'' if value is True else f' {value}'}: --method {args.method} has no such setting "
                 f"(it is one of {', '.join(m for m in METHODS if key in method_class(m).defaults)})"
             )
-    # whether a value fits, and what was expected; --projector here, not by argparse's choices, which
-    # bit_common.restored_args would apply to the None that a resumed non-SimSiam run holds
-    limits = {
-        "projector": (lambda v: v in ("paper", "simsiam"), "expected paper or simsiam"),
-        "temperature": (lambda v: v > 0, "must be positive"),
-        "target_momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-        "queue_size": (lambda v: v >= (args.method == "mocov2"), f"too small for {args.method}"),
-        "queue_start": (lambda v: v >= 1, "must be at least 1"),
-        "prototypes": (lambda v: v >= 2, "must be at least 2"),
-        "freeze_prototypes": (lambda v: v >= 0, "must not be negative"),
-        "local_weight": (lambda v: v >= 0, "must not be negative"),
-        "local_grid": (lambda v: v >= 1, "must be at least 1"),
-    }
-    for key, (fits, expected) in limits.items():
-        value = getattr(args, key)
-        if value is not None and not fits(value):
-            raise UserError(f"--{key.replace('_', '-')} {value}: {expected}")
+    # --projector checked here, not by argparse's choices, which bit_common.restored_args would apply to the
+    # None that a resumed non-SimSiam run holds
+    if args.method == "simsiam" and args.projector not in ("paper", "simsiam"):
+        raise UserError(f"--projector {args.projector}: expected paper or simsiam")
+    if args.method != "simsiam":
+        import ssl_methods  # the add-on checks the values of its methods' flags
+
+        ssl_methods.check_settings(args)
 
 
 def method_settings(args):

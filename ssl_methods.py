@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
-from bit_common import Method, all_sum, float32, gather, rank, world
+from bit_common import Method, UserError
+from bit_convert import all_sum, float32, gather, rank, world
 from datasets import RandomGaussianBlur, simsiam_view
 
 
@@ -371,6 +372,25 @@ def enqueue(queue, keys):
 
 
 METHODS = {"simclr": SimCLR, "byol": BYOL, "mocov2": MoCoV2, "swav": SwAV}  # by their --method names
+
+
+def check_settings(args):
+    """The values of --method's own flags (pretrain.METHOD_FLAGS) that their types let through: each in its
+    range, or one line saying what was expected."""
+    limits = {
+        "temperature": (lambda v: v > 0, "must be positive"),
+        "target_momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+        "queue_size": (lambda v: v >= (args.method == "mocov2"), f"too small for {args.method}"),
+        "queue_start": (lambda v: v >= 1, "must be at least 1"),
+        "prototypes": (lambda v: v >= 2, "must be at least 2"),
+        "freeze_prototypes": (lambda v: v >= 0, "must not be negative"),
+        "local_weight": (lambda v: v >= 0, "must not be negative"),
+        "local_grid": (lambda v: v >= 1, "must be at least 1"),
+    }
+    for key, (fits, expected) in limits.items():
+        value = getattr(args, key)
+        if value is not None and not fits(value):
+            raise UserError(f"--{key.replace('_', '-')} {value}: {expected}")
 
 
 class LARS(torch.optim.SGD):

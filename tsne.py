@@ -20,15 +20,10 @@ import torch.nn.functional as F
 from sklearn.manifold import TSNE
 
 import datasets
+import eval_common
 from bit_common import SEED, ArgumentParser, UserError, device_name, output_dir, path_arg, run, write_atomic
-from bit_convert import (
-    add_backbone_args,
-    initial_backbone,
-    rankme,
-    read_backbone_file,
-    resolve_backbone_args,
-    saved_backbone,
-)
+from bit_convert import add_backbone_args, rankme, read_backbone_file, resolve_backbone_args
+from eval_common import initial_backbone, saved_backbone
 
 matplotlib.use("Agg")
 
@@ -95,7 +90,7 @@ def main(argv=None):
     models = [saved_backbone(c) for c in args.ckpt] + [
         initial_backbone(i, args.arch, args.norm, args.cifar_stem, args.ws, args.seed) for i in args.init
     ]
-    split, split_file = datasets.pretraining_split(
+    split, split_file = eval_common.pretraining_split(
         data,
         args.split_file,
         args.ckpt[0] if args.ckpt else None,
@@ -114,8 +109,8 @@ def main(argv=None):
     embeddings = []
     for backbone, meta, name, digest in models:
         backbone.to(device)
-        datasets.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
-        features, labels = datasets.part_features(
+        eval_common.estimate_statistics_if_untrained(backbone, meta, data, split, args.image_size, device)
+        features, labels = eval_common.part_features(
             backbone, digest, data, split, "test", args.image_size, args.cache_dir, args.workers, device
         )
         embeddings.append((name, features, labels.numpy()))

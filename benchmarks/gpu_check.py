@@ -43,9 +43,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import datasets  # noqa: E402
 import pretrain  # noqa: E402
-from bit_common import amp_dtype, autocast, device_name, finite_float, output_dir, run, to_input, write_atomic  # noqa: E402
+from bit_common import device_name, finite_float, output_dir, run, write_atomic  # noqa: E402
+from bit_convert import amp_dtype, autocast, to_input  # noqa: E402
 
-# fp16 + GradScaler is what bit_common.amp_dtype picks on a GPU without fast bf16 (V100, T4). To force it on
+# fp16 + GradScaler is what bit_convert.amp_dtype picks on a GPU without fast bf16 (V100, T4). To force it on
 # any GPU, without a switch in the scripts, the script runs with torch.cuda.is_bf16_supported answering False.
 FORCE_FP16 = (
     "import runpy, sys, torch; torch.cuda.is_bf16_supported = lambda *a, **k: False; "

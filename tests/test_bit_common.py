@@ -134,8 +134,8 @@ def test_bf16_only_where_the_gpu_computes_it(monkeypatch, native, emulated, expe
         return native or (including_emulation and emulated)
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
-    assert bit_common.amp_dtype(torch.device("cuda")) == expected
-    assert bit_common.amp_dtype(torch.device("cpu")) == torch.float32
+    assert bit_convert.amp_dtype(torch.device("cuda")) == expected
+    assert bit_convert.amp_dtype(torch.device("cpu")) == torch.float32
 
 
 def test_estimate_bn_statistics_restores_the_mode_and_momentum():
@@ -145,7 +145,7 @@ def test_estimate_bn_statistics_restores_the_mode_and_momentum():
     bit_convert.estimate_bn_statistics(norm, images, torch.device("cpu"), batch_size=3)
     assert not norm.training and norm[1].momentum == 0.3
     with torch.no_grad():
-        y = norm[0](bit_common.to_input(images, torch.device("cpu")))
+        y = norm[0](bit_convert.to_input(images, torch.device("cpu")))
     batch_means = [
         y[i : i + 3].mean((0, 2, 3)) for i in range(0, 10, 3)
     ]  # a cumulative average: batches alike

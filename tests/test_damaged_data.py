@@ -24,6 +24,7 @@ from PIL import Image
 import bit_common
 import bit_convert
 import datasets
+import eval_common
 import pretrain
 from helpers import REPO, RunsCode, data_args, failure, tiny_args, untouched, write_cifar, write_dermamnist
 
@@ -213,7 +214,7 @@ def test_damaged_feature_cache_is_embedded_again(tmp_path, monkeypatch, damage):
     split = datasets.load_split(data, tmp_path / "split.json", "0.1,0.05,0.05,0.8")
 
     def features():
-        return datasets.part_features(
+        return eval_common.part_features(
             Flatten(), "stand-in", data, split, "train", 8, tmp_path / "cache", 0, torch.device("cpu")
         )
 
@@ -376,7 +377,7 @@ def test_a_feature_cache_that_cannot_be_written_is_one_line(tmp_path):
     (tmp_path / "a-file").write_text("not a directory")
     cache_dir = tmp_path / "a-file" / "cache"
     message = failure(
-        lambda: datasets.part_features(
+        lambda: eval_common.part_features(
             Flatten(), "stand-in", data, split, "train", 8, cache_dir, 0, torch.device("cpu")
         )
     )

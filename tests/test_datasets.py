@@ -27,6 +27,7 @@ import torchvision
 from PIL import Image
 
 import bit_common
+import bit_convert
 import datasets
 from helpers import (
     ISIC_COLUMNS,
@@ -592,7 +593,7 @@ def test_eval_images_stacks_the_eval_view_as_uint8():
 
 def test_to_input_maps_0_255_onto_minus_1_plus_1():
     x = torch.tensor([[0, 127, 128, 255]], dtype=torch.uint8)
-    y = bit_common.to_input(x, torch.device("cpu"))
+    y = bit_convert.to_input(x, torch.device("cpu"))
     assert y.dtype == torch.float32
     assert y[0, 0].item() == -1.0 and y[0, 3].item() == 1.0
     np.testing.assert_allclose(y.numpy(), x.numpy() / 127.5 - 1, atol=1e-6)

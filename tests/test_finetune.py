@@ -12,6 +12,7 @@ import torch
 
 import bit_common
 import datasets
+import eval_common
 import finetune
 import linear_eval
 from bit_common import UserError
@@ -225,7 +226,7 @@ def plain_run(pretrained):
 @pytest.mark.script
 def test_model_selection_never_sees_test_labels(pretrained, plain_run, monkeypatch):
     """The same run with the test labels scrambled: had test any part in the choice, the epoch would move."""
-    checked = datasets.pretraining_split
+    checked = eval_common.pretraining_split
 
     def scrambled(data, *rest):  # after the split's check, which fingerprints the labels
         split, path = checked(data, *rest)
@@ -233,7 +234,7 @@ def test_model_selection_never_sees_test_labels(pretrained, plain_run, monkeypat
         data.labels[test] = np.random.default_rng(5).permutation(data.labels[test])
         return split, path
 
-    monkeypatch.setattr(datasets, "pretraining_split", scrambled)
+    monkeypatch.setattr(eval_common, "pretraining_split", scrambled)
     out = pretrained.parent / "scrambled"
     finetune.main(ft_args(pretrained.parent, "--ckpt", pretrained, "--tune", "q4", "--out", out))
     plain, _ = plain_run

@@ -26,6 +26,7 @@ from PIL import Image
 import bit_common
 import bit_convert
 import datasets
+import eval_common
 import finetune
 import linear_eval
 import pretrain
@@ -441,7 +442,7 @@ def nan_backbone(path):
 @pytest.mark.heavy
 def test_non_finite_weights_are_refused_in_every_weights_file(tmp_path):
     path = nan_backbone(tmp_path / "nan.pt")
-    for load in (bit_convert.load_backbone, bit_convert.saved_backbone):
+    for load in (bit_convert.load_backbone, eval_common.saved_backbone):
         assert "blocks.0.0.conv1.weight holds 1 value(s) that are NaN or infinite" in failure(
             lambda: load(path)
         )

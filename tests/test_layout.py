@@ -1,6 +1,7 @@
 """The form users copy: a SimSiam pretraining runs from four files, pretrain.py, datasets.py, bit_convert.py
 and bit_common.py, copied alone into an empty folder; the other methods and the interventions are add-ons that
-a run imports only when a flag asks for them; the evaluation scripts need the same shared files."""
+a run imports only when a flag asks for them; the evaluation scripts need the same shared files and
+eval_common.py, what they share."""
 
 import os
 import shutil
@@ -12,7 +13,7 @@ import pytest
 from helpers import REPO, tiny_args, write_pretrained_backbone
 
 SIMSIAM_FILES = ["pretrain.py", "datasets.py", "bit_convert.py", "bit_common.py"]
-SHARED = ["datasets.py", "bit_convert.py", "bit_common.py"]
+SHARED = ["datasets.py", "bit_convert.py", "bit_common.py", "eval_common.py"]
 
 # Runs a script as `python SCRIPT ARGS` does, then prints the files of the folder it ran from that it imported
 IMPORTED = """
@@ -91,8 +92,8 @@ def test_the_flags_of_the_add_ons_import_exactly_them(tmp_path):
     ],
 )
 def test_the_other_scripts_need_the_files_the_readme_lists(script, needs):
-    """linear_eval.py and tsne.py run from themselves and the shared files; finetune.py imports
-    linear_eval.py's evaluation too; bit_convert.py, the network and its weights, needs the plumbing alone.
+    """linear_eval.py and tsne.py run from themselves and the shared files (eval_common.py included);
+    finetune.py imports linear_eval.py's evaluation too; bit_convert.py, the network and its weights, needs the plumbing alone.
     --help builds every flag, so every module-level import happens."""
     status, imported, stderr = imported_files(REPO, script, "--help")
     assert status in ("0", "None"), stderr[-2000:]

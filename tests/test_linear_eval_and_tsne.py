@@ -10,9 +10,11 @@ import torch
 import bit_common
 import bit_convert
 import datasets
+import eval_common
 import linear_eval
 import tsne
-from bit_convert import estimate_bn_statistics, resnet_v2, save_backbone, saved_backbone
+from bit_convert import estimate_bn_statistics, resnet_v2, save_backbone
+from eval_common import saved_backbone
 from helpers import eval_args, failure, run_script
 
 
@@ -145,7 +147,7 @@ def test_features_are_cached_and_recomputed_when_the_checkpoint_changes(tmp_path
 
     def features():
         backbone, _, _, digest = saved_backbone(ckpt)
-        return datasets.part_features(
+        return eval_common.part_features(
             backbone, digest, data, split, "val", args.image_size, args.cache_dir, 0, torch.device("cpu")
         )
 
@@ -336,7 +338,7 @@ def test_the_official_cifar10_protocol_pretrains_on_all_training_images_and_quer
     train = [data.ids[i] for i in np.flatnonzero(~data.official_test)]
     test = [data.ids[i] for i in np.flatnonzero(data.official_test)]
     assert split["pretrain"] == split["train"] == train and split["val"] == split["test"] == test
-    assert not datasets.selects_on_val(split)
+    assert not eval_common.selects_on_val(split)
     assert datasets.load_split(data, tmp_path / "split.json") == split  # read back as written
     edited = {**split, "pretrain": train + test}
     (tmp_path / "edited.json").write_text(json.dumps(edited))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import bit_common
+import finetune
 import pretrain
 from helpers import REPO, read_metrics, run_script, tiny_args, without_timing
 
@@ -43,10 +44,10 @@ def test_a_live_run_keeps_its_directory_and_a_dead_one_does_not(tmp_path):
     assert holder.stdout.readline() == "held\n"
     args = Namespace(out=out, resume=False, force=True, data="digits")
     with pytest.raises(bit_common.UserError, match=f"--out {out} is in use by process 4242"):
-        bit_common.claim_output(args, pretrain.RUN_FILES)
+        finetune.claim_output(args, finetune.RUN_FILES)
     assert not (out / "args.json").exists()
     holder.communicate("")
-    lock = bit_common.claim_output(args, pretrain.RUN_FILES)
+    lock = finetune.claim_output(args, finetune.RUN_FILES)
     assert (out / ".lock").read_text() == f"{os.getpid()}\n"
     assert json.loads((out / "args.json").read_text())["data"] == "digits"
     lock.close()

@@ -29,6 +29,7 @@ from PIL import Image
 import bit_common
 import bit_convert
 import datasets
+import eval_common
 import pretrain
 from helpers import (
     REPO,
@@ -528,7 +529,7 @@ def test_a_fifo_planted_in_a_cache_is_rebuilt_over_not_waited_on(tmp_path):
     labels = torch.as_tensor(first.labels)
     with no_fifo_read_below(tmp_path):
         again = datasets.load_data("folder", tmp_path / "images", 8, tmp_path / "cache")
-        assert datasets.cached_features(features, labels) is None
+        assert eval_common.cached_features(features, labels) is None
     assert (again.images == first.images).all() and entry.is_file()
 
 
@@ -555,7 +556,7 @@ def test_a_process_whose_others_never_come_gives_up_with_one_line(monkeypatch, c
     """Row 10: RANK=1 WORLD_SIZE=2 with MASTER_ADDR/MASTER_PORT but no process 0 waited silently for ever
     (rank 0 without the others, 30 minutes). Each gives up after JOIN_TIMEOUT_S (torchrun's own join timeout,
     2 s here) with one line saying what it waited for, and without PyTorch's C++ retry messages."""
-    monkeypatch.setattr(pretrain, "JOIN_TIMEOUT_S", 2)
+    monkeypatch.setattr(bit_common, "JOIN_TIMEOUT_S", 2)
     port = free_port()
     launched(monkeypatch, RANK=rank, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     args = pretrain.parse_args(["--data", "digits", "--device", "cpu"])
