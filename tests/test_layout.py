@@ -93,8 +93,8 @@ def test_the_flags_of_the_add_ons_import_exactly_them(tmp_path):
 )
 def test_the_other_scripts_need_the_files_the_readme_lists(script, needs):
     """linear_eval.py and tsne.py run from themselves and the shared files (eval_common.py included);
-    finetune.py imports linear_eval.py's evaluation too; bit_convert.py, the network and its weights, needs the plumbing alone.
-    --help builds every flag, so every module-level import happens."""
+    finetune.py imports linear_eval.py's evaluation too; bit_convert.py, the network and its weights, needs
+    the plumbing alone. --help builds every flag, so every module-level import happens."""
     status, imported, stderr = imported_files(REPO, script, "--help")
     assert status in ("0", "None"), stderr[-2000:]
     assert imported == {script, *needs}

@@ -68,7 +68,7 @@ def test_model_selection_uses_val_alone(tmp_path, monkeypatch, pretrained):
             x, y = parts["test"]
             features["test"] = (x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(5))])
         monkeypatch.setattr(
-            datasets, "part_features", lambda b, i, d, s, part, *rest, features=features: features[part]
+            eval_common, "part_features", lambda b, i, d, s, part, *rest, features=features: features[part]
         )
         out = tmp_path / f"scrambled-{scramble}"
         linear_eval.main(
