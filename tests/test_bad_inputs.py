@@ -63,8 +63,7 @@ SIZE = 16
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
 
-# ------------------------------------------------------------------------------------------------------
-# helpers
+# ---------------------------------------------------------------------------------------------------- helpers
 
 
 def ham_args(root, tmp, *extra):
@@ -131,8 +130,7 @@ def evil(tmp_path):
     return path, marker
 
 
-# -------------------------------------------------------------------------------------------------------
-# images
+# ----------------------------------------------------------------------------------------------------- images
 
 
 def test_zero_byte_image(ham, rows, tmp_path):
@@ -179,8 +177,7 @@ def test_huge_image_is_named_not_decoded(ham, rows, tmp_path, bomb):
     assert list(data.bad) == [rows[1]["image_id"]] and len(data.ids) == len(rows) - 1
 
 
-# -----------------------------------------------------------------------------------------------------
-# metadata
+# --------------------------------------------------------------------------------------------------- metadata
 
 
 def test_metadata_with_a_bom_loads(ham, rows, tmp_path):
@@ -239,8 +236,7 @@ def test_isic_groupings_row_without_lesion_id(tmp_path, rows):
     assert str(groupings) in message and rows[6]["image_id"] in message
 
 
-# -------------------------------------------------------------------------------------------------- split
-# files
+# ------------------------------------------------------------------------------------------------ split files
 
 
 @pytest.fixture
@@ -296,8 +292,7 @@ def test_split_of_a_source_without_lesions_says_by_image(tmp_path):
     assert "by image" in datasets.summary(data, split, tmp_path / "split.json")
 
 
-# --------------------------------------------------------------------------------------------------------
-# flags
+# ------------------------------------------------------------------------------------------------------ flags
 
 
 @pytest.mark.parametrize("text", ["0.7,0.2,0.2,-0.1", "nan,0.1,0.1,0.2", "60,10,10,20"])
@@ -552,8 +547,7 @@ def test_npz_whose_unpickling_would_run_code_is_not_run(tmp_path):
     assert not marker.exists()
 
 
-# ------------------------------------------------------------------------------------------ --compare and
-# sources
+# -------------------------------------------------------------------------------------- --compare and sources
 
 
 def not_results(tmp_path, kind):
@@ -618,8 +612,7 @@ def test_corrupt_cifar_batch(tmp_path, damage):
     assert str(batch) in message
 
 
-# ------------------------------------------------------------------------------------------ decoded-image
-# cache
+# ---------------------------------------------------------------------------------------- decoded-image cache
 
 
 @pytest.mark.parametrize("damage", ["npy_half", "npy_in_its_header", "npy_empty", "index_cut"])

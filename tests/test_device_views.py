@@ -105,8 +105,7 @@ def as_batch(images):
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
-# ------------------------------------------------------------------------------ 1. the recipes of the
-# loader's views (datasets.py, ssl_methods.py)
+# ----------------------------------------- 1. the recipes of the loader's views (datasets.py, ssl_methods.py)
 
 
 def pil_recipe(view):

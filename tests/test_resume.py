@@ -22,8 +22,7 @@ def backbone_tensors(out):
     return torch.load(out / "backbone.pt", weights_only=True)["state_dict"]
 
 
-# ------------------------------------------------------------------------------------------------ one run at
-# a time
+# ------------------------------------------------------------------------------------------ one run at a time
 
 
 @pytest.mark.script
@@ -53,8 +52,7 @@ def test_a_live_run_keeps_its_directory_and_a_dead_one_does_not(tmp_path):
     lock.close()
 
 
-# ------------------------------------------------------------------------------------------------------ kill
-# -9
+# ---------------------------------------------------------------------------------------------------- kill -9
 
 HORIZON = ["--cosine-epochs", "4"]
 
@@ -121,8 +119,7 @@ def test_kill_9_at_any_moment_then_resume_ends_as_the_uninterrupted_run(tmp_path
     assert without_timing(read_metrics(out)) == without_timing(read_metrics(whole_run))
 
 
-# ------------------------------------------------------------------------------------------- schedule and
-# time
+# ------------------------------------------------------------------------------------------ schedule and time
 
 
 @pytest.mark.script
