@@ -576,6 +576,7 @@ def add_data_args(parser):
     group.add_argument(
         "--split",
         type=fractions_text,
+        metavar="FRACTIONS",
         help=f"fractions pretrain,train,val,test (default {DEFAULT_FRACTIONS} as paper §3); a source "
         "with an official test set keeps it and shares the rest by the first three. 'official': "
         "that source's own protocol (CIFAR-10: pretrain on all 50k, kNN queries = the test set)",
@@ -608,6 +609,14 @@ def data_from_args(args):
     return load_data(
         args.data, args.data_root, args.image_size, args.cache_dir, args.skip_bad_images, args.download
     )
+
+
+def split_from_args(data, args):
+    """(the split, its file) that the flags of add_data_args name: --split-file, else the default file of
+    --split, --split-seed and --split-by, made first if absent."""
+    flags = (args.split, args.split_seed, args.split_by)
+    path = args.split_file or default_split_file(args.data, *flags)
+    return load_split(data, path, *flags), path
 
 
 def load_data(source, root=None, image_size=None, cache_dir=CACHE_DIR, skip_bad=False, download=False):
@@ -997,8 +1006,7 @@ def main():
     args = parser.parse_args()
     args.image_size = args.image_size or DEFAULT_SIZE[args.data]
     data = data_from_args(args)
-    path = args.split_file or default_split_file(args.data, args.split, args.split_seed, args.split_by)
-    split = load_split(data, path, args.split, args.split_seed, args.split_by)
+    split, path = split_from_args(data, args)
     print(summary(data, split, path))
 
 

@@ -282,13 +282,10 @@ def load_data_and_split(args, rank):
     def load():
         data = datasets.data_from_args(args)
         if args.resume:  # the run's own split, which last.pt's digest is checked against
-            split_file, flags = args.out / "split.json", (None, None, None)
+            split_file = args.out / "split.json"
+            split = datasets.load_split(data, split_file)
         else:
-            split_file = args.split_file or datasets.default_split_file(
-                args.data, args.split, args.split_seed, args.split_by
-            )
-            flags = (args.split, args.split_seed, args.split_by)
-        split = datasets.load_split(data, split_file, *flags)
+            split, split_file = datasets.split_from_args(data, args)
         datasets.check_scored_parts(data, split, split_file, ("train", "val"))
         return data, split, split_file
 
@@ -896,10 +893,7 @@ def make_parser():
         "--eval-every", type=POSITIVE_INT, default=10, help="epochs between kNN evaluations (and the end)"
     )
     run_group.add_argument(
-        "--save-at",
-        type=epoch_list,
-        default=[],
-        help="epochs at which to keep a backbone snapshot, e.g. 25,400",
+        "--save-at", type=epoch_list, default=[], help="the epochs whose backbone to keep, e.g. 25,400"
     )
     run_group.add_argument("--knn-k", type=POSITIVE_INT, default=200)
     run_group.add_argument("--knn-t", type=KNN_TEMPERATURE, default=0.1, help="at least 0.02 (default 0.1)")
