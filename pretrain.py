@@ -234,8 +234,8 @@ def main(argv=None):
                 if stop.requested(state.step, steps_per_epoch):
                     state.seconds += time.perf_counter() - tic
                     on_process_0(rank, writer.wait)  # the finished epoch's files first: this last.pt is newer
-                    parts = (args, state, method, optimizer, scaler, split)
-                    on_process_0(rank, lambda: save_checkpoint(checkpoint(*parts), args.out))
+                    saving = (args, state, method, optimizer, scaler, split)
+                    on_process_0(rank, lambda: save_checkpoint(checkpoint(*saving), args.out))
                     if rank == 0:
                         where = f"epoch {epoch}, step {state.step}"
                         print(f"stopped by signal in {where}; saved; continue with --resume")
@@ -245,13 +245,8 @@ def main(argv=None):
                 torch.cuda.synchronize()
             state.seconds += time.perf_counter() - tic
             row = state.end_epoch(optimizer.param_groups[0]["lr"], args.batch_size)
-            first = epoch == start
-            on_process_0(
-                rank,
-                lambda: finish_epoch(
-                    row, args, state, method, optimizer, scaler, monitor, split, first, writer
-                ),
-            )
+            finishing = (args, state, method, optimizer, scaler, monitor, split, epoch == start, writer)
+            on_process_0(rank, lambda: finish_epoch(row, *finishing))
         on_process_0(rank, writer.wait)  # the last epoch's files
     finally:
         writer.join()  # after an error too: the pending files are written before the run ends
