@@ -32,7 +32,6 @@ import sys
 import tempfile
 import time
 import traceback
-from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -713,8 +712,9 @@ class EpochWriter:
     """One thread that writes an epoch's files while the next epoch trains (torch.save and savefig release the
     GIL for their file I/O, not for all of their work); at most one epoch's writes pending. wait() waits for
     them and raises their error (a full disk's UserError: the previous last.pt kept) in the training loop's
-    thread; their seconds are left in `seconds` (None before any). join() only waits, for a run that ends with
-    an error of its own. A kill -9 during a write leaves the last.pt written before, whole (write_atomic)."""
+    thread; their seconds are left in `seconds` (None before any). join() only waits, and ends the thread, for
+    a run that ends, with an error of its own or none. A kill -9 during a write leaves the last.pt written
+    before, whole (write_atomic)."""
 
     def __init__(self):
         self.pool, self.pending, self.seconds = ThreadPoolExecutor(1, "epoch writer"), None, None
@@ -724,8 +724,7 @@ class EpochWriter:
         self.pending = self.pool.submit(timed, work)
 
     def join(self):
-        if self.pending is not None:
-            futures.wait([self.pending])
+        self.pool.shutdown(wait=True)
 
     def wait(self):
         pending, self.pending = self.pending, None
@@ -986,7 +985,18 @@ def check_finite(tensors, where):
 
 
 class Method(nn.Module):
-    """The defaults of the interface above."""
+    """What pretrain.py's loop asks of a self-supervised method (pretrain.SimSiam, ssl_methods.METHODS), an
+    nn.Module around a backbone, so that the loop knows none of them by name; the defaults are here.
+
+        view_names            the augmentation of each view, by name (SimSiam's, or ssl_methods.VIEWS)
+        defaults              the method's lr, weight decay and own flags (pretrain.METHOD_FLAGS)
+        forward(views)        -> (loss, z), z the output whose spread is the collapse signal
+        out_dim               the width of z
+        param_groups()        the optimiser's groups; a group with fixed_lr keeps the peak lr (SimSiam)
+        start_epoch(epoch)    before an epoch's first step
+        before_step(epoch)    after the backward, before the optimiser steps
+        after_step(progress)  after the optimiser steps; progress: the fraction of the schedule done
+    """
 
     optimizer = "sgd"  # SGD with --momentum; "lars" for a method whose recipe is LARS's (SwAV)
     sync_batch_norm = True  # BN statistics over the global batch on GPUs, as main_simsiam.py's SyncBN
