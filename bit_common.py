@@ -966,14 +966,6 @@ def cached(cache, index, shape):
     return (images, broken) if hashlib.sha256(images).hexdigest() == record.get("sha256") else None
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_finite(tensors, where):
     """Weights (a dict of name: tensor or array) with a NaN or an infinity make every output NaN: refused,
     naming the first such tensor."""

@@ -21,6 +21,7 @@ fetches BiT's weights here and HAM10000's release in datasets.py (download).
 import argparse
 import fcntl
 import functools
+import hashlib
 import http.client
 import os
 import re
@@ -51,7 +52,6 @@ from bit_common import (
     require_regular_file,
     run,
     save_atomic,
-    sha256,
     what_stopped,
 )
 
@@ -412,6 +412,14 @@ def load_backbone(path, head=True):
             + " ".join(str(e).split())
         ) from None
     return model, {k: v for k, v in saved.items() if k != "state_dict"}
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def bit_file(name):
@@ -821,6 +829,15 @@ def to_input(images, device):
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     return x.float() / 127.5 - 1.0
+
+
+def on_device(view, device):
+    """One view of a batch on `device`: its images scaled to [-1, 1], with their crop geometry where the view
+    records it (ssl_methods.located_view)."""
+    if isinstance(view, (list, tuple)):  # a list from the loader, a tuple from device_views.render
+        images, geometry = view
+        return to_input(images, device), geometry.to(device)
+    return to_input(view, device)
 
 
 def forward_in_batches(model, images, device, batch_size=256):

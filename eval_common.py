@@ -9,16 +9,8 @@ import hashlib
 import torch
 
 import bit_convert
-from bit_common import (
-    SEED_LIMIT,
-    DataError,
-    UserError,
-    WeightsError,
-    require_regular_file,
-    save_atomic,
-    sha256,
-)
-from bit_convert import build_backbone, load_backbone
+from bit_common import SEED_LIMIT, DataError, UserError, WeightsError, require_regular_file, save_atomic
+from bit_convert import build_backbone, load_backbone, sha256
 from datasets import (
     OFFICIAL,
     check_scored_parts,

@@ -64,12 +64,12 @@ from bit_convert import (
     build_backbone,
     embed,
     estimate_bn_statistics,
+    on_device,
     rankme,
     read_backbone_file,
     resolve_backbone_args,
     save_backbone,
     synchronise_whitening,
-    to_input,
     untrained_statistics,
     whiten,
     whiten_placement,
@@ -622,15 +622,6 @@ def announce(args, data, split, split_file, world, device, steps_per_epoch, stat
         print(f"resumed {args.out} at epoch {state.epoch}, step {state.step}")
 
 
-def on_device(view, device):
-    """One view of a batch on `device`: its images scaled to [-1, 1], with their crop geometry where the view
-    records it (ssl_methods.located_view)."""
-    if isinstance(view, (list, tuple)):  # a list from the loader, a tuple from device_views.render
-        images, geometry = view
-        return to_input(images, device), geometry.to(device)
-    return to_input(view, device)
-
-
 def check_finite(state, epoch, args):
     if not math.isfinite(state.loss_sum.item()):
         saved = (args.resume or epoch > 1) and (
@@ -686,32 +677,28 @@ def resume_from(args, state, method, optimizer, scaler, split, steps_per_epoch):
     saved = bit_common.read_checkpoint(
         args, may_change, ("model", "optimizer", "scaler", "progress", "rng", "args")
     )
-    path = args.out / "last.pt"
-    bit_common.check_progress(saved["progress"], state.state_dict(), path)
+    path, progress = args.out / "last.pt", saved["progress"]
+    bit_common.check_progress(progress, state.state_dict(), path)
     if saved.get("split_digest", datasets.split_digest(split)) != datasets.split_digest(split):
         raise UserError(
             f"--resume: {args.out / 'split.json'} is not the split the run started with (its parts differ "
-            f"from those {args.out / 'last.pt'} records: edited?); put the run's own split back"
+            f"from those {path} records: edited?); put the run's own split back"
         )
-    if saved["progress"]["epoch"] - 1 > args.epochs:
+    if progress["epoch"] - 1 > args.epochs:
+        raise UserError(f"--epochs {args.epochs}: the run in {args.out} trained {progress['epoch'] - 1}")
+    if progress["step"] > steps_per_epoch:
         raise UserError(
-            f"--epochs {args.epochs}: the run in {args.out} trained {saved['progress']['epoch'] - 1}"
-        )
-    if saved["progress"]["step"] > steps_per_epoch:
-        raise UserError(
-            f"--resume: {path}: progress step = {saved['progress']['step']}, beyond the {steps_per_epoch} "
+            f"--resume: {path}: progress step = {progress['step']}, beyond the {steps_per_epoch} "
             "steps of an epoch"
         )
-    bit_common.load_parts(
-        path,
-        [
-            ("model", lambda: bit_common.load_module(method, saved["model"])),
-            ("optimizer", lambda: bit_common.load_optimizer(optimizer, saved["optimizer"])),
-            ("scaler", lambda: scaler.load_state_dict(saved["scaler"])),
-            ("progress", lambda: state.load_state_dict(saved["progress"])),
-            ("random state", lambda: torch.set_rng_state(saved["rng"])),
-        ],
-    )
+    loads = [
+        ("model", lambda: bit_common.load_module(method, saved["model"])),
+        ("optimizer", lambda: bit_common.load_optimizer(optimizer, saved["optimizer"])),
+        ("scaler", lambda: scaler.load_state_dict(saved["scaler"])),
+        ("progress", lambda: state.load_state_dict(progress)),
+        ("random state", lambda: torch.set_rng_state(saved["rng"])),
+    ]
+    bit_common.load_parts(path, loads)
 
 
 # --method: SimSiam, above, or a method of the add-on ssl_methods.py, imported only when it is asked for
@@ -874,8 +861,8 @@ def make_parser():
         help="where the augmented views are made: loader (default: PIL in the loader's workers) or device "
         "(drawn in batches on --device, device_views.py: torchvision's distribution, other pixels)",
     )
-    # Off by default, on GPUs too, until benchmarks/gpu_check.py (model-only-compiled,
-    # pretrain-simsiam-compiled) has run it on one; None in args.json of runs written before the flag
+    # Off by default, on GPUs too, until benchmarks/gpu_check.py has run it on one (model-only-compiled,
+    # pretrain-simsiam-compiled); None in args.json of runs written before the flag
     run_group.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
