@@ -294,6 +294,20 @@ def model_only(size, batch_size, warmup, steps, device, channels_last, compile_m
 
 
 def main():
+    args = parse_args()
+    device = torch.device(args.device)
+    output_dir(args.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        sequence = Sequence(args, device, Path(tmp))
+        run_paths(sequence)
+    check = sequence.check
+    print_table(check.report())
+    failed = [name for name, p in check.paths.items() if p["status"] == "failed"]
+    if failed:
+        sys.exit(f"gpu_check.py: failed: {', '.join(failed)} (details in {args.out / 'gpu_check.json'})")
+
+
+def parse_args():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -305,26 +319,16 @@ def main():
         "--only", help=f"comma-separated path names to run (default: all): {', '.join(PATHS)}"
     )
     args = parser.parse_args()
-    wanted = set(args.only.split(",")) if args.only else set(PATHS)
-    if wanted - set(PATHS):
-        unknown = ", ".join(sorted(wanted - set(PATHS)))
+    args.wanted = set(args.only.split(",")) if args.only else set(PATHS)
+    if args.wanted - set(PATHS):
+        unknown = ", ".join(sorted(args.wanted - set(PATHS)))
         parser.error(f"--only: no path named {unknown} (the paths: {', '.join(PATHS)})")
-    device = torch.device(args.device)
-    # 1280 images of 224 px, 60% to pretrain on (paper §3): 6 steps of 128 an epoch, 30 in all. Tiny: 80 of
-    # 8 px, 40% to pretrain on, 2 steps of 16 an epoch (5 stratified folds: 5 lesions a class).
-    size, batch, images, epochs = (8, 16, 80, 2) if args.tiny else (224, 128, 1280, 5)
-    split = "0.4,0.2,0.2,0.2" if args.tiny else "0.6,0.1,0.1,0.2"
-    # HAM10000's size for the headline paths: 6,680 JPEGs of 600x450 (HAM10000's), 90% to pretrain on (about
-    # 6,010: 47 steps of 128 an epoch), 3 epochs, so that epochs 2-3 give each of 16 workers 5 batches or more
-    # after the first fills the pipeline. Tiny: the small stand-in's count and split at 60x45, 3 epochs.
-    ham_images, ham_shape, ham_split = (
-        (80, (45, 60), split) if args.tiny else (6680, (450, 600), "0.9,0.04,0.03,0.03")
-    )
-    # the tiny run loads in the main process; a GPU run keeps the scripts' default, a worker per core up to 16
-    workers = ["--workers", "0"] if args.tiny else []
-    gpus = torch.cuda.device_count() if device.type == "cuda" else 2  # two gloo processes on the CPU
-    output_dir(args.out)
-    header = {
+    return args
+
+
+def header(args, device, size, batch):
+    """What gpu_check.json records of the machine and the check's settings."""
+    return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -334,109 +338,126 @@ def main():
         "budget_s": args.budget_s,
         "cpus": os.cpu_count(),
     }
-    check = Check(args.budget_s, 5 if args.tiny else 20, args.out / "gpu_check.json", header)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        write_ham_like(tmp / "ham", images, size, size)
-        data = ["--data", "ham10000", "--data-root", str(tmp / "ham"), "--image-size", str(size)]
-        data += ["--split", split, "--split-file", str(tmp / "split.json")]
-        data += ["--cache-dir", str(tmp / "cache"), "--device", args.device, *workers]
-        train = ["--batch-size", str(batch), "--epochs", str(epochs), "--warmup-epochs", "1"]
-        train += ["--eval-every", str(epochs)]
-        python = [sys.executable]
 
-        def path(name, work, needs_s=0):
-            if name in COMPILED and device.type == "cpu" and not args.only:
-                reason = "inductor compiles R50 on the CPU for minutes; --only NAME runs it"
-                check.skip(name, "skipped-on-cpu", reason)
-            elif name in wanted:
-                check.run(name, work, needs_s)
 
-        def pretraining(name, *flags, launcher=python, expect=None, inputs=None):
-            """inputs(): (figures, data flags, train flags) made before the run; default ({}, data, train)"""
+def run_paths(s):
+    """The sequence of PATHS, each declared once, in PATHS's order."""
+    for layout, channels_last in (("channels-last", True), ("contiguous", False)):
+        s.path(f"model-only-{layout}", lambda t, c=channels_last: s.model_only(c))
+    s.path("model-only-compiled", lambda t: s.compiled("default"))
+    s.pretraining("pretrain-simsiam", "--method", "simsiam")
+    s.pretraining("pretrain-simsiam-device-views", "--method", "simsiam", "--views-on", "device")
+    s.pretraining("pretrain-simsiam-ham-size", "--method", "simsiam", inputs=s.ham_size)
+    ham_device = ("--method", "simsiam", "--views-on", "device")
+    s.pretraining("pretrain-simsiam-device-views-ham-size", *ham_device, inputs=s.ham_size)
+    s.pretraining("pretrain-simsiam-compiled", "--method", "simsiam", "--compile")
+    # the CPU computes in float32 whatever the GPU can
+    fp16 = "steps per epoch, float16" if s.device.type == "cuda" else None
+    s.pretraining("pretrain-simsiam-fp16", launcher=[sys.executable, "-c", FORCE_FP16], expect=fp16)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={s.gpus}"]
+    backend = "nccl" if s.device.type == "cuda" else "gloo"
+    s.pretraining("torchrun", launcher=torchrun, expect=f"{s.gpus} process(es) over {backend}")
+    backbone = s.tmp / "pretrain-simsiam" / "backbone.pt"
+    # one GPU: torchrun's run is the same run again (two gloo processes on the CPU are not)
+    twin = s.tmp / "torchrun" / "backbone.pt" if s.device.type == "cuda" and s.gpus == 1 else None
+    stopped = [sys.executable, "pretrain.py", *s.data, *s.train, "--out", str(s.tmp / "stopped")]
+    exact = s.device.type == "cpu"
+    s.path("sigterm-resume", lambda t: stop_and_resume(stopped, s.tmp / "stopped", backbone, exact, t, twin))
+    evaluation = [*s.data, "--ckpt", str(backbone), "--epochs", "2", "--trials", "1"]
+    linear = [sys.executable, "linear_eval.py", *evaluation, "--out", str(s.tmp / "linear")]
+    s.path("linear-eval", lambda t: script(linear, t) and {})
+    # half the batch: the train part (10% of the images, split by lesion) may hold fewer than 128
+    finetune = [sys.executable, "finetune.py", *evaluation, "--tune", "q4", "--batch-size", str(s.batch // 2)]
+    s.path("finetune-q4", lambda t: script([*finetune, "--out", str(s.tmp / "finetune")], t) and {})
+    for method in ("simclr", "byol", "swav"):
+        s.pretraining(f"pretrain-{method}", "--method", method)
+    # MoCo v2 once, with the local loss that only it takes: both paths in one run
+    s.pretraining("pretrain-mocov2-local", "--method", "mocov2", "--local-weight", "0.5")
+    s.pretraining("pretrain-whiten", "--whiten")
+    for method in ("simclr", "byol", "swav"):
+        s.pretraining(f"pretrain-{method}-device-views", "--method", method, "--views-on", "device")
+    local = ["--method", "mocov2", "--local-weight", "0.5", "--views-on", "device"]
+    s.pretraining("pretrain-mocov2-local-device-views", *local)
+    s.path("model-only-max-autotune", lambda t: s.compiled("max-autotune"), needs_s=MAX_AUTOTUNE_S)
 
-            def work(timeout):
-                out = tmp / name
-                figures, run_data, run_train = inputs() if inputs else ({}, data, train)
-                command = [*launcher, "pretrain.py", *run_data, *run_train, *flags, "--out", str(out)]
-                done = script(command, timeout)
-                if expect and expect not in done.stdout:
-                    raise RuntimeError(f"pretrain.py did not announce {expect!r}: {done.stdout[-1500:]}")
-                shutil.copyfile(out / "metrics.csv", args.out / f"{name}-metrics.csv")  # the figures' source
-                figures |= throughput(out)
-                return figures | {"protocol_minutes": protocol_minutes(figures["steady_img_per_s"])}
 
-            path(name, work)
+class Sequence:
+    """The settings of one check and the runs of its paths: the stand-in data in `tmp`, the flags every
+    script run shares, and how a path runs (skipped, or under the check's budget, which starts here)."""
 
-        ham = tmp / "ham-size"
-        # the later flags win
-        ham_data = [*data, "--data-root", str(ham), "--split", ham_split]
-        ham_data += ["--split-file", str(tmp / "split-ham.json")]
-        ham_train = [*train, "--epochs", "3", "--eval-every", "3"]
-
-        def ham_size():
-            """The HAM10000-sized stand-in, written by the first path that runs on it, with its seconds."""
-            if ham.exists():
-                return {}, ham_data, ham_train
-            tic = time.perf_counter()
-            write_ham_like(ham, ham_images, *ham_shape)
-            return {"stand_in_write_s": time.perf_counter() - tic}, ham_data, ham_train
-
-        warmup, steps = (1, 2) if args.tiny else (3, 20)
-        for layout, channels_last in (("channels-last", True), ("contiguous", False)):
-            path(
-                f"model-only-{layout}",
-                lambda t, c=channels_last: model_only(size, batch, warmup, steps, device, c),
-            )
-
-        def compiled(mode):  # the channels-last step, compiled, beside the eager figure of this run
-            figures = model_only(size, batch, warmup, steps, device, True, compile_mode=mode)
-            eager = check.paths.get("model-only-channels-last", {}).get("img_per_s")
-            return figures | ({"speedup": figures["img_per_s"] / eager} if eager else {})
-
-        path("model-only-compiled", lambda t: compiled("default"))
-        pretraining("pretrain-simsiam", "--method", "simsiam")
-        pretraining("pretrain-simsiam-device-views", "--method", "simsiam", "--views-on", "device")
-        pretraining("pretrain-simsiam-ham-size", "--method", "simsiam", inputs=ham_size)
-        ham_device = ("--method", "simsiam", "--views-on", "device")
-        pretraining("pretrain-simsiam-device-views-ham-size", *ham_device, inputs=ham_size)
-        pretraining("pretrain-simsiam-compiled", "--method", "simsiam", "--compile")
-        # the CPU computes in float32 whatever the GPU can
-        fp16 = "steps per epoch, float16" if device.type == "cuda" else None
-        pretraining("pretrain-simsiam-fp16", launcher=[sys.executable, "-c", FORCE_FP16], expect=fp16)
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        pretraining("torchrun", launcher=torchrun, expect=f"{gpus} process(es) over {backend}")
-        backbone = tmp / "pretrain-simsiam" / "backbone.pt"
-        # one GPU: torchrun's run is the same run again (two gloo processes on the CPU are not)
-        twin = tmp / "torchrun" / "backbone.pt" if device.type == "cuda" and gpus == 1 else None
-        stopped = [sys.executable, "pretrain.py", *data, *train, "--out", str(tmp / "stopped")]
-        exact = device.type == "cpu"
-        path("sigterm-resume", lambda t: stop_and_resume(stopped, tmp / "stopped", backbone, exact, t, twin))
-        evaluation = [*data, "--ckpt", str(backbone), "--epochs", "2", "--trials", "1"]
-        path(
-            "linear-eval",
-            lambda t: (
-                script([*python, "linear_eval.py", *evaluation, "--out", str(tmp / "linear")], t) and {}
-            ),
+    def __init__(self, args, device, tmp):
+        self.args, self.device, self.tmp = args, device, tmp
+        # 1280 images of 224 px, 60% to pretrain on (paper §3): 6 steps of 128 an epoch, 30 in all. Tiny: 80
+        # of 8 px, 40% to pretrain on, 2 steps of 16 an epoch (5 stratified folds: 5 lesions a class).
+        self.size, self.batch, images, epochs = (8, 16, 80, 2) if args.tiny else (224, 128, 1280, 5)
+        settings = header(args, device, self.size, self.batch)
+        self.check = Check(args.budget_s, 5 if args.tiny else 20, args.out / "gpu_check.json", settings)
+        split = "0.4,0.2,0.2,0.2" if args.tiny else "0.6,0.1,0.1,0.2"
+        # HAM10000's size for the headline paths: 6,680 JPEGs of 600x450 (HAM10000's), 90% to pretrain on
+        # (about 6,010: 47 steps of 128 an epoch), 3 epochs, so that epochs 2-3 give each of 16 workers 5
+        # batches or more after the first fills the pipeline. Tiny: the small stand-in's count and split at
+        # 60x45, 3 epochs.
+        self.ham_images, self.ham_shape, ham_split = (
+            (80, (45, 60), split) if args.tiny else (6680, (450, 600), "0.9,0.04,0.03,0.03")
         )
-        # half the batch: the train part (10% of the images, split by lesion) may hold fewer than 128
-        finetune = [*python, "finetune.py", *evaluation, "--tune", "q4", "--batch-size", str(batch // 2)]
-        path("finetune-q4", lambda t: script([*finetune, "--out", str(tmp / "finetune")], t) and {})
-        for method in ("simclr", "byol", "swav"):
-            pretraining(f"pretrain-{method}", "--method", method)
-        # MoCo v2 once, with the local loss that only it takes: both paths in one run
-        pretraining("pretrain-mocov2-local", "--method", "mocov2", "--local-weight", "0.5")
-        pretraining("pretrain-whiten", "--whiten")
-        for method in ("simclr", "byol", "swav"):
-            pretraining(f"pretrain-{method}-device-views", "--method", method, "--views-on", "device")
-        local = ["--method", "mocov2", "--local-weight", "0.5", "--views-on", "device"]
-        pretraining("pretrain-mocov2-local-device-views", *local)
-        path("model-only-max-autotune", lambda t: compiled("max-autotune"), needs_s=MAX_AUTOTUNE_S)
-    print_table(check.report())
-    failed = [name for name, p in check.paths.items() if p["status"] == "failed"]
-    if failed:
-        sys.exit(f"gpu_check.py: failed: {', '.join(failed)} (details in {args.out / 'gpu_check.json'})")
+        # the tiny run loads in the main process; a GPU run keeps the scripts' default, a worker per core up
+        # to 16
+        workers = ["--workers", "0"] if args.tiny else []
+        self.gpus = torch.cuda.device_count() if device.type == "cuda" else 2  # two gloo processes on the CPU
+        self.warmup, self.steps = (1, 2) if args.tiny else (3, 20)
+        write_ham_like(tmp / "ham", images, self.size, self.size)
+        self.data = ["--data", "ham10000", "--data-root", str(tmp / "ham"), "--image-size", str(self.size)]
+        self.data += ["--split", split, "--split-file", str(tmp / "split.json")]
+        self.data += ["--cache-dir", str(tmp / "cache"), "--device", args.device, *workers]
+        self.train = ["--batch-size", str(self.batch), "--epochs", str(epochs), "--warmup-epochs", "1"]
+        self.train += ["--eval-every", str(epochs)]
+        self.ham = tmp / "ham-size"
+        # the later flags win
+        self.ham_data = [*self.data, "--data-root", str(self.ham), "--split", ham_split]
+        self.ham_data += ["--split-file", str(tmp / "split-ham.json")]
+        self.ham_train = [*self.train, "--epochs", "3", "--eval-every", "3"]
+
+    def path(self, name, work, needs_s=0):
+        if name in COMPILED and self.device.type == "cpu" and not self.args.only:
+            reason = "inductor compiles R50 on the CPU for minutes; --only NAME runs it"
+            self.check.skip(name, "skipped-on-cpu", reason)
+        elif name in self.args.wanted:
+            self.check.run(name, work, needs_s)
+
+    def pretraining(self, name, *flags, launcher=(sys.executable,), expect=None, inputs=None):
+        """inputs(): (figures, data flags, train flags) made before the run; default ({}, data, train)"""
+
+        def work(timeout):
+            out = self.tmp / name
+            figures, run_data, run_train = inputs() if inputs else ({}, self.data, self.train)
+            command = [*launcher, "pretrain.py", *run_data, *run_train, *flags, "--out", str(out)]
+            done = script(command, timeout)
+            if expect and expect not in done.stdout:
+                raise RuntimeError(f"pretrain.py did not announce {expect!r}: {done.stdout[-1500:]}")
+            shutil.copyfile(out / "metrics.csv", self.args.out / f"{name}-metrics.csv")  # the figures' source
+            figures |= throughput(out)
+            return figures | {"protocol_minutes": protocol_minutes(figures["steady_img_per_s"])}
+
+        self.path(name, work)
+
+    def ham_size(self):
+        """The HAM10000-sized stand-in, written by the first path that runs on it, with its seconds."""
+        if self.ham.exists():
+            return {}, self.ham_data, self.ham_train
+        tic = time.perf_counter()
+        write_ham_like(self.ham, self.ham_images, *self.ham_shape)
+        return {"stand_in_write_s": time.perf_counter() - tic}, self.ham_data, self.ham_train
+
+    def model_only(self, channels_last, compile_mode=None):
+        return model_only(
+            self.size, self.batch, self.warmup, self.steps, self.device, channels_last, compile_mode
+        )
+
+    def compiled(self, mode):
+        """The channels-last step, compiled, beside the eager figure of this check."""
+        figures = self.model_only(True, compile_mode=mode)
+        eager = self.check.paths.get("model-only-channels-last", {}).get("img_per_s")
+        return figures | ({"speedup": figures["img_per_s"] / eager} if eager else {})
 
 
 def print_table(report):
