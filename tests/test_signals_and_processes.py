@@ -790,7 +790,7 @@ def slow_writes(tmp_path_factory):
     found them at each epoch's end (cloned in this thread, before anything was handed to the writer)."""
     tmp = tmp_path_factory.mktemp("slow_writes")
     started, written, saved, truth = {}, {}, {}, {}
-    save_last, finish, on_device = bit_common.save_last, pretrain.finish_epoch, bit_convert.on_device
+    save_last, finish, on_device = bit_common.save_last, pretrain.finish_epoch, pretrain.on_device
 
     def slow_save_last(last, out):
         time.sleep(1)
@@ -811,7 +811,7 @@ def slow_writes(tmp_path_factory):
         patch.setattr(pretrain, "build_backbone", lambda *args, **kwargs: TinyBackbone())
         patch.setattr(bit_common, "save_last", slow_save_last)
         patch.setattr(pretrain, "finish_epoch", finish_and_keep)
-        patch.setattr(bit_convert, "on_device", timed_on_device)
+        patch.setattr(pretrain, "on_device", timed_on_device)  # the name the loop calls
         assert pretrain.main(small_args(tmp, epochs=3)) == 0
     return Namespace(out=tmp / "run", started=started, written=written, saved=saved, truth=truth)
 
