@@ -290,17 +290,13 @@ def bounded(kind, least=None, above=None, below=None, most=None):
 
 
 POSITIVE_INT = bounded(int, least=1)  # epochs, batch sizes, trials, k of the kNN
-
 NON_NEGATIVE_INT = bounded(int, least=0)  # --workers
-
 POSITIVE = bounded(float, above=0)  # learning rates, temperatures
 
 # --knn-t: the kNN's votes are exp(cosine / t) in float32, whose largest number is e^88.7 (IEEE 754): from
 # t = 0.02 up, k votes of at most e^50 each stay finite for any bank below 10^16 images
 KNN_TEMPERATURE = bounded(float, least=0.02)
-
 NON_NEGATIVE = bounded(float, least=0)  # weight decay, focal loss gamma, warm-up epochs
-
 FRACTION = bounded(float, above=0, most=1)  # --train-fraction, --shrink, --select-filters
 
 # SGD's velocity is v <- momentum * v + gradient (torch.optim.SGD, LARS too): below 1 old gradients fade; at
@@ -311,7 +307,6 @@ MOMENTUM = bounded(float, least=0, below=1)
 # (seed * 100_003 + e) * 10_000_019 + i (datasets.SeededSampler), which must stay below 2**64, the limit of
 # torch.manual_seed: seeds below 2**24 leave room for 10**11 epochs. Below 2**32, scikit-learn's limit, too.
 SEED_LIMIT = 2**24
-
 SEED = bounded(int, least=0, below=SEED_LIMIT)
 
 # --image-size: every image is decoded at SIZE x SIZE into the cache, N * SIZE**2 * 3 bytes (31.5 GB for the
@@ -319,7 +314,6 @@ SEED = bounded(int, least=0, below=SEED_LIMIT)
 # 512 px resized then 480 cropped (google-research/big_transfer, bit_hyperrule.py get_resolution), and above
 # HAM10000's 600x450 originals.
 MAX_IMAGE_SIZE = 1024
-
 IMAGE_SIZE = bounded(int, least=1, most=MAX_IMAGE_SIZE)
 
 

@@ -3,8 +3,8 @@ DermaMNIST, and scikit-learn's digits, which need no download.
 
 Every source becomes a `Data`: all its images as one uint8 array (N, H, W, 3) with their labels, ids and
 groups (the lesion each HAM10000 image shows). Small sources live in memory; image files are decoded once, at
-the working resolution, into a memory-mapped cache (bit_common.decode_all); the leakage-free split; SimSiam's
-view and the evaluation view, the dataset that draws views seeded per image and epoch, and its sampler.
+the working resolution, into a memory-mapped cache (bit_common.decode_all). Then the leakage-free split, and
+the views: SimSiam's, the evaluation's, and the dataset and sampler that seed them per image and epoch.
 
     python datasets.py --data ham10000 --download          # fetch HAM10000 into HAM10000_ROOT (2.6 GB), once
     python datasets.py --data ham10000 --data-root PATH    # write (or check) the split, print its summary
@@ -53,18 +53,13 @@ from bit_common import (
 from bit_convert import download
 
 SOURCES = ("digits", "cifar10", "ham10000", "folder", "dermamnist")
-
 DEFAULT_SIZE = {"digits": 8, "cifar10": 32, "dermamnist": 28, "ham10000": 224, "folder": 224}
-
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")  # alphabetical: DermaMNIST's label ids too
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
 CACHE_DIR = Path.home() / ".cache" / "bit-simsiam"
 
 # HAM10000's root when --data-root is not given, shared by every script; $HAM10000_ROOT moves it.
 HAM10000_ROOT = Path(os.environ.get("HAM10000_ROOT") or CACHE_DIR / "data" / "HAM10000")
-
 HAM_METADATA, ISIC_TRUTH = "HAM10000_metadata.csv", "ISIC2018_Task3_Training_GroundTruth.csv"
 
 # The ISIC 2018 Task 3 training release: HAM10000's 10,015 images, public, licence CC BY-NC 4.0, as the
@@ -72,13 +67,9 @@ HAM_METADATA, ISIC_TRUTH = "HAM10000_metadata.csv", "ISIC2018_Task3_Training_Gro
 # ImageMarkup/stade, stade/core/templates/data/2018.html).
 # $ISIC2018_URL names a mirror instead; the count stays checked whatever the URL.
 ISIC2018_URL = os.environ.get("ISIC2018_URL") or "https://isic-challenge-data.s3.amazonaws.com/2018/"
-
 ISIC_IMAGES = "ISIC2018_Task3_Training_Input.zip"  # 2.6 GB: ISIC2018_Task3_Training_Input/ISIC_*.jpg
-
 ISIC_TRUTH_ZIP = "ISIC2018_Task3_Training_GroundTruth.zip"  # 36 KB: ISIC2018_Task3_Training_GroundTruth/*.csv
-
 ISIC_GROUPS = "ISIC2018_Task3_Training_LesionGroupings.csv"  # 481 KB: image, lesion_id, how dx was confirmed
-
 ISIC_IMAGE_COUNT = 10015
 
 
@@ -637,9 +628,7 @@ def load_data(source, root=None, image_size=None, cache_dir=CACHE_DIR, skip_bad=
 
 
 PARTS = ("pretrain", "train", "val", "test")
-
 DEFAULT_FRACTIONS = "0.6,0.1,0.1,0.2"  # paper §3: 60 % pretrain, 10 % train, 10 % val, 20 % test
-
 OFFICIAL = "official"  # --split official: the source's own train/test protocol (see official_split)
 
 
