@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn
 import torch.nn as nn
 from PIL import Image, ImageOps
 

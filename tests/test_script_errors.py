@@ -490,3 +490,13 @@ def test_bit_convert_output_that_cannot_be_written_is_one_line(tmp_path, npz, mo
     with untouched(npz):
         message = failure(bit_convert.main)
     assert f"-o {tmp_path / 'out.pt'}" in message and "Read-only file system" in message
+
+
+def test_a_bad_flag_of_datasets_py_is_one_line(monkeypatch, capsys):
+    """python datasets.py parses its flags with the scripts' ArgumentParser: one line, exit 2, no usage."""
+    monkeypatch.setattr(sys, "argv", ["datasets.py", "--split-seed", "x"])
+    with pytest.raises(SystemExit) as exit:
+        datasets.main()
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("datasets.py: error: argument --split-seed: "), err
